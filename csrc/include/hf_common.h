@@ -1,0 +1,19 @@
+// Shared macros for code compiled both by the host compiler (CPU kernels) and by nvcc (CUDA kernels).
+// Kept free of torch headers so that csrc/cuda/*.cu compiles with nvcc alone.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define HF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define HF_HOST_DEVICE inline
+#endif
+
+namespace harmonizer_fast {
+
+// Element types understood by the raw-pointer CUDA launchers. The torch-side wrapper in ops.cpp maps
+// at::ScalarType onto this so the .cu files never see torch.
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+}  // namespace harmonizer_fast

@@ -1,0 +1,30 @@
+"""harmonizer_fast: the Harmonizer Network (arXiv 2605.08210) for multi-rater medical segmentation, on
+custom Triton, CUDA C++ and C++ CPU kernels.
+
+Ops (layer 1), each with a pure-PyTorch reference and faster backends picked per call
+(see :func:`backend_info` and ``HARMONIZER_FAST_BACKEND``):
+
+- :func:`haar_dwt2d` / :func:`haar_idwt2d`: single-level 2-D Haar DWT and inverse (pywt convention);
+- :class:`DWTForward` / :class:`DWTInverse`, :func:`dwt2` / :func:`idwt2`: drop-ins for pytorch_wavelets
+  and PyWavelets (Haar, zero mode).
+"""
+
+from ._backend import BackendStatus, BackendUnavailableError, backend_info, format_backend_info
+from .ops import haar_dwt2d, haar_idwt2d
+from .wavelets import DWTForward, DWTInverse, dwt2, idwt2
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "BackendUnavailableError",
+    "DWTForward",
+    "DWTInverse",
+    "__version__",
+    "backend_info",
+    "dwt2",
+    "format_backend_info",
+    "haar_dwt2d",
+    "haar_idwt2d",
+    "idwt2",
+]

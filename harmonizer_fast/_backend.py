@@ -1,0 +1,218 @@
+"""Backend selection (DESIGN.md section 3).
+
+Every op has up to four implementations:
+
+``torch``   the pure-PyTorch reference: any device, any floating dtype; the definition of correct.
+``triton``  Triton kernels for CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before
+            Triton was imported (that is how CI checks them).
+``cuda``    the CUDA C++ kernels of the extension ``harmonizer_fast._C``.
+``cpu``     the C++ CPU kernels of the same extension.
+
+The choice is made per call from the input: CUDA tensors try triton, then cuda, then torch; CPU tensors
+try cpu, then torch. ``HARMONIZER_FAST_BACKEND=torch|triton|cuda|cpu`` forces one; a forced backend
+that cannot run the call raises :class:`BackendUnavailableError` with the reason, while the automatic
+choice falls back quietly. :func:`backend_info` reports what is available and why the rest is not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+ENV_BACKEND = "HARMONIZER_FAST_BACKEND"
+ENV_NO_EXT = "HARMONIZER_FAST_NO_EXT"
+
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+# dtypes an op's backend handles, per device type; the reference ("torch") handles every floating dtype.
+Support = Mapping[str, Mapping[str, frozenset]]
+
+FLOATS_CPU = frozenset({torch.float32, torch.float64})
+FLOATS_CUDA = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+# The Triton interpreter computes with numpy, which has no bfloat16.
+FLOATS_INTERPRETER = FLOATS_CPU
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend forced through ``HARMONIZER_FAST_BACKEND`` cannot run the requested call."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Availability of one backend on this machine; ``reason`` says why when it is not available."""
+
+    name: str
+    available: bool
+    reason: str
+    devices: tuple[str, ...]
+
+
+@lru_cache(maxsize=None)
+def _extension() -> tuple[Optional[ModuleType], str]:
+    if os.environ.get(ENV_NO_EXT) == "1":
+        return None, f"disabled by {ENV_NO_EXT}=1"
+    try:
+        return importlib.import_module("harmonizer_fast._C"), ""
+    except ModuleNotFoundError:
+        return None, (
+            "harmonizer_fast._C is not built (installed with HARMONIZER_FAST_NO_EXT=1 or without torch at "
+            "build time); reinstall with `pip install --no-build-isolation .`"
+        )
+    except ImportError as exc:  # typically an ABI mismatch after upgrading torch
+        return None, f"harmonizer_fast._C failed to load ({exc}); rebuild it against the installed torch"
+
+
+def extension() -> Optional[ModuleType]:
+    """The loaded extension module ``harmonizer_fast._C``, or None."""
+    return _extension()[0]
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def _cuda_device_reason() -> str:
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return ""
+
+
+# Triton kernels that failed to compile or launch on this machine, by op: the automatic choice stops
+# trying them after the first failure (and warns once).
+_TRITON_FAILED: dict[str, str] = {}
+
+
+def _unavailable(backend: str, device: str) -> str:
+    """Why ``backend`` cannot run on ``device`` ("cpu" or "cuda") here, or "" when it can."""
+    if backend == "torch":
+        return _cuda_device_reason() if device == "cuda" else ""
+    if backend == "triton":
+        if _triton_import_error():
+            return _triton_import_error()
+        if device == "cpu" and not triton_interpreting():
+            return (
+                "Triton compiles for GPUs; it runs on CPU tensors only in its interpreter "
+                "(set TRITON_INTERPRET=1 before triton is imported)"
+            )
+        return _cuda_device_reason() if device == "cuda" else ""
+    ext, why = _extension()
+    if ext is None:
+        return why
+    if backend == "cuda":
+        if device != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
+        if not getattr(ext, "with_cuda", 0):
+            return "harmonizer_fast._C was built without CUDA kernels (no CUDA torch or no nvcc at build time)"
+        return _cuda_device_reason()
+    if backend == "cpu":
+        return "" if device == "cpu" else "the cpu backend runs on CPU tensors only"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+_BACKEND_DEVICES = {"torch": ("cpu", "cuda"), "triton": ("cuda", "cpu"), "cuda": ("cuda",), "cpu": ("cpu",)}
+
+
+def backend_info() -> dict[str, BackendStatus]:
+    """Report every backend's availability on this machine and, for each missing one, why.
+
+    A backend counts as available when it can run on at least one device here; ``devices`` lists them.
+    """
+    out = {}
+    for name, devices in _BACKEND_DEVICES.items():
+        reasons = {d: _unavailable(name, d) for d in devices}
+        usable = tuple(d for d in devices if not reasons[d])
+        why = "" if usable else "; ".join(dict.fromkeys(reasons.values()))
+        out[name] = BackendStatus(name, bool(usable), why, usable)
+    return out
+
+
+def format_backend_info() -> str:
+    """``backend_info()`` as a small table, for humans."""
+    lines = [f"{'backend':8} {'available':9} {'devices':10} reason"]
+    for st in backend_info().values():
+        lines.append(f"{st.name:8} {'yes' if st.available else 'no':9} {','.join(st.devices) or '-':10} {st.reason}")
+    forced = os.environ.get(ENV_BACKEND)
+    if forced:
+        lines.append(f"{ENV_BACKEND}={forced}")
+    return "\n".join(lines)
+
+
+def forced_backend() -> Optional[str]:
+    name = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"{ENV_BACKEND}={name!r} is not a backend; expected one of {BACKENDS} or 'auto'")
+    return name
+
+
+def _cannot_run(op: str, backend: str, t: torch.Tensor, support: Support) -> str:
+    device = t.device.type
+    if device not in ("cpu", "cuda"):
+        return "" if backend == "torch" else f"device {t.device} is served by the torch reference only"
+    why = _unavailable(backend, device)
+    if why:
+        return why
+    if backend == "torch":
+        return ""
+    dtypes = support.get(backend, {}).get(device, frozenset())
+    if backend == "triton" and device == "cpu":
+        dtypes = dtypes & FLOATS_INTERPRETER
+    if t.dtype not in dtypes:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "nothing"
+        return f"{op} on the {backend} backend supports {names} on {device}, got {str(t.dtype).replace('torch.', '')}"
+    return ""
+
+
+def _plan(op: str, t: torch.Tensor, impls: Mapping[str, Any], support: Support) -> list[str]:
+    """Backends to try for input ``t``, best first; a forced backend that cannot run raises here."""
+    forced = forced_backend()
+    if forced is not None:
+        why = f"{op} has no {forced} implementation" if forced not in impls else _cannot_run(op, forced, t, support)
+        if why:
+            raise BackendUnavailableError(f"{op}: {ENV_BACKEND}={forced} cannot run this call: {why}")
+        return [forced]
+    return [
+        b
+        for b in _AUTO_ORDER.get(t.device.type, ("torch",))
+        if b in impls and not _cannot_run(op, b, t, support) and not (b == "triton" and op in _TRITON_FAILED)
+    ]
+
+
+def dispatch(op: str, t: torch.Tensor, impls: Mapping[str, Callable[..., Any]], support: Support, *args: Any) -> Any:
+    """Run ``impls[backend](*args)`` for the backend chosen for input ``t``."""
+    plan = _plan(op, t, impls, support)
+    for backend in plan[:-1]:
+        if backend != "triton":
+            return impls[backend](*args)
+        try:
+            return impls[backend](*args)
+        except Exception as exc:  # compile or launch failure on this GPU: fall back, and say so once
+            _TRITON_FAILED[op] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"{op}: Triton kernel failed ({_TRITON_FAILED[op]}); falling back", stacklevel=3)
+    return impls[plan[-1]](*args)
+
+
+def selected_backend(op: str, t: torch.Tensor, impls: Mapping[str, Any], support: Support) -> str:
+    """The backend :func:`dispatch` would use first for input ``t`` (for reports and benchmarks)."""
+    return _plan(op, t, impls, support)[0]

@@ -1,0 +1,19 @@
+"""Layer 1 of the package: fast, autograd-aware, torch.compile-friendly ops (one module per op family)."""
+
+from .haar import (
+    haar_dwt2d,
+    haar_dwt2d_reference,
+    haar_dwt2d_split,
+    haar_idwt2d,
+    haar_idwt2d_reference,
+    haar_idwt2d_split,
+)
+
+__all__ = [
+    "haar_dwt2d",
+    "haar_dwt2d_reference",
+    "haar_dwt2d_split",
+    "haar_idwt2d",
+    "haar_idwt2d_reference",
+    "haar_idwt2d_split",
+]
