@@ -36,9 +36,12 @@ def _extension_build() -> tuple[list, dict]:
         return [], {}
 
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP-inlined
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and (
-        torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++17 or C++20).
+    cxx = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inlined OpenMP in the headers
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1")
     )
     kwargs: dict = {
         "include_dirs": [os.path.join(ROOT, "csrc", "include")],
@@ -47,7 +50,7 @@ def _extension_build() -> tuple[list, dict]:
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         kwargs["define_macros"] = [("WITH_CUDA", None)]
-        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]}
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3"]}
         ext = CUDAExtension("harmonizer_fast._C", sources, **kwargs)
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}

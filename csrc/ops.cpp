@@ -14,7 +14,7 @@
 #include "haar.h"
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -97,7 +97,7 @@ void haar_dwt2d_out(const at::Tensor& x, at::Tensor& lo, at::Tensor& hi) {
 #ifdef WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
     check_launch(haar_dwt2d_cuda_launch(x.const_data_ptr(), lo.mutable_data_ptr(), hi.mutable_data_ptr(),
-                                        to_dtype(x.scalar_type()), a, at::cuda::getCurrentCUDAStream().stream()),
+                                        to_dtype(x.scalar_type()), a, c10::cuda::getCurrentCUDAStream().stream()),
                  "haar_dwt2d");
 #else
     TORCH_CHECK(false, "haar_dwt2d: harmonizer_fast._C was built without CUDA");
@@ -115,7 +115,7 @@ at::Tensor haar_idwt2d(const at::Tensor& lo, const at::Tensor& hi, int64_t heigh
 #ifdef WITH_CUDA
     const c10::cuda::CUDAGuard guard(lo.device());
     check_launch(haar_idwt2d_cuda_launch(lo.const_data_ptr(), hi.const_data_ptr(), x.mutable_data_ptr(),
-                                         to_dtype(lo.scalar_type()), a, at::cuda::getCurrentCUDAStream().stream()),
+                                         to_dtype(lo.scalar_type()), a, c10::cuda::getCurrentCUDAStream().stream()),
                  "haar_idwt2d");
 #else
     TORCH_CHECK(false, "haar_idwt2d: harmonizer_fast._C was built without CUDA");

@@ -21,7 +21,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from types import ModuleType
 from typing import Any, Optional
 
@@ -56,7 +56,7 @@ class BackendStatus:
     devices: tuple[str, ...]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _extension() -> tuple[Optional[ModuleType], str]:
     if os.environ.get(ENV_NO_EXT) == "1":
         return None, f"disabled by {ENV_NO_EXT}=1"
@@ -80,7 +80,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_import_error() -> str:
     try:
         importlib.import_module("triton")

@@ -143,8 +143,10 @@ def idwt2(coeffs, wavelet: Any = "haar", mode: str = "zero", axes: Sequence[int]
     _check_axes(axes, ref.dim(), "idwt2")
     for name, b in zip(("cA", "cH", "cV", "cD"), bands):
         if b is not None and (not isinstance(b, Tensor) or b.shape != ref.shape):
-            raise ValueError(f"idwt2: all coefficients must have one shape {tuple(ref.shape)}; {name} has "
-                             f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+            raise ValueError(
+                f"idwt2: all coefficients must have one shape {tuple(ref.shape)}; {name} has "
+                f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}"
+            )
     bands = [torch.zeros_like(ref) if b is None else b for b in bands]
     lead, (h, w) = ref.shape[:-2], ref.shape[-2:]
     lo = bands[0].reshape(-1, 1, h, w)

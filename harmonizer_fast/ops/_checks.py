@@ -12,11 +12,13 @@ def check_float_tensor(t: object, op: str, name: str, ndim: int, layout: str) ->
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must be a {ndim}-D tensor {layout}, got a {t.dim()}-D tensor of shape "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{op}: {name} must be a {ndim}-D tensor {layout}, got a {t.dim()}-D tensor of shape {tuple(t.shape)}"
+        )
     if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
-                        f"got {t.dtype}")
+        raise TypeError(
+            f"{op}: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), got {t.dtype}"
+        )
     if t.numel() == 0:
         raise ValueError(f"{op}: {name} is empty (shape {tuple(t.shape)}); every dimension of {layout} must be >= 1")
     return t
@@ -24,8 +26,10 @@ def check_float_tensor(t: object, op: str, name: str, ndim: int, layout: str) ->
 
 def check_same_device_dtype(ref: torch.Tensor, t: torch.Tensor, op: str, ref_name: str, name: str) -> None:
     if t.device != ref.device or t.dtype != ref.dtype:
-        raise ValueError(f"{op}: {name} must have the device and dtype of {ref_name} ({ref.device}, {ref.dtype}), "
-                         f"got ({t.device}, {t.dtype})")
+        raise ValueError(
+            f"{op}: {name} must have the device and dtype of {ref_name} ({ref.device}, {ref.dtype}), "
+            f"got ({t.device}, {t.dtype})"
+        )
 
 
 def check_shape(t: torch.Tensor, expected: Sequence[int], op: str, name: str, layout: str) -> None:

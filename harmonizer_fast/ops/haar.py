@@ -252,7 +252,10 @@ def haar_idwt2d(y: Tensor, size: Optional[Sequence[int]] = None) -> Tensor:
 
 
 def haar_dwt2d_split(x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`haar_dwt2d` as two contiguous tensors: ``lo`` = cA ``(N, C, h, w)``, ``hi`` = (cH, cV, cD) ``(N, C, 3, h, w)``."""
+    """:func:`haar_dwt2d` as two contiguous tensors (pytorch_wavelets' layout).
+
+    ``lo`` = cA ``(N, C, h, w)`` and ``hi`` = (cH, cV, cD) ``(N, C, 3, h, w)``.
+    """
     check_float_tensor(x, "haar_dwt2d_split", "x", 4, "(N, C, H, W)")
     return _dwt_split_op(x)
 

@@ -1,0 +1,49 @@
+# Two commands for a fresh machine (README.md):
+#   make demo   set up .venv and run the main job (for now: the Haar benchmark, quick)
+#   make test   set up .venv, compile-check the CUDA sources, lint, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned: a torch requirement left open pulls a multi-GB CUDA build onto a CPU machine.
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*)
+
+.PHONY: demo test setup bench bench-quick compile-check lint backends clean
+
+setup: $(VENV)/.deps $(VENV)/.ext
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" "setuptools>=64,<81" wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]" "torch==$(TORCH_VERSION)"
+	touch $@
+
+# Rebuild the extension (editable install) whenever its sources change.
+$(VENV)/.ext: $(VENV)/.deps setup.py $(EXT_SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(PY) benchmarks/bench_haar.py --quick
+
+bench: setup
+	$(PY) benchmarks/bench_haar.py
+
+compile-check: $(VENV)/.deps
+	bash csrc/compile_check.sh $(PY)
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+
+backends: setup
+	$(PY) -m harmonizer_fast
+
+test: setup compile-check lint
+	$(PY) -m harmonizer_fast
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info harmonizer_fast/_C*.so .pytest_cache .hypothesis

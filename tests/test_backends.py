@@ -1,0 +1,108 @@
+"""Backend selection, the availability report, running without the extension, and packaging."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import harmonizer_fast as hf
+from harmonizer_fast import _backend
+from harmonizer_fast.ops.haar import IMPLS, SUPPORT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_backend_info_reports_every_backend_with_reasons():
+    info = hf.backend_info()
+    assert list(info) == ["torch", "triton", "cuda", "cpu"]
+    assert info["torch"].available and "cpu" in info["torch"].devices
+    for status in info.values():
+        assert status.available == bool(status.devices)
+        assert bool(status.reason) != status.available, status  # a reason exactly when missing
+    if not torch.cuda.is_available():
+        assert not info["cuda"].available
+        assert "CUDA" in info["cuda"].reason or "not built" in info["cuda"].reason
+    text = hf.format_backend_info()
+    for name in info:
+        assert name in text
+
+
+def test_dispatch_falls_back_from_a_failing_triton_kernel_once(monkeypatch):
+    if _backend._unavailable("triton", "cpu"):
+        pytest.skip("needs the Triton interpreter")
+    calls = []
+
+    def broken(*args):
+        calls.append("triton")
+        raise RuntimeError("no kernel image for this GPU")
+
+    impls = dict(IMPLS["haar_idwt2d"], triton=broken)
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton", "cpu", "torch"))
+    monkeypatch.setattr(_backend, "_TRITON_FAILED", {})
+    y = torch.randn(1, 1, 4, 2, 2)
+    args = (y[:, :, 0], y[:, :, 1:], 4, 4)
+    with pytest.warns(UserWarning, match="Triton kernel failed"):
+        out = _backend.dispatch("test_op", y, impls, SUPPORT, *args)
+    torch.testing.assert_close(out, hf.haar_idwt2d(y))
+    _backend.dispatch("test_op", y, impls, SUPPORT, *args)  # no second attempt, no second warning
+    assert calls == ["triton"]
+    monkeypatch.setenv(_backend.ENV_BACKEND, "triton")  # forced: the failure propagates
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        _backend.dispatch("test_op", y, impls, SUPPORT, *args)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HARMONIZER_FAST_", "TRITON_"))}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_package_works_without_the_extension():
+    proc = _run(
+        """
+        import numpy as np, pywt, torch, harmonizer_fast as hf
+        info = hf.backend_info()
+        assert not info["cpu"].available and "HARMONIZER_FAST_NO_EXT" in info["cpu"].reason, info["cpu"]
+        x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+        ca, (ch, cv, cd) = pywt.dwt2(x.numpy(), "haar", mode="zero")
+        np.testing.assert_allclose(hf.haar_dwt2d(x).numpy(), np.stack([ca, ch, cv, cd], 2), atol=1e-12)
+        import os; os.environ["HARMONIZER_FAST_BACKEND"] = "cpu"
+        try:
+            hf.haar_dwt2d(x)
+        except hf.BackendUnavailableError as e:
+            assert "HARMONIZER_FAST_NO_EXT" in str(e), e
+        else:
+            raise AssertionError("forced cpu backend ran without the extension")
+        print("ok")
+        """,
+        HARMONIZER_FAST_NO_EXT="1",
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_wheel_installs_kernels_under_the_package(tmp_path):
+    """`pip install .` puts kernels/ at harmonizer_fast/kernels, never as a top-level `kernels` package."""
+    target = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile",
+         "--target", str(target), str(ROOT)],
+        env={**os.environ, "HARMONIZER_FAST_NO_EXT": "1", "PIP_NO_INPUT": "1"}, capture_output=True, text=True,
+        timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (target / "harmonizer_fast" / "kernels" / "haar.py").is_file()
+    assert (target / "harmonizer_fast" / "ops" / "haar.py").is_file()
+    assert not (target / "kernels").exists()
+    check = subprocess.run(
+        [sys.executable, "-c", "import harmonizer_fast.kernels, harmonizer_fast as hf; print(hf.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(target), "HARMONIZER_FAST_NO_EXT": "1"}, capture_output=True,
+        text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip().startswith(str(target))
