@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" "setuptools>=64,<81" wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]" "torch==$(TORCH_VERSION)"
-	touch $@
+	touch $@ $(VENV)/.ext  # the editable install above just built the extension
 
 # Rebuild the extension (editable install) whenever its sources change.
 $(VENV)/.ext: $(VENV)/.deps setup.py $(EXT_SOURCES)

@@ -1,0 +1,207 @@
+"""Shared benchmark plumbing (DESIGN.md section 7): timing with medians after warm-up, the machine
+description that goes next to every number, forced backends, and atomic JSON + markdown output."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+K = TypeVar("K")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_info() -> Optional[dict[str, Any]]:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    info: dict[str, Any] = {
+        "name": props.name,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "sm_count": props.multi_processor_count,
+        "capability": f"{props.major}.{props.minor}",
+    }
+    try:  # NVML (nvidia-ml-py) adds what the driver reports
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        info["nvml_name"] = pynvml.nvmlDeviceGetName(h)
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        info["max_sm_clock_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
+        info["max_mem_clock_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
+        pynvml.nvmlShutdown()
+    except Exception as exc:  # NVML missing or not permitted: the torch-side facts still stand
+        info["nvml_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def machine_info() -> dict[str, Any]:
+    import harmonizer_fast as hf
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": _gpu_info(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "harmonizer_fast": hf.__version__,
+        "backends": {k: v.available for k, v in hf.backend_info().items()},
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": times[0],
+        "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "repeats": len(times),
+    }
+
+
+def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_medians(
+    cases: Mapping[K, Callable[[], Any]],
+    device: torch.device,
+    *,
+    warmup: int,
+    rounds: int,
+    inner: Callable[[K], int] = lambda key: 1,
+    around: Callable[[K], contextlib.AbstractContextManager] = lambda key: contextlib.nullcontext(),
+) -> dict[K, dict[str, float]]:
+    """Median time (ms) of every case, measured in interleaved rounds.
+
+    Each round times every case once (``inner(key)`` back-to-back calls for fast cases), in an order
+    rotated from round to round, so that slow drifts of the machine (allocator and page-cache state, clock
+    boost, a neighbour's load) hit all variants alike instead of whichever ran last. CUDA work is timed
+    with events, CPU work with ``time.perf_counter``. ``around(key)`` wraps each call (e.g. a forced backend).
+    """
+    keys = list(cases)
+    for key in keys:
+        with around(key):
+            for _ in range(warmup):
+                cases[key]()
+    _sync(device)
+    times: dict[K, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            n = inner(key)
+            with around(key):
+                total = sum(_time_once(cases[key], device) for _ in range(n))
+            times[key].append(total / n)
+    return {k: _stats(v) for k, v in times.items()}
+
+
+@contextlib.contextmanager
+def forced_backend(name: Optional[str]) -> Iterator[None]:
+    """Run the block with ``HARMONIZER_FAST_BACKEND=name`` (None: the automatic choice)."""
+    old = os.environ.get("HARMONIZER_FAST_BACKEND")
+    if name is None:
+        os.environ.pop("HARMONIZER_FAST_BACKEND", None)
+    else:
+        os.environ["HARMONIZER_FAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HARMONIZER_FAST_BACKEND", None)
+        else:
+            os.environ["HARMONIZER_FAST_BACKEND"] = old
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(stem: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_atomic(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_atomic(md_path, markdown)
+    return json_path, md_path
+
+
+# glibc's malloc serves a large buffer either from fresh mmap pages (first touch page-faults, which on a
+# 2-core VM costs more than the transform itself) or from its recycled heap, and by default its mmap
+# threshold moves with the allocation history, so one kernel's time depends on what ran before it. The
+# benchmarks therefore pin the policy before torch starts and record it next to the numbers.
+ALLOCATOR_POLICIES = {
+    "fresh": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)},  # every large tensor: new pages (glibc's start state)
+    "reuse": {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**33)},  # recycle, no faults
+    "system": {},  # leave glibc's adaptive threshold alone (order-dependent)
+}
+
+
+def pin_allocator(policy: str) -> None:
+    """Re-execute this script with the glibc allocator policy set (no-op when it already is)."""
+    env = ALLOCATOR_POLICIES[policy]
+    if sys.platform != "linux" or all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "gpu-" + torch.cuda.get_device_name(device).lower().replace("nvidia", "").strip().replace(" ", "-")
+    return "cpu"
