@@ -35,7 +35,8 @@ def _extension_build() -> tuple[list, dict]:
         )
         return [], {}
 
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # ops.cpp (registration), the torch-side <op>_op.cpp files and the CPU kernels.
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++17 or C++20).
     cxx = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inlined OpenMP in the headers
     with_cuda = (

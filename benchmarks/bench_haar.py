@@ -12,9 +12,7 @@ Writes ``haar-<device>[-quick].json`` and ``.md`` into benchmarks/results/ and p
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,16 +23,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    ALLOCATOR_POLICIES,
-    RESULTS_DIR,
-    device_slug,
-    forced_backend,
-    interleaved_medians,
-    machine_info,
-    pin_allocator,
-    write_results,
-)
+from common import bench_main, check_targets, forced_backend, interleaved_medians, make_rows  # noqa: E402
 
 import harmonizer_fast as hf  # noqa: E402
 from harmonizer_fast import _backend  # noqa: E402
@@ -162,20 +151,8 @@ def measure_shape(shape: tuple[int, ...], device: torch.device, quick: bool) -> 
     for op in OPS:
         t[(FLOOR, op)] = floor["copy x2" if op == "forward+backward" else "copy"]
     ours = next(name for name, _ in t if name.startswith(f"{OURS} (auto"))
-    rows = []
-    for (name, op), stats in sorted(t.items(), key=lambda kv: name_order(kv[0], list(backends))):
-        rows.append(
-            {
-                "shape": list(shape),
-                "op": op,
-                "variant": name,
-                **stats,
-                "gb_per_s": bytes_moved(shape, op) / (stats["median_ms"] * 1e-3) / 1e9,
-                "ours_speedup": stats["median_ms"] / t[(ours, op)]["median_ms"],
-                "of_copy_floor": stats["median_ms"] / t[(FLOOR, op)]["median_ms"],
-            }
-        )
-    return rows
+    ordered = dict(sorted(t.items(), key=lambda kv: name_order(kv[0], list(backends))))
+    return make_rows(shape, ordered, ours, FLOOR, lambda op: bytes_moved(shape, op))
 
 
 def run(device: torch.device, quick: bool) -> dict[str, Any]:
@@ -213,76 +190,11 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
     else:
         for op in ("forward", "inverse"):
             checks.append((f"{op} >= 80% of copy bandwidth", ms(op, FLOOR) / ms(op, ours), 0.8, True))
-    return [
-        {"target": name, "value": value, "ok": value >= bound if higher else value <= bound}
-        for name, value, bound, higher in checks
-    ]
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    gpu = m["gpu"]["name"] if m["gpu"] else "none"
-    lines = [
-        "# Haar DWT/IDWT benchmark",
-        "",
-        f"`{' '.join(m['argv'])}` on {m['date']}. Device: **{payload['device']}**. CPU: {m['cpu']} "
-        f"({m['cpu_cores']} cores, torch threads {m['torch_threads']}); GPU: {gpu}. torch {m['torch']}, "
-        f"triton {m['triton']}, Python {m['python']}. Allocator policy `{payload['allocator']}` "
-        f"({m['malloc_env'] or 'glibc defaults'}). fp32; medians in ms over interleaved rounds; "
-        "`xours` = variant time / harmonizer_fast (auto) time (above 1: ours is faster); "
-        "`xcopy` = time / same-size clone.",
-        "",
-    ]
-    rows = payload["rows"]
-    for shape in SHAPES:
-        lines += [f"## {tuple(shape)}", "", "| variant | " + " | ".join(OPS) + " |", "|---|" + "---|" * len(OPS)]
-        names = list(dict.fromkeys(r["variant"] for r in rows if r["shape"] == list(shape)))
-        for name in names:
-            mine = {r["op"]: r for r in rows if r["shape"] == list(shape) and r["variant"] == name}
-            cells = [
-                f"{r['median_ms']:.2f} (x{r['ours_speedup']:.2f} ours, x{r['of_copy_floor']:.2f} copy)" if r else "n/a"
-                for r in (mine.get(op) for op in OPS)
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Targets at (16, 64, 128, 128)", "", "| target | measured | ok |", "|---|---|---|"]
-    for t in payload["targets"]:
-        lines.append(f"| {t['target']} | {t['value']:.2f} | {'yes' if t['ok'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return check_targets(checks)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer interleaved rounds (a third of the full run)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON and markdown files")
-    p.add_argument(
-        "--allocator",
-        choices=sorted(ALLOCATOR_POLICIES),
-        default="fresh",
-        help="glibc malloc policy for CPU buffers: fresh pages for every large tensor (default), recycled "
-        "heap (kernel time without page faults), or glibc's adaptive default (order-dependent)",
-    )
-    args = p.parse_args(argv)
-    pin_allocator(args.allocator)
-    device = torch.device(args.device)
-    t0 = time.perf_counter()
-    payload = {
-        "benchmark": "haar",
-        "device": str(device),
-        "quick": args.quick,
-        "allocator": args.allocator,
-        "machine": machine_info(),
-    }
-    payload.update(run(device, args.quick))
-    payload["wall_s"] = time.perf_counter() - t0
-    md = markdown(payload)
-    stem = f"haar-{device_slug(device)}" + ("" if args.allocator == "fresh" else f"-{args.allocator}")
-    stem += "-quick" if args.quick else ""
-    json_path, md_path = write_results(stem, payload, md, args.out)
-    print(md)
-    print(f"wrote {json_path} and {md_path} in {payload['wall_s']:.0f} s", file=sys.stderr)
-    return 0
+    return bench_main("haar", "Haar DWT/IDWT benchmark", __doc__.splitlines()[0], OPS, run, argv)
 
 
 if __name__ == "__main__":

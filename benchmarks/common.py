@@ -12,7 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -205,3 +205,111 @@ def device_slug(device: torch.device) -> str:
     if device.type == "cuda":
         return "gpu-" + torch.cuda.get_device_name(device).lower().replace("nvidia", "").strip().replace(" ", "-")
     return "cpu"
+
+
+def make_rows(
+    shape: Any,
+    medians: Mapping[tuple[str, str], dict[str, float]],
+    ours: str,
+    floor: Optional[str] = None,
+    bytes_moved: Optional[Callable[[str], int]] = None,
+) -> list[dict[str, Any]]:
+    """Result rows from ``{(variant, op): stats}``, with ratios to our variant and to the floor of each op."""
+    rows = []
+    for (name, op), stats in medians.items():
+        row = {"shape": list(shape), "op": op, "variant": name, **stats}
+        row["ours_speedup"] = stats["median_ms"] / medians[(ours, op)]["median_ms"]
+        if floor is not None and (floor, op) in medians:
+            row["of_copy_floor"] = stats["median_ms"] / medians[(floor, op)]["median_ms"]
+        if bytes_moved is not None:
+            row["gb_per_s"] = bytes_moved(op) / (stats["median_ms"] * 1e-3) / 1e9
+        rows.append(row)
+    return rows
+
+
+def report_markdown(title: str, payload: dict[str, Any], ops: Sequence[str]) -> str:
+    """Machine header, one table per shape (variants x ops) and the targets, as markdown."""
+    m = payload["machine"]
+    gpu = m["gpu"]["name"] if m["gpu"] else "none"
+    lines = [
+        f"# {title}",
+        "",
+        f"`{' '.join(m['argv'])}` on {m['date']}. Device: **{payload['device']}**. CPU: {m['cpu']} "
+        f"({m['cpu_cores']} cores, torch threads {m['torch_threads']}); GPU: {gpu}. torch {m['torch']}, "
+        f"triton {m['triton']}, Python {m['python']}. Allocator policy `{payload['allocator']}` "
+        f"({m['malloc_env'] or 'glibc defaults'}). fp32; medians in ms over interleaved rounds; "
+        "`xours` = variant time / harmonizer_fast (auto) time (above 1: ours is faster); "
+        "`xcopy` = time / the same-size copy floor.",
+        "",
+    ]
+    rows = payload["rows"]
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
+        lines += [f"## {shape}", "", "| variant | " + " | ".join(ops) + " |", "|---|" + "---|" * len(ops)]
+        for name in dict.fromkeys(r["variant"] for r in rows if tuple(r["shape"]) == shape):
+            mine = {r["op"]: r for r in rows if tuple(r["shape"]) == shape and r["variant"] == name}
+            cells = []
+            for op in ops:
+                r = mine.get(op)
+                if r is None:
+                    cells.append("n/a")
+                    continue
+                extra = f", x{r['of_copy_floor']:.2f} copy" if "of_copy_floor" in r else ""
+                cells.append(f"{r['median_ms']:.2f} (x{r['ours_speedup']:.2f} ours{extra})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | ok |", "|---|---|---|"]
+    for t in payload["targets"]:
+        lines.append(f"| {t['target']} | {t['value']:.2f} | {'yes' if t['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_targets(checks: Sequence[tuple[str, float, float, bool]]) -> list[dict[str, Any]]:
+    """``(target, measured, bound, higher_is_better)`` tuples as pass/fail records."""
+    return [
+        {"target": name, "value": value, "ok": value >= bound if higher else value <= bound}
+        for name, value, bound, higher in checks
+    ]
+
+
+def bench_main(
+    name: str,
+    title: str,
+    description: str,
+    ops: Sequence[str],
+    run: Callable[[torch.device, bool], dict[str, Any]],
+    argv: Optional[list[str]] = None,
+) -> int:
+    """Command line shared by the op benchmarks: parse, pin the allocator, run, write JSON + markdown."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="fewer interleaved rounds (a third of the full run)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON and markdown files")
+    p.add_argument(
+        "--allocator",
+        choices=sorted(ALLOCATOR_POLICIES),
+        default="fresh",
+        help="glibc malloc policy for CPU buffers: fresh pages for every large tensor (default), recycled "
+        "heap (kernel time without page faults), or glibc's adaptive default (order-dependent)",
+    )
+    args = p.parse_args(argv)
+    pin_allocator(args.allocator)
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    payload = {
+        "benchmark": name,
+        "device": str(device),
+        "quick": args.quick,
+        "allocator": args.allocator,
+        "machine": machine_info(),
+    }
+    payload.update(run(device, args.quick))
+    payload["wall_s"] = time.perf_counter() - t0
+    md = report_markdown(title, payload, ops)
+    stem = f"{name}-{device_slug(device)}" + ("" if args.allocator == "fresh" else f"-{args.allocator}")
+    stem += "-quick" if args.quick else ""
+    json_path, md_path = write_results(stem, payload, md, args.out)
+    print(md)
+    print(f"wrote {json_path} and {md_path} in {payload['wall_s']:.0f} s", file=sys.stderr)
+    return 0

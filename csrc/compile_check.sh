@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA side on a machine without a GPU (CI runs it through `make test`):
 #  1. every csrc/cuda/*.cu with nvcc for sm_80, sm_86 and sm_90 (these files include no torch headers);
-#  2. csrc/ops.cpp with -DWITH_CUDA, syntax only, so the torch-side CUDA wrappers are checked too. A CPU
+#  2. csrc/*.cpp (ops.cpp and the torch-side <op>_op.cpp files) with -DWITH_CUDA, syntax only, so the torch-side CUDA wrappers are checked too. A CPU
 #     torch wheel lacks one CMake-generated c10 header; a stub with its single define stands in for it.
 # Usage: csrc/compile_check.sh [python]   (skips with a message when nvcc is not installed)
 set -euo pipefail
@@ -35,8 +35,8 @@ print(std, " ".join("-I" + p for p in include_paths()))
 PYEOF
 )
 py_include=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-echo "compile_check: g++ -fsyntax-only -DWITH_CUDA csrc/ops.cpp ($std)"
+echo "compile_check: g++ -fsyntax-only -DWITH_CUDA csrc/*.cpp ($std)"
 # shellcheck disable=SC2086
 g++ -std="$std" -fsyntax-only -DWITH_CUDA -Icsrc/include $torch_includes -I"$out/stub" -I"$cuda_include" \
-  -I"$py_include" csrc/ops.cpp
+  -I"$py_include" csrc/*.cpp
 echo "compile_check: ok"

@@ -6,11 +6,14 @@ Ops (layer 1), each with a pure-PyTorch reference and faster backends picked per
 
 - :func:`haar_dwt2d` / :func:`haar_idwt2d`: single-level 2-D Haar DWT and inverse (pywt convention);
 - :class:`DWTForward` / :class:`DWTInverse`, :func:`dwt2` / :func:`idwt2`: drop-ins for pytorch_wavelets
-  and PyWavelets (Haar, zero mode).
+  and PyWavelets (Haar, zero mode);
+- :func:`film`: the Noise Harmonizer's FiLM modulation (paper Eq. 3) with a fused deterministic backward;
+- :func:`token_attention_pool`: the Noise Harmonizer's token attention over positions (paper Eq. 2), one
+  pass over the feature map with an online softmax.
 """
 
 from ._backend import BackendStatus, BackendUnavailableError, backend_info, format_backend_info
-from .ops import haar_dwt2d, haar_idwt2d
+from .ops import film, haar_dwt2d, haar_idwt2d, token_attention_pool
 from .wavelets import DWTForward, DWTInverse, dwt2, idwt2
 
 __version__ = "0.1.0"
@@ -23,8 +26,10 @@ __all__ = [
     "__version__",
     "backend_info",
     "dwt2",
+    "film",
     "format_backend_info",
     "haar_dwt2d",
     "haar_idwt2d",
     "idwt2",
+    "token_attention_pool",
 ]

@@ -40,6 +40,13 @@ FLOATS_CPU = frozenset({torch.float32, torch.float64})
 FLOATS_CUDA = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 # The Triton interpreter computes with numpy, which has no bfloat16.
 FLOATS_INTERPRETER = FLOATS_CPU
+# What every op's kernels take unless the op says otherwise: float32/float64 on CPU (C++ kernels and the
+# Triton interpreter), plus float16/bfloat16 (computed in float32) on CUDA.
+DEFAULT_SUPPORT: Support = {
+    "triton": {"cuda": FLOATS_CUDA, "cpu": FLOATS_CPU},
+    "cuda": {"cuda": FLOATS_CUDA},
+    "cpu": {"cpu": FLOATS_CPU},
+}
 
 
 class BackendUnavailableError(RuntimeError):

@@ -142,7 +142,7 @@ def test_auto_backend_on_cpu_is_the_cpp_kernel_when_built():
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
-@pytest.mark.parametrize("shape", [(1, 2, 5, 7), (2, 1, 4, 6)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (2, 1, 4, 2)], ids=str)
 def test_gradcheck(case, shape, use_backend):
     device = use_backend(*case)
     x = rand(shape, device, seed=4).requires_grad_()

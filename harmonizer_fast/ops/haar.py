@@ -98,11 +98,7 @@ def _ext_idwt(lo: Tensor, hi: Tensor, height: int, width: int) -> Tensor:
 
 _DWT_IMPLS = {"torch": _torch_dwt_into, "triton": _triton_dwt_into, "cuda": _ext_dwt_into, "cpu": _ext_dwt_into}
 _IDWT_IMPLS = {"torch": _haar_idwt2d_reference_split, "triton": _triton_idwt, "cuda": _ext_idwt, "cpu": _ext_idwt}
-SUPPORT: _backend.Support = {
-    "triton": {"cuda": _backend.FLOATS_CUDA, "cpu": _backend.FLOATS_CPU},
-    "cuda": {"cuda": _backend.FLOATS_CUDA},
-    "cpu": {"cpu": _backend.FLOATS_CPU},
-}
+SUPPORT = _backend.DEFAULT_SUPPORT
 IMPLS = {"haar_dwt2d": _DWT_IMPLS, "haar_idwt2d": _IDWT_IMPLS}  # for reports and benchmarks
 
 
