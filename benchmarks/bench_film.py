@@ -2,7 +2,11 @@
 
 FiLM (paper Eq. 3) forward, backward and forward+backward against the eager composite
 ``x * gamma[..., None, None] + beta[..., None, None]`` with autograd, ``torch.compile`` of our reference
-and the floor, a same-size copy. Every number is a median over interleaved rounds in one process.
+and the floor, a same-size copy. Token-attention pooling (paper Eq. 2) forward and forward+backward
+against the eager composite (project K and V, softmax, weighted sum), ``torch.compile`` of it, and the
+same algebraic rewrite ours uses (scores = (Q W_k) x, out = (softmax x^T) W_v^T) in plain torch, which
+shows how much comes from the algebra and how much from the kernel. Every number is a median over
+interleaved rounds in one process.
 
     python benchmarks/bench_film.py [--quick] [--device cpu|cuda] [--out DIR] [--allocator fresh|reuse|system]
 
@@ -23,9 +27,13 @@ from common import bench_main, check_targets, forced_backend, interleaved_median
 
 import harmonizer_fast as hf  # noqa: E402
 from harmonizer_fast import _backend  # noqa: E402
-from harmonizer_fast.ops.film import IMPLS, SUPPORT, film_reference  # noqa: E402
+from harmonizer_fast.ops.attention_pool import IMPLS as POOL_IMPLS  # noqa: E402
+from harmonizer_fast.ops.attention_pool import token_attention_pool_reference  # noqa: E402
+from harmonizer_fast.ops.film import IMPLS as FILM_IMPLS  # noqa: E402
+from harmonizer_fast.ops.film import SUPPORT, film_reference  # noqa: E402
 
 FILM_SHAPES = [(16, 64, 128, 128), (1, 16, 128, 128)]
+POOL_SHAPES = [(16, 64, 128, 128, 8, 32), (4, 256, 32, 32, 8, 32)]  # (B, C, H, W, M, Dh)
 OPS = ("forward", "backward", "forward+backward")
 OURS = "harmonizer_fast"
 FLOOR = "copy floor (clone)"
@@ -35,18 +43,17 @@ def eager_film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torc
     return x * gamma[..., None, None] + beta[..., None, None]
 
 
-def film_variants(device: torch.device) -> tuple[str, dict[str, tuple[Callable, Optional[str]]]]:
-    """(name of our automatic variant, {name: (function, forced backend)})."""
+def our_variants(op: str, impls: dict, fn: Callable, device: torch.device) -> tuple[str, dict]:
+    """(name of our automatic variant, {name: (function, forced backend)}) for each backend that runs here."""
     probe = torch.zeros(1, 1, 1, 1, device=device)
-    auto = _backend.selected_backend("film", probe, IMPLS["film"], SUPPORT)
+    auto = _backend.selected_backend(op, probe, impls, SUPPORT)
     ours = f"{OURS} (auto: {auto})"
-    out: dict[str, tuple[Callable, Optional[str]]] = {ours: (hf.film, None)}
+    out: dict[str, tuple[Callable, Optional[str]]] = {ours: (fn, None)}
     for backend in ("triton", "cuda", "cpu"):
-        runnable = not _backend._cannot_run("film", backend, probe, SUPPORT)
+        runnable = not _backend._cannot_run(op, backend, probe, SUPPORT)
+        # The Triton interpreter is a correctness tool, not a fast path: never timed on CPU.
         if backend != auto and runnable and not (backend == "triton" and device.type == "cpu"):
-            out[f"{OURS} [{backend}]"] = (hf.film, backend)
-    out["eager composite"] = (eager_film, None)
-    out["torch.compile(reference)"] = (torch.compile(film_reference, fullgraph=True, dynamic=False), None)
+            out[f"{OURS} [{backend}]"] = (fn, backend)
     return ours, out
 
 
@@ -68,7 +75,9 @@ def measure_film(shape: tuple[int, ...], device: torch.device, quick: bool) -> l
     x, dy = torch.randn(shape, device=device), torch.randn(shape, device=device)
     gamma, beta = torch.randn(b, c, device=device), torch.randn(b, c, device=device)
     big = x.numel() >= 2**22
-    ours, variants = film_variants(device)
+    ours, variants = our_variants("film", FILM_IMPLS["film"], hf.film, device)
+    variants["eager composite"] = (eager_film, None)
+    variants["torch.compile(reference)"] = (torch.compile(film_reference, fullgraph=True, dynamic=False), None)
     cases: dict[tuple[str, str], Callable[[], Any]] = {
         (FLOOR, "copy"): lambda: x.clone(),
         (FLOOR, "copy x2"): lambda: (x.clone(), x.clone()),
@@ -93,9 +102,49 @@ def measure_film(shape: tuple[int, ...], device: torch.device, quick: bool) -> l
     return make_rows(("film", *shape), t, ours, FLOOR, lambda op: traffic[op])
 
 
+def rewritten_pool(x, queries, w_k, w_v):
+    """Our algebra in plain torch: no K or V, but the M x HW scores are materialized."""
+    a = queries @ w_k / w_k.shape[0] ** 0.5
+    xf = x.flatten(2)
+    return torch.softmax(a @ xf, dim=-1) @ xf.transpose(1, 2) @ w_v.t()
+
+
+def measure_pool(shape: tuple[int, ...], device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    b, c, h, w, m, dh = shape
+    x = torch.randn(b, c, h, w, device=device)
+    q, w_k, w_v = (torch.randn(*s, device=device) / c**0.5 for s in ((m, dh), (dh, c), (dh, c)))
+    ours, variants = our_variants("attention_pool", POOL_IMPLS["attention_pool"], hf.token_attention_pool, device)
+    variants["eager composite"] = (token_attention_pool_reference, None)
+    variants["torch.compile(eager composite)"] = (
+        torch.compile(token_attention_pool_reference, fullgraph=True, dynamic=False),
+        None,
+    )
+    variants["eager rewrite (scores materialized)"] = (rewritten_pool, None)
+    cases: dict[tuple[str, str], Callable[[], Any]] = {}
+    for name, (fn, backend) in variants.items():
+        print(f"  token_attention_pool {shape} {name}: first calls", file=sys.stderr, flush=True)
+        with forced_backend(backend):
+            xr = x.detach().requires_grad_()
+            dy = torch.randn(b, m, dh, device=device)
+            cases[(name, "forward")] = lambda fn=fn: fn(x, q, w_k, w_v)
+            cases[(name, "forward+backward")] = lambda fn=fn, xr=xr, dy=dy: torch.autograd.grad(
+                fn(xr, q, w_k, w_v), xr, dy
+            )
+            cases[(name, "forward+backward")]()
+    t = interleaved_medians(
+        cases,
+        device,
+        warmup=1 if quick else 2,
+        rounds=5 if quick else 15,
+        around=lambda key: forced_backend(variants[key[0]][1]),
+    )
+    return make_rows(("token_attention_pool", *shape), t, ours)
+
+
 def run(device: torch.device, quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     rows = [r for shape in FILM_SHAPES for r in measure_film(shape, device, quick)]
+    rows += [r for shape in POOL_SHAPES for r in measure_pool(shape, device, quick)]
     return {"rows": rows, "targets": targets(rows, device)}
 
 
@@ -107,7 +156,12 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
     film_big = ("film", *FILM_SHAPES[0])
     ours = f"{OURS} (auto"
     fb = ms(film_big, "forward+backward", "eager composite") / ms(film_big, "forward+backward", ours)
-    checks = [("film forward+backward >= 1.5x faster than eager (16, 64, 128, 128)", fb, 1.5, True)]
+    pool_big = ("token_attention_pool", *POOL_SHAPES[0])
+    pool = ms(pool_big, "forward", "eager composite") / ms(pool_big, "forward", ours)
+    checks = [
+        ("film forward+backward >= 1.5x faster than eager (16, 64, 128, 128)", fb, 1.5, True),
+        ("token_attention_pool forward >= 2x faster than eager (16, 64, 128, 128), M=8, Dh=32", pool, 2.0, True),
+    ]
     if device.type == "cuda":
         bw = ms(film_big, "forward", FLOOR) / ms(film_big, "forward", ours)
         checks.append(("film forward >= 80% of copy bandwidth", bw, 0.8, True))

@@ -102,14 +102,23 @@ SUPPORT = _backend.DEFAULT_SUPPORT
 IMPLS = {"attention_pool": _FORWARD, "attention_pool_backward": _BACKWARD}
 
 
+def _flat_plane(x: Tensor) -> Tensor:
+    # The kernels walk each (b, c) plane as one run of H*W elements; other layouts are copied once.
+    _, _, h, w = x.shape
+    return x if x.stride(3) == 1 and x.stride(2) == w else x.contiguous()
+
+
 @torch.library.custom_op("harmonizer_fast::attention_pool", mutates_args=())
 def _core_op(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    z, lse = _backend.dispatch("attention_pool", x, _FORWARD, SUPPORT, x, a)
+    x = _flat_plane(x)
+    z, lse = _backend.dispatch("attention_pool", x, _FORWARD, SUPPORT, x, a.contiguous())
     return z, lse
 
 
 @torch.library.custom_op("harmonizer_fast::attention_pool_backward", mutates_args=())
 def _core_backward_op(dz: Tensor, x: Tensor, a: Tensor, z: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    x = _flat_plane(x)
+    dz, a, z, lse = dz.contiguous(), a.contiguous(), z.contiguous(), lse.contiguous()  # all (B, M[, C]): tiny
     dx, da = _backend.dispatch("attention_pool_backward", x, _BACKWARD, SUPPORT, dz, x, a, z, lse)
     return dx, da
 
@@ -138,12 +147,6 @@ def _backward(ctx, dz: Tensor, dlse: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 _core_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _flat_plane(x: Tensor) -> Tensor:
-    # The kernels walk each (b, c) plane as one run of H*W elements; other layouts are copied once.
-    _, _, h, w = x.shape
-    return x if x.stride(3) == 1 and x.stride(2) == w else x.contiguous()
 
 
 def token_attention_pool(
@@ -179,5 +182,5 @@ def token_attention_pool(
         raise ValueError(f"{op}: scale must be finite, got {scale}")
     a = torch.matmul(queries, w_k) * scale  # (M, C) or (B, M, C)
     a = a.expand(b, *a.shape[-2:]) if a.dim() == 2 else a
-    z, _ = _core_op(_flat_plane(x), a.contiguous())
+    z, _ = _core_op(x, a)
     return torch.matmul(z, w_v.t())
