@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (README.md):
-#   make demo   set up .venv and run the main job (for now: the Haar benchmark, quick)
+#   make demo   set up .venv and run the main job (for now: the op benchmarks, quick)
 #   make test   set up .venv, compile-check the CUDA sources, lint, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*)
 
-.PHONY: demo test setup bench bench-quick compile-check lint backends clean
+.PHONY: demo test setup bench compile-check lint backends clean
 
 setup: $(VENV)/.deps $(VENV)/.ext
 
@@ -28,9 +28,11 @@ $(VENV)/.ext: $(VENV)/.deps setup.py $(EXT_SOURCES)
 
 demo: setup
 	$(PY) benchmarks/bench_haar.py --quick
+	$(PY) benchmarks/bench_film.py --quick
 
 bench: setup
 	$(PY) benchmarks/bench_haar.py
+	$(PY) benchmarks/bench_film.py
 
 compile-check: $(VENV)/.deps
 	bash csrc/compile_check.sh $(PY)

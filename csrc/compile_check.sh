@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA side on a machine without a GPU (CI runs it through `make test`):
 #  1. every csrc/cuda/*.cu with nvcc for sm_80, sm_86 and sm_90 (these files include no torch headers);
-#  2. csrc/*.cpp (ops.cpp and the torch-side <op>_op.cpp files) with -DWITH_CUDA, syntax only, so the torch-side CUDA wrappers are checked too. A CPU
-#     torch wheel lacks one CMake-generated c10 header; a stub with its single define stands in for it.
+#  2. csrc/*.cpp (ops.cpp and the torch-side <op>_op.cpp files) with -DWITH_CUDA, syntax only, so the
+#     torch-side CUDA wrappers are checked too. A CPU torch wheel lacks one CMake-generated c10 header;
+#     a stub with its single define stands in for it.
 # Usage: csrc/compile_check.sh [python]   (skips with a message when nvcc is not installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."

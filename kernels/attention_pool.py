@@ -24,19 +24,22 @@ def _dot(a, b, FP32: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (batch item, position chunk) and its query/channel ranges with their masks."""
+    task = tl.program_id(0).to(tl.int64)
+    n0 = (task % SPLITS) * CHUNK
+    rm = tl.arange(0, BLOCK_M)
+    rc = tl.arange(0, BLOCK_C)
+    return task, task // SPLITS, n0, tl.minimum(N, n0 + CHUNK), rm, rc, rm < M, rc < C
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, a_ptr, pm_ptr, pl_ptr, pacc_ptr,
     C, N, M, SPLITS, CHUNK, sxb, sxc,
     FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    task = tl.program_id(0).to(tl.int64)
-    bi = task // SPLITS
-    n0 = (task % SPLITS) * CHUNK
-    n1 = tl.minimum(N, n0 + CHUNK)
-    rm = tl.arange(0, BLOCK_M)
-    rc = tl.arange(0, BLOCK_C)
-    m_ok = rm < M
-    c_ok = rc < C
+    task, bi, n0, n1, rm, rc, m_ok, c_ok = _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M, BLOCK_C)
     a = tl.load(a_ptr + bi * M * C + rm[:, None] * C + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -66,14 +69,7 @@ def _backward_kernel(
     C, N, M, SPLITS, CHUNK, sxb, sxc,
     FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    task = tl.program_id(0).to(tl.int64)
-    bi = task // SPLITS
-    n0 = (task % SPLITS) * CHUNK
-    n1 = tl.minimum(N, n0 + CHUNK)
-    rm = tl.arange(0, BLOCK_M)
-    rc = tl.arange(0, BLOCK_C)
-    m_ok = rm < M
-    c_ok = rc < C
+    task, bi, n0, n1, rm, rc, m_ok, c_ok = _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M, BLOCK_C)
     mc = bi * M * C + rm[:, None] * C + rc[None, :]
     mc_ok = m_ok[:, None] & c_ok[None, :]
     a = tl.load(a_ptr + mc, mask=mc_ok, other=0.0)

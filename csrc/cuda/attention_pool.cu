@@ -166,26 +166,16 @@ int launch_backward(const void* dz, const void* x, const void* a, const void* ls
 int attention_pool_forward_cuda_launch(const void* x, const void* a, void* part_m, void* part_l, void* part_acc,
                                        DType dtype, const AttnPoolArgs& g, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: return launch_forward<float>(x, a, part_m, part_l, part_acc, g, st);
-    case DType::Float64: return launch_forward<double>(x, a, part_m, part_l, part_acc, g, st);
-    case DType::Float16: return launch_forward<__half>(x, a, part_m, part_l, part_acc, g, st);
-    case DType::BFloat16: return launch_forward<__nv_bfloat16>(x, a, part_m, part_l, part_acc, g, st);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype,
+                        [&](auto tag) { return launch_forward<decltype(tag)>(x, a, part_m, part_l, part_acc, g, st); });
 }
 
 int attention_pool_backward_cuda_launch(const void* dz, const void* x, const void* a, const void* lse,
                                         const void* d, void* dx, void* part_da, DType dtype, const AttnPoolArgs& g,
                                         void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: return launch_backward<float>(dz, x, a, lse, d, dx, part_da, g, st);
-    case DType::Float64: return launch_backward<double>(dz, x, a, lse, d, dx, part_da, g, st);
-    case DType::Float16: return launch_backward<__half>(dz, x, a, lse, d, dx, part_da, g, st);
-    case DType::BFloat16: return launch_backward<__nv_bfloat16>(dz, x, a, lse, d, dx, part_da, g, st);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(
+      dtype, [&](auto tag) { return launch_backward<decltype(tag)>(dz, x, a, lse, d, dx, part_da, g, st); });
 }
 
 }  // namespace harmonizer_fast

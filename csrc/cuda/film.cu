@@ -12,12 +12,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int threads_for(int64_t width) {
-  int t = 32;
-  while (t < kThreads && t < width) t *= 2;
-  return t;
-}
-
 template <typename T>
 __global__ void film_forward_kernel(const T* __restrict__ x, const T* __restrict__ gamma,
                                     const T* __restrict__ beta, T* __restrict__ y, FilmArgs a,
@@ -74,7 +68,7 @@ __global__ void film_backward_kernel(const T* __restrict__ dy, const T* __restri
 template <typename T>
 int launch_forward(const void* x, const void* gamma, const void* beta, void* y, const FilmArgs& a,
                    cudaStream_t stream) {
-  const int threads = threads_for(a.w);
+  const int threads = threads_for_row(a.w);
   const int64_t tiles = (a.w + threads - 1) / threads;
   const int64_t blocks = a.b * a.c * a.h * tiles;
   if (blocks == 0) return cudaSuccess;
@@ -103,25 +97,14 @@ int launch_backward(const void* dy, const void* x, const void* gamma, void* dx, 
 int film_forward_cuda_launch(const void* x, const void* gamma, const void* beta, void* y, DType dtype,
                              const FilmArgs& a, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: return launch_forward<float>(x, gamma, beta, y, a, st);
-    case DType::Float64: return launch_forward<double>(x, gamma, beta, y, a, st);
-    case DType::Float16: return launch_forward<__half>(x, gamma, beta, y, a, st);
-    case DType::BFloat16: return launch_forward<__nv_bfloat16>(x, gamma, beta, y, a, st);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) { return launch_forward<decltype(tag)>(x, gamma, beta, y, a, st); });
 }
 
 int film_backward_cuda_launch(const void* dy, const void* x, const void* gamma, void* dx, void* partials,
                               DType dtype, const FilmBackwardArgs& a, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: return launch_backward<float>(dy, x, gamma, dx, partials, a, st);
-    case DType::Float64: return launch_backward<double>(dy, x, gamma, dx, partials, a, st);
-    case DType::Float16: return launch_backward<__half>(dy, x, gamma, dx, partials, a, st);
-    case DType::BFloat16: return launch_backward<__nv_bfloat16>(dy, x, gamma, dx, partials, a, st);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype,
+                        [&](auto tag) { return launch_backward<decltype(tag)>(dy, x, gamma, dx, partials, a, st); });
 }
 
 }  // namespace harmonizer_fast

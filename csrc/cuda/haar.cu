@@ -13,8 +13,6 @@
 namespace harmonizer_fast {
 namespace {
 
-constexpr int kThreads = 256;
-
 template <typename T>
 __global__ void haar_dwt2d_kernel(const T* __restrict__ x, T* __restrict__ lo, T* __restrict__ hi,
                                   HaarDwtArgs a, int64_t tiles_per_row) {
@@ -62,15 +60,9 @@ __global__ void haar_idwt2d_kernel(const T* __restrict__ lo, const T* __restrict
   }
 }
 
-int threads_for(int64_t width) {
-  int t = 32;
-  while (t < kThreads && t < width) t *= 2;
-  return t;
-}
-
 template <typename T>
 int launch_dwt(const void* x, void* lo, void* hi, const HaarDwtArgs& a, cudaStream_t stream) {
-  const int threads = threads_for(a.wo);
+  const int threads = threads_for_row(a.wo);
   const int64_t tiles = (a.wo + threads - 1) / threads;
   const int64_t blocks = a.n * a.c * a.ho * tiles;
   if (blocks == 0) return cudaSuccess;
@@ -82,7 +74,7 @@ int launch_dwt(const void* x, void* lo, void* hi, const HaarDwtArgs& a, cudaStre
 
 template <typename T>
 int launch_idwt(const void* lo, const void* hi, void* x, const HaarIdwtArgs& a, cudaStream_t stream) {
-  const int threads = threads_for(a.wi);
+  const int threads = threads_for_row(a.wi);
   const int64_t tiles = (a.wi + threads - 1) / threads;
   const int64_t blocks = a.n * a.c * a.hi * tiles;
   if (blocks == 0) return cudaSuccess;
@@ -97,25 +89,13 @@ int launch_idwt(const void* lo, const void* hi, void* x, const HaarIdwtArgs& a, 
 int haar_dwt2d_cuda_launch(const void* x, void* lo, void* hi, DType dtype, const HaarDwtArgs& a,
                            void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: return launch_dwt<float>(x, lo, hi, a, st);
-    case DType::Float64: return launch_dwt<double>(x, lo, hi, a, st);
-    case DType::Float16: return launch_dwt<__half>(x, lo, hi, a, st);
-    case DType::BFloat16: return launch_dwt<__nv_bfloat16>(x, lo, hi, a, st);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) { return launch_dwt<decltype(tag)>(x, lo, hi, a, st); });
 }
 
 int haar_idwt2d_cuda_launch(const void* lo, const void* hi, void* x, DType dtype, const HaarIdwtArgs& a,
                             void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::Float32: return launch_idwt<float>(lo, hi, x, a, st);
-    case DType::Float64: return launch_idwt<double>(lo, hi, x, a, st);
-    case DType::Float16: return launch_idwt<__half>(lo, hi, x, a, st);
-    case DType::BFloat16: return launch_idwt<__nv_bfloat16>(lo, hi, x, a, st);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) { return launch_idwt<decltype(tag)>(lo, hi, x, a, st); });
 }
 
 }  // namespace harmonizer_fast

@@ -4,6 +4,11 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "hf_common.h"
 
 namespace harmonizer_fast {
 
@@ -21,6 +26,26 @@ template <> __device__ __forceinline__ double from_acc<double>(double v) { retur
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// Calls f(T{}) with the storage type T for `dtype` and returns its cudaError_t, so each launcher is
+// written once as a generic lambda.
+template <typename F>
+int dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float64: return f(double{});
+    case DType::Float16: return f(__half{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Threads per block for a row of `width` elements: the next power of two from 32 up to `max_threads`.
+inline int threads_for_row(int64_t width, int max_threads = 256) {
+  int t = 32;
+  while (t < max_threads && t < width) t *= 2;
+  return t;
 }
 
 }  // namespace harmonizer_fast
