@@ -23,10 +23,16 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_main, check_targets, forced_backend, interleaved_medians, make_rows  # noqa: E402
+from common import (  # noqa: E402
+    bench_main,
+    check_targets,
+    forced_backend,
+    interleaved_medians,
+    make_rows,
+    timed_backends,
+)
 
 import harmonizer_fast as hf  # noqa: E402
-from harmonizer_fast import _backend  # noqa: E402
 from harmonizer_fast.ops.attention_pool import IMPLS as POOL_IMPLS  # noqa: E402
 from harmonizer_fast.ops.attention_pool import token_attention_pool_reference  # noqa: E402
 from harmonizer_fast.ops.film import IMPLS as FILM_IMPLS  # noqa: E402
@@ -45,16 +51,9 @@ def eager_film(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torc
 
 def our_variants(op: str, impls: dict, fn: Callable, device: torch.device) -> tuple[str, dict]:
     """(name of our automatic variant, {name: (function, forced backend)}) for each backend that runs here."""
-    probe = torch.zeros(1, 1, 1, 1, device=device)
-    auto = _backend.selected_backend(op, probe, impls, SUPPORT)
+    auto, others = timed_backends(op, impls, SUPPORT, device)
     ours = f"{OURS} (auto: {auto})"
-    out: dict[str, tuple[Callable, Optional[str]]] = {ours: (fn, None)}
-    for backend in ("triton", "cuda", "cpu"):
-        runnable = not _backend._cannot_run(op, backend, probe, SUPPORT)
-        # The Triton interpreter is a correctness tool, not a fast path: never timed on CPU.
-        if backend != auto and runnable and not (backend == "triton" and device.type == "cpu"):
-            out[f"{OURS} [{backend}]"] = (fn, backend)
-    return ours, out
+    return ours, {ours: (fn, None), **{f"{OURS} [{b}]": (fn, b) for b in others}}
 
 
 def film_cases(fn: Callable, backend: Optional[str], x, gamma, beta, dy) -> dict[str, Callable[[], Any]]:

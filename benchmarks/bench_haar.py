@@ -23,10 +23,16 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_main, check_targets, forced_backend, interleaved_medians, make_rows  # noqa: E402
+from common import (  # noqa: E402
+    bench_main,
+    check_targets,
+    forced_backend,
+    interleaved_medians,
+    make_rows,
+    timed_backends,
+)
 
 import harmonizer_fast as hf  # noqa: E402
-from harmonizer_fast import _backend  # noqa: E402
 from harmonizer_fast.ops.haar import IMPLS, SUPPORT, haar_dwt2d_reference, haar_idwt2d_reference  # noqa: E402
 
 SHAPES = [(16, 64, 128, 128), (1, 16, 128, 128)]
@@ -46,15 +52,9 @@ class Variant:
 
 
 def variants(device: torch.device) -> list[Variant]:
-    out = []
-    probe = torch.zeros(1, 1, 2, 2, device=device)
-    auto = _backend.selected_backend("haar_dwt2d", probe, IMPLS["haar_dwt2d"], SUPPORT)
-    out.append(Variant(f"{OURS} (auto: {auto})", hf.haar_dwt2d, hf.haar_idwt2d))
-    for backend in ("triton", "cuda", "cpu"):
-        # The Triton interpreter is a correctness tool, not a fast path: never timed on CPU.
-        if backend != auto and not _backend._cannot_run("haar_dwt2d", backend, probe, SUPPORT):
-            if not (backend == "triton" and device.type == "cpu"):
-                out.append(Variant(f"{OURS} [{backend}]", hf.haar_dwt2d, hf.haar_idwt2d, backend=backend))
+    auto, others = timed_backends("haar_dwt2d", IMPLS["haar_dwt2d"], SUPPORT, device)
+    out = [Variant(f"{OURS} (auto: {auto})", hf.haar_dwt2d, hf.haar_idwt2d)]
+    out += [Variant(f"{OURS} [{b}]", hf.haar_dwt2d, hf.haar_idwt2d, backend=b) for b in others]
     out.append(Variant(f"{OURS} DWTForward/DWTInverse", hf.DWTForward().to(device), hf.DWTInverse().to(device)))
     try:
         with warnings.catch_warnings():

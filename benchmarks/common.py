@@ -161,6 +161,25 @@ def forced_backend(name: Optional[str]) -> Iterator[None]:
             os.environ["HARMONIZER_FAST_BACKEND"] = old
 
 
+def timed_backends(op: str, impls: Mapping[str, Any], support: Any, device: torch.device) -> tuple[str, list[str]]:
+    """(the backend the automatic choice uses for ``op`` on ``device``, the other backends worth timing).
+
+    The Triton interpreter is a correctness tool, not a fast path: it is never timed on CPU.
+    """
+    from harmonizer_fast import _backend
+
+    probe = torch.zeros(1, 1, 2, 2, device=device)
+    auto = _backend.selected_backend(op, probe, impls, support)
+    others = [
+        b
+        for b in ("triton", "cuda", "cpu")
+        if b != auto
+        and not _backend._cannot_run(op, b, probe, support)
+        and not (b == "triton" and device.type == "cpu")
+    ]
+    return auto, others
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)

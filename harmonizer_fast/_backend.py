@@ -49,6 +49,11 @@ DEFAULT_SUPPORT: Support = {
 }
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every implementation computes in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend forced through ``HARMONIZER_FAST_BACKEND`` cannot run the requested call."""
 

@@ -30,6 +30,12 @@ CPU_CASES = [c for c in BACKEND_CASES if c[1] == "cpu"]
 GPU_CASES = [c for c in BACKEND_CASES if c[1] == "cuda"]
 
 
+def rand(shape, device="cpu", dtype=torch.float64, seed=0, scale=1.0):
+    """Seeded normal values drawn in float64 on the CPU, then cast: the same numbers on every backend."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
 def case_id(case):
     return f"{case[0]}-{case[1]}"
 

@@ -5,14 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_CASES, GPU_CASES, case_id
+from conftest import CPU_CASES, GPU_CASES, case_id, rand
 
 import harmonizer_fast as hf
-
-
-def rand(shape, device="cpu", dtype=torch.float64, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
 def expected(x, queries, w_k, w_v, scale=None):

@@ -3,14 +3,9 @@ determinism of the fused backward, broadcasting forms, torch.library contracts a
 
 import pytest
 import torch
-from conftest import CPU_CASES, GPU_CASES, case_id
+from conftest import CPU_CASES, GPU_CASES, case_id, rand
 
 import harmonizer_fast as hf
-
-
-def rand(shape, device="cpu", dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def expected(x, gamma, beta, dy):

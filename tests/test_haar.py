@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import pywt
 import torch
-from conftest import CPU_CASES, GPU_CASES, case_id
+from conftest import CPU_CASES, GPU_CASES, case_id, rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,11 +32,6 @@ def pywt_dwt(x: torch.Tensor) -> np.ndarray:
 def pywt_idwt(y: torch.Tensor) -> np.ndarray:
     y64 = y.detach().cpu().double().numpy()
     return pywt.idwt2((y64[:, :, 0], (y64[:, :, 1], y64[:, :, 2], y64[:, :, 3])), "haar", mode="zero")
-
-
-def rand(shape, device="cpu", dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def views(x: torch.Tensor):

@@ -33,10 +33,6 @@ from .. import _backend
 from ._checks import check_float_tensor, check_same_device_dtype
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def token_attention_pool_reference(
     x: Tensor, queries: Tensor, w_k: Tensor, w_v: Tensor, *, scale: Optional[float] = None
 ) -> Tensor:
@@ -52,7 +48,7 @@ def token_attention_pool_reference(
 
 
 def _core_reference(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    acc = _compute_dtype(x.dtype)
+    acc = _backend.compute_dtype(x.dtype)
     xf = x.flatten(2).to(acc)  # (B, C, N)
     scores = torch.matmul(a.to(acc), xf)  # (B, M, N)
     lse = torch.logsumexp(scores, dim=-1)
@@ -61,7 +57,7 @@ def _core_reference(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _core_backward_reference(dz: Tensor, x: Tensor, a: Tensor, z: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    acc = _compute_dtype(x.dtype)
+    acc = _backend.compute_dtype(x.dtype)
     xf, a_, dz_ = x.flatten(2).to(acc), a.to(acc), dz.to(acc)
     p = torch.exp(torch.matmul(a_, xf) - lse[..., None])  # (B, M, N)
     d = (dz_ * z.to(acc)).sum(-1, keepdim=True)  # (B, M, 1)
@@ -126,7 +122,7 @@ def _core_backward_op(dz: Tensor, x: Tensor, a: Tensor, z: Tensor, lse: Tensor) 
 @_core_op.register_fake
 def _(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     b, m, c = a.shape
-    return x.new_empty((b, m, c)), x.new_empty((b, m), dtype=_compute_dtype(x.dtype))
+    return x.new_empty((b, m, c)), x.new_empty((b, m), dtype=_backend.compute_dtype(x.dtype))
 
 
 @_core_backward_op.register_fake

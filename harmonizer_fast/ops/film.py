@@ -18,19 +18,15 @@ from .. import _backend
 from ._checks import check_float_tensor, check_same_device_dtype
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def film_reference(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """Eager formulation of :func:`film` (gamma, beta broadcastable to (B, C)); computes in float32/float64."""
-    acc = _compute_dtype(x.dtype)
+    acc = _backend.compute_dtype(x.dtype)
     y = gamma.to(acc)[..., None, None] * x.to(acc) + beta.to(acc)[..., None, None]
     return y.to(x.dtype)
 
 
 def _film_backward_reference(dy: Tensor, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _compute_dtype(x.dtype)
+    acc = _backend.compute_dtype(x.dtype)
     dy_acc = dy.to(acc)
     dx = (gamma.to(acc)[..., None, None] * dy_acc).to(x.dtype)
     dgamma = (dy_acc * x.to(acc)).sum(dim=(2, 3)).to(x.dtype)

@@ -34,14 +34,10 @@ from ._checks import check_float_tensor, check_same_device_dtype, check_shape
 # ---------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def haar_dwt2d_reference(x: Tensor) -> Tensor:
     """Eager slicing formulation of :func:`haar_dwt2d`; computes in float32 (float64 for float64)."""
     h, w = x.shape[-2:]
-    xf = F.pad(x.to(_compute_dtype(x.dtype)), (0, w % 2, 0, h % 2))  # zero padding at the end
+    xf = F.pad(x.to(_backend.compute_dtype(x.dtype)), (0, w % 2, 0, h % 2))  # zero padding at the end
     a, b = xf[..., 0::2, 0::2], xf[..., 0::2, 1::2]
     c, d = xf[..., 1::2, 0::2], xf[..., 1::2, 1::2]
     s0, d0, s1, d1 = a + b, a - b, c + d, c - d
@@ -50,7 +46,7 @@ def haar_dwt2d_reference(x: Tensor) -> Tensor:
 
 
 def _haar_idwt2d_reference_split(lo: Tensor, hi: Tensor, height: int, width: int) -> Tensor:
-    acc = _compute_dtype(lo.dtype)
+    acc = _backend.compute_dtype(lo.dtype)
     ca, (ch, cv, cd) = lo.to(acc), hi.to(acc).unbind(-3)
     s0, s1, d0, d1 = ca + ch, ca - ch, cv + cd, cv - cd
     top = torch.stack(((s0 + d0) * 0.5, (s0 - d0) * 0.5), dim=-1).flatten(-2)  # rows 2i: a, b interleaved
