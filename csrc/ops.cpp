@@ -30,6 +30,12 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dz,
                                                            const at::Tensor& a, const at::Tensor& z,
                                                            const at::Tensor& lse);
 
+// csrc/ged_op.cpp
+at::Tensor pairwise_overlap(const at::Tensor& a, const at::Tensor& b, double threshold, bool soft, double eps,
+                            double empty_iou, int64_t mode);
+at::Tensor ged_sums(const at::Tensor& samples, const at::Tensor& raters, double threshold, double eps,
+                    double empty_iou, bool offdiag);
+
 }  // namespace harmonizer_fast
 
 TORCH_LIBRARY(harmonizer_fast_C, m) {
@@ -39,6 +45,8 @@ TORCH_LIBRARY(harmonizer_fast_C, m) {
   m.def("film_backward(Tensor dy, Tensor x, Tensor gamma) -> (Tensor, Tensor, Tensor)");
   m.def("attention_pool(Tensor x, Tensor a) -> (Tensor, Tensor)");
   m.def("attention_pool_backward(Tensor dz, Tensor x, Tensor a, Tensor z, Tensor lse) -> (Tensor, Tensor)");
+  m.def("pairwise_overlap(Tensor a, Tensor b, float threshold, bool soft, float eps, float empty_iou, int mode) -> Tensor");
+  m.def("ged_sums(Tensor samples, Tensor raters, float threshold, float eps, float empty_iou, bool offdiag) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
@@ -48,6 +56,8 @@ TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
   m.impl("film_backward", &harmonizer_fast::film_backward);
   m.impl("attention_pool", &harmonizer_fast::attention_pool_forward);
   m.impl("attention_pool_backward", &harmonizer_fast::attention_pool_backward);
+  m.impl("pairwise_overlap", &harmonizer_fast::pairwise_overlap);
+  m.impl("ged_sums", &harmonizer_fast::ged_sums);
 }
 
 #ifdef WITH_CUDA
@@ -58,6 +68,8 @@ TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
   m.impl("film_backward", &harmonizer_fast::film_backward);
   m.impl("attention_pool", &harmonizer_fast::attention_pool_forward);
   m.impl("attention_pool_backward", &harmonizer_fast::attention_pool_backward);
+  m.impl("pairwise_overlap", &harmonizer_fast::pairwise_overlap);
+  m.impl("ged_sums", &harmonizer_fast::ged_sums);
 }
 #endif
 

@@ -9,11 +9,25 @@ Ops (layer 1), each with a pure-PyTorch reference and faster backends picked per
   and PyWavelets (Haar, zero mode);
 - :func:`film`: the Noise Harmonizer's FiLM modulation (paper Eq. 3) with a fused deterministic backward;
 - :func:`token_attention_pool`: the Noise Harmonizer's token attention over positions (paper Eq. 2), one
-  pass over the feature map with an online softmax.
+  pass over the feature map with an online softmax;
+- :func:`pairwise_iou`, :func:`ged` / :func:`ged_terms` (generalized energy distance, three published
+  conventions) and :func:`ged_loss` (paper Eq. 7): K x K mask comparisons as fused Gram products.
+
+Evaluation metrics of the field (Dice variants, calibration, uncertainty analyses): :mod:`harmonizer_fast.metrics`.
 """
 
 from ._backend import BackendStatus, BackendUnavailableError, backend_info, format_backend_info
-from .ops import film, haar_dwt2d, haar_idwt2d, token_attention_pool
+from .ops import (
+    GEDTerms,
+    film,
+    ged,
+    ged_loss,
+    ged_terms,
+    haar_dwt2d,
+    haar_idwt2d,
+    pairwise_iou,
+    token_attention_pool,
+)
 from .wavelets import DWTForward, DWTInverse, dwt2, idwt2
 
 __version__ = "0.1.0"
@@ -23,13 +37,18 @@ __all__ = [
     "BackendUnavailableError",
     "DWTForward",
     "DWTInverse",
+    "GEDTerms",
     "__version__",
     "backend_info",
     "dwt2",
     "film",
     "format_backend_info",
+    "ged",
+    "ged_loss",
+    "ged_terms",
     "haar_dwt2d",
     "haar_idwt2d",
     "idwt2",
+    "pairwise_iou",
     "token_attention_pool",
 ]

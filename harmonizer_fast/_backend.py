@@ -38,8 +38,8 @@ Support = Mapping[str, Mapping[str, frozenset]]
 
 FLOATS_CPU = frozenset({torch.float32, torch.float64})
 FLOATS_CUDA = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
-# The Triton interpreter computes with numpy, which has no bfloat16.
-FLOATS_INTERPRETER = FLOATS_CPU
+# The Triton interpreter computes with numpy, which has no bfloat16; kernels take no half inputs there.
+INTERPRETER_EXCLUDED = frozenset({torch.float16, torch.bfloat16})
 # What every op's kernels take unless the op says otherwise: float32/float64 on CPU (C++ kernels and the
 # Triton interpreter), plus float16/bfloat16 (computed in float32) on CUDA.
 DEFAULT_SUPPORT: Support = {
@@ -189,7 +189,7 @@ def _cannot_run(op: str, backend: str, t: torch.Tensor, support: Support) -> str
         return ""
     dtypes = support.get(backend, {}).get(device, frozenset())
     if backend == "triton" and device == "cpu":
-        dtypes = dtypes & FLOATS_INTERPRETER
+        dtypes = dtypes - INTERPRETER_EXCLUDED
     if t.dtype not in dtypes:
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "nothing"
         return f"{op} on the {backend} backend supports {names} on {device}, got {str(t.dtype).replace('torch.', '')}"

@@ -37,6 +37,7 @@ int dispatch_dtype(DType dtype, F&& f) {
     case DType::Float64: return f(double{});
     case DType::Float16: return f(__half{});
     case DType::BFloat16: return f(__nv_bfloat16{});
+    case DType::UInt8: break;  // masks only: the GED launchers dispatch those themselves
   }
   return cudaErrorInvalidValue;
 }

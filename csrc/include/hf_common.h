@@ -14,6 +14,7 @@ namespace harmonizer_fast {
 
 // Element types understood by the raw-pointer CUDA launchers. The torch-side wrapper in ops.cpp maps
 // at::ScalarType onto this so the .cu files never see torch.
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+// UInt8 carries binary masks (bool tensors are passed as their uint8 view).
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, UInt8 = 4 };
 
 }  // namespace harmonizer_fast

@@ -36,7 +36,9 @@ inline DType to_dtype(at::ScalarType t) {
     case at::kDouble: return DType::Float64;
     case at::kHalf: return DType::Float16;
     case at::kBFloat16: return DType::BFloat16;
-    default: return DType::Float32;  // check_dtype() admitted only these four
+    case at::kByte: return DType::UInt8;
+    case at::kBool: return DType::UInt8;
+    default: return DType::Float32;  // callers admitted only the types above
   }
 }
 

@@ -1,0 +1,78 @@
+// Pairwise overlaps of mask sets and the generalized energy distance (GED), DESIGN.md section 4.
+// Element math and argument structs shared by csrc/cpu/ged.cpp and csrc/cuda/ged.cu.
+//
+// Every quantity comes from three numbers per pair (i, j): the intersection I = sum_p a_i(p) b_j(p) (a
+// Gram matrix over pixels) and the areas S_a = sum_p a_i(p), S_b = sum_p b_j(p). Binary masks are
+// packed into 64-bit words (bit k of word w is pixel 64 w + k, set when the value is > threshold), so I
+// is a popcount of a bitwise AND and is exact; soft masks use their values directly.
+#pragma once
+
+#include <cstdint>
+
+#include "hf_common.h"
+
+namespace harmonizer_fast {
+
+// What an overlap launch produces.
+enum class OverlapMode : int {
+  Gram = 0,  // out[b, i, j] = I                                          (B, Ka, Kb)
+  Iou = 1,   // out[b, i, j] = IoU                                        (B, Ka, Kb)
+};
+
+// IoU of one pair from its intersection and areas: I / (U + eps) with U = S_a + S_b - I, and `empty_iou`
+// when the union is empty. eps = 1e-8, empty_iou = 0 is D-Persona's |A and B| / (|A or B| + 1e-8);
+// eps = 0, empty_iou = 1 is PHiSeg's (0 / 0 read as a perfect match).
+template <typename T>
+HF_HOST_DEVICE T pair_iou(T inter, T area_a, T area_b, T eps, T empty_iou) {
+  const T uni = area_a + area_b - inter;
+  return uni > T(0) ? inter / (uni + eps) : empty_iou;
+}
+
+// The mask rule shared by the packers and the Python/Triton paths: a pixel is foreground when > threshold.
+template <typename T>
+HF_HOST_DEVICE bool mask_bit(T v, float threshold) {
+  return static_cast<float>(v) > threshold;
+}
+
+HF_HOST_DEVICE int64_t packed_words(int64_t pixels) { return (pixels + 63) / 64; }
+
+struct OverlapArgs {
+  int64_t batch, ka, kb, pixels;  // a is (batch, ka, pixels), b is (batch, kb, pixels), both contiguous
+  float threshold;                // binary masks: the packing threshold
+  double eps, empty_iou;
+};
+
+// GED distance sums per image, written to sums[b * 3 + t] (double): t = 0 the cross term
+// sum_{k,n} d(S_k, Y_n), t = 1 the within-sample term sum_{k,k'} d(S_k, S_k'), t = 2 the within-rater term;
+// with `offdiag` the within terms skip k == k' (the unbiased estimator). d = 1 - pair_iou.
+struct GedArgs {
+  int64_t batch, k, n, pixels;
+  float threshold;
+  double eps, empty_iou;
+  bool offdiag;
+};
+
+// CUDA: pairs per block side. Workspace for `rows` packed masks (words, then one 64-bit area per row), and
+// for the GED sums (both packed sets, then one double partial per tile of each of the three terms).
+constexpr int kGedTile = 16;
+inline int64_t ged_workspace_bytes(int64_t rows, int64_t pixels) {
+  return rows * packed_words(pixels) * 8 + rows * 8;
+}
+inline int64_t ged_sums_workspace_bytes(int64_t batch, int64_t k, int64_t n, int64_t pixels) {
+  const int64_t tk = (k + kGedTile - 1) / kGedTile, tn = (n + kGedTile - 1) / kGedTile;
+  return ged_workspace_bytes(batch * k, pixels) + ged_workspace_bytes(batch * n, pixels) +
+         batch * (tk * tn + tk * tk + tn * tn) * 8;
+}
+
+// Raw-pointer CUDA launchers (csrc/cuda/ged.cu); `stream` is a cudaStream_t, the result a cudaError_t.
+// Binary overlaps take a workspace of ged_workspace_bytes(batch * ka) + ged_workspace_bytes(batch * kb);
+// soft overlaps write the areas (accumulation type, batch * (ka + kb)) to `areas`.
+int overlap_binary_cuda_launch(const void* a, DType a_dtype, const void* b, DType b_dtype, float* out,
+                               OverlapMode mode, const OverlapArgs& args, void* workspace, void* stream);
+int overlap_soft_cuda_launch(const void* a, const void* b, DType dtype, void* out, void* areas, OverlapMode mode,
+                             const OverlapArgs& args, void* stream);
+// GED sums take a workspace of ged_sums_workspace_bytes and write sums[b * 3 + term] (double).
+int ged_sums_cuda_launch(const void* samples, DType s_dtype, const void* raters, DType r_dtype, double* sums,
+                         const GedArgs& args, void* workspace, void* stream);
+
+}  // namespace harmonizer_fast

@@ -1,0 +1,380 @@
+"""Pairwise IoU of mask sets, the generalized energy distance (GED) and the GED loss of paper Eq. 7.
+
+API, validation, references, autograd and dispatch (DESIGN.md section 4). Everything comes from three
+numbers per pair of masks: the intersection ``I = sum_p a(p) b(p)`` (a Gram matrix over pixels: a matrix
+product) and the two areas. IoU ``= I / (U + eps)`` with ``U = S_a + S_b - I``, or ``empty_iou`` when U = 0.
+
+GED conventions (``convention=``), all on masks thresholded at ``threshold`` (strict ``>``):
+
+``dpersona`` (default; the family of code behind the paper's tables)
+    IoU = |A and B| / (|A or B| + 1e-8), so two empty masks have IoU 0 and distance 1;
+    GED = 2 mean d(S, Y) - mean d(S, S') - mean d(Y, Y'), every mean over the full matrix, diagonal included.
+``phiseg``
+    as dpersona, but IoU = |A and B| / |A or B| and two empty masks have IoU 1 (distance 0).
+``unbiased``
+    distance 0 for two empty masks, and the within-set means skip the diagonal, 1/(K(K-1)) sum_{k != k'}.
+    A set of one mask has no pairs; its within-set term is then 0.
+
+Implementations: the ``*_reference`` functions here (torch), ``harmonizer_fast.kernels.ged`` (Triton),
+``csrc/cuda/ged.cu`` (CUDA) and ``csrc/cpu/ged.cpp`` (CPU: bit-packed masks and popcounts; ATen's BLAS for
+soft Gram matrices).
+"""
+
+# No `from __future__ import annotations` here: torch.library.custom_op reads the annotations at runtime.
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+CONVENTIONS: dict[str, tuple[float, float, bool]] = {
+    # name: (eps, empty_iou, skip the diagonal of the within-set terms)
+    "dpersona": (1e-8, 0.0, False),
+    "phiseg": (0.0, 1.0, False),
+    "unbiased": (0.0, 1.0, True),
+}
+DEFAULT_CONVENTION = "dpersona"
+LOSS_EPS = 1e-8  # soft IoU of two all-zero maps is 0 (distance 1) instead of 0/0, as in dpersona
+
+_MASK_DTYPES_CPU = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool})
+_MASK_DTYPES_CUDA = _MASK_DTYPES_CPU
+# Binary masks: every backend thresholds the input itself. Soft masks: floating types (float64 is left to
+# the C++ and reference paths on GPU; the Triton kernel accumulates in float32).
+BINARY_SUPPORT: _backend.Support = {
+    "triton": {"cuda": _MASK_DTYPES_CUDA, "cpu": _MASK_DTYPES_CPU},
+    "cuda": {"cuda": _MASK_DTYPES_CUDA},
+    "cpu": {"cpu": _MASK_DTYPES_CPU},
+}
+SOFT_SUPPORT: _backend.Support = {
+    "triton": {"cuda": _backend.FLOATS_CUDA - {torch.float64}, "cpu": frozenset({torch.float32})},
+    "cuda": {"cuda": _backend.FLOATS_CUDA},
+    "cpu": {"cpu": _backend.FLOATS_CPU},
+}
+
+
+def _soft_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# References: the definition of correct, and the "torch" backend.
+
+
+def _masks_reference(x: Tensor, threshold: float, soft: bool) -> Tensor:
+    if soft:
+        return x.to(_soft_dtype(x.dtype))
+    return (x > threshold).to(torch.float32)  # counts below 2^24 are exact in float32
+
+
+def _iou_reference(af: Tensor, bf: Tensor, eps: float, empty_iou: float) -> Tensor:
+    """IoU of every pair of rows of (B, Ka, P) and (B, Kb, P) masks, in float64."""
+    inter = torch.bmm(af, bf.transpose(1, 2)).double()
+    uni = af.sum(-1).double()[:, :, None] + bf.sum(-1).double()[:, None, :] - inter
+    return torch.where(uni > 0, inter / (uni + eps), torch.full_like(inter, empty_iou))
+
+
+def pairwise_overlap_reference(
+    a: Tensor, b: Tensor, threshold: float, soft: bool, eps: float, empty_iou: float, mode: int
+) -> Tensor:
+    """Intersections (mode 0) or IoU (mode 1) of a ``(B, Ka, P)`` and b ``(B, Kb, P)`` by ``torch.bmm``."""
+    af, bf = _masks_reference(a, threshold, soft), _masks_reference(b, threshold, soft)
+    if mode == 0:
+        return torch.bmm(af, bf.transpose(1, 2))
+    return _iou_reference(af, bf, eps, empty_iou).to(af.dtype)
+
+
+def _distance_sum(d: Tensor, offdiag: bool) -> Tensor:
+    if offdiag:
+        d = d - torch.diag_embed(torch.diagonal(d, dim1=1, dim2=2))
+    return d.sum((1, 2))
+
+
+def ged_sums_reference(
+    samples: Tensor, raters: Tensor, threshold: float, eps: float, empty_iou: float, offdiag: bool
+) -> Tensor:
+    """``(B, 3)`` float64 sums of distances: cross (all K x N pairs), within samples, within raters."""
+    s = _masks_reference(samples, threshold, False)
+    y = _masks_reference(raters, 0.5, False)  # raters are binary; 0.5 separates 0 from 1 in every dtype
+    cross = (1.0 - _iou_reference(s, y, eps, empty_iou)).sum((1, 2))
+    within_s = _distance_sum(1.0 - _iou_reference(s, s, eps, empty_iou), offdiag)
+    within_r = _distance_sum(1.0 - _iou_reference(y, y, eps, empty_iou), offdiag)
+    return torch.stack([cross, within_s, within_r], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends. Value checks (NaN, non-binary raters) cost a pass over the data, so the C++ CPU kernels make
+# them while packing the masks; every other path makes them here first.
+
+
+def _check_no_nan(x: Tensor, op: str, name: str) -> None:
+    if x.is_floating_point() and bool(torch.isnan(x).any()):
+        raise ValueError(f"{op}: {name} contains NaN")
+
+
+def _check_binary(x: Tensor, op: str, name: str) -> None:
+    if x.dtype != torch.bool and not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(f"{op}: {name} must be binary masks (values 0 and 1 only)")
+
+
+def _checked(fn, kind: str):
+    """Wrap a backend so it validates values first: ``kind`` "overlap" (a, b: no NaN) or "ged"."""
+
+    def run(a: Tensor, b: Tensor, *args):
+        if kind == "ged":
+            _check_no_nan(a, "ged", "samples")
+            _check_binary(b, "ged", "raters")
+        else:
+            _check_no_nan(a, "pairwise_iou", "a")
+            _check_no_nan(b, "pairwise_iou", "b")
+        return fn(a, b, *args)
+
+    return run
+
+
+def _triton_overlap(a: Tensor, b: Tensor, *args) -> Tensor:
+    from ..kernels.ged import pairwise_overlap
+
+    soft = args[1]
+    out = pairwise_overlap(a, b, *args)
+    return out.to(_soft_dtype(a.dtype)) if soft else out
+
+
+def _triton_ged_sums(*args) -> Tensor:
+    from ..kernels.ged import ged_sums
+
+    return ged_sums(*args)
+
+
+def _ext_overlap(*args) -> Tensor:
+    return torch.ops.harmonizer_fast_C.pairwise_overlap(*args)
+
+
+def _ext_ged_sums(*args) -> Tensor:
+    return torch.ops.harmonizer_fast_C.ged_sums(*args)
+
+
+_OVERLAP = {
+    "torch": _checked(pairwise_overlap_reference, "overlap"),
+    "triton": _checked(_triton_overlap, "overlap"),
+    "cuda": _checked(_ext_overlap, "overlap"),
+    "cpu": _ext_overlap,
+}
+_GED_SUMS = {
+    "torch": _checked(ged_sums_reference, "ged"),
+    "triton": _checked(_triton_ged_sums, "ged"),
+    "cuda": _checked(_ext_ged_sums, "ged"),
+    "cpu": _ext_ged_sums,
+}
+IMPLS = {"pairwise_overlap": _OVERLAP, "ged_sums": _GED_SUMS}  # for reports and benchmarks
+SUPPORT = BINARY_SUPPORT
+
+
+def _as_kernel_masks(x: Tensor) -> Tensor:
+    return x.view(torch.uint8) if x.dtype == torch.bool else x
+
+
+@torch.library.custom_op("harmonizer_fast::pairwise_overlap", mutates_args=())
+def _overlap_op(a: Tensor, b: Tensor, threshold: float, soft: bool, eps: float, empty_iou: float, mode: int) -> Tensor:
+    support = SOFT_SUPPORT if soft else BINARY_SUPPORT
+    a, b = _as_kernel_masks(a), _as_kernel_masks(b)
+    return _backend.dispatch("pairwise_overlap", a, _OVERLAP, support, a, b, threshold, soft, eps, empty_iou, mode)
+
+
+@_overlap_op.register_fake
+def _(a: Tensor, b: Tensor, threshold: float, soft: bool, eps: float, empty_iou: float, mode: int) -> Tensor:
+    dtype = _soft_dtype(a.dtype) if soft else torch.float32
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=dtype)
+
+
+def _overlap_setup_context(ctx, inputs, output) -> None:
+    a, b, _, soft, _, _, mode = inputs
+    if not soft or mode != 0:
+        ctx.differentiable = False
+        return
+    ctx.differentiable = True
+    ctx.save_for_backward(a, b)
+
+
+def _overlap_backward(ctx, grad: Tensor):
+    # Only the soft Gram matrix is differentiable: d(a b^T) = g b, g^T a. Thresholded masks have no gradient.
+    if not ctx.differentiable:
+        return None, None, None, None, None, None, None
+    a, b = ctx.saved_tensors
+    g = grad.to(_soft_dtype(a.dtype))
+    grad_a = torch.bmm(g, b.to(g.dtype)).to(a.dtype) if ctx.needs_input_grad[0] else None
+    grad_b = torch.bmm(g.transpose(1, 2), a.to(g.dtype)).to(b.dtype) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None, None, None, None, None
+
+
+_overlap_op.register_autograd(_overlap_backward, setup_context=_overlap_setup_context)
+
+
+@torch.library.custom_op("harmonizer_fast::ged_sums", mutates_args=())
+def _ged_sums_op(
+    samples: Tensor, raters: Tensor, threshold: float, eps: float, empty_iou: float, offdiag: bool
+) -> Tensor:
+    s, r = _as_kernel_masks(samples), _as_kernel_masks(raters)
+    return _backend.dispatch("ged_sums", s, _GED_SUMS, BINARY_SUPPORT, s, r, threshold, eps, empty_iou, offdiag)
+
+
+@_ged_sums_op.register_fake
+def _(samples: Tensor, raters: Tensor, threshold: float, eps: float, empty_iou: float, offdiag: bool) -> Tensor:
+    return samples.new_empty((samples.shape[0], 3), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation and the public API.
+
+
+def _check_masks(x: object, op: str, name: str, *, floating: bool = False) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor (B, K, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: {name} must be a 4-D tensor (B, K, H, W), got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor of probabilities, got {x.dtype}")
+    if not (x.is_floating_point() or x.dtype in (torch.bool, torch.uint8)):
+        raise TypeError(f"{op}: {name} must be bool, uint8 or floating point, got {x.dtype}")
+    b, k, h, w = x.shape
+    if b == 0:
+        raise ValueError(f"{op}: {name} has an empty batch (B = 0)")
+    if k == 0:
+        raise ValueError(f"{op}: {name} has no masks (K = 0 along dim 1); at least one is needed")
+    if h == 0 or w == 0:
+        raise ValueError(f"{op}: {name} has an empty image size {h} x {w}")
+    return x
+
+
+def _check_pair(a: Tensor, b: Tensor, op: str, a_name: str, b_name: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: {a_name} and {b_name} must be on one device, got {a.device} and {b.device}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{op}: {a_name} and {b_name} must have the same batch size B, got {a.shape[0]} and {b.shape[0]}"
+        )
+    if a.shape[2:] != b.shape[2:]:
+        raise ValueError(
+            f"{op}: {a_name} and {b_name} must have the same H x W, got {tuple(a.shape[2:])} and {tuple(b.shape[2:])}"
+        )
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1).contiguous()
+
+
+def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float = 0.0, threshold: float = 0.5) -> Tensor:
+    """IoU of every pair of masks: a ``(B, Ka, H, W)``, b ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)`` float32.
+
+    Binary (default): both sides are thresholded with ``> threshold`` (bool, uint8 and float inputs alike),
+    IoU = |A and B| / |A or B|, and two empty masks get ``empty_iou``; not differentiable (thresholding has
+    no gradient). ``soft=True`` uses the values as they are: sum(p q) / (sum p + sum q - sum(p q)), with
+    ``empty_iou`` when the denominator is 0; float64 for float64 inputs, and differentiable.
+    """
+    op = "pairwise_iou"
+    _check_masks(a, op, "a", floating=soft)
+    _check_masks(b, op, "b", floating=soft)
+    _check_pair(a, b, op, "a", "b")
+    if soft and a.dtype != b.dtype:
+        raise TypeError(f"pairwise_iou: soft masks must share one dtype, got {a.dtype} and {b.dtype}")
+    if soft and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        # The differentiable route: the Gram op (with its backward) and the IoU in torch on (B, Ka, Kb).
+        inter = soft_gram(a, b)
+        uni = a.sum((2, 3))[:, :, None] + b.sum((2, 3))[:, None, :] - inter
+        return torch.where(uni > 0, inter / torch.where(uni > 0, uni, 1.0), empty_iou)
+    return _overlap_op(_flat(a), _flat(b), float(threshold), bool(soft), 0.0, float(empty_iou), 1)
+
+
+def _convention(convention: str) -> tuple[float, float, bool]:
+    try:
+        return CONVENTIONS[convention]
+    except KeyError:
+        raise ValueError(f"ged: convention must be one of {sorted(CONVENTIONS)}, got {convention!r}") from None
+
+
+class GEDTerms(NamedTuple):
+    """GED and its three terms per image, each ``(B,)``: ``ged = 2 cross - within_samples - within_raters``."""
+
+    ged: Tensor
+    cross: Tensor
+    within_samples: Tensor
+    within_raters: Tensor
+
+
+def ged_terms(
+    samples: Tensor, raters: Tensor, *, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION
+) -> GEDTerms:
+    """GED with its terms: mean d(S, Y), mean d(S, S'), mean d(Y, Y') per image (float32, shape (B,)).
+
+    samples: probabilities ``(B, K, H, W)`` (thresholded with ``> threshold``) or binary masks; raters:
+    binary masks ``(B, N, H, W)`` (bool, uint8 or float in {0, 1}). See the module docstring for the
+    conventions. The K x K matrix is never stored (K up to thousands runs in bounded memory).
+    """
+    op = "ged"
+    eps, empty_iou, offdiag = _convention(convention)
+    _check_masks(samples, op, "samples")
+    _check_masks(raters, op, "raters")
+    _check_pair(samples, raters, op, "samples", "raters")
+    k, n = samples.shape[1], raters.shape[1]
+    sums = _ged_sums_op(_flat(samples), _flat(raters), float(threshold), eps, empty_iou, offdiag)
+
+    def pairs(m: int) -> float:
+        return float(m * (m - 1)) if offdiag else float(m * m)
+
+    cross = sums[:, 0] / (k * n)
+    ws = sums[:, 1] / pairs(k) if pairs(k) > 0 else torch.zeros_like(sums[:, 1])
+    wr = sums[:, 2] / pairs(n) if pairs(n) > 0 else torch.zeros_like(sums[:, 2])
+    ged_value = 2.0 * cross - ws - wr
+    return GEDTerms(*(t.to(torch.float32) for t in (ged_value, cross, ws, wr)))
+
+
+def ged(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION) -> Tensor:
+    """Generalized energy distance per image, ``(B,)`` float32, with d = 1 - IoU (see :func:`ged_terms`)."""
+    return ged_terms(samples, raters, threshold=threshold, convention=convention).ged
+
+
+def soft_gram(a: Tensor, b: Tensor) -> Tensor:
+    """Differentiable ``sum_p a(p) b(p)`` for every pair: ``(B, Ka, H, W)`` x ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)``."""
+    _check_pair(a, b, "soft_gram", "a", "b")
+    return _overlap_op(_flat(a), _flat(b), 0.0, True, 0.0, 0.0, 0)
+
+
+def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor) -> Tensor:
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter + LOSS_EPS)
+
+
+def ged_loss_per_image(probs: Tensor, raters: Tensor) -> Tensor:
+    """The GED loss of paper Eq. 7 per image, ``(B,)``: see :func:`ged_loss`."""
+    op = "ged_loss"
+    _check_masks(probs, op, "probs", floating=True)
+    _check_masks(raters, op, "raters")
+    _check_pair(probs, raters, op, "probs", "raters")
+    k = probs.shape[1]
+    r = raters.to(probs.dtype)
+    area_p, area_r = probs.sum((2, 3)), r.sum((2, 3))
+    # A NaN or Inf anywhere shows in the areas: a check of B x (K + N) numbers instead of every pixel.
+    # (Skipped while torch.compile traces: a data-dependent branch would break the graph.)
+    if not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(area_p).all()):
+            raise ValueError("ged_loss: probs contains NaN or Inf")
+        if not bool(torch.isfinite(area_r).all()):
+            raise ValueError("ged_loss: raters contains NaN or Inf")
+    cross = 1.0 - _soft_iou_from_gram(soft_gram(probs, r), area_p, area_r)
+    loss = 2.0 * cross.mean((1, 2))
+    if k > 1:
+        within = 1.0 - _soft_iou_from_gram(soft_gram(probs, probs), area_p, area_p)
+        off = within.sum((1, 2)) - torch.diagonal(within, dim1=1, dim2=2).sum(-1)
+        loss = loss - off / (k * (k - 1))
+    return loss
+
+
+def ged_loss(probs: Tensor, raters: Tensor) -> Tensor:
+    """The differentiable GED loss of paper Eq. 7, averaged over the batch (a scalar).
+
+    ``2/(KN) sum_{k,i} d(P_k, A_i) - 2/(K(K-1)) sum_{k<k'} d(P_k, P_k')`` with the soft IoU distance
+    d = 1 - sum(p q) / (sum p + sum q - sum(p q) + 1e-8); the rater-rater term is dropped (it does not
+    depend on the model), so the loss is GED minus that constant and may be negative. probs ``(B, K, H, W)``
+    in [0, 1], raters ``(B, N, H, W)`` (binary or soft). With K = 1 the within-sample term is absent.
+    The Gram products go through the package's kernels and their backward is two batched matrix products.
+    """
+    return ged_loss_per_image(probs, raters).mean()
