@@ -29,10 +29,12 @@ $(VENV)/.ext: $(VENV)/.deps setup.py $(EXT_SOURCES)
 demo: setup
 	$(PY) benchmarks/bench_haar.py --quick
 	$(PY) benchmarks/bench_film.py --quick
+	$(PY) benchmarks/bench_ged.py --quick
 
 bench: setup
 	$(PY) benchmarks/bench_haar.py
 	$(PY) benchmarks/bench_film.py
+	$(PY) benchmarks/bench_ged.py
 
 compile-check: $(VENV)/.deps
 	bash csrc/compile_check.sh $(PY)

@@ -13,7 +13,7 @@
 # references in fp32/fp16/bf16, forward and backward), then the whole suite; the card's copy and bf16
 # matmul ceilings; the op benchmarks. Every step runs even if an earlier one failed; the summary at the
 # end lists each step's exit status. Files written to $OUT (at most 8 come back): log.txt, tests.txt,
-# ceilings.json, and the benchmarks' JSON and markdown.
+# ceilings.json, and bench.tgz (the benchmarks' JSON and markdown).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,11 +99,16 @@ PYEOF
 }
 
 benchmarks() {
-  local args=()
+  # Each benchmark writes JSON + markdown; they travel back as one archive ($OUT returns at most 8 files).
+  local args=() dir="$OUT/bench"
   [ -n "${REHEARSE:-}" ] && args=(--quick --device cpu)
+  mkdir -p "$dir"
   for b in haar film; do
-    "$PY" benchmarks/bench_$b.py "${args[@]}" --out "$OUT" | tail -25
+    "$PY" benchmarks/bench_$b.py "${args[@]}" --out "$dir" | tail -25
   done
+  # the numpy peer takes about 1 s per image at K = 50: time it on one image per case
+  "$PY" benchmarks/bench_ged.py "${args[@]}" --numpy-images 1 --out "$dir" | tail -30
+  tar -C "$OUT" -czf "$OUT/bench.tgz" bench && rm -rf "$dir"
 }
 
 step machine machine

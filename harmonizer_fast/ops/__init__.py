@@ -2,7 +2,7 @@
 
 from .attention_pool import token_attention_pool, token_attention_pool_reference
 from .film import film, film_reference
-from .ged import GEDTerms, ged, ged_loss, ged_loss_per_image, ged_terms, pairwise_iou, soft_gram
+from .ged import GEDTerms, ged, ged_loss, ged_loss_per_image, ged_terms, pairwise_intersection, pairwise_iou, soft_gram
 from .haar import (
     haar_dwt2d,
     haar_dwt2d_reference,
@@ -26,6 +26,7 @@ __all__ = [
     "haar_idwt2d",
     "haar_idwt2d_reference",
     "haar_idwt2d_split",
+    "pairwise_intersection",
     "pairwise_iou",
     "soft_gram",
     "token_attention_pool",

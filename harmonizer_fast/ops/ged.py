@@ -285,6 +285,18 @@ def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float =
     return _overlap_op(_flat(a), _flat(b), float(threshold), bool(soft), 0.0, float(empty_iou), 1)
 
 
+def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Tensor:
+    """Pixel counts of ``A and B`` for every pair of binary masks, ``(B, Ka, Kb)`` float32 (exact below 2^24).
+
+    Both sides are thresholded with ``> threshold``; the building block of Dice and IoU matrices.
+    """
+    op = "pairwise_intersection"
+    _check_masks(a, op, "a")
+    _check_masks(b, op, "b")
+    _check_pair(a, b, op, "a", "b")
+    return _overlap_op(_flat(a), _flat(b), float(threshold), False, 0.0, 0.0, 0)
+
+
 def _convention(convention: str) -> tuple[float, float, bool]:
     try:
         return CONVENTIONS[convention]

@@ -1,0 +1,371 @@
+"""Evaluation metrics of multi-rater segmentation, as the field computes them (DESIGN.md section 4).
+
+Predictions are per-sample probabilities ``probs (B, K, H, W)``; raters are binary masks ``raters (B, N, H, W)``;
+optional ``personalized (B, N, H, W)`` holds one probability map per rater head (sample i is rater i's).
+Every metric is computed per image, then averaged over images (mean and standard deviation) by
+:class:`MetricAccumulator`. Definitions:
+
+- Dice of two binary masks: ``(2 |A and B| + 1e-8) / (|A| + |B| + 1e-8)`` (two empty masks score 1).
+- ``dice_soft``: mean of the sample probabilities and mean of the rater masks, both thresholded with a strict
+  ``>`` at each of (0.1, 0.3, 0.5, 0.7, 0.9); the Dice of each pair, averaged over the five thresholds.
+- Dice matrix ``D[i, j]`` between rater i and sample j (samples thresholded at 0.5). ``dice_max``: mean over
+  samples of the max over raters; ``dice_max_reverse``: mean over raters of the max over samples;
+  ``dice_max_mean``: the average of those two; ``dice_match``: mean of D over a Hungarian (maximum-Dice,
+  rectangular) assignment of raters to distinct samples; ``dice_each[i]``: rater i's matched Dice (NaN for a
+  rater left without a sample when K < N), or with ``personalized`` the Dice of head i against rater i.
+  ``dice_each_mean``: mean over raters of ``dice_each`` (ignoring NaN).
+- ``ged``: :func:`harmonizer_fast.ged` with the ``dpersona`` convention.
+- Calibration per rater (paper appendix F): ECE with 10 equal-width bins (Eq. 9) and the Brier score (Eq. 10)
+  of rater i's map (the personalized head, or the sample mean without heads) against rater i's mask; the
+  accumulator also pools every pixel of the dataset as the paper does.
+- Uncertainty (appendices C and E): the normalized binary entropy of the sample mean,
+  ``H = -p log2 p - (1 - p) log2 (1 - p)`` in [0, 1]. Its medians by correctness (TP/FP/FN/TN of the mean
+  thresholded at 0.5, over pixels where every rater agrees) and by rater agreement (``agree``: rater mean 0
+  or 1; ``disagree``: within ``agreement_tol`` of 0.5; ``somewhat``: the rest), pooled over the dataset
+  through a 4096-bin histogram (medians to 1/4096).
+- Dice by lesion size (appendix D): the consensus mask (rater mean > 0.5) against the sample mean > 0.5, per
+  image, grouped by tercile of the consensus area over the dataset (images without a lesion are left out).
+- Volumes (NPC-style): :func:`evaluate_volume` stacks a case's slices into one image first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from .ops.ged import ged, pairwise_intersection
+
+DICE_SMOOTH = 1e-8
+SOFT_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+ECE_BINS = 10
+ENTROPY_BINS = 4096
+CORRECTNESS = ("TP", "FP", "FN", "TN")
+AGREEMENT = ("agree", "somewhat", "disagree")
+PER_IMAGE_KEYS = ("ged", "dice_soft", "dice_max", "dice_max_reverse", "dice_max_mean", "dice_match", "dice_each_mean")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input checks.
+
+
+def _check_inputs(probs: Tensor, raters: Tensor, personalized: Optional[Tensor]) -> None:
+    op = "metrics"
+    for name, t in (("probs", probs), ("raters", raters)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor (B, K, H, W), got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, K, H, W), got shape {tuple(t.shape)}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{op}: {name} must have B >= 1 and at least one mask, got shape {tuple(t.shape)}")
+    if not probs.is_floating_point():
+        raise TypeError(f"{op}: probs must hold probabilities (floating point), got {probs.dtype}")
+    if probs.shape[0] != raters.shape[0] or probs.shape[2:] != raters.shape[2:]:
+        raise ValueError(f"{op}: probs {tuple(probs.shape)} and raters {tuple(raters.shape)} must agree in B, H and W")
+    if personalized is not None:
+        if not isinstance(personalized, Tensor) or personalized.dim() != 4:
+            raise ValueError(f"{op}: personalized must be a 4-D tensor (B, N, H, W)")
+        if personalized.shape != raters.shape:
+            raise ValueError(
+                f"{op}: personalized must have one map per rater, shape {tuple(raters.shape)}, "
+                f"got {tuple(personalized.shape)}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-image building blocks (tensors in, tensors out; float64 results).
+
+
+def dice_binary(a: Tensor, b: Tensor) -> Tensor:
+    """Dice of binary masks ``a``, ``b`` (same shape ``(..., H, W)``), reduced over the last two dims."""
+    a, b = a.bool(), b.bool()
+    inter = (a & b).sum((-2, -1)).double()
+    return (2 * inter + DICE_SMOOTH) / (a.sum((-2, -1)).double() + b.sum((-2, -1)).double() + DICE_SMOOTH)
+
+
+def dice_soft(probs: Tensor, raters: Tensor, thresholds: tuple[float, ...] = SOFT_THRESHOLDS) -> Tensor:
+    """``(B,)``: Dice of the mean prediction and the mean annotation, averaged over ``thresholds``."""
+    p = probs.double().mean(1)
+    y = raters.double().mean(1)
+    return torch.stack([dice_binary(p > t, y > t) for t in thresholds]).mean(0)
+
+
+def dice_matrix(raters: Tensor, probs: Tensor, threshold: float = 0.5) -> Tensor:
+    """``(B, N, K)`` float64: Dice between rater i and sample j (samples thresholded with ``> threshold``).
+
+    The intersections are one Gram product over pixels (the package's pairwise op, popcounts on CPU).
+    """
+    inter = pairwise_intersection(raters, probs, threshold=threshold).double()
+    area_r = (raters > threshold).sum((2, 3)).double()
+    area_s = (probs > threshold).sum((2, 3)).double()
+    return (2 * inter + DICE_SMOOTH) / (area_r[:, :, None] + area_s[:, None, :] + DICE_SMOOTH)
+
+
+def hungarian_match(d: np.ndarray) -> tuple[float, np.ndarray]:
+    """Maximum-Dice assignment of raters (rows) to distinct samples (columns) of one ``(N, K)`` matrix.
+
+    Returns the mean matched Dice and each rater's matched Dice (NaN for raters left over when K < N).
+    """
+    rows, cols = linear_sum_assignment(1.0 - d)  # min cost = max Dice
+    each = np.full(d.shape[0], np.nan)
+    each[rows] = d[rows, cols]
+    return float(d[rows, cols].mean()), each
+
+
+def entropy_map(probs: Tensor) -> Tensor:
+    """Normalized binary entropy of the sample mean, ``(B, H, W)`` in [0, 1] (0 log 0 = 0)."""
+    p = probs.double().mean(1).clamp(0.0, 1.0)
+    q = 1.0 - p
+    return -(torch.where(p > 0, p * torch.log2(p), 0.0) + torch.where(q > 0, q * torch.log2(q), 0.0))
+
+
+def calibration_bins(p: Tensor, y: Tensor, bins: int = ECE_BINS) -> Tensor:
+    """Per (B, N) map: ``(B, N, bins, 3)`` float64 of (pixel count, sum of confidences, sum of labels)."""
+    b, n = p.shape[:2]
+    pf = p.double().clamp(0.0, 1.0).reshape(b * n, -1)
+    idx = (pf * bins).floor().clamp(max=bins - 1).long() + torch.arange(b * n, device=p.device)[:, None] * bins
+    out = torch.zeros((b * n * bins, 3), dtype=torch.float64, device=p.device)
+    out[:, 0].index_add_(0, idx.flatten(), torch.ones_like(pf).flatten())
+    out[:, 1].index_add_(0, idx.flatten(), pf.flatten())
+    out[:, 2].index_add_(0, idx.flatten(), y.double().reshape(b * n, -1).flatten())
+    return out.reshape(b, n, bins, 3)
+
+
+def ece_from_bins(counts: Tensor) -> Tensor:
+    """ECE (paper Eq. 9) from :func:`calibration_bins` counts: sum_k |B_k|/N |acc_k - conf_k|."""
+    total = counts[..., 0].sum(-1)
+    return (counts[..., 2] - counts[..., 1]).abs().sum(-1) / total
+
+
+def brier(p: Tensor, y: Tensor) -> Tensor:
+    """Brier score (paper Eq. 10) per (B, N) map: mean squared difference of probability and label."""
+    return ((p.double() - y.double()) ** 2).mean((-2, -1))
+
+
+def _histogram(values: Tensor, bins: int = ENTROPY_BINS) -> np.ndarray:
+    idx = (values.double().clamp(0.0, 1.0) * bins).floor().clamp(max=bins - 1).long()
+    return torch.bincount(idx.flatten().cpu(), minlength=bins).numpy().astype(np.int64)
+
+
+def histogram_median(hist: np.ndarray) -> float:
+    """Median of values in [0, 1] from their ``len(hist)``-bin histogram (linear within the bin); NaN if empty."""
+    total = int(hist.sum())
+    if total == 0:
+        return math.nan
+    cum = np.cumsum(hist)
+    half = total / 2.0
+    k = int(np.searchsorted(cum, half))
+    before = cum[k - 1] if k > 0 else 0
+    return (k + (half - before) / hist[k]) / len(hist)
+
+
+def correctness_groups(probs: Tensor, raters: Tensor) -> dict[str, Tensor]:
+    """Appendix C: boolean ``(B, H, W)`` masks of TP/FP/FN/TN over the pixels where every rater agrees."""
+    consensus = raters.double().mean(1)
+    pred = probs.double().mean(1) > 0.5
+    fg, bg = consensus == 1.0, consensus == 0.0
+    return {"TP": pred & fg, "FP": pred & bg, "FN": ~pred & fg, "TN": ~pred & bg}
+
+
+def agreement_groups(raters: Tensor, tol: float = 0.1) -> dict[str, Tensor]:
+    """Appendix E: boolean ``(B, H, W)`` masks of agree / somewhat / disagree from the rater mean."""
+    p = raters.double().mean(1)
+    agree = (p <= tol) | (p >= 1.0 - tol)
+    disagree = (p - 0.5).abs() <= tol
+    return {"agree": agree, "somewhat": ~agree & ~disagree, "disagree": disagree}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One call per batch.
+
+
+def evaluate_batch(
+    probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None, *, agreement_tol: float = 0.1
+) -> dict[str, Any]:
+    """Every per-image metric of a batch, as float64 numpy arrays.
+
+    Keys (length-B arrays unless noted): ``ged``, ``dice_soft``, ``dice_max``, ``dice_max_reverse``,
+    ``dice_max_mean``, ``dice_match``, ``dice_each`` (B, N), ``dice_each_mean``, ``ece`` (B, N), ``brier``
+    (B, N), ``lesion_size``, ``dice_consensus``, and the raw material the accumulator pools: ``_calibration``
+    (B, N, 10, 3), ``_entropy_correctness`` and ``_entropy_agreement`` (histograms per group).
+    """
+    _check_inputs(probs, raters, personalized)
+    with torch.no_grad():
+        probs = probs.detach()
+        n = raters.shape[1]
+        out: dict[str, Any] = {"ged": ged(probs, raters).double().cpu().numpy()}
+        out["dice_soft"] = dice_soft(probs, raters).cpu().numpy()
+        d = dice_matrix(raters, probs).cpu().numpy()  # (B, N, K)
+        out["dice_max"] = d.max(1).mean(1)
+        out["dice_max_reverse"] = d.max(2).mean(1)
+        out["dice_max_mean"] = 0.5 * (out["dice_max"] + out["dice_max_reverse"])
+        matched = [hungarian_match(m) for m in d]
+        out["dice_match"] = np.array([m[0] for m in matched])
+        if personalized is None:
+            out["dice_each"] = np.stack([m[1] for m in matched])
+            maps = probs.double().mean(1, keepdim=True).expand(-1, n, -1, -1)
+        else:
+            heads = personalized.detach()
+            out["dice_each"] = dice_binary(heads > 0.5, raters > 0.5).cpu().numpy()
+            maps = heads.double()
+        with np.errstate(invalid="ignore"):
+            out["dice_each_mean"] = np.nanmean(out["dice_each"], axis=1)
+        y = (raters > 0.5).double()
+        bins = calibration_bins(maps, y)
+        out["ece"] = ece_from_bins(bins).cpu().numpy()
+        out["brier"] = brier(maps, y).cpu().numpy()
+        out["_calibration"] = bins.cpu().numpy()
+        consensus = raters.double().mean(1) > 0.5
+        out["lesion_size"] = consensus.sum((1, 2)).double().cpu().numpy()
+        out["dice_consensus"] = dice_binary(probs.double().mean(1) > 0.5, consensus).cpu().numpy()
+        h = entropy_map(probs)
+        out["_entropy_correctness"] = {g: _histogram(h[m]) for g, m in correctness_groups(probs, raters).items()}
+        out["_entropy_agreement"] = {g: _histogram(h[m]) for g, m in agreement_groups(raters, agreement_tol).items()}
+    return out
+
+
+def stack_volume(x: Tensor) -> Tensor:
+    """A case's slices ``(D, K, H, W)`` as one image ``(1, K, D * H, W)`` (metrics over the whole volume)."""
+    d, k, h, w = x.shape
+    return x.permute(1, 0, 2, 3).reshape(1, k, d * h, w)
+
+
+def evaluate_volume(
+    probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None, **kwargs: Any
+) -> dict[str, Any]:
+    """:func:`evaluate_batch` for one 3D case given as slices ``(D, K, H, W)``: every metric over the volume."""
+    _check_inputs(probs, raters, personalized)
+    stacked = None if personalized is None else stack_volume(personalized)
+    return evaluate_batch(stack_volume(probs), stack_volume(raters), stacked, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset level.
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    v = values[~np.isnan(values)]
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+@dataclass
+class MetricAccumulator:
+    """Turns :func:`evaluate_batch` results into dataset-level tables.
+
+    ``update(probs, raters, personalized=None)`` evaluates a batch (or ``add(evaluate_batch(...))`` adds a
+    precomputed one); ``summary()`` returns ``{"n_images", "mean", "std", "per_rater", "calibration",
+    "entropy_medians", "dice_by_size"}``; ``markdown()`` renders it.
+    """
+
+    agreement_tol: float = 0.1
+    rows: dict[str, list] = field(default_factory=dict)
+    _calibration: Optional[np.ndarray] = None
+    _entropy: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def update(self, probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None) -> dict[str, Any]:
+        batch = evaluate_batch(probs, raters, personalized, agreement_tol=self.agreement_tol)
+        self.add(batch)
+        return batch
+
+    def update_volume(self, probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None) -> dict[str, Any]:
+        batch = evaluate_volume(probs, raters, personalized, agreement_tol=self.agreement_tol)
+        self.add(batch)
+        return batch
+
+    def add(self, batch: Mapping[str, Any]) -> None:
+        n = batch["dice_each"].shape[1]
+        if self._calibration is not None and self._calibration.shape[0] != n:
+            raise ValueError(f"MetricAccumulator: batches must have one rater count, got {n} after "
+                             f"{self._calibration.shape[0]}")  # fmt: skip
+        for key in (*PER_IMAGE_KEYS, "dice_each", "ece", "brier", "lesion_size", "dice_consensus"):
+            self.rows.setdefault(key, []).append(np.asarray(batch[key]))
+        cal = batch["_calibration"].sum(0)
+        self._calibration = cal if self._calibration is None else self._calibration + cal
+        for family in ("_entropy_correctness", "_entropy_agreement"):
+            acc = self._entropy.setdefault(family, {})
+            for g, hist in batch[family].items():
+                acc[g] = hist if g not in acc else acc[g] + hist
+
+    def _column(self, key: str) -> np.ndarray:
+        return np.concatenate(self.rows[key], axis=0)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.rows:
+            raise ValueError("MetricAccumulator: no batches were added")
+        mean, std = {}, {}
+        for key in PER_IMAGE_KEYS:
+            mean[key], std[key] = _mean_std(self._column(key))
+        each, ece, brier_ = self._column("dice_each"), self._column("ece"), self._column("brier")
+        n = each.shape[1]
+        per_rater = {
+            f"rater_{i + 1}": {
+                "dice": _mean_std(each[:, i]),
+                "ece": _mean_std(ece[:, i]),
+                "brier": _mean_std(brier_[:, i]),
+            }
+            for i in range(n)
+        }
+        cal = self._calibration
+        pooled_ece = (np.abs(cal[..., 2] - cal[..., 1]).sum(-1) / cal[..., 0].sum(-1)).tolist()
+        calibration = {"ece_pooled": pooled_ece, "reliability": cal.tolist()}
+        medians = {
+            "correctness": {g: histogram_median(self._entropy["_entropy_correctness"][g]) for g in CORRECTNESS},
+            "agreement": {g: histogram_median(self._entropy["_entropy_agreement"][g]) for g in AGREEMENT},
+            "pixels": {g: int(h.sum()) for fam in self._entropy.values() for g, h in fam.items()},
+        }
+        return {
+            "n_images": int(self._column("ged").shape[0]),
+            "mean": mean,
+            "std": std,
+            "per_rater": per_rater,
+            "calibration": calibration,
+            "entropy_medians": medians,
+            "dice_by_size": self._dice_by_size(),
+        }
+
+    def _dice_by_size(self) -> dict[str, Any]:
+        size, dice = self._column("lesion_size"), self._column("dice_consensus")
+        keep = size > 0
+        size, dice = size[keep], dice[keep]
+        out: dict[str, Any] = {"excluded_without_lesion": int((~keep).sum())}
+        if size.size == 0:
+            return out
+        edges = np.quantile(size, [0.0, 1 / 3, 2 / 3, 1.0])
+        # equally populated bins by rank (ties in size would otherwise unbalance quantile edges)
+        order = np.argsort(size, kind="stable")
+        for name, part in zip(("small", "medium", "large"), np.array_split(order, 3)):
+            if part.size == 0:
+                out[name] = {"n": 0}
+                continue
+            m, s = _mean_std(dice[part])
+            out[name] = {"n": int(part.size), "size_range": [float(size[part].min()), float(size[part].max())],
+                         "dice_mean": m, "dice_std": s}  # fmt: skip
+        out["quantile_edges"] = edges.tolist()
+        return out
+
+    def markdown(self, title: str = "Evaluation") -> str:
+        """The paper's table columns as mean +- std over images, then per-rater and calibration rows."""
+        s = self.summary()
+        cols = (("GED", "ged", 1.0), ("Dice_soft", "dice_soft", 100.0), ("Dice_max", "dice_max", 100.0),
+                ("Dice_max_rev", "dice_max_reverse", 100.0), ("Dice_match", "dice_match", 100.0),
+                ("Dice_mean", "dice_each_mean", 100.0))  # fmt: skip
+        lines = [f"### {title} ({s['n_images']} images)", "", "| " + " | ".join(c[0] for c in cols) + " |",
+                 "|" + "---|" * len(cols)]  # fmt: skip
+        lines.append("| " + " | ".join(f"{s['mean'][k] * f:.4g} ± {s['std'][k] * f:.3g}" for _, k, f in cols) + " |")
+        lines += ["", "| rater | Dice | ECE (pooled) | Brier |", "|---|---|---|---|"]
+        for i, (name, r) in enumerate(s["per_rater"].items()):
+            lines.append(f"| {name} | {r['dice'][0] * 100:.2f} ± {r['dice'][1] * 100:.2f} | "
+                         f"{s['calibration']['ece_pooled'][i]:.4f} | {r['brier'][0]:.4f} |")  # fmt: skip
+        med = s["entropy_medians"]
+        lines += ["", "| entropy median | " + " | ".join(CORRECTNESS + AGREEMENT) + " |", "|---" * 8 + "|",
+                  "| | " + " | ".join(f"{med['correctness'][g]:.3f}" for g in CORRECTNESS) + " | "
+                  + " | ".join(f"{med['agreement'][g]:.3f}" for g in AGREEMENT) + " |"]  # fmt: skip
+        return "\n".join(lines) + "\n"
