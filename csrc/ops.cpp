@@ -36,6 +36,10 @@ at::Tensor pairwise_overlap(const at::Tensor& a, const at::Tensor& b, double thr
 at::Tensor ged_sums(const at::Tensor& samples, const at::Tensor& raters, double threshold, double eps,
                     double empty_iou, bool offdiag);
 
+// csrc/fcomb_op.cpp
+at::Tensor fcomb_head(const at::Tensor& base, const at::Tensor& bias, const at::Tensor& hidden_w,
+                      const at::Tensor& hidden_b, const at::Tensor& last_w, const at::Tensor& last_b);
+
 }  // namespace harmonizer_fast
 
 TORCH_LIBRARY(harmonizer_fast_C, m) {
@@ -47,6 +51,7 @@ TORCH_LIBRARY(harmonizer_fast_C, m) {
   m.def("attention_pool_backward(Tensor dz, Tensor x, Tensor a, Tensor z, Tensor lse) -> (Tensor, Tensor)");
   m.def("pairwise_overlap(Tensor a, Tensor b, float threshold, bool soft, float eps, float empty_iou, int mode) -> Tensor");
   m.def("ged_sums(Tensor samples, Tensor raters, float threshold, float eps, float empty_iou, bool offdiag) -> Tensor");
+  m.def("fcomb_head(Tensor base, Tensor bias, Tensor hidden_w, Tensor hidden_b, Tensor last_w, Tensor last_b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
@@ -58,6 +63,7 @@ TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
   m.impl("attention_pool_backward", &harmonizer_fast::attention_pool_backward);
   m.impl("pairwise_overlap", &harmonizer_fast::pairwise_overlap);
   m.impl("ged_sums", &harmonizer_fast::ged_sums);
+  m.impl("fcomb_head", &harmonizer_fast::fcomb_head);
 }
 
 #ifdef WITH_CUDA

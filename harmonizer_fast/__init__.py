@@ -13,10 +13,14 @@ Ops (layer 1), each with a pure-PyTorch reference and faster backends picked per
 - :func:`pairwise_iou`, :func:`ged` / :func:`ged_terms` (generalized energy distance, three published
   conventions) and :func:`ged_loss` (paper Eq. 7): K x K mask comparisons as fused Gram products.
 
+Model (layer 2): :class:`HarmonizerNet` and :class:`HarmonizerConfig` (``paper()``, ``small()``,
+``baseline()``), with its objectives in :mod:`harmonizer_fast.losses`.
+
 Evaluation metrics of the field (Dice variants, calibration, uncertainty analyses): :mod:`harmonizer_fast.metrics`.
 """
 
 from ._backend import BackendStatus, BackendUnavailableError, backend_info, format_backend_info
+from .model import HarmonizerConfig, HarmonizerNet
 from .ops import (
     GEDTerms,
     film,
@@ -38,6 +42,8 @@ __all__ = [
     "DWTForward",
     "DWTInverse",
     "GEDTerms",
+    "HarmonizerConfig",
+    "HarmonizerNet",
     "__version__",
     "backend_info",
     "dwt2",

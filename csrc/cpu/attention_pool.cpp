@@ -12,48 +12,14 @@
 #include <vector>
 
 #include "attention_pool.h"
+#include "cpu_math.h"
 
 namespace harmonizer_fast {
 namespace {
 
 constexpr int64_t kTile = 256;
 
-// The tile loops dominate; build them for the x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline ISA levels and
-// let the loader pick by the running CPU's features (GCC function multiversioning): the build stays portable.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HF_MULTIVERSION
-#endif
-
-// exp(v) for float, branch-free so that loops over it vectorize (std::exp does not): Cody-Waite
-// reduction v = n ln2 + r, a degree-6 Taylor polynomial for e^r on [-ln2/2, ln2/2], and 2^n applied as
-// two powers 2^(n/2) 2^(n - n/2) built in the exponent bits (so n = 128 does not overflow and tiny
-// results underflow gradually). Measured against double-precision exp over [-87, 88.5] in steps of 1e-4:
-// at most 3 ulp (relative error 2.6e-7). Arguments below -87.3 (including -inf) give 0, above 88.72 give +inf.
-inline float pow2i(int32_t e) {  // 2^e for -126 <= e <= 127
-  const int32_t bits = (e + 127) << 23;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline float exp_vectorizable(float v) {
-  const float x = std::min(std::max(v, -87.3f), 88.72f);
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest via 1.5 * 2^23
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;      // ln2 split in two for accuracy
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n), half = ni >> 1;
-  const float out = p * pow2i(half) * pow2i(ni - half);
-  return v < -87.3f ? 0.0f : (v > 88.72f ? std::numeric_limits<float>::infinity() : out);
-}
-inline double exp_vectorizable(double v) { return std::exp(v); }
+// The tile loops dominate: they are built per ISA level (HF_MULTIVERSION, cpu_math.h).
 
 // s[t] = exp(s[t] - shift) for t < len; returns the sum.
 template <typename T>

@@ -1,0 +1,82 @@
+"""Training objectives of the Harmonizer Network (paper section 3.3-3.4, appendix A; DESIGN.md section 5).
+
+- :func:`dice_bce`: L_seg, soft Dice plus binary cross-entropy on logits;
+- :func:`kl`: KL(q(z | x, A_k) || p(z | x)) of the posterior and prior Gaussians;
+- :func:`harmonizer_penalty`: sum_l ||gamma_l - 1||^2 + ||beta_l||^2 of the Noise Harmonizer;
+- :func:`ged_loss`: Eq. 7 over the K prior samples (the package's op);
+- :func:`phase1_loss` (Eq. 8) and :func:`phase2_loss` (Eq. 6) combine them with the appendix-A weights held in
+  the model's config (lambda_KL = 2e-3, lambda_harm = 3e-4, lambda_GED = 1.0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model.config import HarmonizerConfig
+from .model.harmonizer import harmonizer_penalty
+from .model.latent import kl_divergence
+from .model.net import ModelOutput
+from .ops.ged import ged_loss
+
+DICE_SMOOTH = 1.0
+
+
+def _value(t: Tensor) -> float:
+    return float(t.detach())
+
+
+__all__ = ["dice_bce", "ged_loss", "harmonizer_penalty", "kl", "phase1_loss", "phase2_loss", "total_loss"]
+
+
+def dice_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """L_seg = (1 - soft Dice) + BCE, each averaged over the leading dims; logits and target ``(..., H, W)``."""
+    target = target.to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum((-2, -1))
+    dice = (2 * inter + DICE_SMOOTH) / (p.sum((-2, -1)) + target.sum((-2, -1)) + DICE_SMOOTH)
+    return (1 - dice).mean() + bce
+
+
+def kl(out: ModelOutput) -> Tensor:
+    """Mean over the batch of KL(posterior || prior)."""
+    return kl_divergence(out.posterior, out.prior).mean()
+
+
+def phase1_loss(out: ModelOutput, masks: Tensor, config: HarmonizerConfig) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 8: L_seg of the posterior sample against the rater it saw, + lambda_KL KL + lambda_harm penalty
+    + lambda_GED L_GED over the prior samples against all raters. Returns the total and its parts."""
+    if out.phase != 1:
+        raise ValueError(f"phase1_loss: got the output of a phase-{out.phase} forward")
+    b = masks.shape[0]
+    target = masks[torch.arange(b, device=masks.device), out.rater_index]
+    seg = dice_bce(out.posterior_logits, target)
+    kl_term = kl(out)
+    total = seg + config.lambda_kl * kl_term
+    parts = {"seg": _value(seg), "kl": _value(kl_term)}
+    if out.harmonizer_params:
+        pen = harmonizer_penalty(out.harmonizer_params)
+        total = total + config.lambda_harm * pen
+        parts["harm"] = _value(pen)
+    if config.use_ged_loss and out.prior_logits is not None:
+        ged = ged_loss(torch.sigmoid(out.prior_logits), masks.to(out.prior_logits.dtype))
+        total = total + config.lambda_ged * ged
+        parts["ged"] = _value(ged)
+    parts["total"] = _value(total)
+    return total, parts
+
+
+def phase2_loss(out: ModelOutput, masks: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 6: sum over raters i of L_seg(y_i, A_i), y_i the personalized prediction for rater i."""
+    if out.phase != 2:
+        raise ValueError(f"phase2_loss: got the output of a phase-{out.phase} forward")
+    logits = out.personalized_logits
+    total = sum(dice_bce(logits[:, i], masks[:, i]) for i in range(logits.shape[1]))
+    return total, {"seg": _value(total), "total": _value(total)}
+
+
+def total_loss(out: ModelOutput, masks: Tensor, config: HarmonizerConfig) -> tuple[Tensor, dict[str, float]]:
+    """The objective of the phase ``out`` came from."""
+    return phase1_loss(out, masks, config) if out.phase == 1 else phase2_loss(out, masks)

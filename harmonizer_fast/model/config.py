@@ -1,0 +1,123 @@
+"""HarmonizerNet configuration (DESIGN.md section 5, paper section 3 and appendices A and K)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HarmonizerConfig:
+    """Every size and switch of the network; ``paper()`` and ``small()`` are the two presets.
+
+    The plain probabilistic U-Net baseline is the same network with ``use_harmonizer``,
+    ``use_personalizer`` and ``use_ged_loss`` all False.
+    """
+
+    in_channels: int = 1
+    num_raters: int = 4
+    # Backbone: ResNet encoder (BasicBlocks per stage, stem and stage widths) and U-Net decoder widths.
+    stem_channels: int = 64
+    encoder_blocks: tuple[int, ...] = (3, 4, 6, 3)
+    encoder_channels: tuple[int, ...] = (64, 128, 256, 512)
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    # Prior and posterior nets: channels per stage, 3x3 convs per stage, latent size.
+    latent_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    latent_convs_per_stage: int = 3
+    latent_dim: int = 6
+    # Sampling head "fcomb": 1x1 convs (features + z) -> fcomb_channels (x fcomb_layers) -> 1.
+    fcomb_channels: int = 16
+    fcomb_layers: int = 3
+    # Noise Harmonizer (3.1): M artifact tokens of size Dh, MLP width, which decoder stages it modulates
+    # (indices into decoder_channels).
+    use_harmonizer: bool = True
+    harmonizer_tokens: int = 8
+    harmonizer_dim: int = 32
+    harmonizer_hidden: int = 96
+    harmonized_stages: tuple[int, ...] = (0, 1, 2, 3, 4)
+    # Personalizer (3.2): prompt components, their stored size, prior-bank size, attention width.
+    use_personalizer: bool = True
+    prompt_components: int = 5
+    prompt_size: int = 32
+    prior_bank: int = 16
+    personalizer_attn_dim: int = 32
+    personalizer_hidden: int = 32
+    # Losses (appendix A).
+    use_ged_loss: bool = True
+    ged_samples: int = 4
+    lambda_kl: float = 2e-3
+    lambda_harm: float = 3e-4
+    lambda_ged: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    @classmethod
+    def paper(cls, in_channels: int = 1, num_raters: int = 4, **overrides: Any) -> HarmonizerConfig:
+        """The paper's size: ResNet-34 U-Net, about 30 M parameters, 2.4 G MACs at 128 x 128."""
+        return cls(in_channels=in_channels, num_raters=num_raters, **overrides)
+
+    @classmethod
+    def small(cls, in_channels: int = 1, num_raters: int = 4, **overrides: Any) -> HarmonizerConfig:
+        """The same structure, narrow enough to train usefully in minutes on 2 CPU cores."""
+        base = dict(
+            stem_channels=16,
+            encoder_blocks=(1, 1, 1, 1),
+            encoder_channels=(16, 24, 32, 48),
+            decoder_channels=(48, 32, 24, 16, 16),
+            latent_channels=(8, 16, 24, 32, 32),
+            latent_convs_per_stage=2,
+            fcomb_channels=16,
+            harmonizer_tokens=4,
+            harmonizer_dim=16,
+            harmonizer_hidden=32,
+            prompt_components=4,
+            prompt_size=8,
+            prior_bank=8,
+            personalizer_attn_dim=16,
+            personalizer_hidden=16,
+        )
+        base.update(overrides)
+        return cls(in_channels=in_channels, num_raters=num_raters, **base)
+
+    def baseline(self) -> HarmonizerConfig:
+        """This config as the plain probabilistic U-Net: harmonizer, personalizer and GED loss off."""
+        return replace(self, use_harmonizer=False, use_personalizer=False, use_ged_loss=False)
+
+    @property
+    def downsamplings(self) -> int:
+        """Input sizes must be multiples of 2 ** downsamplings."""
+        return len(self.decoder_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HarmonizerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"HarmonizerConfig: unknown keys {sorted(unknown)}")
+        tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+
+
+def _check(c: HarmonizerConfig) -> None:
+    def positive(name: str) -> None:
+        if getattr(c, name) < 1:
+            raise ValueError(f"HarmonizerConfig: {name} must be >= 1, got {getattr(c, name)}")
+
+    for name in ("in_channels", "num_raters", "latent_dim", "fcomb_channels", "harmonizer_tokens", "prior_bank"):
+        positive(name)
+    if len(c.encoder_blocks) != len(c.encoder_channels) or len(c.encoder_channels) != 4:
+        raise ValueError("HarmonizerConfig: encoder_blocks and encoder_channels need 4 stages each")
+    if len(c.decoder_channels) != 5:
+        raise ValueError("HarmonizerConfig: decoder_channels needs 5 stages (stem, /4, /8, /16, /32 skips)")
+    if any(not 0 <= s < len(c.decoder_channels) for s in c.harmonized_stages):
+        raise ValueError(f"HarmonizerConfig: harmonized_stages must index decoder_channels, got {c.harmonized_stages}")
+    if c.use_personalizer and c.decoder_channels[-1] % 4:
+        raise ValueError("HarmonizerConfig: the personalizer reduces the last decoder width by 4; it must divide")

@@ -1,0 +1,234 @@
+"""HarmonizerNet: the Harmonizer Network of arXiv 2605.08210 (paper section 3, DESIGN.md section 5).
+
+A probabilistic U-Net (backbone, prior, posterior, sampling head "fcomb") with the Noise Harmonizer
+modulating the decoder (3.1) and the frequency-prompt Personalizer turning prior latents into per-rater
+latents (3.2). Phase 1 trains everything but the personalizer on Eq. 8; phase 2 freezes all of that and
+trains the personalizer on Eq. 6 (``set_phase``). With the harmonizer, the personalizer and the GED loss
+switched off in the config, this is the plain probabilistic U-Net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Independent
+
+from .backbone import Backbone
+from .config import HarmonizerConfig
+from .fcomb import Fcomb
+from .harmonizer import NoiseHarmonizer
+from .latent import AxisAlignedConvGaussian, with_masks
+from .personalizer import Personalizer
+
+
+@dataclass
+class ModelOutput:
+    """What one training forward returns: everything the phase objectives (Eq. 6 and 8) need."""
+
+    phase: int
+    features: Tensor
+    harmonizer_params: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    prior: Optional[Independent] = None
+    posterior: Optional[Independent] = None
+    rater_index: Optional[Tensor] = None  # (B,) the rater whose mask the posterior saw (phase 1)
+    posterior_logits: Optional[Tensor] = None  # (B, H, W)
+    prior_logits: Optional[Tensor] = None  # (B, K, H, W), K = config.ged_samples, for the GED loss
+    personalized_logits: Optional[Tensor] = None  # (B, R, H, W) (phase 2)
+
+
+class HarmonizerNet(nn.Module):
+    def __init__(self, config: HarmonizerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, HarmonizerConfig):
+            raise TypeError(f"HarmonizerNet: config must be a HarmonizerConfig, got {type(config).__name__}")
+        c = config
+        self.config = c
+        self.backbone = Backbone(c.in_channels, c.stem_channels, c.encoder_blocks, c.encoder_channels,
+                                 c.decoder_channels)
+        self.prior = AxisAlignedConvGaussian(c.in_channels, c.latent_channels, c.latent_convs_per_stage, c.latent_dim)
+        self.posterior = AxisAlignedConvGaussian(
+            c.in_channels + 1, c.latent_channels, c.latent_convs_per_stage, c.latent_dim
+        )
+        self.fcomb = Fcomb(c.decoder_channels[-1], c.latent_dim, c.fcomb_channels, c.fcomb_layers)
+        self.harmonizer = (
+            NoiseHarmonizer(
+                c.decoder_channels, c.harmonized_stages, c.harmonizer_tokens, c.harmonizer_dim, c.harmonizer_hidden
+            )
+            if c.use_harmonizer
+            else None
+        )
+        self.personalizer = (
+            Personalizer(
+                c.decoder_channels[-1],
+                c.latent_dim,
+                c.num_raters,
+                c.prompt_components,
+                c.prompt_size,
+                c.personalizer_attn_dim,
+                c.personalizer_hidden,
+            )
+            if c.use_personalizer
+            else None
+        )
+        self.phase = 1
+        self.set_phase(1)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Phases.
+
+    def _shared(self) -> list[nn.Module]:
+        return [m for m in (self.backbone, self.prior, self.posterior, self.fcomb, self.harmonizer) if m is not None]
+
+    def set_phase(self, phase: int) -> HarmonizerNet:
+        """Phase 1: train backbone, prior, posterior, fcomb and harmonizer (personalizer frozen and unused).
+        Phase 2: freeze all of those (batch-norm statistics included) and train only the personalizer."""
+        if phase not in (1, 2):
+            raise ValueError(f"set_phase: phase must be 1 or 2, got {phase!r}")
+        if phase == 2 and self.personalizer is None:
+            raise ValueError("set_phase(2): this model has no personalizer (config.use_personalizer=False)")
+        self.phase = phase
+        for m in self._shared():
+            m.requires_grad_(phase == 1)
+        if self.personalizer is not None:
+            self.personalizer.requires_grad_(phase == 2)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> HarmonizerNet:
+        super().train(mode)
+        if self.phase == 2:
+            for m in self._shared():
+                m.eval()  # frozen: keep batch-norm running statistics fixed
+        return self
+
+    # -----------------------------------------------------------------------------------------------------
+    # Input checks.
+
+    def _check_images(self, images: object) -> Tensor:
+        c = self.config
+        if not isinstance(images, Tensor):
+            raise TypeError(f"HarmonizerNet: images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"HarmonizerNet: images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"HarmonizerNet: images must be floating point, got {images.dtype}")
+        if images.shape[0] == 0:
+            raise ValueError("HarmonizerNet: images is an empty batch (B = 0)")
+        if images.shape[1] != c.in_channels:
+            raise ValueError(
+                f"HarmonizerNet: images have {images.shape[1]} channels, the config expects in_channels={c.in_channels}"
+            )
+        m = 2**c.downsamplings
+        h, w = images.shape[-2:]
+        if h % m or w % m or h == 0 or w == 0:
+            raise ValueError(
+                f"HarmonizerNet: image size {h} x {w} cannot go through {c.downsamplings} halvings; H and W must be "
+                f"positive multiples of {m} (pad the images, e.g. to {-(-h // m) * m} x {-(-w // m) * m})"
+            )
+        return images
+
+    def _check_masks(self, masks: object, images: Tensor) -> Tensor:
+        r = self.config.num_raters
+        if not isinstance(masks, Tensor) or masks.dim() != 4:
+            raise ValueError("HarmonizerNet: masks must be a 4-D tensor (B, R, H, W)")
+        if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
+            raise ValueError(
+                f"HarmonizerNet: masks {tuple(masks.shape)} must match images {tuple(images.shape)} in B, H and W"
+            )
+        if masks.shape[1] != r:
+            raise ValueError(f"HarmonizerNet: masks hold {masks.shape[1]} raters, the config has num_raters={r}")
+        return masks
+
+    # -----------------------------------------------------------------------------------------------------
+    # Forward passes.
+
+    def features(self, images: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Backbone features ``f`` (B, D, H, W), harmonized when the harmonizer is on, and its (gamma, beta)."""
+        record: list[tuple[Tensor, Tensor]] = []
+        modulate = None
+        if self.harmonizer is not None:
+            harmonizer = self.harmonizer
+
+            def modulate(stage: int, x: Tensor) -> Tensor:
+                return harmonizer(stage, x, record)
+
+        return self.backbone(images, modulate), record
+
+    def forward(
+        self, images: Tensor, masks: Tensor, *, rater_index: Optional[Tensor] = None, generator=None
+    ) -> ModelOutput:
+        """Training forward for the current phase.
+
+        Phase 1 (Eq. 8): the posterior sees rater ``rater_index[b]``'s mask (random when None), its sample goes
+        through fcomb (``posterior_logits``), and with the GED loss on, ``config.ged_samples`` prior samples
+        give ``prior_logits``. Phase 2 (Eq. 6): a prior sample z and a bank of M_z prior samples go through the
+        personalizer to one latent per rater, giving ``personalized_logits`` (B, R, H, W).
+        """
+        images = self._check_images(images)
+        masks = self._check_masks(masks, images)
+        b = images.shape[0]
+        c = self.config
+        if self.phase == 1:
+            f, harm = self.features(images)
+            prior = self.prior(images)
+            if rater_index is None:
+                rater_index = torch.randint(0, c.num_raters, (b,), generator=generator).to(images.device)
+            chosen = masks[torch.arange(b, device=images.device), rater_index]
+            posterior = self.posterior(with_masks(images, chosen))
+            z_post = posterior.rsample()
+            out = ModelOutput(1, f, harm, prior, posterior, rater_index)
+            out.posterior_logits = self.fcomb.logits(f, z_post[:, None])[:, 0]
+            if c.use_ged_loss:
+                z_prior = prior.rsample((c.ged_samples,)).transpose(0, 1)  # (B, K, latent)
+                out.prior_logits = self.fcomb.logits(f, z_prior)
+            return out
+        with torch.no_grad():  # everything but the personalizer is frozen in phase 2
+            f, harm = self.features(images)
+            prior = self.prior(images)
+            z = prior.sample()
+            bank = prior.sample((c.prior_bank,)).transpose(0, 1)
+        raters = torch.arange(c.num_raters, device=images.device)
+        z_personal = self.personalizer(f, z, bank, raters)
+        out = ModelOutput(2, f, harm, prior)
+        out.personalized_logits = self.fcomb.logits(f, z_personal)
+        return out
+
+    @torch.no_grad()
+    def sample(self, images: Tensor, num_samples: int = 16, *, generator=None, z: Optional[Tensor] = None) -> Tensor:
+        """``num_samples`` segmentation probabilities per image from the prior: ``(B, K, H, W)``.
+
+        One backbone pass per image; the K samples cost only the split fcomb head (see :mod:`.fcomb`). ``z``
+        ``(B, K, latent)`` replaces the prior draws (for reproducing or comparing paths).
+        """
+        images = self._check_images(images)
+        if z is None:
+            if not isinstance(num_samples, int) or num_samples < 1:
+                raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
+            prior = self.prior(images)
+            eps = torch.randn((images.shape[0], num_samples, self.config.latent_dim), generator=generator)
+            z = prior.mean[:, None] + prior.stddev[:, None] * eps.to(images.device, prior.mean.dtype)
+        f, _ = self.features(images)
+        return self.fcomb.probabilities(f, z)
+
+    @torch.no_grad()
+    def personalize(
+        self, images: Tensor, raters: Optional[Union[int, list[int], Tensor]] = None, *, generator=None
+    ) -> Tensor:
+        """One probability map per rater head, ``(B, R', H, W)``: rater i's personalized latent from the prior
+        mean and a bank of ``config.prior_bank`` prior samples, through the shared head. ``raters`` picks
+        heads (default: all ``num_raters``)."""
+        if self.personalizer is None:
+            raise ValueError("personalize: this model has no personalizer (config.use_personalizer=False)")
+        images = self._check_images(images)
+        r = self.config.num_raters
+        idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:
+            raise ValueError(f"personalize: raters must be indices in [0, {r}), got {idx.tolist()}")
+        f, _ = self.features(images)
+        prior = self.prior(images)
+        eps = torch.randn((images.shape[0], self.config.prior_bank, self.config.latent_dim), generator=generator)
+        bank = prior.mean[:, None] + prior.stddev[:, None] * eps.to(images.device, prior.mean.dtype)
+        z_personal = self.personalizer(f, prior.mean, bank, idx.to(images.device))
+        return self.fcomb.probabilities(f, z_personal)
