@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/bench_haar.py
 	$(PY) benchmarks/bench_film.py
 	$(PY) benchmarks/bench_ged.py
+	$(PY) benchmarks/bench_sampling.py
 
 compile-check: $(VENV)/.deps
 	bash csrc/compile_check.sh $(PY)

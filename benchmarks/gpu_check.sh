@@ -108,6 +108,7 @@ benchmarks() {
   done
   # the numpy peer takes about 1 s per image at K = 50: time it on one image per case
   "$PY" benchmarks/bench_ged.py "${args[@]}" --numpy-images 1 --out "$dir" | tail -30
+  "$PY" benchmarks/bench_sampling.py "${args[@]}" --out "$dir" | tail -20
   tar -C "$OUT" -czf "$OUT/bench.tgz" bench && rm -rf "$dir"
 }
 
