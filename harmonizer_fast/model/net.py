@@ -46,8 +46,9 @@ class HarmonizerNet(nn.Module):
             raise TypeError(f"HarmonizerNet: config must be a HarmonizerConfig, got {type(config).__name__}")
         c = config
         self.config = c
-        self.backbone = Backbone(c.in_channels, c.stem_channels, c.encoder_blocks, c.encoder_channels,
-                                 c.decoder_channels)
+        self.backbone = Backbone(
+            c.in_channels, c.stem_channels, c.encoder_blocks, c.encoder_channels, c.decoder_channels
+        )
         self.prior = AxisAlignedConvGaussian(c.in_channels, c.latent_channels, c.latent_convs_per_stage, c.latent_dim)
         self.posterior = AxisAlignedConvGaussian(
             c.in_channels + 1, c.latent_channels, c.latent_convs_per_stage, c.latent_dim
