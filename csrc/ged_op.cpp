@@ -66,11 +66,11 @@ at::Tensor pairwise_overlap(const at::Tensor& a, const at::Tensor& b, double thr
     // CPU: the Gram matrix is a batched matrix product, and ATen's BLAS is the fastest honest route to it.
     const at::Tensor af = a.to(acc), bf = b.to(acc);
     const at::Tensor sa = af.sum(-1), sb = bf.sum(-1);
-    // A NaN anywhere shows in the areas: a check of B x K numbers instead of every pixel.
+    at::Tensor gram = at::bmm(af, bf.transpose(1, 2));
+    if (m == OverlapMode::Gram) return gram;  // plain arithmetic, like a matmul: NaN in, NaN out
+    // IoU: a NaN anywhere shows in the areas, a check of B x K numbers instead of every pixel.
     TORCH_CHECK_VALUE(!at::isnan(sa).any().item<bool>(), "pairwise_iou: a contains NaN");
     TORCH_CHECK_VALUE(!at::isnan(sb).any().item<bool>(), "pairwise_iou: b contains NaN");
-    at::Tensor gram = at::bmm(af, bf.transpose(1, 2));
-    if (m == OverlapMode::Gram) return gram;
     const at::Tensor uni = sa.unsqueeze(2) + sb.unsqueeze(1) - gram;
     return at::where(uni > 0, gram / (uni + eps), at::full({}, empty_iou, gram.options()));
   }

@@ -34,7 +34,11 @@ class AxisAlignedConvGaussian(nn.Module):
     def forward(self, x: Tensor) -> Independent:
         h = self.encoder(x).mean((2, 3), keepdim=True)
         mu, log_sigma = self.to_params(h).flatten(1).chunk(2, dim=1)
-        return Independent(Normal(mu, torch.exp(log_sigma.clamp(-10.0, 10.0))), 1)
+        # validate_args=False: a NaN must reach the trainer's guard (which says where it happened), not
+        # stop inside torch.distributions; it also saves a check per call.
+        return Independent(
+            Normal(mu, torch.exp(log_sigma.clamp(-10.0, 10.0)), validate_args=False), 1, validate_args=False
+        )
 
 
 def kl_divergence(posterior: Independent, prior: Independent) -> Tensor:

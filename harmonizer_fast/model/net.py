@@ -157,39 +157,69 @@ class HarmonizerNet(nn.Module):
 
         return self.backbone(images, modulate), record
 
+    def draw_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """Every random draw of one training forward in the current phase, for ``batch`` images (CPU tensors).
+
+        Drawing them outside the forward lets a trainer take them from a generator seeded per step, so that
+        a resumed run, or the same global batch split over several processes, sees the same randomness.
+        """
+        c = self.config
+        d = c.latent_dim
+        if self.phase == 1:
+            return {
+                "rater_index": torch.randint(0, c.num_raters, (batch,), generator=generator),
+                "posterior": torch.randn((batch, d), generator=generator),
+                "prior": torch.randn((batch, c.ged_samples, d), generator=generator),
+            }
+        return {
+            "z": torch.randn((batch, d), generator=generator),
+            "bank": torch.randn((batch, c.prior_bank, d), generator=generator),
+        }
+
     def forward(
-        self, images: Tensor, masks: Tensor, *, rater_index: Optional[Tensor] = None, generator=None
+        self,
+        images: Tensor,
+        masks: Tensor,
+        *,
+        rater_index: Optional[Tensor] = None,
+        noise: Optional[dict[str, Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> ModelOutput:
         """Training forward for the current phase.
 
         Phase 1 (Eq. 8): the posterior sees rater ``rater_index[b]``'s mask (random when None), its sample goes
         through fcomb (``posterior_logits``), and with the GED loss on, ``config.ged_samples`` prior samples
         give ``prior_logits``. Phase 2 (Eq. 6): a prior sample z and a bank of M_z prior samples go through the
-        personalizer to one latent per rater, giving ``personalized_logits`` (B, R, H, W).
+        personalizer to one latent per rater, giving ``personalized_logits`` (B, R, H, W). ``noise`` (from
+        :meth:`draw_noise`) fixes every random draw; otherwise they come from ``generator``.
         """
         images = self._check_images(images)
         masks = self._check_masks(masks, images)
         b = images.shape[0]
         c = self.config
+        if noise is None:
+            noise = self.draw_noise(b, generator)
+        noise = {k: v.to(images.device) for k, v in noise.items()}
         if self.phase == 1:
             f, harm = self.features(images)
             prior = self.prior(images)
             if rater_index is None:
-                rater_index = torch.randint(0, c.num_raters, (b,), generator=generator).to(images.device)
+                rater_index = noise["rater_index"]
+            rater_index = rater_index.to(images.device)
             chosen = masks[torch.arange(b, device=images.device), rater_index]
             posterior = self.posterior(with_masks(images, chosen))
-            z_post = posterior.rsample()
+            z_post = posterior.mean + posterior.stddev * noise["posterior"].to(posterior.mean.dtype)  # rsample
             out = ModelOutput(1, f, harm, prior, posterior, rater_index)
             out.posterior_logits = self.fcomb.logits(f, z_post[:, None])[:, 0]
             if c.use_ged_loss:
-                z_prior = prior.rsample((c.ged_samples,)).transpose(0, 1)  # (B, K, latent)
+                z_prior = prior.mean[:, None] + prior.stddev[:, None] * noise["prior"].to(prior.mean.dtype)
                 out.prior_logits = self.fcomb.logits(f, z_prior)
             return out
         with torch.no_grad():  # everything but the personalizer is frozen in phase 2
             f, harm = self.features(images)
             prior = self.prior(images)
-            z = prior.sample()
-            bank = prior.sample((c.prior_bank,)).transpose(0, 1)
+            z = prior.mean + prior.stddev * noise["z"].to(prior.mean.dtype)
+            bank = prior.mean[:, None] + prior.stddev[:, None] * noise["bank"].to(prior.mean.dtype)
         raters = torch.arange(c.num_raters, device=images.device)
         z_personal = self.personalizer(f, z, bank, raters)
         out = ModelOutput(2, f, harm, prior)

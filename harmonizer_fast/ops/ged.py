@@ -124,7 +124,7 @@ def _checked(fn, kind: str):
         if kind == "ged":
             _check_no_nan(a, "ged", "samples")
             _check_binary(b, "ged", "raters")
-        else:
+        elif not (args[1] and args[-1] == 0):  # the soft Gram product is plain arithmetic: NaN in, NaN out
             _check_no_nan(a, "pairwise_iou", "a")
             _check_no_nan(b, "pairwise_iou", "b")
         return fn(a, b, *args)
@@ -355,7 +355,7 @@ def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor) -> Tensor
     return inter / (area_a[:, :, None] + area_b[:, None, :] - inter + LOSS_EPS)
 
 
-def ged_loss_per_image(probs: Tensor, raters: Tensor) -> Tensor:
+def ged_loss_per_image(probs: Tensor, raters: Tensor, *, check_finite: bool = True) -> Tensor:
     """The GED loss of paper Eq. 7 per image, ``(B,)``: see :func:`ged_loss`."""
     op = "ged_loss"
     _check_masks(probs, op, "probs", floating=True)
@@ -366,7 +366,7 @@ def ged_loss_per_image(probs: Tensor, raters: Tensor) -> Tensor:
     area_p, area_r = probs.sum((2, 3)), r.sum((2, 3))
     # A NaN or Inf anywhere shows in the areas: a check of B x (K + N) numbers instead of every pixel.
     # (Skipped while torch.compile traces: a data-dependent branch would break the graph.)
-    if not torch.compiler.is_compiling():
+    if check_finite and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(area_p).all()):
             raise ValueError("ged_loss: probs contains NaN or Inf")
         if not bool(torch.isfinite(area_r).all()):
@@ -380,7 +380,7 @@ def ged_loss_per_image(probs: Tensor, raters: Tensor) -> Tensor:
     return loss
 
 
-def ged_loss(probs: Tensor, raters: Tensor) -> Tensor:
+def ged_loss(probs: Tensor, raters: Tensor, *, check_finite: bool = True) -> Tensor:
     """The differentiable GED loss of paper Eq. 7, averaged over the batch (a scalar).
 
     ``2/(KN) sum_{k,i} d(P_k, A_i) - 2/(K(K-1)) sum_{k<k'} d(P_k, P_k')`` with the soft IoU distance
@@ -388,5 +388,6 @@ def ged_loss(probs: Tensor, raters: Tensor) -> Tensor:
     depend on the model), so the loss is GED minus that constant and may be negative. probs ``(B, K, H, W)``
     in [0, 1], raters ``(B, N, H, W)`` (binary or soft). With K = 1 the within-sample term is absent.
     The Gram products go through the package's kernels and their backward is two batched matrix products.
+    ``check_finite=False`` skips the NaN/Inf check (a host sync), for callers that guard the total loss.
     """
-    return ged_loss_per_image(probs, raters).mean()
+    return ged_loss_per_image(probs, raters, check_finite=check_finite).mean()

@@ -1,0 +1,175 @@
+"""The trainer and the command line: exact resume after SIGKILL and after a time-budget stop, the NaN guard,
+checkpoint integrity, DDP with two CPU processes against one process, and the CLI's one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harmonizer_fast import data as hd
+from harmonizer_fast.checkpoint import CheckpointError, load_model
+from harmonizer_fast.cli import main as cli
+from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
+from harmonizer_fast.train import TrainConfig, Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def npz(tmp_path):
+    path = tmp_path / "synth.npz"
+    hd.write_npz(hd.make_synthetic(48, size=32, raters=3, seed=1), path)
+    return path
+
+
+def cli_run(*args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "harmonizer_fast.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+
+
+TRAIN = ("train", "--config", "small", "--epochs", "2", "--batch-size", "8", "--no-progress", "--lr", "1e-3")
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "last.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, npz):
+    ref = tmp_path / "ref"
+    r = cli_run(*TRAIN, "--data", str(npz), "--out", str(ref))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "harmonizer_fast.cli", *TRAIN, "--data", str(npz), "--out",
+                             str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (run / "log.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = cli_run(*TRAIN, "--data", str(npz), "--out", str(run), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(weights(ref), weights(run))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log][-1] == 4  # 2 epochs of phase 1, 2 of phase 2
+
+
+def small_trainer(data, run, **kw):
+    tc = TrainConfig(epochs_phase1=1, epochs_phase2=1, batch_size=8, lr_phase1=1e-3, lr_phase2=1e-3, val_samples=4,
+                     **kw)  # fmt: skip
+    return Trainer(data, HarmonizerConfig.small(num_raters=data.num_raters), tc, run, progress=False,
+                   log=lambda _m: None)  # fmt: skip
+
+
+def test_time_budget_stop_then_resume_is_exact(tmp_path):
+    data = hd.make_synthetic(40, size=32, raters=2, seed=3)
+    small_trainer(data, tmp_path / "ref").fit()
+    stopped = small_trainer(data, tmp_path / "run", max_minutes=1e-9).fit()  # stops after the first step
+    assert stopped.stopped == "time budget"
+    state = json.loads((tmp_path / "run" / "last.json").read_text())["state"]
+    assert state["step"] == 1 and state["epoch"] == 0
+    result = small_trainer(data, tmp_path / "run").fit(resume=True)
+    assert result.stopped == "completed"
+    assert_same_weights(weights(tmp_path / "ref"), weights(tmp_path / "run"))
+    again = small_trainer(data, tmp_path / "run").fit(resume=True)
+    assert again.stopped == "completed"  # nothing left to do
+
+
+def test_nan_guard(tmp_path):
+    data = hd.make_synthetic(24, size=32, raters=2, seed=4)
+    trainer = small_trainer(data, tmp_path / "run")
+    trainer.images[:] = float("nan")
+    with pytest.raises(TrainingError, match="loss is nan at epoch 1, step 1"):
+        trainer.fit()
+
+
+def test_best_checkpoint_and_split(tmp_path):
+    data = hd.make_synthetic(40, size=32, raters=2, seed=5)
+    small_trainer(data, tmp_path / "run").fit()
+    model, manifest = load_model(tmp_path / "run")  # a run directory means its best checkpoint
+    assert isinstance(model, torch.nn.Module) and manifest["state"]["stopped"] == "best"
+    split = json.loads((tmp_path / "run" / "last.json").read_text())["state"]["split"]
+    pid = data.patient_id
+    assert not set(pid[split["test"]]) & (set(pid[split["train"]]) | set(pid[split["val"]]))
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "val_ged" in json.loads(lines[0])
+
+
+def test_checkpoint_integrity(tmp_path):
+    data = hd.make_synthetic(24, size=32, raters=2, seed=6)
+    small_trainer(data, tmp_path / "run", phase="1").fit()
+    run = tmp_path / "run"
+    blob = (run / "last.safetensors").read_bytes()
+    (run / "last.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="does not match its manifest"):
+        load_model(run / "last.json")
+    (run / "foreign.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(CheckpointError, match="not a harmonizer-fast checkpoint"):
+        load_model(run / "foreign.json")
+    (run / "garbage.json").write_bytes(b"\x80\x81")
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_model(run / "garbage.json")
+
+
+def test_ddp_two_processes_match_one(tmp_path, npz):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("train", "--data", str(npz), "--config", "small", "--epochs", "1", "--phase", "1", "--batch-size", "8",
+            "--no-progress")  # fmt: skip
+    assert cli(["train", *args[1:], "--out", str(one)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "harmonizer_fast.cli", *args, "--out", str(two)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log1 = json.loads((one / "log.jsonl").read_text())
+    log2 = json.loads((two / "log.jsonl").read_text())
+    assert abs(log1["train_total"] - log2["train_total"]) <= 1e-5 * abs(log1["train_total"])
+    a, b = weights(one), weights(two)
+    torch.manual_seed(0)  # the trainer's initialization (seed 0)
+    init = HarmonizerNet(HarmonizerConfig.small(num_raters=3)).state_dict()
+    keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
+    diff = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in keys) ** 0.5
+    moved = sum(float(((a[k] - init[k]).double() ** 2).sum()) for k in keys) ** 0.5
+    assert diff <= 1e-2 * moved, (diff, moved)
+
+
+def test_cli_errors_are_one_line(tmp_path, npz, capsys):
+    assert cli(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such file or directory" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.json").write_text('{"format": "something-else"}')
+    assert cli(["train", "--data", str(npz), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 2
+    assert "not a harmonizer-fast checkpoint" in capsys.readouterr().err
+    assert cli(["train", "--data", str(npz), "--out", str(tmp_path / "r2"), "--resume", "--no-progress"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((4, 32, 32)), masks=np.zeros((4, 2, 16, 16)))
+    assert cli(["convert", str(bad), str(tmp_path / "o.npz")]) == 2
+    assert "must agree" in capsys.readouterr().err
+    r = cli_run("train", "--data", str(tmp_path / "nope.xyz"), "--out", str(tmp_path / "r3"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_cli_convert_and_info(tmp_path, npz, capsys):
+    out = tmp_path / "copy.npz"
+    assert cli(["convert", str(npz), str(out)]) == 0
+    np.testing.assert_array_equal(hd.read_npz(out).masks, hd.read_npz(npz).masks)
+    assert cli(["info"]) == 0
+    assert "backend" in capsys.readouterr().out
