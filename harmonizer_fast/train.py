@@ -305,6 +305,7 @@ class Trainer:
             "best_phase": self.best_phase,
             "stopped": stopped,
             "world_size": self.world,
+            "n_items": int(self.images.shape[0]),
         }
 
     def _save(self, stem: str, opt, state: dict[str, Any]) -> None:

@@ -68,14 +68,14 @@ def np_pairwise_iou(a, b, soft, empty_iou, threshold=0.5):
 
 
 def np_ged_loss(probs, raters):
-    """Paper Eq. 7 per image with the soft IoU distance, float64, pair by pair."""
+    """Paper Eq. 7 per image with the soft IoU distance (smoothed by one pixel), float64, pair by pair."""
     out = []
     for p, a in zip(probs.astype(np.float64), raters.astype(np.float64)):
         k, n = len(p), len(a)
 
         def d(x, y):
             inter = (x * y).sum()
-            return 1.0 - inter / (x.sum() + y.sum() - inter + 1e-8)
+            return 1.0 - (inter + 1.0) / (x.sum() + y.sum() - inter + 1.0)
 
         cross = 2.0 / (k * n) * sum(d(p[i], a[j]) for i in range(k) for j in range(n))
         within = 0.0
@@ -269,11 +269,11 @@ def torch_ged_loss(probs, raters):
     k = probs.shape[1]
     ip = torch.einsum("bkhw,bnhw->bkn", probs, raters)
     sp, sr = probs.sum((2, 3)), raters.sum((2, 3))
-    cross = 1 - ip / (sp[:, :, None] + sr[:, None, :] - ip + 1e-8)
+    cross = 1 - (ip + 1) / (sp[:, :, None] + sr[:, None, :] - ip + 1)
     loss = 2 * cross.mean((1, 2))
     if k > 1:
         ipp = torch.einsum("bkhw,bjhw->bkj", probs, probs)
-        within = 1 - ipp / (sp[:, :, None] + sp[:, None, :] - ipp + 1e-8)
+        within = 1 - (ipp + 1) / (sp[:, :, None] + sp[:, None, :] - ipp + 1)
         off = ~torch.eye(k, dtype=torch.bool)
         loss = loss - (within * off).sum((1, 2)) / (k * (k - 1))
     return loss.mean()
@@ -287,7 +287,7 @@ def test_ged_loss_value_and_gradient(case, k, dtype, use_backend):
     if case[0] == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernel accumulates soft masks in float32")
     probs, raters = make_case(b=2, k=k, n=3, h=9, w=10, seed=10 + k)
-    probs[0, 0] = 0.0  # an all-zero map: the 1e-8 keeps 0/0 away
+    probs[0, 0] = 0.0  # an all-zero map: the smoothing keeps 0/0 away
     p = probs.to(dtype).to(device).clone().requires_grad_()
     loss = hf.ged_loss(p, raters.to(dtype).to(device))
     assert loss.dim() == 0
@@ -305,6 +305,15 @@ def test_ged_loss_gradcheck():
     probs, raters = make_case(b=1, k=3, n=2, h=5, w=4, seed=12)
     probs.requires_grad_()
     assert torch.autograd.gradcheck(lambda p: hf.ged_loss(p, raters), (probs,))
+
+
+def test_ged_loss_has_no_empty_attractor():
+    """Empty samples against raters that drew a lesion score worse than samples that draw it."""
+    _, raters = make_case(b=1, k=4, n=4, h=16, w=16, seed=14)
+    empty = torch.zeros_like(raters)
+    assert hf.ged_loss(raters.clone(), raters) < hf.ged_loss(empty, raters)
+    # and two empty maps are at distance 0: empty samples against empty raters cost nothing
+    assert abs(float(hf.ged_loss(empty, empty))) < 1e-6
 
 
 def test_ged_loss_rewards_matching_the_raters():

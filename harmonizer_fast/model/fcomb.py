@@ -13,11 +13,15 @@ Three routes to the same numbers:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.fcomb import fcomb_head
+
+FOREGROUND_PRIOR = 0.05
 
 
 class Fcomb(nn.Module):
@@ -29,6 +33,10 @@ class Fcomb(nn.Module):
         self.first = nn.Conv2d(feat_channels + latent_dim, channels, 1)
         self.hidden = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(layers - 1))
         self.last = nn.Conv2d(channels, 1, 1)
+        # Start from a foreground probability of 5% (lesions are a few percent of the pixels): the head then
+        # learns "lesion = active units" instead of parking lesion pixels at the bias with every ReLU off,
+        # a mode it leaves only slowly (measured on synthetic data: loss 0.25 against 0.52 after 150 steps).
+        nn.init.constant_(self.last.bias, math.log(FOREGROUND_PRIOR / (1 - FOREGROUND_PRIOR)))
 
     def _split(self) -> tuple[Tensor, Tensor]:
         w = self.first.weight.flatten(1)  # (C, D + latent)

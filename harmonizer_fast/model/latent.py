@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
+
 
 class AxisAlignedConvGaussian(nn.Module):
     """Stages of ``convs_per_stage`` 3x3 conv + ReLU with 2x2 average pooling between, a spatial mean and a
@@ -34,10 +36,14 @@ class AxisAlignedConvGaussian(nn.Module):
     def forward(self, x: Tensor) -> Independent:
         h = self.encoder(x).mean((2, 3), keepdim=True)
         mu, log_sigma = self.to_params(h).flatten(1).chunk(2, dim=1)
+        # sigma within [e^-5, e^2]: with the paper's small lambda_KL the GED loss's diversity term can otherwise
+        # inflate the prior without bound (seen on LIDC: sigma 2e4, every prior sample an empty mask).
         # validate_args=False: a NaN must reach the trainer's guard (which says where it happened), not
         # stop inside torch.distributions; it also saves a check per call.
         return Independent(
-            Normal(mu, torch.exp(log_sigma.clamp(-10.0, 10.0)), validate_args=False), 1, validate_args=False
+            Normal(mu, torch.exp(log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)), validate_args=False),
+            1,
+            validate_args=False,
         )
 
 

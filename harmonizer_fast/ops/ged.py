@@ -35,7 +35,12 @@ CONVENTIONS: dict[str, tuple[float, float, bool]] = {
     "unbiased": (0.0, 1.0, True),
 }
 DEFAULT_CONVENTION = "dpersona"
-LOSS_EPS = 1e-8  # soft IoU of two all-zero maps is 0 (distance 1) instead of 0/0, as in dpersona
+# The loss's soft IoU is smoothed, (I + s) / (U + s) with s = LOSS_SMOOTH pixels, as soft Dice/Jaccard losses
+# are: two all-zero maps then have IoU 1 (distance 0), the reading of the phiseg/unbiased conventions. With a
+# dpersona-style 0/0 -> 0 instead, empty samples sit at distance 1 from each other, so "every sample empty"
+# maximizes the diversity term and the loss stalls there (measured on LIDC, where about half the rater
+# masks of a slice are empty: the GED loss stayed at 1.0 and every prior sample was empty).
+LOSS_SMOOTH = 1.0
 
 _MASK_DTYPES_CPU = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool})
 _MASK_DTYPES_CUDA = _MASK_DTYPES_CPU
@@ -351,11 +356,13 @@ def soft_gram(a: Tensor, b: Tensor) -> Tensor:
     return _overlap_op(_flat(a), _flat(b), 0.0, True, 0.0, 0.0, 0)
 
 
-def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor) -> Tensor:
-    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter + LOSS_EPS)
+def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor, smooth: float) -> Tensor:
+    return (inter + smooth) / (area_a[:, :, None] + area_b[:, None, :] - inter + smooth)
 
 
-def ged_loss_per_image(probs: Tensor, raters: Tensor, *, check_finite: bool = True) -> Tensor:
+def ged_loss_per_image(
+    probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_finite: bool = True
+) -> Tensor:
     """The GED loss of paper Eq. 7 per image, ``(B,)``: see :func:`ged_loss`."""
     op = "ged_loss"
     _check_masks(probs, op, "probs", floating=True)
@@ -371,23 +378,24 @@ def ged_loss_per_image(probs: Tensor, raters: Tensor, *, check_finite: bool = Tr
             raise ValueError("ged_loss: probs contains NaN or Inf")
         if not bool(torch.isfinite(area_r).all()):
             raise ValueError("ged_loss: raters contains NaN or Inf")
-    cross = 1.0 - _soft_iou_from_gram(soft_gram(probs, r), area_p, area_r)
+    cross = 1.0 - _soft_iou_from_gram(soft_gram(probs, r), area_p, area_r, smooth)
     loss = 2.0 * cross.mean((1, 2))
     if k > 1:
-        within = 1.0 - _soft_iou_from_gram(soft_gram(probs, probs), area_p, area_p)
+        within = 1.0 - _soft_iou_from_gram(soft_gram(probs, probs), area_p, area_p, smooth)
         off = within.sum((1, 2)) - torch.diagonal(within, dim1=1, dim2=2).sum(-1)
         loss = loss - off / (k * (k - 1))
     return loss
 
 
-def ged_loss(probs: Tensor, raters: Tensor, *, check_finite: bool = True) -> Tensor:
+def ged_loss(probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_finite: bool = True) -> Tensor:
     """The differentiable GED loss of paper Eq. 7, averaged over the batch (a scalar).
 
     ``2/(KN) sum_{k,i} d(P_k, A_i) - 2/(K(K-1)) sum_{k<k'} d(P_k, P_k')`` with the soft IoU distance
-    d = 1 - sum(p q) / (sum p + sum q - sum(p q) + 1e-8); the rater-rater term is dropped (it does not
+    d = 1 - (sum(p q) + s) / (sum p + sum q - sum(p q) + s), s = ``smooth`` pixels (default 1: two empty maps
+    are at distance 0; see LOSS_SMOOTH for why); the rater-rater term is dropped (it does not
     depend on the model), so the loss is GED minus that constant and may be negative. probs ``(B, K, H, W)``
     in [0, 1], raters ``(B, N, H, W)`` (binary or soft). With K = 1 the within-sample term is absent.
     The Gram products go through the package's kernels and their backward is two batched matrix products.
     ``check_finite=False`` skips the NaN/Inf check (a host sync), for callers that guard the total loss.
     """
-    return ged_loss_per_image(probs, raters, check_finite=check_finite).mean()
+    return ged_loss_per_image(probs, raters, smooth=smooth, check_finite=check_finite).mean()
