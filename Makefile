@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (README.md):
-#   make demo   set up .venv and run the main job (for now: the op benchmarks, quick)
+#   make demo   set up .venv and run the main job: train and evaluate on synthetic data (harmonizer-fast demo)
 #   make test   set up .venv, compile-check the CUDA sources, lint, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,9 +27,7 @@ $(VENV)/.ext: $(VENV)/.deps setup.py $(EXT_SOURCES)
 	touch $@
 
 demo: setup
-	$(PY) benchmarks/bench_haar.py --quick
-	$(PY) benchmarks/bench_film.py --quick
-	$(PY) benchmarks/bench_ged.py --quick
+	$(VENV)/bin/harmonizer-fast demo --out runs/demo
 
 bench: setup
 	$(PY) benchmarks/bench_haar.py

@@ -154,7 +154,7 @@ def _load_verified(manifest_path: Path, manifest: dict[str, Any], key: str) -> d
 
 
 def load_model(path: PathLike, *, map_location: Union[str, torch.device] = "cpu") -> tuple[HarmonizerNet, dict]:
-    """The model of a checkpoint (run directory: its best) and its manifest."""
+    """The model of a checkpoint (run directory: its best) in eval mode, and its manifest."""
     mpath, manifest = read_manifest(path)
     try:
         config = HarmonizerConfig.from_dict(manifest["model_config"])
@@ -166,7 +166,7 @@ def load_model(path: PathLike, *, map_location: Union[str, torch.device] = "cpu"
     if missing or unexpected:
         raise CheckpointError(f"{mpath}: weights do not fit the config (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]})")  # fmt: skip
-    return model.to(map_location), manifest
+    return model.to(map_location).eval(), manifest
 
 
 def load_training_state(
