@@ -4,7 +4,8 @@
 # Here, once per session (the GPU machine has no network, and lacks PyWavelets, pytorch_wavelets, ptwt):
 #     bash benchmarks/gpu_check.sh fetch-wheels        # -> .whl/ (git-ignored), about 5 MiB
 # Then through the device tool, from the repository root:
-#     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
+#     bash benchmarks/gpu_check.sh fetch-data          # -> .gpu_data/lidc-80.npz (git-ignored), about 15 MiB
+#     run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".gpu_data"], timeout_s=480)
 # Rehearsal on a machine without a GPU (every step that does not need one, CPU-sized):
 #     REHEARSE=1 OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
 #
@@ -16,6 +17,23 @@
 # ceilings.json, and bench.tgz (the benchmarks' JSON and markdown).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "fetch-data" ]; then
+  # A patient subset of ../shared/data/lidc as a compressed npz (../shared does not travel; 64 MiB limit).
+  mkdir -p .gpu_data
+  grep -qxF '/.gpu_data/' .git/info/exclude 2>/dev/null || echo '/.gpu_data/' >>.git/info/exclude
+  "${PY:-python3}" - <<'PYEOF'
+import numpy as np
+from harmonizer_fast.data import load_dataset
+d = load_dataset("../shared/data/lidc")
+keep = np.isin(d.patient_id, d.patients()[:80])
+np.savez_compressed(".gpu_data/lidc-80.npz", images=(d.images[keep] * 255).round().astype(np.uint8),
+                    masks=d.masks[keep], patient_id=d.patient_id[keep])
+print("wrote .gpu_data/lidc-80.npz:", int(keep.sum()), "slices")
+PYEOF
+  ls -l .gpu_data
+  exit 0
+fi
 
 if [ "${1:-}" = "fetch-wheels" ]; then
   mkdir -p .whl
@@ -112,6 +130,19 @@ benchmarks() {
   tar -C "$OUT" -czf "$OUT/bench.tgz" bench && rm -rf "$dir"
 }
 
+train() {
+  # The paper config on the carried LIDC subset with bf16 autocast, for a short fixed budget; the run
+  # directory stays on the machine (checkpoints exceed the 16 MiB per-file limit), its log comes back.
+  local data=.gpu_data/lidc-80.npz args=(--config paper --max-minutes 1.5 --batch-size 16)
+  [ -f "$data" ] || { echo "no $data carried (bash benchmarks/gpu_check.sh fetch-data)"; return 1; }
+  [ -n "${REHEARSE:-}" ] && args=(--config small --max-minutes 0.3 --batch-size 8)
+  "$PY" -m harmonizer_fast.cli train --data "$data" --out /tmp/gpu_run --phase 1 --epochs 100 --no-progress \
+    "${args[@]}"
+  local rc=$?
+  cp /tmp/gpu_run/log.jsonl "$OUT/train_log.jsonl" 2>/dev/null
+  return $rc
+}
+
 step machine machine
 step wheels wheels
 step build build
@@ -121,6 +152,7 @@ else
   step gpu_tests gpu_tests
   step ceilings ceilings
   step benchmarks benchmarks
+  step train train
 fi
 echo
 echo "=== summary"

@@ -308,6 +308,11 @@ class Trainer:
             "n_items": int(self.images.shape[0]),
         }
 
+    def _append_log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def _save(self, stem: str, opt, state: dict[str, Any]) -> None:
         if self.rank == 0:
             save_checkpoint(self.run_dir, stem, self.net, optimizer=opt, state=state)
@@ -383,6 +388,7 @@ class Trainer:
                         record = {"epoch": epoch + 1, "phase": phase, "partial_steps": step + 1,
                                   **{f"train_{k}": v / max(done, 1) for k, v in sums.items()}}  # fmt: skip
                         self.history.append(record)
+                        self._append_log(record)
                         self._save("last", opt, self._state(epoch, step + 1, phase, si, scheduler, "time budget"))
                         self.log(f"stopped by the time budget ({self.tc.max_minutes} min) in epoch {epoch + 1}")
                         return TrainResult(self.run_dir, epoch, "time budget", self.best_score, self.history)
@@ -406,9 +412,7 @@ class Trainer:
                 next_stage, next_epoch = (si + 1, epoch + 1) if e + 1 == n_epochs else (si, epoch + 1)
                 self._save("last", opt, self._state(next_epoch, 0, phase, next_stage, scheduler,
                                                     "completed" if last_epoch else ""))  # fmt: skip
-                if self.rank == 0:
-                    with open(self.run_dir / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                self._append_log(record)
                 self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                 if budget is not None and time.monotonic() - t0 > budget and not last_epoch:
                     self.log(f"stopped by the time budget ({self.tc.max_minutes} min) after epoch {epoch + 1}")
