@@ -135,6 +135,7 @@ train() {
   # directory stays on the machine (checkpoints exceed the 16 MiB per-file limit), its log comes back.
   local data=.gpu_data/lidc-80.npz args=(--config paper --max-minutes 1.5 --batch-size 16)
   [ -f "$data" ] || { echo "no $data carried (bash benchmarks/gpu_check.sh fetch-data)"; return 1; }
+  rm -rf /tmp/gpu_run
   [ -n "${REHEARSE:-}" ] && args=(--config small --max-minutes 0.3 --batch-size 8)
   "$PY" -m harmonizer_fast.cli train --data "$data" --out /tmp/gpu_run --phase 1 --epochs 100 --no-progress \
     "${args[@]}"
