@@ -187,6 +187,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .profiler import markdown, profile
+
+    result = profile(args.config, batch=args.batch, samples=args.samples, device=args.device)
+    print(markdown(result))
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -278,6 +294,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+    pr = sub.add_parser("profile", help="parameters, MACs, latency and the paper's budget verdict")
+    pr.add_argument("--config", choices=("paper", "small"), default="paper")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--samples", type=int, default=1)
+    pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pr.add_argument("--json", default=None)
+    pr.set_defaults(func=cmd_profile)
     i = sub.add_parser("info", help="backends, versions, devices")
     i.set_defaults(func=cmd_info)
     return p
