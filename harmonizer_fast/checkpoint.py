@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ._io import write_atomic
 from .model import HarmonizerConfig, HarmonizerNet
 
 FORMAT = "harmonizer-fast-checkpoint"
@@ -33,20 +34,6 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, foreign or inconsistent (the message says which file)."""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _sha256(data: bytes) -> str:
@@ -95,15 +82,15 @@ def save_checkpoint(
         "sha256": {"weights": _sha256(blob)},
         "state": state or {},
     }
-    _write_atomic(run / f"{stem}.safetensors", blob)
+    write_atomic(run / f"{stem}.safetensors", blob)
     if optimizer is not None:
         tensors, meta = _optimizer_tensors(optimizer)
         oblob = st_save(tensors, metadata={"format": FORMAT})
-        _write_atomic(run / f"{stem}.optim.safetensors", oblob)
+        write_atomic(run / f"{stem}.optim.safetensors", oblob)
         manifest["files"]["optimizer"] = f"{stem}.optim.safetensors"
         manifest["sha256"]["optimizer"] = _sha256(oblob)
         manifest["optimizer"] = meta
-    _write_atomic(run / f"{stem}.json", json.dumps(manifest, indent=1, default=_json_default).encode())
+    write_atomic(run / f"{stem}.json", json.dumps(manifest, indent=1, default=_json_default).encode())
     return run / f"{stem}.json"
 
 

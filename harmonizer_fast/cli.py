@@ -189,17 +189,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
+    from ._io import write_atomic
     from .profiler import markdown, profile
 
     result = profile(args.config, batch=args.batch, samples=args.samples, device=args.device)
     print(markdown(result))
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
+        write_atomic(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 

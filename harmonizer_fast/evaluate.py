@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._io import write_atomic
 from .data import MultiRaterData
 from .metrics import MetricAccumulator, dice_soft, entropy_map
 from .model import HarmonizerNet
@@ -166,6 +167,13 @@ def _figures(out: Path, model, data, idx, summary, per_k, robustness, seed) -> l
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
     device = next(model.parameters()).device
     show = idx[:4]
     x = torch.from_numpy(data.images[show]).to(device)
@@ -189,10 +197,7 @@ def _figures(out: Path, model, data, idx, summary, per_k, robustness, seed) -> l
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=110)
-    plt.close(fig)
-    written.append("samples.png")
+    save(fig, "samples.png")
 
     fig, ax1 = plt.subplots(figsize=(4, 3))
     ks = sorted(per_k)
@@ -203,10 +208,7 @@ def _figures(out: Path, model, data, idx, summary, per_k, robustness, seed) -> l
     ax2 = ax1.twinx()
     ax2.plot(ks, [np.mean(per_k[k]["dice_soft"]) for k in ks], "s--", color="tab:orange", label="Dice_soft")
     ax2.set_ylabel("Dice_soft")
-    fig.tight_layout()
-    fig.savefig(out / "ged_vs_k.png", dpi=110)
-    plt.close(fig)
-    written.append("ged_vs_k.png")
+    save(fig, "ged_vs_k.png")
 
     cal = np.asarray(summary["calibration"]["reliability"])  # (N, 10, 3)
     fig, ax = plt.subplots(figsize=(3.6, 3.4))
@@ -218,10 +220,7 @@ def _figures(out: Path, model, data, idx, summary, per_k, robustness, seed) -> l
     ax.set_xlabel("confidence")
     ax.set_ylabel("foreground frequency")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
-    plt.close(fig)
-    written.append("reliability.png")
+    save(fig, "reliability.png")
 
     if robustness:
         fig, ax = plt.subplots(figsize=(4.2, 3))
@@ -231,21 +230,12 @@ def _figures(out: Path, model, data, idx, summary, per_k, robustness, seed) -> l
         ax.set_xticks(range(4), ["clean", "level 1", "level 2", "level 3"])
         ax.set_ylabel("Dice_soft")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "robustness.png", dpi=110)
-        plt.close(fig)
-        written.append("robustness.png")
+        save(fig, "robustness.png")
     return written
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The whole evaluation.
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_evaluation(
@@ -288,8 +278,8 @@ def run_evaluation(
         result["robustness"] = rob
     if figures:
         result["figures"] = _figures(out, model, data, idx, summary, per_k, rob, seed)
-    _write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=float) + "\n")
-    _write_atomic(out / "report.md", report(result, acc))
+    write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=float) + "\n")
+    write_atomic(out / "report.md", report(result, acc))
     return result
 
 

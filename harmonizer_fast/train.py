@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import losses, metrics
+from . import losses
 from .checkpoint import CheckpointError, load_training_state, read_manifest, save_checkpoint
 from .data import MultiRaterData, augment, patient_split
+from .evaluate import evaluate_model
 from .model import HarmonizerConfig, HarmonizerNet
 
 
@@ -150,12 +151,16 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> tor
     return module
 
 
-def _generator(*keys: int) -> torch.Generator:
-    """A generator seeded by a tuple of ints (stable across runs, processes and resumes)."""
+def _seed(*keys: int) -> int:
+    """One seed from a tuple of ints (stable across runs, processes and resumes)."""
     seed = 0
     for k in keys:
         seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    return seed
+
+
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*keys))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,6 +210,7 @@ class Trainer:
             raise TrainingError(f"rater_order must be 'stored' or 'area', got {self.tc.rater_order!r}")
         self.split = patient_split(data.patient_id, folds=self.tc.folds, fold=self.tc.fold,
                                    val_fraction=self.tc.val_fraction, seed=self.tc.seed)  # fmt: skip
+        self.data = data  # prepared: padded and in the training rater order
         self.images = torch.from_numpy(data.images)
         self.masks = torch.from_numpy(data.masks)
         torch.manual_seed(self.tc.seed)
@@ -272,18 +278,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self, phase: int) -> dict[str, float]:
         """Validation metrics; ``score`` (lower is better) picks the best checkpoint."""
-        was = self.net.training
-        self.net.eval()
-        acc = metrics.MetricAccumulator()
-        idx = self.split.val
-        g = _generator(self.tc.seed, 3)
-        for s in range(0, len(idx), self.tc.val_batch):
-            part = idx[s : s + self.tc.val_batch]
-            x, y = self.images[part].to(self.device), self.masks[part].to(self.device)
-            probs = self.net.sample(x, self.tc.val_samples, generator=g)
-            heads = self.net.personalize(x, generator=g) if phase == 2 else None
-            acc.update(probs.float(), y, None if heads is None else heads.float())
-        self.net.train(was)
+        tc = self.tc
+        acc, _ = evaluate_model(self.net, self.data, self.split.val, samples=tc.val_samples, seed=_seed(tc.seed, 3),
+                                batch=tc.val_batch, personalized=phase == 2)  # fmt: skip
         summary = acc.summary()
         out = {f"val_{k}": v for k, v in summary["mean"].items()}
         out["score"] = out["val_ged"] if phase == 1 else -out["val_dice_each_mean"]

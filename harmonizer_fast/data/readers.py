@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .._io import write_atomic
 from .dataset import DataError, MultiRaterData, normalize_images
 
 FORMATS = ("lidc-folder", "lidc-pickle", "npc-h5", "npz")
@@ -45,26 +46,11 @@ def cache_dir() -> Path:
     return Path(base) / "harmonizer_fast"
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_npz(data: MultiRaterData, path: PathLike) -> None:
     """Save in the ``npz`` format above (images as float32 in [0, 1]), atomically."""
     buf = io.BytesIO()
     np.savez(buf, images=data.images, masks=data.masks, patient_id=data.patient_id.astype(str))
-    write_atomic_bytes(Path(path), buf.getvalue())
+    write_atomic(Path(path), buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,7 +182,7 @@ def read_lidc_folder(path: PathLike, *, cache: bool = True) -> MultiRaterData:
         buf = io.BytesIO()
         np.savez(buf, images=data.images, masks=data.masks, patient_id=data.patient_id.astype(str))
         try:
-            write_atomic_bytes(cache_file, buf.getvalue())
+            write_atomic(cache_file, buf.getvalue())
         except OSError:
             pass  # a read-only cache location only costs speed
     return data
