@@ -1,9 +1,14 @@
-"""Profiler: parameters per component, multiply-accumulates, latency and the paper's budget (appendix K:
-0.42 s per forward and 2.4 G multiply-accumulates per 128 x 128 image on an RTX 3090).
+"""Profiler: parameters per component, multiply-accumulates, bytes moved, latency, the paper's budget
+(appendix K: 0.42 s per forward and 2.4 G multiply-accumulates per 128 x 128 image on an RTX 3090) and a
+roofline projection of the counted work onto that card.
 
 MACs and FLOPs are counted with ``torch.utils.flop_counter`` plus formulas registered here for this
 package's custom ops, which the counter would otherwise count as zero (FLOPs = 2 x MACs for products; the
 memory-bound ops count one FLOP per arithmetic operation per element).
+
+Bytes are the compulsory traffic of each op, derived from the shapes: every input read once and every output
+written once (views move nothing; a broadcast operand counts the memory it spans, not its logical size).
+That is what a kernel that keeps its working set on chip moves, so it is the memory side of the roofline.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ import math
 import resource
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from . import ops  # noqa: F401  (defines the custom ops the formulas attach to)
 from .model import HarmonizerConfig, HarmonizerNet
@@ -24,6 +33,19 @@ PAPER_LATENCY_S = 0.42
 PAPER_MACS = 2.4e9
 PAPER_PARAMS_M = {"shared": 30.11, "harmonizer": 0.14, "personalizer": 0.07, "total": 30.31}
 COMPONENTS = ("backbone", "prior", "posterior", "fcomb", "harmonizer", "personalizer")
+
+# The card the paper's budget is stated for, from NVIDIA's datasheet (GA102 whitepaper v2.1, table "GeForce
+# RTX 3090"): 82 SMs at 1695 MHz boost x 128 FP32 lanes x 2 FLOPs, and 19.5 Gbps GDDR6X on a 384-bit bus.
+# Peaks, never reached in practice: a projection from them is a lower bound on time, not a measurement.
+RTX_3090 = {
+    "name": "NVIDIA GeForce RTX 3090 (datasheet peaks)",
+    "fp32_flops": 35.58e12,
+    "fp16_tensor_flops": 71.16e12,  # dense, FP32 accumulate (GeForce runs FP32-accumulate at half rate)
+    "dram_bytes_per_s": 936.2e9,
+}
+# Eager PyTorch spends a few microseconds of host time per op (dispatch + kernel launch); with the GPU
+# asynchronous, a forward of small kernels is bounded below by that host time as well. An assumption, stated.
+LAUNCH_OVERHEAD_S = 5e-6
 
 
 def _numel(shape) -> int:
@@ -99,6 +121,116 @@ def _ged_sums_flops(s_shape, r_shape, *args, out_shape=None, **kwargs) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class OpWork:
+    """What one op did: (FLOPs, compulsory bytes) of each call, kept apart because one op (a convolution)
+    can be memory-bound in one layer and compute-bound in the next."""
+
+    per_call: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.per_call)
+
+    @property
+    def flops(self) -> int:
+        return sum(f for f, _ in self.per_call)
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.per_call)
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes of the memory a tensor addresses: its logical size, or less when strides repeat elements."""
+    if t.numel() == 0:
+        return 0
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return min(t.numel(), span) * t.element_size()
+
+
+_ALLOCATIONS = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like}
+
+
+class WorkCounter(TorchDispatchMode):
+    """Records :class:`OpWork` per op under the dispatcher: FLOPs from torch's flop registry (with this
+    module's formulas) and compulsory bytes from the shapes. Ops without a formula and not decomposable
+    count zero FLOPs, as in ``FlopCounterMode``, so the totals of the two agree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, OpWork] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in flop_registry:
+            with self:  # an op without a formula may be a composite of ones that have one (as FlopCounterMode)
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            return out  # a view or an alias: no data moves
+        tensors = {id(t): t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        moved = sum(_span_bytes(t) for t in tensors.values())
+        if packet not in _ALLOCATIONS:  # an allocation writes nothing; the op that fills it counts the write
+            moved += sum(_span_bytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
+        self.ops.setdefault(str(packet), OpWork()).per_call.append((int(flops), moved))
+        return out
+
+
+def count_work(fn: Callable[..., Any], *args: Any) -> dict[str, OpWork]:
+    """Per-op :class:`OpWork` of ``fn(*args)`` (no grad)."""
+    with torch.no_grad(), WorkCounter() as counter:
+        fn(*args)
+    return counter.ops
+
+
+def roofline(work: dict[str, OpWork], peaks: dict[str, Any] = RTX_3090) -> dict[str, Any]:
+    """Project counted work onto a device from its peaks (default: the RTX 3090 datasheet).
+
+    Each call takes ``max(flops / fp32 peak, bytes / DRAM bandwidth)`` (the roofline); a call whose
+    arithmetic intensity (FLOP/byte) is below the ridge point ``fp32 peak / bandwidth`` is memory-bound, and
+    the rows sum the calls of one op on each side of the ridge. The forward
+    is projected at ``max(sum of op times, calls x LAUNCH_OVERHEAD_S)``: the GPU's work or the host's
+    dispatch of it, whichever is longer. A projection from peaks, not a measurement.
+    """
+    ridge = peaks["fp32_flops"] / peaks["dram_bytes_per_s"]
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, w in work.items():
+        for flops, moved in w.per_call:
+            bound = "memory" if flops < ridge * moved else "compute"
+            row = groups.setdefault((name, bound), {"op": name, "bound": bound, "calls": 0, "flops": 0, "bytes": 0,
+                                                    "projected_s": 0.0})  # fmt: skip
+            row["calls"] += 1
+            row["flops"] += flops
+            row["bytes"] += moved
+            row["projected_s"] += max(flops / peaks["fp32_flops"], moved / peaks["dram_bytes_per_s"])
+    rows = list(groups.values())
+    for row in rows:
+        row["intensity_flop_per_byte"] = row["flops"] / row["bytes"] if row["bytes"] else None
+    rows.sort(key=lambda r: -r["projected_s"])
+    gpu_s = sum(r["projected_s"] for r in rows)
+    calls = sum(r["calls"] for r in rows)
+    memory_rows = [r for r in rows if r["bound"] == "memory"]
+    return {
+        "device": peaks["name"],
+        "peaks": dict(peaks),
+        "ridge_flop_per_byte": ridge,
+        "launch_overhead_s": LAUNCH_OVERHEAD_S,
+        "calls": calls,
+        "roofline_s": gpu_s,
+        "host_s": calls * LAUNCH_OVERHEAD_S,
+        "projected_s": max(gpu_s, calls * LAUNCH_OVERHEAD_S),
+        "memory_bound_bytes": sum(r["bytes"] for r in memory_rows),
+        "memory_bound_s": sum(r["projected_s"] for r in memory_rows),
+        "ops": rows,
+        "note": "projection from datasheet peaks (a lower bound on time), not a measurement",
+    }
+
+
 def parameters(model: HarmonizerNet) -> dict[str, int]:
     """Parameters per paper component and in total."""
     out = {c: sum(p.numel() for p in getattr(model, c).parameters()) if getattr(model, c) is not None else 0
@@ -167,8 +299,11 @@ def profile(
         return model.sample(x, samples, generator=g)
 
     flops = count_flops(forward)
+    work = count_work(forward)
     one = torch.randn(1, model.config.in_channels, 128, 128, device=dev)
     budget_macs = count_flops(lambda: model.sample(one, 1, generator=g)) / 2
+    budget_projection = roofline(count_work(lambda: model.sample(one, 1, generator=g)))
+    projection = roofline(work)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = _time(forward, dev, repeats, warmup)
@@ -191,14 +326,19 @@ def profile(
         "paper_params_m": PAPER_PARAMS_M,
         "macs": flops / 2,
         "flops": flops,
+        "bytes": sum(w.bytes for w in work.values()),
+        "memory_bound_bytes": projection["memory_bound_bytes"],
         "latency_s": latency,
         "latency_times_s": times,
         "images_per_s": batch / latency,
         "samples_per_s": batch * samples / latency,
         "peak_memory_mib": peak,
         "peak_memory_kind": peak_kind,
+        "achieved_flops_per_s": flops / latency,
         "budget_forward": {"macs": budget_macs, "latency_s": one_latency, "image": "1 x 128 x 128, 1 sample"},
         "budget": verdict(one_latency, budget_macs),
+        "projection": projection,
+        "budget_projection": {k: v for k, v in budget_projection.items() if k != "ops"},
     }
 
 
@@ -241,6 +381,31 @@ def markdown(result: dict[str, Any]) -> str:
         f"| this run: B={result['batch']}, K={result['samples']}, {result['size']}^2 | "
         f"{result['latency_s']:.3f} s, {result['macs'] / 1e9:.2f} G MACs, {result['images_per_s']:.1f} images/s, "
         f"{result['samples_per_s']:.0f} samples/s | |",
+        f"| compulsory bytes, this run (of which memory-bound ops) | {result['bytes'] / 2**20:.1f} MiB "
+        f"({result['memory_bound_bytes'] / 2**20:.1f} MiB) | |",
+        f"| achieved rate, this run | {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s | |",
         f"| peak memory ({result['peak_memory_kind']}) | {result['peak_memory_mib']:.0f} MiB | |",
     ]
+    bp, pr = result["budget_projection"], result["projection"]
+    lines += [
+        "",
+        f"Roofline **projection** onto an RTX 3090 from its datasheet peaks ({pr['peaks']['fp32_flops'] / 1e12:.1f} "
+        f"FP32 TFLOP/s, {pr['peaks']['dram_bytes_per_s'] / 1e9:.0f} GB/s, ridge {pr['ridge_flop_per_byte']:.0f} "
+        f"FLOP/byte; host dispatch {pr['launch_overhead_s'] * 1e6:.0f} us per op). A lower bound on time, not a "
+        "measurement.",
+        "",
+        "| forward | ops | roofline (GPU work) | host dispatch | projected | memory-bound part |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, x in (("1 x 128 x 128, 1 sample (budget)", bp),
+                     (f"this run: B={result['batch']}, K={result['samples']}", pr)):  # fmt: skip
+        lines.append(f"| {label} | {x['calls']} | {x['roofline_s'] * 1e3:.3f} ms | {x['host_s'] * 1e3:.3f} ms | "
+                     f"{x['projected_s'] * 1e3:.3f} ms | {x['memory_bound_bytes'] / 2**20:.1f} MiB, "
+                     f"{x['memory_bound_s'] * 1e3:.3f} ms |")  # fmt: skip
+    lines += ["", "| op (this run, top 10 by projected time) | calls | GFLOP | MiB moved | FLOP/byte | bound | "
+              "projected ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in pr["ops"][:10]:
+        ai = "-" if r["intensity_flop_per_byte"] is None else f"{r['intensity_flop_per_byte']:.1f}"
+        lines.append(f"| {r['op']} | {r['calls']} | {r['flops'] / 1e9:.3f} | {r['bytes'] / 2**20:.1f} | {ai} | "
+                     f"{r['bound']} | {r['projected_s'] * 1e3:.4f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
