@@ -29,11 +29,9 @@ $(VENV)/.ext: $(VENV)/.deps setup.py $(EXT_SOURCES)
 demo: setup
 	$(VENV)/bin/harmonizer-fast demo --out runs/demo
 
+# Every benchmark and the profiler, one report with charts: benchmarks/results/bench-<device>.md
 bench: setup
-	$(PY) benchmarks/bench_haar.py
-	$(PY) benchmarks/bench_film.py
-	$(PY) benchmarks/bench_ged.py
-	$(PY) benchmarks/bench_sampling.py
+	$(VENV)/bin/harmonizer-fast bench
 
 compile-check: $(VENV)/.deps
 	bash csrc/compile_check.sh $(PY)

@@ -298,12 +298,15 @@ def bench_main(
     ops: Sequence[str],
     run: Callable[[torch.device, bool], dict[str, Any]],
     argv: Optional[list[str]] = None,
+    render: Optional[Callable[[dict[str, Any]], str]] = None,
+    quick_help: str = "fewer interleaved rounds (a third of the full run)",
 ) -> int:
-    """Command line shared by the op benchmarks: parse, pin the allocator, run, write JSON + markdown."""
+    """Command line shared by the benchmarks: parse, pin the allocator, run, write JSON + markdown
+    (``render(payload)``, by default the variants x ops tables of :func:`report_markdown`)."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="fewer interleaved rounds (a third of the full run)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON and markdown files")
     p.add_argument(
@@ -326,7 +329,7 @@ def bench_main(
     }
     payload.update(run(device, args.quick))
     payload["wall_s"] = time.perf_counter() - t0
-    md = report_markdown(title, payload, ops)
+    md = render(payload) if render is not None else report_markdown(title, payload, ops)
     stem = f"{name}-{device_slug(device)}" + ("" if args.allocator == "fresh" else f"-{args.allocator}")
     stem += "-quick" if args.quick else ""
     json_path, md_path = write_results(stem, payload, md, args.out)

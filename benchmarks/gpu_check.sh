@@ -12,9 +12,10 @@
 # Steps: machine facts; install the carried wheels; build harmonizer_fast._C with its CUDA kernels
 # (editable install); the backend report; the GPU tests (every op's Triton and CUDA backends against the
 # references in fp32/fp16/bf16, forward and backward), then the whole suite; the card's copy and bf16
-# matmul ceilings; the op benchmarks. Every step runs even if an earlier one failed; the summary at the
-# end lists each step's exit status. Files written to $OUT (at most 8 come back): log.txt, tests.txt,
-# ceilings.json, and bench.tgz (the benchmarks' JSON and markdown).
+# matmul ceilings; the profiler on the GPU; the benchmark report (harmonizer-fast bench); a short bf16 LIDC
+# training run. Every step runs even if an earlier one failed; the summary at the end lists each step's exit
+# status. Files written to $OUT (at most 8 come back): log.txt, tests.txt, ceilings.json, profile.json,
+# bench.tgz (the report, its charts, each benchmark's JSON and markdown) and train_log.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -116,18 +117,22 @@ print(out); json.dump(out, open(sys.argv[1], "w"), indent=2)
 PYEOF
 }
 
+profile() {
+  local device=cuda
+  [ -n "${REHEARSE:-}" ] && device=cpu
+  "$PY" -m harmonizer_fast.cli profile --config paper --device $device --json "$OUT/profile.json"
+}
+
 benchmarks() {
-  # Each benchmark writes JSON + markdown; they travel back as one archive ($OUT returns at most 8 files).
-  local args=() dir="$OUT/bench"
-  [ -n "${REHEARSE:-}" ] && args=(--quick --device cpu)
-  mkdir -p "$dir"
-  for b in haar film; do
-    "$PY" benchmarks/bench_$b.py "${args[@]}" --out "$dir" | tail -25
-  done
-  # the numpy peer takes about 1 s per image at K = 50: time it on one image per case
-  "$PY" benchmarks/bench_ged.py "${args[@]}" --numpy-images 1 --out "$dir" | tail -30
-  "$PY" benchmarks/bench_sampling.py "${args[@]}" --out "$dir" | tail -20
+  # The one-report command (harmonizer-fast bench): every op benchmark, the end-to-end sampling grid and
+  # the profiler, with charts; the files travel back as one archive ($OUT returns at most 8 files). The
+  # numpy GED peer takes about 1 s per image at K = 50: it is timed on one image per case.
+  local args=(--numpy-images 1) dir="$OUT/bench"
+  [ -n "${REHEARSE:-}" ] && args=(--quick --device cpu --numpy-images 1)
+  "$PY" benchmarks/report.py "${args[@]}" --out "$dir" | head -40
+  local rc=${PIPESTATUS[0]}
   tar -C "$OUT" -czf "$OUT/bench.tgz" bench && rm -rf "$dir"
+  return "$rc"
 }
 
 train() {
@@ -152,6 +157,7 @@ if [ -z "${REHEARSE:-}" ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.
 else
   step gpu_tests gpu_tests
   step ceilings ceilings
+  step profile profile
   step benchmarks benchmarks
   step train train
 fi

@@ -7,6 +7,8 @@
     harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K]
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
+    harmonizer-fast profile [--config paper|small] [--batch B] [--samples K] [--device cpu|cuda] [--json PATH]
+    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,film,ged,sampling]
     harmonizer-fast info
 
 ``--data synthetic`` (or no ``--data``) trains on the embedded synthetic generator. User mistakes (a missing
@@ -26,6 +28,10 @@ from .checkpoint import CheckpointError
 from .data import DataError
 
 EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line argument the command cannot use (reported in one line, exit status 2)."""
 
 
 def _data(args: argparse.Namespace):
@@ -190,14 +196,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from ._io import write_atomic
     from .profiler import markdown, profile
 
+    if args.batch < 1 or args.samples < 1:
+        raise UsageError(f"--batch and --samples: expected at least 1, got {args.batch} and {args.samples}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch (a CPU build, or no GPU)")
     result = profile(args.config, batch=args.batch, samples=args.samples, device=args.device)
     print(markdown(result))
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs ``benchmarks/report.py`` of the source checkout: the benchmarks compare against peers that are
+    test extras and stay out of the installed package (DESIGN.md section 2 keeps them in benchmarks/)."""
+    import importlib.util
+    from pathlib import Path
+
+    candidates = [Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
+    script = next((c / "report.py" for c in candidates if (c / "report.py").is_file()), None)
+    if script is None:
+        raise UsageError("the benchmarks live in a source checkout (benchmarks/report.py), found neither next to "
+                         "the package nor in the current directory; run it from a clone of the repository")  # fmt: skip
+    spec = importlib.util.spec_from_file_location("harmonizer_fast_bench_report", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.bench_args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -298,18 +327,26 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     pr.add_argument("--json", default=None)
     pr.set_defaults(func=cmd_profile)
+    bn = sub.add_parser("bench", add_help=False, help="run every benchmark and write one report with charts "
+                        "(from a source checkout; --help for its options)")  # fmt: skip
+    bn.set_defaults(func=cmd_bench)
     i = sub.add_parser("info", help="backends, versions, devices")
     i.set_defaults(func=cmd_info)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)  # bench hands its options (--help included) to benchmarks/report.py
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     from .train import TrainingError
 
     try:
         return args.func(args)
-    except (DataError, CheckpointError, TrainingError, FileNotFoundError, PermissionError) as exc:
+    except (UsageError, DataError, CheckpointError, TrainingError, FileNotFoundError, PermissionError) as exc:
         print(f"harmonizer-fast {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

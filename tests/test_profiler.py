@@ -3,6 +3,7 @@ against hand counts), the JSON contract and the budget verdict."""
 
 import json
 
+import pytest
 import torch
 
 import harmonizer_fast as hf
@@ -52,3 +53,87 @@ def test_profile_json_contract(tmp_path, capsys):
     assert d["params"]["total"] == sum(p.numel() for p in hf.HarmonizerNet(hf.HarmonizerConfig.small()).parameters())
     assert isinstance(d["budget"]["latency_ok"], bool) and isinstance(d["budget"]["macs_ok"], bool)
     assert d["flops"] == 2 * d["macs"] and d["samples_per_s"] == 2 * d["images_per_s"]
+    pr = d["projection"]
+    assert pr["device"].startswith("NVIDIA GeForce RTX 3090") and "projection" in pr["note"]
+    assert d["bytes"] == sum(r["bytes"] for r in pr["ops"]) and 0 < d["memory_bound_bytes"] <= d["bytes"]
+    assert sum(r["flops"] for r in pr["ops"]) == d["flops"]
+    assert pr["projected_s"] == max(pr["roofline_s"], pr["host_s"])
+
+
+def test_profile_rejects_bad_arguments(capsys):
+    assert cli(["profile", "--samples", "0"]) == 2
+    assert "--samples" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli(["profile", "--device", "cuda"]) == 2
+        assert "--device cuda" in capsys.readouterr().err
+
+
+def test_work_counter_agrees_with_flop_counter():
+    model = hf.HarmonizerNet(hf.HarmonizerConfig.small()).eval()
+    x = torch.randn(2, 1, 64, 64)
+    work = profiler.count_work(lambda: model.sample(x, 3, generator=torch.Generator().manual_seed(0)))
+    expected = profiler.count_flops(lambda: model.sample(x, 3, generator=torch.Generator().manual_seed(0)))
+    assert sum(w.flops for w in work.values()) == expected
+    assert "harmonizer_fast.fcomb_head" in work and "harmonizer_fast.film" in work
+    assert all(w.bytes > 0 for op, w in work.items() if not op.startswith("aten.empty"))  # allocations move nothing
+    assert profiler.count_work(torch.empty, 1000)["aten.empty"].bytes == 0
+
+
+def test_bytes_are_the_compulsory_traffic():
+    x = torch.randn(2, 6, 8, 10)
+    gamma, beta = torch.randn(2, 6), torch.randn(2, 6)
+    work = profiler.count_work(hf.film, x, gamma, beta)
+    # FiLM reads x, gamma and beta once and writes y once
+    assert work["harmonizer_fast.film"].bytes == 4 * (2 * x.numel() + gamma.numel() + beta.numel())
+    assert profiler.count_work(hf.haar_dwt2d, x)["harmonizer_fast.haar_dwt2d"].bytes == 2 * 4 * x.numel()
+    # views move nothing; a broadcast operand counts the memory it spans, not its logical size
+    b = torch.randn(6, 1, 1)
+    work = profiler.count_work(lambda: x.view(12, 8, 10).view(2, 6, 8, 10) + b.expand(2, 6, 8, 10))
+    assert set(work) == {"aten.add"}
+    assert work["aten.add"].bytes == 4 * (2 * x.numel() + b.numel())
+    # an in-place op reads and writes its operand
+    y = torch.randn(3, 5)
+    assert profiler.count_work(torch.relu_, y)["aten.relu_"].bytes == 2 * 4 * y.numel()
+
+
+def test_roofline_projection():
+    peaks = {"name": "toy", "fp32_flops": 100.0, "dram_bytes_per_s": 10.0}  # ridge: 10 FLOP/byte
+    conv = profiler.OpWork([(1000, 20), (50, 100)])  # one compute-bound call (10 s), one memory-bound (10 s)
+    copy = profiler.OpWork([(0, 30)])  # 3 s
+    r = profiler.roofline({"conv": conv, "copy": copy}, peaks)
+    assert r["ridge_flop_per_byte"] == 10.0
+    rows = {(row["op"], row["bound"]): row for row in r["ops"]}
+    assert set(rows) == {("conv", "compute"), ("conv", "memory"), ("copy", "memory")}
+    assert rows[("conv", "compute")]["projected_s"] == 10.0 and rows[("conv", "memory")]["projected_s"] == 10.0
+    assert rows[("copy", "memory")]["intensity_flop_per_byte"] == 0.0
+    assert r["roofline_s"] == 23.0 and r["calls"] == 3
+    assert r["memory_bound_bytes"] == 130 and r["memory_bound_s"] == 13.0
+    assert r["host_s"] == 3 * profiler.LAUNCH_OVERHEAD_S and r["projected_s"] == 23.0
+    fast = {"peaks": {"name": "fast", "fp32_flops": 1e15, "dram_bytes_per_s": 1e12}}
+    tiny = profiler.roofline({"copy": copy}, fast["peaks"])
+    assert tiny["projected_s"] == tiny["host_s"] == profiler.LAUNCH_OVERHEAD_S  # host-bound when kernels are tiny
+
+
+@pytest.mark.slow
+def test_bench_report(tmp_path):
+    """The report is assembled from the files of this run only: its tables, targets and chart match them."""
+    from PIL import Image
+
+    assert cli(["bench", "--quick", "--only", "film", "--no-profile", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench-cpu-quick.json").read_text())
+    film = json.loads((tmp_path / "film-cpu-quick.json").read_text())
+    assert report["benchmarks"]["film"] == film and not report["failed"]
+    assert report["targets"] == [{"benchmark": "film", **t} for t in film["targets"]]
+    md = (tmp_path / "bench-cpu-quick.md").read_text()
+    assert report["machine"]["cpu"] in md and "![film speedups](bench-cpu-quick-film.png)" in md
+    ours = next(r for r in film["rows"] if r["variant"].startswith("harmonizer_fast (auto") and r["op"] == "forward")
+    assert f"{ours['median_ms']:.2f}" in md
+    with Image.open(tmp_path / "bench-cpu-quick-film.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bench-")]  # scratch folder removed
+
+
+def test_bench_rejects_unknown_benchmark(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["bench", "--only", "nope"])
+    assert exc.value.code == 2 and "--only" in capsys.readouterr().err

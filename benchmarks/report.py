@@ -1,0 +1,265 @@
+"""Run every benchmark and the profiler now, and write one markdown report with bar charts.
+
+The op benchmarks, the end-to-end sampling benchmark and the profiler go into one markdown file with bar
+charts of the speedups and the machine they ran on.
+
+    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,film,ged,sampling]
+    python benchmarks/report.py [same options]
+
+Each benchmark runs in its own process (each pins its allocator policy and measures its own peak memory)
+and writes into a fresh scratch folder; the report is built only from those files, so every figure in it
+comes from this run. At the end the files move into ``--out`` (default benchmarks/results/):
+``bench-<device>[-quick].md`` and ``.json``, one ``bench-<device>[-quick]-<name>.png`` chart per benchmark,
+and each benchmark's own JSON and markdown. A benchmark that fails is reported as failed (exit status 1),
+and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULTS_DIR, device_slug, machine_info, write_results  # noqa: E402
+
+BENCHMARKS = {
+    "haar": "Haar DWT / IDWT (forward, inverse, backward)",
+    "film": "Noise Harmonizer ops: FiLM and token attention pooling",
+    "ged": "GED of a batch of K samples against N raters",
+    "sampling": "End-to-end sampling, HarmonizerNet paper config",
+}
+OURS_PREFIXES = ("harmonizer_fast (auto", "sample (ours)")
+FLOOR_PREFIXES = ("copy floor", "bf16 bmm ceiling")  # hardware floors, not peers: in the tables, not the charts
+CASE_KEYS = ("shape", "op", "B", "K")
+
+
+def _case(row: dict[str, Any]) -> str:
+    parts = []
+    for key in CASE_KEYS:
+        if key in row:
+            value = row[key]
+            if key == "shape":  # (name, *dims) in the film benchmark, (*dims) elsewhere
+                named = bool(value) and isinstance(value[0], str)
+                value = (f"{value[0]} " if named else "") + "x".join(map(str, value[1:] if named else value))
+            parts.append(f"{key}={value}" if key in ("B", "K") else value)
+    return " ".join(str(p) for p in parts)
+
+
+def speedup_bars(payload: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, peer time / our time) for every peer row of a benchmark: above 1, ours is faster."""
+    return [
+        (f"{_case(r)}: {r['variant']}", r["ours_speedup"])
+        for r in payload["rows"]
+        if "ours_speedup" in r and not r["variant"].startswith(OURS_PREFIXES + FLOOR_PREFIXES)
+    ]
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def chart(name: str, payload: dict[str, Any], path: Path) -> Path:
+    """Horizontal bars of the speedups (log scale; green: ours faster, red: ours slower); for the sampling
+    benchmark a second panel with our samples/s by batch and K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = speedup_bars(payload)
+    sampling = name == "sampling"
+    fig, axes = plt.subplots(1, 2 if sampling else 1, figsize=(13 if sampling else 9, 1.2 + 0.24 * len(bars)),
+                             squeeze=False)  # fmt: skip
+    ax = axes[0][0]
+    labels, values = [b[0] for b in bars], [b[1] for b in bars]
+    ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.set_yticks(range(len(bars)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("peer time / harmonizer_fast time (log; > 1: ours faster)")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.3g}x", va="center", fontsize=6)
+    ax.set_title(f"{name}: speedup of harmonizer_fast over each peer", fontsize=9)
+    if sampling:
+        ours = [r for r in payload["rows"] if r["variant"].startswith("sample (ours)")]
+        ks = sorted({r["K"] for r in ours})
+        bs = sorted({r["B"] for r in ours})
+        ax2 = axes[0][1]
+        width = 0.8 / len(bs)
+        for j, b in enumerate(bs):
+            vals = [next((r["samples_per_s"] for r in ours if r["B"] == b and r["K"] == k), 0.0) for k in ks]
+            ax2.bar([i + j * width for i in range(len(ks))], vals, width, label=f"B={b}")
+        ax2.set_xticks([i + width * (len(bs) - 1) / 2 for i in range(len(ks))], [f"K={k}" for k in ks])
+        ax2.set_ylabel("samples/s (ours)")
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=8)
+        ax2.set_title("sampling throughput", fontsize=9)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _demote(markdown: str) -> str:
+    """A benchmark's own markdown, headings one level down, its title line dropped."""
+    lines = markdown.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip() + "\n"
+
+
+def render(report: dict[str, Any], stem: str, markdowns: dict[str, str]) -> str:
+    m = report["machine"]
+    gpu = m["gpu"]
+    gpu_text = (f"{gpu['name']} ({gpu['memory_gib']} GiB, {gpu['sm_count']} SMs, driver {gpu.get('driver', '?')})"
+                if gpu else "none")  # fmt: skip
+    lines = [
+        "# harmonizer_fast benchmark report",
+        "",
+        f"Regenerate with `{report['command']}`. Run on {m['date']} in {report['wall_s']:.0f} s; device "
+        f"**{report['device']}**{' (quick: fewer rounds)' if report['quick'] else ''}. Every figure below comes "
+        "from this run.",
+        "",
+        "## Machine",
+        "",
+        "| CPU | cores | torch threads | GPU | Python | torch | triton | harmonizer_fast | platform |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {m['cpu']} | {m['cpu_cores']} | {m['torch_threads']} | {gpu_text} | {m['python']} | {m['torch']} | "
+        f"{m['triton']} | {m['harmonizer_fast']} | {m['platform']} |",
+        "",
+        "Backends available: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["backends"].items()) + ".",
+        "",
+        "## Targets",
+        "",
+        "| benchmark | target | measured | ok |",
+        "|---|---|---|---|",
+    ]
+    for t in report["targets"]:
+        lines.append(f"| {t['benchmark']} | {t['target']} | {t['value']:.3g} | {'yes' if t['ok'] else 'NO'} |")
+    if report["failed"]:
+        lines += ["", "**Failed:** " + "; ".join(f"{k} ({v})" for k, v in report["failed"].items())]
+    if "profile" in markdowns:
+        lines += ["", "## Profile (paper config)", "", markdowns["profile"].strip()]
+    for name, title in BENCHMARKS.items():
+        if name not in report["benchmarks"]:
+            continue
+        lines += ["", f"## {name}: {title}", "", f"![{name} speedups]({stem}-{name}.png)", "", _demote(markdowns[name])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _run(cmd: list[str], log: Path) -> int:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
+    return proc.returncode
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(prog="harmonizer-fast bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="every benchmark in its quick mode (fewer rounds)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the report (default: %(default)s)")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    p.add_argument("--no-profile", action="store_true", help="leave the profiler out of the report")
+    p.add_argument("--numpy-images", type=int, default=None,
+                   help="passed to bench_ged.py: images its slow numpy peer is timed on")  # fmt: skip
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw_argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        p.error(f"--only: expected names from {', '.join(BENCHMARKS)}, got {args.only!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    device = torch.device(args.device)
+    stem = f"bench-{device_slug(device)}" + ("-quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix=".bench-", dir=args.out))
+    try:
+        payloads: dict[str, Any] = {}
+        markdowns: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        for name in names:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--device", args.device, "--out", str(scratch)]
+            cmd += ["--quick"] if args.quick else []
+            if name == "ged" and args.numpy_images is not None:
+                cmd += ["--numpy-images", str(args.numpy_images)]
+            rc = _run(cmd, scratch / f"{name}.log")
+            found = sorted(scratch.glob(f"{name}-*.json"))
+            if rc != 0 or len(found) != 1:
+                failed[name] = f"exit status {rc}, log {name}.log: " + _tail(scratch / f"{name}.log")
+                continue
+            payloads[name] = json.loads(found[0].read_text())
+            markdowns[name] = found[0].with_suffix(".md").read_text()
+        profile = None
+        if not args.no_profile:
+            print("[bench] profile ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, "-m", "harmonizer_fast.cli", "profile", "--config", "paper", "--samples", "50",
+                   "--device", args.device, "--json", str(scratch / "profile.json")]  # fmt: skip
+            if _run(cmd, scratch / "profile.log") == 0:
+                profile = json.loads((scratch / "profile.json").read_text())
+                from harmonizer_fast.profiler import markdown as profile_markdown
+
+                markdowns["profile"] = profile_markdown(profile)
+            else:
+                failed["profile"] = "log profile.log: " + _tail(scratch / "profile.log")
+        targets = [{"benchmark": n, **t} for n, pl in payloads.items() for t in pl.get("targets", [])]
+        if profile is not None:
+            b = profile["budget"]
+            targets += [
+                {"benchmark": "profile", "target": "G MACs per 128 x 128 forward within 10% of 2.4",
+                 "value": profile["budget_forward"]["macs"] / 1e9, "ok": b["macs_ok"]},
+                {"benchmark": "profile", "target": "latency per 128 x 128 forward <= 0.42 s",
+                 "value": profile["budget_forward"]["latency_s"], "ok": b["latency_ok"]},
+            ]  # fmt: skip
+        report = {
+            "benchmark": "report",
+            "command": " ".join(["harmonizer-fast bench", *raw_argv]),
+            "device": str(device),
+            "quick": args.quick,
+            "machine": machine_info(),
+            "benchmarks": payloads,
+            "profile": profile,
+            "targets": targets,
+            "failed": failed,
+            "wall_s": time.perf_counter() - t0,
+        }
+        for name, payload in payloads.items():
+            chart(name, payload, scratch / f"{stem}-{name}.png")
+        md = render(report, stem, markdowns)
+        for f in sorted(scratch.glob("*.json")) + sorted(scratch.glob("*.md")) + sorted(scratch.glob("*.png")):
+            if f.name != "profile.json":
+                os.replace(f, args.out / f.name)
+        json_path, md_path = write_results(stem, report, md, args.out)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(scratch)
+    print(md)
+    print(f"wrote {md_path}, {json_path} and {len(payloads)} charts in {report['wall_s']:.0f} s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _tail(log: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(log.read_text().strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
