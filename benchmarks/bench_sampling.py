@@ -119,6 +119,11 @@ def report(payload: dict[str, Any]) -> str:
         f"{SIZE} x {SIZE}, fp32, eval mode, no grad; medians over interleaved rounds. `xours` = variant time / "
         "`sample (ours)` time at the same B and K.",
         "",
+        f"`{OURS}`: one backbone pass per image, the fcomb head fused over all K samples. `{LOOP}`: the sampling "
+        "loop of earlier probabilistic U-Net code: the features once, then per sample a prior draw tiled over "
+        f"the image, concatenated with the features and run through fcomb. `{PER_SAMPLE}`: the whole network "
+        "once per sample.",
+        "",
         "| variant | B | K | median ms | images/s | samples/s | xours |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -159,6 +159,14 @@ def render(report: dict[str, Any], stem: str, markdowns: dict[str, str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the checkout when inside it (the children run there)."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path.resolve())
+
+
 def _run(cmd: list[str], log: Path) -> int:
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
@@ -195,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed: dict[str, str] = {}
         for name in names:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--device", args.device, "--out", str(scratch)]
+            cmd = [sys.executable, _shown(HERE / f"bench_{name}.py"), "--device", args.device, "--out", _shown(scratch)]
             cmd += ["--quick"] if args.quick else []
             if name == "ged" and args.numpy_images is not None:
                 cmd += ["--numpy-images", str(args.numpy_images)]
@@ -204,8 +212,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if rc != 0 or len(found) != 1:
                 failed[name] = f"exit status {rc}, log {name}.log: " + _tail(scratch / f"{name}.log")
                 continue
-            payloads[name] = json.loads(found[0].read_text())
-            markdowns[name] = found[0].with_suffix(".md").read_text()
+            # the files record the command that made them: show the folder they end up in, not the scratch one
+            payloads[name] = json.loads(found[0].read_text().replace(_shown(scratch), _shown(args.out)))
+            markdowns[name] = found[0].with_suffix(".md").read_text().replace(_shown(scratch), _shown(args.out))
+            write_results(found[0].stem, payloads[name], markdowns[name], scratch)
         profile = None
         if not args.no_profile:
             print("[bench] profile ...", file=sys.stderr, flush=True)

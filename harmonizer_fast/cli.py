@@ -7,7 +7,8 @@
     harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K]
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
-    harmonizer-fast profile [--config paper|small] [--batch B] [--samples K] [--device cpu|cuda] [--json PATH]
+    harmonizer-fast profile [--config paper|small] [--batch B] [--samples K] [--size S] [--device cpu|cuda]
+                            [--json PATH]
     harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,film,ged,sampling]
     harmonizer-fast info
 
@@ -203,9 +204,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.samples < 1:
         raise UsageError(f"--batch and --samples: expected at least 1, got {args.batch} and {args.samples}")
+    if args.size < 32 or args.size % 32:
+        raise UsageError(f"--size: expected a multiple of 32 (the encoder downsamples 5 times), got {args.size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible to torch (a CPU build, or no GPU)")
-    result = profile(args.config, batch=args.batch, samples=args.samples, device=args.device)
+    result = profile(args.config, batch=args.batch, samples=args.samples, size=args.size, device=args.device)
     print(markdown(result))
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=1) + "\n")
@@ -324,6 +327,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", choices=("paper", "small"), default="paper")
     pr.add_argument("--batch", type=int, default=1)
     pr.add_argument("--samples", type=int, default=1)
+    pr.add_argument("--size", type=int, default=128, help="image side for this run (the budget is always 128)")
     pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     pr.add_argument("--json", default=None)
     pr.set_defaults(func=cmd_profile)

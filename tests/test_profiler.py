@@ -63,6 +63,8 @@ def test_profile_json_contract(tmp_path, capsys):
 def test_profile_rejects_bad_arguments(capsys):
     assert cli(["profile", "--samples", "0"]) == 2
     assert "--samples" in capsys.readouterr().err
+    assert cli(["profile", "--size", "100"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli(["profile", "--device", "cuda"]) == 2
         assert "--device cuda" in capsys.readouterr().err
