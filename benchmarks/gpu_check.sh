@@ -129,7 +129,7 @@ benchmarks() {
   # numpy GED peer takes about 1 s per image at K = 50: it is timed on one image per case.
   local args=(--numpy-images 1) dir="$OUT/bench"
   [ -n "${REHEARSE:-}" ] && args=(--quick --device cpu --numpy-images 1)
-  "$PY" benchmarks/report.py "${args[@]}" --out "$dir" | head -40
+  "$PY" benchmarks/report.py "${args[@]}" --out "$dir" | sed -n '1,45p'  # reads all: no SIGPIPE
   local rc=${PIPESTATUS[0]}
   tar -C "$OUT" -czf "$OUT/bench.tgz" bench && rm -rf "$dir"
   return "$rc"

@@ -139,3 +139,25 @@ def test_bench_rejects_unknown_benchmark(capsys):
     with pytest.raises(SystemExit) as exc:
         cli(["bench", "--only", "nope"])
     assert exc.value.code == 2 and "--only" in capsys.readouterr().err
+
+
+def test_model_conv_macs_match_module_hooks():
+    """An independent count: every Conv2d module's output size x fan-in, from forward hooks, plus the one
+    convolution the sampler calls functionally (fcomb's first conv on the features alone, see model/fcomb.py)."""
+    model = hf.HarmonizerNet(hf.HarmonizerConfig.small()).eval()
+    x = torch.randn(2, 1, 64, 64)
+    hooked = []
+
+    def hook(mod, inputs, out):
+        hooked.append(out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.sample(x, 3)
+    for h in handles:
+        h.remove()
+    first = model.fcomb.first
+    split = x.shape[0] * 64 * 64 * first.out_channels * (first.in_channels - model.config.latent_dim)
+    work = profiler.count_work(lambda: model.sample(x, 3))
+    assert work["aten.convolution"].flops == 2 * (sum(hooked) + split)
+    assert work["aten.convolution"].calls == len(hooked) + 1
