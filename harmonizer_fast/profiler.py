@@ -344,9 +344,16 @@ def profile(
 
 def _device_info(dev: torch.device) -> dict[str, Any]:
     if dev.type != "cuda":
+        import os
         import platform
 
-        return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        name = platform.processor() or platform.machine()
+        try:  # platform.processor() is often empty on Linux; /proc/cpuinfo names the model
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+        return {"type": "cpu", "name": name, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     info: dict[str, Any] = {"type": "cuda", "name": torch.cuda.get_device_name(dev)}
     try:
         import pynvml
@@ -354,8 +361,10 @@ def _device_info(dev: torch.device) -> dict[str, Any]:
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(dev.index or 0)
         mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-        info.update(memory_total_mib=mem.total / 2**20,
+        info.update(memory_total_mib=mem.total / 2**20, memory_used_mib=mem.used / 2**20,
                     sm_clock_mhz=pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                    max_sm_clock_mhz=pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                    memory_clock_mhz=pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
                     power_w=pynvml.nvmlDeviceGetPowerUsage(h) / 1e3,
                     utilization_pct=pynvml.nvmlDeviceGetUtilizationRates(h).gpu)  # fmt: skip
     except Exception as exc:  # NVML missing or not permitted: the torch name still identifies the card
@@ -367,9 +376,18 @@ def markdown(result: dict[str, Any]) -> str:
     p, ref = result["params"], result["paper_params_m"]
     shared = p["backbone"] + p["prior"] + p["posterior"] + p["fcomb"]
     b = result["budget"]
+    d = result["device"]
+    if d["type"] == "cuda":
+        units = {"memory_total_mib": "MiB", "sm_clock_mhz": "MHz SM", "max_sm_clock_mhz": "MHz SM max",
+                 "memory_clock_mhz": "MHz memory", "power_w": "W", "utilization_pct": "% busy"}  # fmt: skip
+        extra = ", ".join(f"{d[k]:.0f} {u}" for k, u in units.items() if k in d)
+        device = f"{d['name']} ({extra or d.get('nvml', 'no NVML')})"
+    else:
+        device = f"{d['name']} ({d['cores']} cores, {d['threads']} torch threads)"
     lines = [
         "| quantity | measured | paper |",
         "|---|---|---|",
+        f"| device | {device} | RTX 3090 |",
         f"| parameters: backbone + prior + posterior + fcomb | {shared / 1e6:.2f} M | {ref['shared']} M |",
         f"| parameters: harmonizer | {p['harmonizer'] / 1e6:.3f} M | {ref['harmonizer']} M |",
         f"| parameters: personalizer | {p['personalizer'] / 1e6:.3f} M | {ref['personalizer']} M |",

@@ -58,6 +58,10 @@ def test_profile_json_contract(tmp_path, capsys):
     assert d["bytes"] == sum(r["bytes"] for r in pr["ops"]) and 0 < d["memory_bound_bytes"] <= d["bytes"]
     assert sum(r["flops"] for r in pr["ops"]) == d["flops"]
     assert pr["projected_s"] == max(pr["roofline_s"], pr["host_s"])
+    assert d["device"]["type"] == "cpu" and d["device"]["threads"] == torch.get_num_threads()
+    # the GPU's NVML facts reach the table (rendered from a CUDA-shaped device record; no GPU here)
+    d["device"] = {"type": "cuda", "name": "card", "memory_total_mib": 1024.0, "sm_clock_mhz": 1500, "power_w": 80.2}
+    assert "| device | card (1024 MiB, 1500 MHz SM, 80 W) |" in profiler.markdown(d)
 
 
 def test_profile_rejects_bad_arguments(capsys):
