@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     interleaved_medians,
     machine_info,
     pin_allocator,
+    targets_table,
     timed_backends,
     write_results,
 )
@@ -245,10 +246,7 @@ def report(payload: dict[str, Any]) -> str:
         note = f" ({r['note']})" if "note" in r else ""
         lines.append(f"| {r['B']} | {r['K']} | {r['variant']}{note} | {r['median_ms']:.2f} | {r['ms_per_image']:.3f} "
                      f"| {r['ours_speedup']:.2f} | {r['gram_tflops']:.3f} | {mem} |")  # fmt: skip
-    lines += ["", "## Targets", "", "| target | measured | ok |", "|---|---|---|"]
-    for t in payload["targets"]:
-        lines.append(f"| {t['target']} | {t['value']:.2f} | {'yes' if t['ok'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *targets_table(payload["targets"], 2)]) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

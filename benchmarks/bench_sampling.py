@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_main, check_targets, interleaved_medians  # noqa: E402
+from common import bench_main, check_targets, interleaved_medians, targets_table  # noqa: E402
 
 from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet  # noqa: E402
 
@@ -131,10 +131,7 @@ def report(payload: dict[str, Any]) -> str:
         ratio = f"{r['ours_speedup']:.2f}" if "ours_speedup" in r else "-"
         lines.append(f"| {r['variant']} | {r['B']} | {r['K']} | {r['median_ms']:.1f} | {r['images_per_s']:.1f} "
                      f"| {r['samples_per_s']:.0f} | {ratio} |")  # fmt: skip
-    lines += ["", "## Targets", "", "| target | measured | ok |", "|---|---|---|"]
-    for t in payload["targets"]:
-        lines.append(f"| {t['target']} | {t['value']:.3f} | {'yes' if t['ok'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *targets_table(payload["targets"], 3)]) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -18,18 +18,10 @@ from typing import Any, Optional, TypeVar
 
 import torch
 
+from harmonizer_fast.profiler import cpu_model, time_call
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 K = TypeVar("K")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gpu_info() -> Optional[dict[str, Any]]:
@@ -67,7 +59,7 @@ def machine_info() -> dict[str, Any]:
     except Exception:
         triton_version = None
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": _gpu_info(),
@@ -98,19 +90,6 @@ def _stats(times: list[float]) -> dict[str, float]:
     }
 
 
-def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def interleaved_medians(
     cases: Mapping[K, Callable[[], Any]],
     device: torch.device,
@@ -139,7 +118,7 @@ def interleaved_medians(
         for key in keys[shift:] + keys[:shift]:
             n = inner(key)
             with around(key):
-                total = sum(_time_once(cases[key], device) for _ in range(n))
+                total = 1e3 * sum(time_call(cases[key], device) for _ in range(n))
             times[key].append(total / n)
     return {k: _stats(v) for k, v in times.items()}
 
@@ -277,10 +256,13 @@ def report_markdown(title: str, payload: dict[str, Any], ops: Sequence[str]) -> 
                 cells.append(f"{r['median_ms']:.2f} (x{r['ours_speedup']:.2f} ours{extra})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Targets", "", "| target | measured | ok |", "|---|---|---|"]
-    for t in payload["targets"]:
-        lines.append(f"| {t['target']} | {t['value']:.2f} | {'yes' if t['ok'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + targets_table(payload["targets"], 2)) + "\n"
+
+
+def targets_table(targets: Sequence[dict[str, Any]], digits: int) -> list[str]:
+    """The ``## Targets`` section of a benchmark's markdown, as lines."""
+    lines = ["## Targets", "", "| target | measured | ok |", "|---|---|---|"]
+    return lines + [f"| {t['target']} | {t['value']:.{digits}f} | {'yes' if t['ok'] else 'NO'} |" for t in targets]
 
 
 def check_targets(checks: Sequence[tuple[str, float, float, bool]]) -> list[dict[str, Any]]:

@@ -256,23 +256,39 @@ def verdict(latency_s: float, macs: float) -> dict[str, Any]:
     }
 
 
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes: CUDA events on a GPU (the host returns before the kernels end),
+    ``time.perf_counter`` on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _time(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    return [time_call(fn, device) for _ in range(repeats)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is often empty on Linux; /proc/cpuinfo names it)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def profile(
@@ -298,11 +314,13 @@ def profile(
     def forward() -> torch.Tensor:
         return model.sample(x, samples, generator=g)
 
-    flops = count_flops(forward)
+    # one counting pass per forward: WorkCounter's FLOPs equal FlopCounterMode's (tests/test_profiler.py)
     work = count_work(forward)
+    flops = sum(w.flops for w in work.values())
     one = torch.randn(1, model.config.in_channels, 128, 128, device=dev)
-    budget_macs = count_flops(lambda: model.sample(one, 1, generator=g)) / 2
-    budget_projection = roofline(count_work(lambda: model.sample(one, 1, generator=g)))
+    budget_work = count_work(lambda: model.sample(one, 1, generator=g))
+    budget_macs = sum(w.flops for w in budget_work.values()) / 2
+    budget_projection = roofline(budget_work)
     projection = roofline(work)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -345,15 +363,8 @@ def profile(
 def _device_info(dev: torch.device) -> dict[str, Any]:
     if dev.type != "cuda":
         import os
-        import platform
 
-        name = platform.processor() or platform.machine()
-        try:  # platform.processor() is often empty on Linux; /proc/cpuinfo names the model
-            with open("/proc/cpuinfo") as f:
-                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-        except OSError:
-            pass
-        return {"type": "cpu", "name": name, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+        return {"type": "cpu", "name": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     info: dict[str, Any] = {"type": "cuda", "name": torch.cuda.get_device_name(dev)}
     try:
         import pynvml
