@@ -13,6 +13,8 @@
 
 #include <tuple>
 
+#include "cpu_isa.h"
+
 namespace harmonizer_fast {
 
 // csrc/haar_op.cpp
@@ -80,12 +82,54 @@ TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
 #endif
 
 // A plain Python module: importing it runs the static registrations above. `with_cuda` tells the
-// backend report whether the CUDA kernels were compiled in.
-static struct PyModuleDef hf_module = {PyModuleDef_HEAD_INIT, "_C", "harmonizer_fast C++/CUDA kernels", -1,
-                                       nullptr};
+// backend report whether the CUDA kernels were compiled in; the functions below read and set the CPU
+// kernels' instruction-set build (csrc/include/cpu_isa.h; the Python API is harmonizer_fast.set_cpu_isa).
+namespace harmonizer_fast {
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu_isa_name(cpu_isa())); }
+
+PyObject* py_supported_cpu_isas(PyObject*, PyObject*) {
+  const int best = static_cast<int>(cpu_isa_supported());
+  PyObject* out = PyTuple_New(best + 1);
+  if (out == nullptr) return nullptr;
+  for (int i = 0; i <= best; ++i) PyTuple_SET_ITEM(out, i, PyUnicode_FromString(cpu_isa_name(static_cast<CpuIsa>(i))));
+  return out;
+}
+
+PyObject* py_cpu_has_vpopcntdq(PyObject*, PyObject*) { return PyBool_FromLong(cpu_has_vpopcntdq()); }
+
+// set_cpu_isa(name) -> the previous level's name; ValueError for an unknown name or one this CPU lacks.
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  CpuIsa isa;
+  if (name == nullptr || !parse_cpu_isa(name, &isa)) {
+    PyErr_SetString(PyExc_ValueError, "expected one of 'baseline', 'avx2', 'avx512'");
+    return nullptr;
+  }
+  const CpuIsa previous = cpu_isa();
+  if (!set_cpu_isa(isa)) {
+    PyErr_Format(PyExc_ValueError, "this CPU cannot execute the %s build (it supports up to %s)", name,
+                 cpu_isa_name(cpu_isa_supported()));
+    return nullptr;
+  }
+  return PyUnicode_FromString(cpu_isa_name(previous));
+}
+
+PyMethodDef hf_methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "the instruction-set build the CPU kernels run"},
+    {"supported_cpu_isas", py_supported_cpu_isas, METH_NOARGS, "the builds this CPU executes, lowest first"},
+    {"cpu_has_vpopcntdq", py_cpu_has_vpopcntdq, METH_NOARGS, "whether the avx512 GED popcount uses VPOPCNTDQ"},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O, "select a build by name; returns the previous one"},
+    {nullptr, nullptr, 0, nullptr}};
+
+struct PyModuleDef hf_module = {PyModuleDef_HEAD_INIT, "_C", "harmonizer_fast C++/CUDA kernels", -1, hf_methods};
+
+}  // namespace
+}  // namespace harmonizer_fast
 
 PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* m = PyModule_Create(&hf_module);
+  PyObject* m = PyModule_Create(&harmonizer_fast::hf_module);
   if (m == nullptr) return nullptr;
 #ifdef WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);

@@ -2,7 +2,8 @@
 custom Triton, CUDA C++ and C++ CPU kernels.
 
 Ops (layer 1), each with a pure-PyTorch reference and faster backends picked per call
-(see :func:`backend_info` and ``HARMONIZER_FAST_BACKEND``):
+(see :func:`backend_info` and ``HARMONIZER_FAST_BACKEND``; :func:`set_cpu_isa` picks the C++ CPU kernels'
+instruction-set build):
 
 - :func:`haar_dwt2d` / :func:`haar_idwt2d`: single-level 2-D Haar DWT and inverse (pywt convention);
 - :class:`DWTForward` / :class:`DWTInverse`, :func:`dwt2` / :func:`idwt2`: drop-ins for pytorch_wavelets
@@ -19,7 +20,15 @@ Model (layer 2): :class:`HarmonizerNet` and :class:`HarmonizerConfig` (``paper()
 Evaluation metrics of the field (Dice variants, calibration, uncertainty analyses): :mod:`harmonizer_fast.metrics`.
 """
 
-from ._backend import BackendStatus, BackendUnavailableError, backend_info, format_backend_info
+from ._backend import (
+    BackendStatus,
+    BackendUnavailableError,
+    backend_info,
+    cpu_isa,
+    format_backend_info,
+    set_cpu_isa,
+    supported_cpu_isas,
+)
 from .model import HarmonizerConfig, HarmonizerNet
 from .ops import (
     GEDTerms,
@@ -46,6 +55,7 @@ __all__ = [
     "HarmonizerNet",
     "__version__",
     "backend_info",
+    "cpu_isa",
     "dwt2",
     "film",
     "format_backend_info",
@@ -56,5 +66,7 @@ __all__ = [
     "haar_idwt2d",
     "idwt2",
     "pairwise_iou",
+    "set_cpu_isa",
+    "supported_cpu_isas",
     "token_attention_pool",
 ]

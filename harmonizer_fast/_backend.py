@@ -12,6 +12,11 @@ The choice is made per call from the input: CUDA tensors try triton, then cuda, 
 try cpu, then torch. ``HARMONIZER_FAST_BACKEND=torch|triton|cuda|cpu`` forces one; a forced backend
 that cannot run the call raises :class:`BackendUnavailableError` with the reason, while the automatic
 choice falls back quietly. :func:`backend_info` reports what is available and why the rest is not.
+
+The C++ CPU kernels' hot loops exist in three instruction-set builds (baseline x86-64, AVX2, AVX-512;
+``csrc/include/cpu_isa.h``). The best one the CPU executes runs by default; ``HARMONIZER_FAST_CPU_ISA=
+baseline|avx2|avx512`` or :func:`set_cpu_isa` selects another, so that one machine can test and benchmark
+every build it can execute. A build the CPU cannot execute is refused, never emulated.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import torch
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 ENV_BACKEND = "HARMONIZER_FAST_BACKEND"
 ENV_NO_EXT = "HARMONIZER_FAST_NO_EXT"
+ENV_CPU_ISA = "HARMONIZER_FAST_CPU_ISA"
+CPU_ISAS = ("baseline", "avx2", "avx512")
 
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
@@ -88,6 +95,55 @@ def extension() -> Optional[ModuleType]:
     return _extension()[0]
 
 
+def supported_cpu_isas() -> tuple[str, ...]:
+    """The instruction-set builds of the C++ CPU kernels this CPU executes, lowest first (empty without
+    the extension)."""
+    ext = extension()
+    return tuple(ext.supported_cpu_isas()) if ext is not None else ()
+
+
+def cpu_isa() -> Optional[str]:
+    """The build the C++ CPU kernels run now (``"baseline"``, ``"avx2"`` or ``"avx512"``), or None without
+    the extension."""
+    ext = extension()
+    if ext is None:
+        return None
+    _cpu_isa_error()  # the environment's choice applies from the first use on
+    return ext.cpu_isa()
+
+
+def set_cpu_isa(name: Optional[str]) -> Optional[str]:
+    """Run the C++ CPU kernels' ``name`` build from now on (None or ``"auto"``: the best this CPU executes);
+    returns the previous one. Raises ValueError for a build this CPU cannot execute."""
+    ext, why = _extension()
+    if ext is None:
+        raise BackendUnavailableError(f"set_cpu_isa: no C++ CPU kernels here: {why}")
+    _cpu_isa_error()
+    supported = supported_cpu_isas()
+    choice = supported[-1] if name is None or name == "auto" else name
+    if choice not in CPU_ISAS:
+        raise ValueError(f"set_cpu_isa: expected one of {CPU_ISAS} or 'auto', got {name!r}")
+    if choice not in supported:
+        raise ValueError(f"set_cpu_isa: this CPU cannot execute the {choice} build; it executes {supported}")
+    return ext.set_cpu_isa(choice)
+
+
+@cache
+def _cpu_isa_error() -> str:
+    """Apply ``HARMONIZER_FAST_CPU_ISA`` once; the reason it cannot be applied, or ""."""
+    ext = extension()
+    name = os.environ.get(ENV_CPU_ISA, "").strip().lower()
+    if ext is None or name in ("", "auto"):
+        return ""
+    supported = tuple(ext.supported_cpu_isas())
+    if name not in CPU_ISAS:
+        return f"{ENV_CPU_ISA}={name!r} is not a CPU build; expected one of {CPU_ISAS} or 'auto'"
+    if name not in supported:
+        return f"{ENV_CPU_ISA}={name}: this CPU cannot execute that build; it executes {supported}"
+    ext.set_cpu_isa(name)
+    return ""
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -137,7 +193,7 @@ def _unavailable(backend: str, device: str) -> str:
             return "harmonizer_fast._C was built without CUDA kernels (no CUDA torch or no nvcc at build time)"
         return _cuda_device_reason()
     if backend == "cpu":
-        return "" if device == "cpu" else "the cpu backend runs on CPU tensors only"
+        return _cpu_isa_error() if device == "cpu" else "the cpu backend runs on CPU tensors only"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -166,6 +222,8 @@ def format_backend_info() -> str:
     forced = os.environ.get(ENV_BACKEND)
     if forced:
         lines.append(f"{ENV_BACKEND}={forced}")
+    if supported_cpu_isas():
+        lines.append(f"cpu kernel builds: running {cpu_isa()}, this CPU executes {', '.join(supported_cpu_isas())}")
     return "\n".join(lines)
 
 
@@ -204,6 +262,9 @@ def _plan(op: str, t: torch.Tensor, impls: Mapping[str, Any], support: Support) 
         if why:
             raise BackendUnavailableError(f"{op}: {ENV_BACKEND}={forced} cannot run this call: {why}")
         return [forced]
+    if t.device.type == "cpu" and "cpu" in impls and _cpu_isa_error():
+        # An explicit build request that cannot be met is a configuration error, not a reason to fall back.
+        raise BackendUnavailableError(f"{op}: {_cpu_isa_error()}")
     return [
         b
         for b in _AUTO_ORDER.get(t.device.type, ("torch",))

@@ -119,18 +119,22 @@ class SyncBatchNorm2d(torch.nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        # Statistics in float64, as ATen's CPU batch norm accumulates (acc_type<float> is double there): the
+        # one-pass E[x^2] - E[x]^2 would otherwise lose digits to cancellation in float32.
         c = x.shape[1]
-        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        xd = x.double()
+        count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
+        stats = all_reduce(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]))
         n = stats[-1]
         mean = stats[:c] / n
         var = stats[c : 2 * c] / n - mean * mean
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum
-            self.running_mean.mul_(1 - m).add_(m * mean.detach())
-            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+            self.running_mean.mul_(1 - m).add_(m * mean.detach().to(x.dtype))
+            self.running_var.mul_(1 - m).add_((m * var.detach() * n / (n - 1)).to(x.dtype))
+        invstd = torch.rsqrt(var + self.eps)
+        y = ((xd - mean[None, :, None, None]) * invstd[None, :, None, None]).to(x.dtype)
         return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
 
 

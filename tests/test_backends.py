@@ -106,3 +106,77 @@ def test_wheel_installs_kernels_under_the_package(tmp_path):
     )  # fmt: skip
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip().startswith(str(target))
+
+
+def _needs_extension():
+    if not _backend.supported_cpu_isas():
+        pytest.skip(f"the C++ CPU kernels are not built: {_backend._unavailable('cpu', 'cpu')}")
+
+
+def test_cpu_isa_selection_and_refusals():
+    _needs_extension()
+    supported = hf.supported_cpu_isas()
+    assert supported[0] == "baseline" and set(supported) <= set(_backend.CPU_ISAS)
+    assert hf.cpu_isa() == supported[-1]  # the best build runs by default
+    try:
+        for isa in supported:
+            hf.set_cpu_isa(isa)
+            assert hf.cpu_isa() == isa
+        for isa in [i for i in _backend.CPU_ISAS if i not in supported]:
+            with pytest.raises(ValueError, match=f"cannot execute the {isa} build"):
+                hf.set_cpu_isa(isa)
+            assert hf.cpu_isa() == supported[-1]  # a refused request changes nothing
+        with pytest.raises(ValueError, match="expected one of"):
+            hf.set_cpu_isa("sse9")
+    finally:
+        hf.set_cpu_isa(None)
+    assert hf.cpu_isa() == supported[-1]
+
+
+def test_cpu_isa_switch_reaches_the_kernels():
+    """The baseline build has no FMA, the avx2 build contracts a*b+c into FMA: the fused sampling head then
+    rounds differently in the last bits, which shows each call ran the selected build (both stay within
+    float32 tolerance of the reference, which the fcomb tests check per build)."""
+    _needs_extension()
+    if "avx2" not in hf.supported_cpu_isas():
+        pytest.skip("needs a CPU that executes two builds")
+    from harmonizer_fast.ops.fcomb import fcomb_head
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, generator=g) for s in ((2, 16, 8, 8), (2, 5, 16), (3, 16, 16), (3, 16), (16,), (1,))]
+    out = {}
+    try:
+        for isa in ("baseline", "avx2"):
+            hf.set_cpu_isa(isa)
+            out[isa] = fcomb_head(*args)
+    finally:
+        hf.set_cpu_isa(None)
+    torch.testing.assert_close(out["baseline"], out["avx2"])
+    assert not torch.equal(out["baseline"], out["avx2"])
+
+
+def test_cpu_isa_from_the_environment():
+    _needs_extension()
+    proc = _run(
+        """
+        import torch, harmonizer_fast as hf
+        print(hf.cpu_isa())
+        """,
+        HARMONIZER_FAST_CPU_ISA="baseline",
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "baseline", proc.stderr
+    proc = _run(
+        """
+        import torch, harmonizer_fast as hf
+        print(hf.backend_info()["cpu"].reason)
+        try:
+            hf.haar_dwt2d(torch.randn(1, 1, 4, 4))
+        except hf.BackendUnavailableError as e:
+            print(e)
+        """,
+        HARMONIZER_FAST_CPU_ISA="sse9",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report, error = proc.stdout.strip().splitlines()
+    assert "HARMONIZER_FAST_CPU_ISA='sse9' is not a CPU build" in report
+    assert error.startswith("haar_dwt2d") and "not a CPU build" in error

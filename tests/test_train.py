@@ -128,25 +128,48 @@ def test_checkpoint_integrity(tmp_path):
 
 
 def test_ddp_two_processes_match_one(tmp_path, npz):
-    one, two = tmp_path / "one", tmp_path / "two"
+    """Two gloo processes against one process on the same global batches.
+
+    They cannot agree to the last bit: each process sums half of the batch and gloo adds the halves, so the
+    fp32 reductions (convolution weight gradients, batch-norm statistics, the loss means) run in another
+    order than in one process, and Adam's normalized first steps amplify that in weights whose gradient is
+    near zero (biases before batch norm). So the tolerance is measured, not chosen: two one-process runs
+    that differ only in their intra-op thread count (ATen and oneDNN then split their fp32 sums differently)
+    show how far reduction order alone moves each compared quantity on this machine, and two processes must
+    stay within 4x that (the loss with a floor of 16 ulp, in case the thread count reorders nothing here).
+    A real fault (a wrong batch slice, unsynchronized batch norm, summed instead of averaged gradients)
+    moves both by orders of magnitude more. Before SyncBatchNorm2d accumulated in float64 (as ATen's CPU
+    batch norm does), the two-process loss was 10x outside this bound on an AMD EPYC.
+    """
     args = ("train", "--data", str(npz), "--config", "small", "--epochs", "1", "--phase", "1", "--batch-size", "8",
             "--no-progress")  # fmt: skip
-    assert cli(["train", *args[1:], "--out", str(one)]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "harmonizer_fast.cli", *args, "--out", str(two)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    log1 = json.loads((one / "log.jsonl").read_text())
-    log2 = json.loads((two / "log.jsonl").read_text())
-    assert abs(log1["train_total"] - log2["train_total"]) <= 1e-5 * abs(log1["train_total"])
-    a, b = weights(one), weights(two)
+
+    def run(out: Path, threads: int, *launcher: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, *launcher, "-m", "harmonizer_fast.cli", *args, "--out", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    one, reordered, two = tmp_path / "one", tmp_path / "one-2-threads", tmp_path / "two"
+    run(one, 1)
+    run(reordered, 2)
+    run(two, 1, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533")
+    loss = {d: json.loads((d / "log.jsonl").read_text())["train_total"] for d in (one, reordered, two)}
+    spread = abs(loss[one] - loss[reordered])
+    floor = 16 * float(np.spacing(np.float32(loss[one])))
+    assert abs(loss[one] - loss[two]) <= 4 * max(spread, floor), (loss, spread)
+
+    w = {d: weights(d) for d in (one, reordered, two)}
+    keys = [k for k in w[one] if w[one][k].is_floating_point() and "running" not in k]
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in keys) ** 0.5
+
     torch.manual_seed(0)  # the trainer's initialization (seed 0)
     init = HarmonizerNet(HarmonizerConfig.small(num_raters=3)).state_dict()
-    keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
-    diff = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in keys) ** 0.5
-    moved = sum(float(((a[k] - init[k]).double() ** 2).sum()) for k in keys) ** 0.5
-    assert diff <= 1e-2 * moved, (diff, moved)
+    moved = distance(w[one], init)
+    assert distance(w[one], w[two]) <= 4 * distance(w[one], w[reordered]) + 1e-6 * moved
+    assert distance(w[one], w[reordered]) < 0.1 * moved  # the measured spread is noise, not a second solution
 
 
 def test_cli_errors_are_one_line(tmp_path, npz, capsys):

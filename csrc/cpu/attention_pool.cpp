@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention_pool.h"
+#include "cpu_isa.h"
 #include "cpu_math.h"
 
 namespace harmonizer_fast {
@@ -19,11 +20,11 @@ namespace {
 
 constexpr int64_t kTile = 256;
 
-// The tile loops dominate: they are built per ISA level (HF_MULTIVERSION, cpu_math.h).
+// The tile loops dominate: each is built per instruction set (HF_ISA_CLONES, cpu_isa.h).
 
 // s[t] = exp(s[t] - shift) for t < len; returns the sum.
 template <typename T>
-HF_MULTIVERSION T exp_shift_tile(T* __restrict__ s, int64_t len, T shift) {
+inline T exp_shift_tile_impl(T* __restrict__ s, int64_t len, T shift) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t t = 0; t < len; ++t) {
@@ -32,10 +33,11 @@ HF_MULTIVERSION T exp_shift_tile(T* __restrict__ s, int64_t len, T shift) {
   }
   return sum;
 }
+HF_ISA_CLONES(exp_shift_tile, exp_shift_tile_impl)
 
 // s[m][t] = sum_c w[m][c] * x[c][t0 + t] for t < len (w is an M x C row-major matrix).
 template <typename T>
-HF_MULTIVERSION void project_tile(const T* w, const T* x, int64_t x_sc, const AttnPoolArgs& g, int64_t len, T* s) {
+inline void project_tile_impl(const T* w, const T* x, int64_t x_sc, const AttnPoolArgs& g, int64_t len, T* s) {
   std::fill(s, s + g.m * kTile, T(0));
   for (int64_t c = 0; c < g.c; ++c) {
     const T* __restrict__ xr = x + c * x_sc;
@@ -47,10 +49,11 @@ HF_MULTIVERSION void project_tile(const T* w, const T* x, int64_t x_sc, const At
     }
   }
 }
+HF_ISA_CLONES(project_tile, project_tile_impl)
 
 // acc[m][c] += sum_t p[m][t] * x[c][t0 + t]
 template <typename T>
-HF_MULTIVERSION void accumulate_tile(const T* p, const T* x, int64_t x_sc, const AttnPoolArgs& g, int64_t len, T* acc) {
+inline void accumulate_tile_impl(const T* p, const T* x, int64_t x_sc, const AttnPoolArgs& g, int64_t len, T* acc) {
   for (int64_t c = 0; c < g.c; ++c) {
     const T* __restrict__ xr = x + c * x_sc;
     for (int64_t m = 0; m < g.m; ++m) {
@@ -62,6 +65,7 @@ HF_MULTIVERSION void accumulate_tile(const T* p, const T* x, int64_t x_sc, const
     }
   }
 }
+HF_ISA_CLONES(accumulate_tile, accumulate_tile_impl)
 
 template <typename T>
 void forward_kernel(const T* x, const T* a, T* z, T* lse, const AttnPoolArgs& g) {

@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_math.h"
 #include "fcomb.h"
 
@@ -33,7 +35,7 @@ __attribute__((always_inline)) inline vf16 vrelu(vf16 v) {
 }
 
 template <int C>
-HF_MULTIVERSION void mlp_block_f32(const float* __restrict__ base_blk, int64_t pixels, int64_t n,
+inline void mlp_block_f32_impl(std::integral_constant<int, C>, const float* __restrict__ base_blk, int64_t pixels, int64_t n,
                                    const float* __restrict__ bias, const float* __restrict__ hw,
                                    const float* __restrict__ hb, const float* __restrict__ lw, float lb,
                                    int64_t layers, float* __restrict__ out) {
@@ -63,11 +65,12 @@ HF_MULTIVERSION void mlp_block_f32(const float* __restrict__ base_blk, int64_t p
   for (int p = 0; p < kLanes; ++p) e[p] = 1.0f / (1.0f + exp_vectorizable(-acc[p]));
   std::memcpy(out, e, static_cast<size_t>(n) * sizeof(float));
 }
+HF_ISA_CLONES(mlp_block_f32, mlp_block_f32_impl)
 #endif
 
 // One block of kLanes pixels (n <= kLanes valid) for one sample: h, g are c x kLanes scratch tiles.
 template <typename T>
-HF_MULTIVERSION void mlp_block(const T* __restrict__ base_blk, int64_t pixels, int64_t n, const T* __restrict__ bias,
+inline void mlp_block_impl(const T* __restrict__ base_blk, int64_t pixels, int64_t n, const T* __restrict__ bias,
                                const T* __restrict__ hw, const T* __restrict__ hb, const T* __restrict__ lw, T lb,
                                int64_t c, int64_t layers, T* __restrict__ h, T* __restrict__ g, T* __restrict__ out) {
   for (int64_t ch = 0; ch < c; ++ch) {
@@ -97,22 +100,23 @@ HF_MULTIVERSION void mlp_block(const T* __restrict__ base_blk, int64_t pixels, i
   }
   for (int64_t p = 0; p < n; ++p) out[p] = sigmoid<T>(acc[p]);
 }
+HF_ISA_CLONES(mlp_block, mlp_block_impl)
 
 // One block of pixels for one sample: the generic tile loop, or the vector path for float32.
 template <typename T>
 void sample_block(const T* base_blk, int64_t pixels, int64_t n, const T* bias, const T* hw, const T* hb, const T* lw,
                   T lb, int64_t c, int64_t layers, T* scratch, T* out) {
-  mlp_block<T>(base_blk, pixels, n, bias, hw, hb, lw, lb, c, layers, scratch, scratch + c * kLanes, out);
+  mlp_block(base_blk, pixels, n, bias, hw, hb, lw, lb, c, layers, scratch, scratch + c * kLanes, out);
 }
 
 #if defined(__GNUC__)
 void sample_block(const float* base_blk, int64_t pixels, int64_t n, const float* bias, const float* hw,
                   const float* hb, const float* lw, float lb, int64_t c, int64_t layers, float* scratch, float* out) {
   switch (c) {
-    case 8: return mlp_block_f32<8>(base_blk, pixels, n, bias, hw, hb, lw, lb, layers, out);
-    case 16: return mlp_block_f32<16>(base_blk, pixels, n, bias, hw, hb, lw, lb, layers, out);
-    case 32: return mlp_block_f32<32>(base_blk, pixels, n, bias, hw, hb, lw, lb, layers, out);
-    default: return mlp_block<float>(base_blk, pixels, n, bias, hw, hb, lw, lb, c, layers, scratch, scratch + c * kLanes, out);
+    case 8: return mlp_block_f32(std::integral_constant<int, 8>(), base_blk, pixels, n, bias, hw, hb, lw, lb, layers, out);
+    case 16: return mlp_block_f32(std::integral_constant<int, 16>(), base_blk, pixels, n, bias, hw, hb, lw, lb, layers, out);
+    case 32: return mlp_block_f32(std::integral_constant<int, 32>(), base_blk, pixels, n, bias, hw, hb, lw, lb, layers, out);
+    default: return mlp_block(base_blk, pixels, n, bias, hw, hb, lw, lb, c, layers, scratch, scratch + c * kLanes, out);
   }
 }
 #endif

@@ -16,28 +16,40 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
 #include "ged.h"
 
 namespace harmonizer_fast {
 namespace {
 
-// The popcount loop dominates; build it for Ice Lake server (AVX-512 VPOPCNTDQ: a vector popcount),
-// x86-64-v3 (scalar POPCNT) and the baseline, and let the loader pick by the running CPU's features.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HF_POPCOUNT_CLONES __attribute__((target_clones("arch=icelake-server", "arch=x86-64-v3", "default")))
-#else
-#define HF_POPCOUNT_CLONES
-#endif
-
+// The popcount loop dominates. It is built per instruction set (cpu_isa.h); at the avx512 level a CPU with
+// AVX-512 VPOPCNTDQ (Ice Lake, Zen 4) gets a clone that counts eight words per instruction.
 // counts[j] = popcount(a & rows[j]) for j < nrows; rows are `words` apart.
-HF_POPCOUNT_CLONES void and_popcount_row(const uint64_t* __restrict__ a, const uint64_t* __restrict__ rows,
-                                         int64_t nrows, int64_t words, int64_t* __restrict__ counts) {
+inline void and_popcount_row_impl(const uint64_t* __restrict__ a, const uint64_t* __restrict__ rows, int64_t nrows,
+                                  int64_t words, int64_t* __restrict__ counts) {
   for (int64_t j = 0; j < nrows; ++j) {
     const uint64_t* __restrict__ r = rows + j * words;
     int64_t s = 0;
     for (int64_t w = 0; w < words; ++w) s += __builtin_popcountll(a[w] & r[w]);
     counts[j] = s;
   }
+}
+HF_ISA_CLONES(and_popcount_row_isa, and_popcount_row_impl)
+
+#if HF_HAS_ISA_CLONES
+__attribute__((target("arch=x86-64-v4,avx512vpopcntdq"), flatten)) void and_popcount_row_vpopcnt(
+    const uint64_t* __restrict__ a, const uint64_t* __restrict__ rows, int64_t nrows, int64_t words,
+    int64_t* __restrict__ counts) {
+  and_popcount_row_impl(a, rows, nrows, words, counts);
+}
+#endif
+
+void and_popcount_row(const uint64_t* __restrict__ a, const uint64_t* __restrict__ rows, int64_t nrows,
+                      int64_t words, int64_t* __restrict__ counts) {
+#if HF_HAS_ISA_CLONES
+  if (cpu_isa() == CpuIsa::Avx512 && cpu_has_vpopcntdq()) return and_popcount_row_vpopcnt(a, rows, nrows, words, counts);
+#endif
+  and_popcount_row_isa(a, rows, nrows, words, counts);
 }
 
 // Value checks made while packing, at no extra pass over the data: NaN anywhere (probabilities), or any
@@ -130,11 +142,11 @@ int64_t pack_row(const T* __restrict__ row, int64_t pixels, float threshold, Che
                  bool& bad) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, float>) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+    const CpuIsa isa = cpu_isa();
     const int64_t full = pixels / 64;
-    if (avx512 || avx2) {
-      const int64_t area = avx512 ? pack_row_f32_avx512(row, full, threshold, check, dst, bad)
-                                  : pack_row_f32_avx2(row, full, threshold, check, dst, bad);
+    if (isa != CpuIsa::Baseline) {
+      const int64_t area = isa == CpuIsa::Avx512 ? pack_row_f32_avx512(row, full, threshold, check, dst, bad)
+                                                 : pack_row_f32_avx2(row, full, threshold, check, dst, bad);
       return area + pack_row_generic(row, pixels, full, threshold, check, dst, bad);
     }
   }

@@ -1,5 +1,5 @@
-// Element math for the C++ CPU kernels only (not for nvcc): a branch-free exp that vectorizes, and the
-// GCC function-multiversioning macro the hot loops use.
+// Element math for the C++ CPU kernels only (not for nvcc): a branch-free exp that vectorizes. The hot
+// loops that use it are built per instruction set (cpu_isa.h).
 #pragma once
 
 #include <algorithm>
@@ -9,14 +9,6 @@
 #include <limits>
 
 namespace harmonizer_fast {
-
-// Build hot loops for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and the baseline, and let the loader pick by
-// the running CPU's features (GCC function multiversioning): the build stays portable.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HF_MULTIVERSION
-#endif
 
 // exp(v) for float, branch-free so that loops over it vectorize (std::exp does not): Cody-Waite
 // reduction v = n ln2 + r, a degree-6 Taylor polynomial for e^r on [-ln2/2, ln2/2], and 2^n applied as
