@@ -10,7 +10,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Optional, TypeVar
 
 import torch
 
+from harmonizer_fast._io import write_atomic
 from harmonizer_fast.profiler import cpu_model, time_call
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -157,21 +157,6 @@ def timed_backends(op: str, impls: Mapping[str, Any], support: Any, device: torc
         and not (b == "triton" and device.type == "cpu")
     ]
     return auto, others
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def write_results(stem: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:

@@ -1,4 +1,9 @@
-"""Atomic file writes shared by the workflows (checkpoints, caches, results): nothing half-written."""
+"""Atomic file writes shared by the workflows (checkpoints, caches, results, benchmarks): nothing half-written.
+
+Every write goes through the ``os`` calls below (``os.write``, ``os.fsync``, ``os.replace``, ``os.unlink``), so
+that a test can stop the process at any one of them and check what a kill at that instant leaves behind
+(``tests/test_faults.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,84 @@ import os
 from pathlib import Path
 from typing import Union
 
+PathLike = Union[str, os.PathLike]
 
-def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> None:
-    """Write ``data`` to a temporary file in the same folder, flush it to disk, and rename it into place."""
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (a directory where a file is wanted, a parent that is a file, ...)."""
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Flush a directory's entries (a rename is durable only once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary name :func:`write_atomic` writes ``path`` under first (same folder, hidden, per process)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def check_output_file(path: PathLike, what: str) -> Path:
+    """``path`` as a file this process may create or replace; :class:`OutputPathError` naming ``what`` otherwise.
+
+    Checked before any work is done, so a long computation never ends in an unwritable destination.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{what}: {p} is a directory; expected a file name")
+    parent = p.parent
+    for d in (parent, *parent.parents):
+        if d.exists():
+            if not d.is_dir():
+                raise OutputPathError(f"{what}: cannot create {p}: {d} is a file, not a directory")
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise OutputPathError(f"{what}: cannot create {p}: {d} is not writable")
+            break
+    return p
+
+
+def check_output_dir(path: PathLike, what: str) -> Path:
+    """``path`` as a directory this process may create or write into; :class:`OutputPathError` otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputPathError(f"{what}: {p} exists and is not a directory")
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{what}: {p} is not writable")
+        return p
+    check_output_file(p, what)  # the nearest existing ancestor must be a writable directory
+    return p
+
+
+def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
+    """Write ``data`` to a temporary file in the same folder, flush it to disk, rename it into place and
+    flush the folder: readers see the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
+    view = memoryview(data.encode() if isinstance(data, str) else data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
-            tmp.unlink()
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
+def remove(path: PathLike) -> None:
+    """Delete a file if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

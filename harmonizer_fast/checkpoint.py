@@ -1,14 +1,19 @@
-"""Checkpoints: weights in safetensors, everything else in JSON, never a pickle (DESIGN.md, engineering
-standards). A checkpoint named ``<stem>`` in a run directory is
+"""Checkpoints: weights in safetensors, everything else in JSON, never a pickle. A checkpoint named
+``<stem>`` (``last``, ``best``, ...) in a run directory is
 
-- ``<stem>.safetensors``        the model's state dict (weights and buffers);
-- ``<stem>.optim.safetensors``  optimizer tensors (Adam moments, step counts), when training state is kept;
-- ``<stem>.json``               the manifest: format tag and version, model config, training state (epoch,
-                                step, phase, scheduler, RNG), metrics, and the SHA-256 of each safetensors file.
+- ``<stem>.json``                          the manifest: format tag and version, model config, training state
+                                           (epoch, step, phase, scheduler, RNG keys), metrics, and the name and
+                                           SHA-256 of each tensor file below;
+- ``<stem>-<sha>.safetensors``             the model's state dict (weights and buffers);
+- ``<stem>-<sha>.optim.safetensors``       optimizer tensors (Adam moments, step counts), when kept.
 
-Every file is written to a temporary name and renamed into place, the manifest last: a run killed at any
-moment leaves the previous checkpoint intact, and a manifest never points at files it does not match
-(checked on load: a truncated, swapped or foreign file is refused with a clear error).
+``<sha>`` is the first 16 hex digits of the file's SHA-256, so a tensor file is never overwritten by
+different bytes. Saving has **one commit point**: the tensor files are written under new names (temporary
+name, fsync, rename, fsync of the folder), then the manifest the same way, and the manifest's rename is
+what makes the new checkpoint current. Only after it are the files that no manifest of that stem names any
+more deleted (and temporaries left by a killed writer). So a process killed at any instant leaves either
+the previous checkpoint or the new one, each complete; every load checks each file against the manifest's
+SHA-256 (a truncated, swapped or foreign file is refused with a clear error).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -24,12 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ._io import write_atomic
+from ._io import remove, write_atomic
 from .model import HarmonizerConfig, HarmonizerNet
 
 FORMAT = "harmonizer-fast-checkpoint"
 VERSION = 1
 PathLike = Union[str, os.PathLike]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(ValueError):
@@ -61,6 +68,46 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _write_tensor_file(run: Path, stem: str, suffix: str, blob: bytes) -> tuple[str, str]:
+    """Write ``blob`` under its content name ``<stem>-<sha>.<suffix>``; returns (name, full SHA-256)."""
+    sha = _sha256(blob)
+    name = f"{stem}-{sha[:16]}.{suffix}"
+    target = run / name
+    # Same name, same bytes: a file already there (an unchanged optimizer, a repeated save) is kept as it is,
+    # unless it was damaged, in which case it is replaced (it cannot be referenced validly by anything).
+    if not (target.is_file() and _sha256(target.read_bytes()) == sha):
+        write_atomic(target, blob)
+    return name, sha
+
+
+_TENSOR_FILE = re.compile(r"(?P<stem>.+)-[0-9a-f]{16}(\.optim)?\.safetensors")
+
+
+def _referenced(manifest_path: Path) -> set[str]:
+    try:
+        files = json.loads(manifest_path.read_text()).get("files", {})
+        return {v for v in files.values() if isinstance(v, str)} if isinstance(files, dict) else set()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return set()
+
+
+def collect_garbage(run_dir: PathLike, stem: Optional[str] = None) -> None:
+    """Delete the tensor files of ``stem`` (default: of every stem) that its manifest does not name, and
+    the temporaries a killed writer left. Only names this module writes are touched."""
+    run = Path(run_dir)
+    keep: dict[str, set[str]] = {}
+    for f in run.glob("*.safetensors"):
+        m = _TENSOR_FILE.fullmatch(f.name)
+        if m is None or (stem is not None and m["stem"] != stem):
+            continue
+        if m["stem"] not in keep:
+            keep[m["stem"]] = _referenced(run / f"{m['stem']}.json")
+        if f.name not in keep[m["stem"]]:
+            remove(f)
+    for f in run.glob(".*.tmp" if stem is None else f".{stem}[-.]*.tmp"):
+        remove(f)
+
+
 def save_checkpoint(
     run_dir: PathLike,
     stem: str,
@@ -69,29 +116,31 @@ def save_checkpoint(
     optimizer: Optional[torch.optim.Optimizer] = None,
     state: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write ``<stem>.safetensors`` (+ ``.optim.safetensors``) and then the manifest ``<stem>.json``."""
+    """Save ``model`` (and ``optimizer``) as checkpoint ``stem`` of ``run_dir`` (see the module docstring for
+    the commit protocol); returns the manifest's path."""
     run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
     net = getattr(model, "module", model)  # DDP wraps the model
     weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    blob = st_save(weights, metadata={"format": FORMAT})
+    name, sha = _write_tensor_file(run, stem, "safetensors", st_save(weights, metadata={"format": FORMAT}))
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "model_config": net.config.to_dict(),
-        "files": {"weights": f"{stem}.safetensors"},
-        "sha256": {"weights": _sha256(blob)},
+        "files": {"weights": name},
+        "sha256": {"weights": sha},
         "state": state or {},
     }
-    write_atomic(run / f"{stem}.safetensors", blob)
     if optimizer is not None:
         tensors, meta = _optimizer_tensors(optimizer)
-        oblob = st_save(tensors, metadata={"format": FORMAT})
-        write_atomic(run / f"{stem}.optim.safetensors", oblob)
-        manifest["files"]["optimizer"] = f"{stem}.optim.safetensors"
-        manifest["sha256"]["optimizer"] = _sha256(oblob)
+        oname, osha = _write_tensor_file(run, stem, "optim.safetensors", st_save(tensors, metadata={"format": FORMAT}))
+        manifest["files"]["optimizer"] = oname
+        manifest["sha256"]["optimizer"] = osha
         manifest["optimizer"] = meta
-    write_atomic(run / f"{stem}.json", json.dumps(manifest, indent=1, default=_json_default).encode())
-    return run / f"{stem}.json"
+    path = run / f"{stem}.json"
+    write_atomic(path, json.dumps(manifest, indent=1, default=_json_default).encode())  # the commit point
+    collect_garbage(run, stem)
+    return path
 
 
 def _json_default(o: Any) -> Any:
@@ -100,31 +149,59 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def read_manifest(path: PathLike) -> tuple[Path, dict[str, Any]]:
-    """Resolve a run directory (its ``best``), a stem path, or a file of a checkpoint, to its manifest."""
+def _resolve(path: PathLike) -> Path:
+    """The manifest of a run directory (its ``best``, else ``last``), a stem path, or any file of a checkpoint."""
     p = Path(path)
     if p.is_dir():
         for stem in ("best", "last"):
             if (p / f"{stem}.json").is_file():
-                p = p / f"{stem}.json"
-                break
-        else:
-            raise CheckpointError(f"{path}: no checkpoint in this directory (best.json or last.json)")
-    elif p.suffix == ".safetensors":
-        p = p.with_name(p.name.split(".")[0] + ".json")
-    elif p.suffix != ".json":
-        p = p.with_suffix(".json")
+                return p / f"{stem}.json"
+        raise CheckpointError(f"{path}: no checkpoint in this directory (best.json or last.json)")
+    if p.suffix == ".safetensors":  # the manifest that names this file
+        for m in sorted(p.parent.glob("*.json")):
+            try:
+                if p.name in json.loads(m.read_text()).get("files", {}).values():
+                    return m
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue
+        raise CheckpointError(f"{p}: no checkpoint manifest in {p.parent} names this file")
+    return p if p.suffix == ".json" else p.with_suffix(".json")
+
+
+def _check_manifest(p: Path, manifest: Any) -> dict[str, Any]:
+    """The structure every reader relies on, so that a damaged manifest fails here with its name."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a harmonizer-fast checkpoint (format tag missing or foreign)")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{p}: checkpoint version {manifest.get('version')} is not supported ({VERSION})")
+    files, shas = manifest.get("files"), manifest.get("sha256")
+    if not isinstance(files, dict) or not isinstance(files.get("weights"), str):
+        raise CheckpointError(f"{p}: damaged manifest: 'files' must name the 'weights' file")
+    if not isinstance(shas, dict) or set(shas) != set(files):
+        raise CheckpointError(f"{p}: damaged manifest: 'sha256' must hold one digest per entry of 'files'")
+    for key, name in files.items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{p}: damaged manifest: files.{key} must be a .safetensors file name beside it")
+        if not isinstance(shas[key], str) or not _SHA256.fullmatch(shas[key]):
+            raise CheckpointError(f"{p}: damaged manifest: sha256.{key} is not a SHA-256 digest")
+    if "optimizer" in files and not isinstance(manifest.get("optimizer"), dict):
+        raise CheckpointError(f"{p}: damaged manifest: the optimizer's parameter groups are missing")
+    for key in ("model_config", "state"):
+        if not isinstance(manifest.get(key), dict):
+            raise CheckpointError(f"{p}: damaged manifest: '{key}' must be an object")
+    return manifest
+
+
+def read_manifest(path: PathLike) -> tuple[Path, dict[str, Any]]:
+    """Resolve a run directory (its ``best``), a stem path, or a file of a checkpoint, to its checked manifest."""
+    p = _resolve(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint manifest not found")
     try:
         manifest = json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{p}: not a harmonizer-fast checkpoint manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: not a harmonizer-fast checkpoint (format tag missing or foreign)")
-    if manifest.get("version") != VERSION:
-        raise CheckpointError(f"{p}: checkpoint version {manifest.get('version')} is not supported ({VERSION})")
-    return p, manifest
+    return p, _check_manifest(p, manifest)
 
 
 def _load_verified(manifest_path: Path, manifest: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
@@ -140,19 +217,46 @@ def _load_verified(manifest_path: Path, manifest: dict[str, Any], key: str) -> d
         raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
 
 
-def load_model(path: PathLike, *, map_location: Union[str, torch.device] = "cpu") -> tuple[HarmonizerNet, dict]:
-    """The model of a checkpoint (run directory: its best) in eval mode, and its manifest."""
+def verify_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest (present, same SHA-256, readable); returns the
+    manifest. Raises :class:`CheckpointError` naming the first file that fails."""
     mpath, manifest = read_manifest(path)
+    for key in manifest["files"]:
+        _load_verified(mpath, manifest, key)
+    return manifest
+
+
+def config_of(manifest_path: Path, manifest: dict[str, Any]) -> HarmonizerConfig:
     try:
-        config = HarmonizerConfig.from_dict(manifest["model_config"])
+        return HarmonizerConfig.from_dict(manifest["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{mpath}: invalid model config ({exc})") from None
-    model = HarmonizerNet(config)
-    weights = _load_verified(mpath, manifest, "weights")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+        raise CheckpointError(f"{manifest_path}: invalid model config ({exc})") from None
+
+
+def config_difference(a: HarmonizerConfig, b: HarmonizerConfig) -> list[str]:
+    """The config fields in which ``a`` and ``b`` differ, as ``name: a != b``."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da.get(k)!r} != {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], mpath: Path) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise CheckpointError(f"{mpath}: weights do not fit the model ({str(exc).splitlines()[-1].strip()})") from None
+    # Checkpoints written before the personalizer counted its phase-2 steps lack that buffer: it stays 0
+    # (untrained), so personalize() asks for phase 2 or allow_untrained=True instead of guessing.
+    missing = [k for k in missing if k != "personalizer.trained_steps"]
     if missing or unexpected:
         raise CheckpointError(f"{mpath}: weights do not fit the config (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]})")  # fmt: skip
+
+
+def load_model(path: PathLike, *, map_location: Union[str, torch.device] = "cpu") -> tuple[HarmonizerNet, dict]:
+    """The model of a checkpoint (run directory: its best) in eval mode, and its manifest."""
+    mpath, manifest = read_manifest(path)
+    model = HarmonizerNet(config_of(mpath, manifest))
+    _load_weights(model, _load_verified(mpath, manifest, "weights"), mpath)
     return model.to(map_location).eval(), manifest
 
 
@@ -162,16 +266,16 @@ def load_training_state(
     """Load weights (and optimizer tensors) of a checkpoint into existing objects; returns the manifest."""
     mpath, manifest = read_manifest(path)
     net = getattr(model, "module", model)
-    try:
-        same = HarmonizerConfig.from_dict(manifest["model_config"]) == net.config
-    except (KeyError, TypeError, ValueError):
-        same = False
-    if not same:
-        raise CheckpointError(f"{mpath}: its model config differs from this run's")
-    net.load_state_dict(_load_verified(mpath, manifest, "weights"))
+    diff = config_difference(config_of(mpath, manifest), net.config)
+    if diff:
+        raise CheckpointError(f"{mpath}: its model config differs from this run's ({'; '.join(diff[:3])})")
+    _load_weights(net, _load_verified(mpath, manifest, "weights"), mpath)
     if optimizer is not None:
         if "optimizer" not in manifest["files"]:
             raise CheckpointError(f"{mpath}: has no optimizer state to resume from")
         tensors = _load_verified(mpath, manifest, "optimizer")
-        optimizer.load_state_dict(_optimizer_state(tensors, manifest["optimizer"]))
+        try:
+            optimizer.load_state_dict(_optimizer_state(tensors, manifest["optimizer"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{mpath}: optimizer state does not fit this run ({exc})") from None
     return manifest

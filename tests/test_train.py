@@ -39,8 +39,13 @@ def cli_run(*args, timeout=600):
 TRAIN = ("train", "--config", "small", "--epochs", "2", "--batch-size", "8", "--no-progress", "--lr", "1e-3")
 
 
-def weights(run: Path) -> dict:
-    return load_file(str(run / "last.safetensors"))
+def weights_file(run: Path, stem: str = "last") -> Path:
+    """The weights file the manifest ``<stem>.json`` names (files are named by content)."""
+    return run / json.loads((run / f"{stem}.json").read_text())["files"]["weights"]
+
+
+def weights(run: Path, stem: str = "last") -> dict:
+    return load_file(str(weights_file(run, stem)))
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -115,8 +120,8 @@ def test_checkpoint_integrity(tmp_path):
     data = hd.make_synthetic(24, size=32, raters=2, seed=6)
     small_trainer(data, tmp_path / "run", phase="1").fit()
     run = tmp_path / "run"
-    blob = (run / "last.safetensors").read_bytes()
-    (run / "last.safetensors").write_bytes(blob[: len(blob) // 2])
+    blob = weights_file(run).read_bytes()
+    weights_file(run).write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="does not match its manifest"):
         load_model(run / "last.json")
     (run / "foreign.json").write_text(json.dumps({"hello": 1}))
@@ -180,8 +185,10 @@ def test_cli_errors_are_one_line(tmp_path, npz, capsys):
     (tmp_path / "run" / "last.json").write_text('{"format": "something-else"}')
     assert cli(["train", "--data", str(npz), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 2
     assert "not a harmonizer-fast checkpoint" in capsys.readouterr().err
-    assert cli(["train", "--data", str(npz), "--out", str(tmp_path / "r2"), "--resume", "--no-progress"]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+    # --resume where nothing was committed yet (a kill in the first epoch) starts from the beginning, and says so
+    assert cli(["train", "--data", str(npz), "--out", str(tmp_path / "r2"), "--resume", "--no-progress",
+                "--epochs", "1", "--batch-size", "8"]) == 0  # fmt: skip
+    assert "no checkpoint committed yet; starting the run from the beginning" in capsys.readouterr().out
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((4, 32, 32)), masks=np.zeros((4, 2, 16, 16)))
     assert cli(["convert", str(bad), str(tmp_path / "o.npz")]) == 2
