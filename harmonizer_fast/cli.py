@@ -13,26 +13,78 @@
     harmonizer-fast info
 
 ``--data synthetic`` (or no ``--data``) trains on the embedded synthetic generator. User mistakes (a missing
-path, an unknown format, a corrupt PNG, mismatched sizes or rater counts, a truncated or foreign checkpoint)
-end with one line on stderr and exit status 2, never a traceback. Distributed: ``torchrun --nproc-per-node 2
--m harmonizer_fast.cli train ...``.
+path, an unknown format, a corrupt PNG or npz, mismatched sizes or rater counts, a truncated or foreign
+checkpoint, an output path that cannot be written, a numeric flag out of range) end with one line on stderr
+and exit status 2, never a traceback; numeric flags are checked when the command line is parsed, output paths
+before any work starts. An unexpected failure (a bug) also prints one line and exits 1; set
+``HARMONIZER_FAST_DEBUG=1`` for its traceback. Distributed: ``torchrun --nproc-per-node 2 -m
+harmonizer_fast.cli train ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import sys
-from typing import Optional
+from typing import Callable, NoReturn, Optional
 
+from ._io import OutputPathError, check_output_dir, check_output_file
 from .checkpoint import CheckpointError
 from .data import DataError
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 class UsageError(Exception):
     """A command-line argument the command cannot use (reported in one line, exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line on stderr, exit status 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def seed(text: str) -> int:
+    v = int_at_least(0)(text)
+    if v >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {v}")
+    return v
+
+
+def image_size(text: str) -> int:
+    v = int_at_least(32)(text)
+    if v % 32:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 32 (the encoder halves the size 5 times), got {v}")
+    return v
 
 
 def _data(args: argparse.Namespace):
@@ -47,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import HarmonizerConfig
     from .train import TrainConfig, Trainer, init_distributed
 
+    check_output_dir(args.out, "--out")
     init_distributed()
     data = _data(args)
     preset = HarmonizerConfig.paper if args.config == "paper" else HarmonizerConfig.small
@@ -62,7 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not model_config.use_personalizer and phase == "both":
         phase = "1"  # the baseline has no phase 2
     if not model_config.use_personalizer and phase == "2":
-        raise DataError("--phase 2 trains the personalizer, which --no-personalizer removes")
+        raise UsageError("--phase 2 trains the personalizer, which --no-personalizer removes")
+    if phase == "2" and args.init is None and not args.resume:
+        raise UsageError("--phase 2 trains the personalizer of a trained phase-1 model: pass --init CHECKPOINT "
+                         "(a phase-1 run directory or manifest of the same --config)")  # fmt: skip
     tc = TrainConfig(phase=phase, seed=args.seed, max_minutes=args.max_minutes, rater_order=args.rater_order,
                      batch_size=args.batch_size, fold=args.fold)  # fmt: skip
     if args.config == "small":
@@ -86,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .data import load_dataset, write_npz
 
+    check_output_file(args.out, "OUT")
     data = load_dataset(args.src, format=args.format)
     write_npz(data, args.out)
     print(f"wrote {args.out}: {len(data)} items, {data.in_channels} channel(s), {data.num_raters} raters, "
@@ -95,7 +152,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _checkpoint_and_data(args: argparse.Namespace):
     """(model, data prepared as in training, indices to use, description) for evaluate and sample."""
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -110,7 +166,7 @@ def _checkpoint_and_data(args: argparse.Namespace):
                         f"expects {model.config.num_raters} and {model.config.in_channels}")  # fmt: skip
     mpath, _ = read_manifest(args.checkpoint)
     run_dir = mpath.parent
-    state = json.loads((run_dir / "last.json").read_text())["state"] if (run_dir / "last.json").is_file() else {}
+    state = read_manifest(run_dir / "last.json")[1]["state"] if (run_dir / "last.json").is_file() else {}
     if state.get("n_items") == len(data) and "split" in state:
         prepared, idx = held_out_split(run_dir, data)
         where = f"the {len(idx)} held-out test images of {Path(run_dir)}"
@@ -123,6 +179,7 @@ def _checkpoint_and_data(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import report, run_evaluation
 
+    check_output_dir(args.out, "--out")
     model, data, idx, where = _checkpoint_and_data(args)
     print(f"evaluating {args.checkpoint} on {where}, K = {args.samples}, seed {args.seed}")
     result = run_evaluation(model, data, idx, args.out, samples=args.samples, seed=args.seed,
@@ -139,14 +196,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .sampling import stream_samples
 
+    check_output_file(args.out, "--out")
     model, data, idx, where = _checkpoint_and_data(args)
     idx = idx if args.split == "test" else list(range(len(data)))
     t0 = time.perf_counter()
     n_img = stream_samples(model, data, idx, args.out, samples=args.samples, seed=args.seed, batch=args.batch,
                            progress=not args.no_progress)  # fmt: skip
     dt = time.perf_counter() - t0
+    heads = "+ personalized heads" if model.personalizer_trained else "no heads: the personalizer is untrained"
     print(
-        f"wrote {args.out}: {n_img} images x {args.samples} samples (+ personalized heads) in {dt:.1f} s: "
+        f"wrote {args.out}: {n_img} images x {args.samples} samples ({heads}) in {dt:.1f} s: "
         f"{n_img / dt:.1f} images/s, {n_img * args.samples / dt:.0f} samples/s ({torch.get_num_threads()} threads)"
     )
     return 0
@@ -163,6 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .model import HarmonizerConfig, HarmonizerNet
     from .train import TrainConfig, Trainer
 
+    check_output_dir(args.out, "--out")
     t0 = time.perf_counter()
     data = make_synthetic(args.items, size=64, raters=4, seed=args.seed)
     cfg = HarmonizerConfig.small(num_raters=4)
@@ -202,10 +262,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from ._io import write_atomic
     from .profiler import markdown, profile
 
-    if args.batch < 1 or args.samples < 1:
-        raise UsageError(f"--batch and --samples: expected at least 1, got {args.batch} and {args.samples}")
-    if args.size < 32 or args.size % 32:
-        raise UsageError(f"--size: expected a multiple of 32 (the encoder downsamples 5 times), got {args.size}")
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible to torch (a CPU build, or no GPU)")
     result = profile(args.config, batch=args.batch, samples=args.samples, size=args.size, device=args.device)
@@ -254,80 +312,79 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_options() -> argparse.ArgumentParser:
+    """--data and its companions, shared by train, evaluate and sample."""
+    g = argparse.ArgumentParser(add_help=False)
+    g.add_argument("--data", default=None, help="dataset path (LIDC folder, .pkl, .h5 folder, .npz) or 'synthetic'")
+    g.add_argument("--format", default=None, help="force a reader: lidc-folder, lidc-pickle, npc-h5, npz")
+    g.add_argument("--synthetic-items", type=int_at_least(5), default=256, help="images of --data synthetic")
+    g.add_argument("--synthetic-raters", type=int_at_least(1), default=4, help="raters of --data synthetic")
+    return g
+
+
+def _inference_options() -> argparse.ArgumentParser:
+    """--checkpoint, --samples and --seed, shared by evaluate and sample."""
+    g = argparse.ArgumentParser(add_help=False)
+    g.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a checkpoint manifest")
+    g.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K per image")
+    g.add_argument("--seed", type=seed, default=0)
+    return g
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harmonizer-fast", description="The Harmonizer Network for multi-rater "
-                                "medical image segmentation (arXiv 2605.08210).")  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train phase 1, phase 2 or both")
-    t.add_argument("--data", default=None, help="dataset path (LIDC folder, .pkl, .h5 folder, .npz) or 'synthetic'")
-    t.add_argument("--format", default=None, help="force a reader: lidc-folder, lidc-pickle, npc-h5, npz")
+    p = Parser(prog="harmonizer-fast", description="The Harmonizer Network for multi-rater medical image "
+               "segmentation (arXiv 2605.08210).")  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    data, inference = _data_options(), _inference_options()
+    t = sub.add_parser("train", parents=[data], help="train phase 1, phase 2 or both")
     t.add_argument("--config", choices=("small", "paper"), default="small")
     t.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
-    t.add_argument("--epochs", type=int, default=None, help="epochs per phase (paper: 100 and 150)")
-    t.add_argument("--epochs2", type=int, default=None, help="epochs of phase 2 when it differs from --epochs")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much training time")
+    t.add_argument("--epochs", type=int_at_least(1), default=None, help="epochs per phase (paper: 100 and 150)")
+    t.add_argument("--epochs2", type=int_at_least(1), default=None, help="epochs of phase 2 when it differs")
+    t.add_argument("--max-minutes", type=positive_float, default=None, help="stop cleanly after this much time")
     t.add_argument("--phase", choices=("1", "2", "both"), default="both")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--init", default=None, help="start from the weights of this checkpoint (e.g. for --phase 2)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="phase-1 learning rate (phase 2 uses half); default: "
-        "the paper's 1e-4 for --config paper, 3e-3 for --config small",
-    )
-    t.add_argument("--fold", type=int, default=0, help="test fold of the 4-fold patient split (never trained on)")
+    t.add_argument("--seed", type=seed, default=0)
+    t.add_argument("--batch-size", type=int_at_least(1), default=16)
+    t.add_argument("--lr", type=positive_float, default=None, help="phase-1 learning rate (phase 2 uses half); "
+                   "default: the paper's 1e-4 for --config paper, 3e-3 for --config small")  # fmt: skip
+    t.add_argument("--fold", type=int, choices=range(4), default=0, metavar="{0..3}",
+                   help="test fold of the 4-fold patient split (never trained on)")  # fmt: skip
     t.add_argument("--rater-order", choices=("stored", "area"), default="stored")
     t.add_argument("--no-harmonizer", action="store_true")
     t.add_argument("--no-personalizer", action="store_true")
     t.add_argument("--no-ged-loss", action="store_true")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--synthetic-items", type=int, default=256)
-    t.add_argument("--synthetic-raters", type=int, default=4)
     t.set_defaults(func=cmd_train)
     c = sub.add_parser("convert", help="any supported dataset -> the .npz format")
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--format", default=None)
     c.set_defaults(func=cmd_convert)
-    e = sub.add_parser("evaluate", help="metrics, analyses and figures of a checkpoint")
-    e.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a checkpoint file")
-    e.add_argument("--data", default=None)
-    e.add_argument("--format", default=None)
-    e.add_argument("--out", required=True)
-    e.add_argument("--samples", type=int, default=16)
-    e.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", parents=[inference, data], help="metrics, analyses and figures of a checkpoint")
+    e.add_argument("--out", required=True, help="folder for metrics.json, report.md and the figures")
     e.add_argument("--robustness", action="store_true", help="the noise / blur / gamma protocol of paper Table 5")
-    e.add_argument("--synthetic-items", type=int, default=256)
-    e.add_argument("--synthetic-raters", type=int, default=4)
     e.set_defaults(func=cmd_evaluate)
-    sm = sub.add_parser("sample", help="K samples and the personalized maps of every image, streamed to disk")
-    sm.add_argument("--checkpoint", required=True)
-    sm.add_argument("--data", default=None)
-    sm.add_argument("--format", default=None)
+    sm = sub.add_parser("sample", parents=[inference, data], help="K samples and the personalized maps of every "
+                        "image, streamed to disk")  # fmt: skip
     sm.add_argument("--out", required=True, help="output .npz (samples and heads as float16)")
-    sm.add_argument("--samples", type=int, default=16)
-    sm.add_argument("--seed", type=int, default=0)
-    sm.add_argument("--batch", type=int, default=16)
+    sm.add_argument("--batch", type=int_at_least(1), default=16)
     sm.add_argument("--split", choices=("all", "test"), default="all")
     sm.add_argument("--no-progress", action="store_true")
-    sm.add_argument("--synthetic-items", type=int, default=256)
-    sm.add_argument("--synthetic-raters", type=int, default=4)
     sm.set_defaults(func=cmd_sample)
     d = sub.add_parser("demo", help="train and evaluate the small config on synthetic data (a few minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=18, help="phase-1 epochs (phase 2 gets a third)")
-    d.add_argument("--items", type=int, default=256)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int_at_least(1), default=18, help="phase-1 epochs (phase 2 gets a third)")
+    d.add_argument("--items", type=int_at_least(16), default=256)
+    d.add_argument("--seed", type=seed, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
     pr = sub.add_parser("profile", help="parameters, MACs, latency and the paper's budget verdict")
     pr.add_argument("--config", choices=("paper", "small"), default="paper")
-    pr.add_argument("--batch", type=int, default=1)
-    pr.add_argument("--samples", type=int, default=1)
-    pr.add_argument("--size", type=int, default=128, help="image side for this run (the budget is always 128)")
+    pr.add_argument("--batch", type=int_at_least(1), default=1)
+    pr.add_argument("--samples", type=int_at_least(1), default=1)
+    pr.add_argument("--size", type=image_size, default=128, help="image side for this run (the budget is always 128)")
     pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     pr.add_argument("--json", default=None)
     pr.set_defaults(func=cmd_profile)
@@ -339,23 +396,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = parser()
-    args, extra = p.parse_known_args(argv)  # bench hands its options (--help included) to benchmarks/report.py
-    if args.command == "bench":
-        args.bench_args = extra
-    elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # argparse ends with SystemExit (--help: 0, a bad flag: 2, printed in one line by Parser.error)
+        args, extra = p.parse_known_args(argv)  # bench hands its options (--help included) to benchmarks/report.py
+        if args.command != "bench" and extra:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.bench_args = extra
+    from ._backend import BackendUnavailableError
     from .train import TrainingError
 
+    expected = (UsageError, DataError, CheckpointError, TrainingError, OutputPathError, BackendUnavailableError,
+                OSError)  # fmt: skip
     try:
         return args.func(args)
-    except (UsageError, DataError, CheckpointError, TrainingError, FileNotFoundError, PermissionError) as exc:
-        print(f"harmonizer-fast {args.command}: error: {exc}", file=sys.stderr)
+    except expected as exc:
+        print(f"harmonizer-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"harmonizer-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        if os.environ.get("HARMONIZER_FAST_DEBUG") == "1":
+            raise
+        print(f"harmonizer-fast {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(HARMONIZER_FAST_DEBUG=1 shows the traceback)", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

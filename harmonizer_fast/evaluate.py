@@ -52,11 +52,17 @@ def evaluate_model(
 ) -> tuple[MetricAccumulator, dict[int, dict[str, list[float]]]]:
     """Metrics over ``data[indices]`` (all items by default), and GED / Dice_soft per image for each K in
     ``k_values`` (the first K of the same samples). ``transform(images, generator)`` perturbs the inputs."""
+    checks = [("samples", samples), ("batch", batch), *((f"k_values[{i}]", k) for i, k in enumerate(k_values))]
+    for name, value in checks:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"evaluate_model: {name} must be an integer >= 1, got {value!r}")
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
     idx = np.arange(len(data)) if indices is None else np.asarray(indices)
-    use_heads = model.personalizer is not None if personalized is None else personalized
+    if idx.size == 0:
+        raise ValueError("evaluate_model: no images to evaluate (indices is empty)")
+    use_heads = model.personalizer_trained if personalized is None else personalized
     g = torch.Generator().manual_seed(seed)
     acc = MetricAccumulator()
     per_k: dict[int, dict[str, list[float]]] = {k: {"ged": [], "dice_soft": []} for k in k_values}
@@ -80,12 +86,20 @@ def evaluate_model(
 
 def held_out_split(run_dir: os.PathLike, data: MultiRaterData) -> tuple[MultiRaterData, np.ndarray]:
     """(the data prepared as the run prepared it, the run's test indices) from ``run_dir/last.json``."""
-    manifest = json.loads((Path(run_dir) / "last.json").read_text())
-    state, cfg = manifest["state"], manifest["model_config"]
-    prepared = data.padded(2 ** len(cfg["decoder_channels"]))
-    if state["train_config"].get("rater_order") == "area":
-        prepared = prepared.ordered_by_area()
-    return prepared, np.asarray(state["split"]["test"], dtype=np.int64)
+    from .checkpoint import CheckpointError, config_of, read_manifest
+
+    path, manifest = read_manifest(Path(run_dir) / "last.json")
+    state = manifest["state"]
+    prepared = data.padded(2 ** config_of(path, manifest).downsamplings)
+    try:
+        if state["train_config"].get("rater_order") == "area":
+            prepared = prepared.ordered_by_area()
+        test = np.asarray(state["split"]["test"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: damaged manifest: no usable train_config / split ({exc})") from None
+    if test.ndim != 1 or (test.size and (test.min() < 0 or test.max() >= len(prepared))):
+        raise CheckpointError(f"{path}: its test split does not index this dataset of {len(prepared)} images")
+    return prepared, test
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +146,7 @@ def high_frequency_fraction(maps: torch.Tensor) -> torch.Tensor:
 def spectral_response(model: HarmonizerNet, data: MultiRaterData, idx: np.ndarray, *, seed: int = 0) -> dict:
     """High-frequency energy of the decoder's final hidden features with the prior-mean latent (no
     personalizer) and with each rater's personalized latent."""
-    if model.personalizer is None:
+    if not model.personalizer_trained:
         return {}
     model.eval()
     x = torch.from_numpy(data.images[idx[:32]]).to(next(model.parameters()).device)
@@ -179,7 +193,7 @@ def _figures(out: Path, model, data, idx, summary, per_k, robustness, seed) -> l
     x = torch.from_numpy(data.images[show]).to(device)
     g = torch.Generator().manual_seed(seed)
     probs = model.sample(x, 4, generator=g).cpu()
-    heads = model.personalize(x, generator=g).cpu() if model.personalizer is not None else None
+    heads = model.personalize(x, generator=g).cpu() if model.personalizer_trained else None
     ent = entropy_map(model.sample(x, 16, generator=g)).cpu()
     cols = 2 + probs.shape[1] + (0 if heads is None else heads.shape[1])
     fig, axes = plt.subplots(len(show), cols, figsize=(1.6 * cols, 1.6 * len(show)), squeeze=False)

@@ -62,7 +62,7 @@ def phase1_loss(out: ModelOutput, masks: Tensor, config: HarmonizerConfig) -> tu
         parts["harm"] = _value(pen)
     if config.use_ged_loss and out.prior_logits is not None:
         # no NaN check here: the trainer's guard checks the total and says where it happened
-        ged = ged_loss(torch.sigmoid(out.prior_logits), masks.to(out.prior_logits.dtype), check_finite=False)
+        ged = ged_loss(torch.sigmoid(out.prior_logits), masks.to(out.prior_logits.dtype), check_values=False)
         total = total + config.lambda_ged * ged
         parts["ged"] = _value(ged)
     parts["total"] = _value(total)

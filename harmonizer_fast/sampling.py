@@ -3,8 +3,9 @@
 The output is an ``.npz`` (a zip of ``.npy`` entries, stored uncompressed) written while sampling: the K
 prior samples go straight into the zip entry ``samples`` ``(N, K, H, W)`` float16 batch by batch; the
 personalized maps ``(N, R, H, W)`` float16 go to a temporary file and are appended as ``heads`` at the end;
-``index`` holds the dataset indices. ``numpy.load`` reads it like any npz. Written to a temporary name and
-renamed, so an interrupted run leaves no half-written file.
+``index`` holds the dataset indices. A model whose personalizer phase 2 never trained writes no ``heads``.
+``numpy.load`` reads it like any npz. Written to a temporary name and renamed, so an interrupted run leaves
+no half-written file.
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ def stream_samples(
     device: Optional[torch.device] = None,
 ) -> int:
     """Sample every image of ``data[indices]`` to ``out`` (see the module docstring); returns the image count."""
+    for name, value in (("samples", samples), ("batch", batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"stream_samples: {name} must be an integer >= 1, got {value!r}")
     idx = np.asarray(list(indices), dtype=np.int64)
+    if idx.size == 0:
+        raise ValueError("stream_samples: no images to sample (indices is empty)")
+    if idx.min() < 0 or idx.max() >= len(data):
+        raise ValueError(f"stream_samples: indices must lie in [0, {len(data)}), got {idx.min()}..{idx.max()}")
     device = device or next(model.parameters()).device
     model.eval()
     h, w = data.images.shape[2:]
-    heads_on = model.personalizer is not None
+    heads_on = model.personalizer_trained  # an untrained personalizer's heads are not personalized
     r = model.config.num_raters
     g = torch.Generator().manual_seed(seed)
     out = Path(out)
@@ -65,12 +73,16 @@ def stream_samples(
             with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 with zf.open("samples.npy", "w", force_zip64=True) as fs:
                     fs.write(_npy_header((len(idx), samples, h, w), f16))
+                    written = 0
                     for s in steps:
                         part = idx[s : s + batch]
                         x = torch.from_numpy(data.images[part]).to(device)
-                        fs.write(model.sample(x, samples, generator=g).cpu().numpy().astype(f16).tobytes())
+                        written += fs.write(model.sample(x, samples, generator=g).cpu().numpy().astype(f16).tobytes())
                         if heads_on:
                             heads_tmp.write(model.personalize(x, generator=g).cpu().numpy().astype(f16).tobytes())
+                    if written != len(idx) * samples * h * w * f16.itemsize:  # the header's promise, kept
+                        raise RuntimeError(f"stream_samples: wrote {written} bytes of samples, the header promises "
+                                           f"{len(idx) * samples * h * w * f16.itemsize}")  # fmt: skip
                 if heads_on:
                     with zf.open("heads.npy", "w", force_zip64=True) as fh:
                         fh.write(_npy_header((len(idx), r, h, w), f16))

@@ -9,16 +9,17 @@ Around that:
   ``(seed, epoch, step)``, not from global state. A checkpoint records the epoch *and step* it was taken at,
   so ``resume`` continues at the same step and a run killed at any moment, resumed, ends with exactly the
   weights of an uninterrupted run (CPU, fp32).
-- **Checkpoints** after every epoch (and when a time budget stops the run): ``last.safetensors`` with the
-  optimizer moments and a JSON manifest beside it (:mod:`harmonizer_fast.checkpoint`), written atomically;
-  ``best.*`` when the validation score improves (phase 1: GED at ``val_samples`` prior samples, lower is
+- **Checkpoints** after every epoch (and when a time budget stops the run): ``last`` with the optimizer
+  moments (:mod:`harmonizer_fast.checkpoint`: one commit point per save, so a kill at any instant leaves a
+  resumable run); ``best`` when the validation score improves (phase 1: GED at ``val_samples`` prior samples, lower is
   better; phase 2: the mean per-rater Dice of the personalized heads, higher is better). Validation uses a
   patient-level split of the training patients; the test fold is never looked at.
 - **Guards**: gradient clipping; a NaN/Inf loss or gradient stops the run with :class:`TrainingError`.
 - **Scale out** with ``torchrun``: each process takes an equal slice of every global batch, DDP averages the
   gradients (gloo on CPU, NCCL on GPU) and batch norm is synchronized, so two processes compute what one
   does on the same global batch. Mixed precision (bfloat16 autocast) on GPU.
-- ``log.jsonl`` gets one line per epoch; tqdm shows progress on the first process.
+- ``log.jsonl`` holds one line per epoch, rewritten atomically from the checkpoint's history (so after a
+  resume it never holds an epoch twice or half a line); tqdm shows progress on the first process.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from . import losses
-from .checkpoint import CheckpointError, load_training_state, read_manifest, save_checkpoint
+from ._io import write_atomic
+from .checkpoint import CheckpointError, collect_garbage, load_training_state, save_checkpoint, verify_checkpoint
 from .data import MultiRaterData, augment, patient_split
 from .evaluate import evaluate_model
 from .model import HarmonizerConfig, HarmonizerNet
@@ -68,10 +70,36 @@ class TrainConfig:
     val_samples: int = 16
     val_batch: int = 32
 
+    def __post_init__(self) -> None:
+        """Refuse values that would train nothing or garbage (a negative batch, zero epochs, a NaN rate)."""
+
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("epochs_phase1", "epochs_phase2", "batch_size", "val_samples", "val_batch", "folds"):
+            need(is_int(getattr(self, name)) and getattr(self, name) >= (2 if name == "folds" else 1), name,
+                 "an integer >= 2" if name == "folds" else "an integer >= 1")  # fmt: skip
+        need(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)")
+        need(is_int(self.fold) and 0 <= self.fold < self.folds, "fold", f"an integer in [0, {self.folds})")
+        for name in ("lr_phase1", "lr_phase2", "grad_clip"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, "a finite number > 0")
+        need(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+             and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")  # fmt: skip
+        need(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, "val_fraction",
+             "a number in (0, 1)")  # fmt: skip
+        mm = self.max_minutes
+        need(mm is None or (isinstance(mm, (int, float)) and math.isfinite(mm) and mm > 0), "max_minutes",
+             "None or a finite number > 0")  # fmt: skip
+        need(self.phase in ("1", "2", "both"), "phase", "'1', '2' or 'both'")
+        need(self.rater_order in ("stored", "area"), "rater_order", "'stored' or 'area'")
+
     def stages(self) -> list[tuple[int, int]]:
         """(phase, epochs) in training order."""
-        if self.phase not in ("1", "2", "both"):
-            raise ValueError(f"TrainConfig.phase must be '1', '2' or 'both', got {self.phase!r}")
         out = []
         if self.phase in ("1", "both"):
             out.append((1, self.epochs_phase1))
@@ -210,8 +238,6 @@ class Trainer:
         data = data.padded(2**model_config.downsamplings)
         if self.tc.rater_order == "area":
             data = data.ordered_by_area()
-        elif self.tc.rater_order != "stored":
-            raise TrainingError(f"rater_order must be 'stored' or 'area', got {self.tc.rater_order!r}")
         self.split = patient_split(data.patient_id, folds=self.tc.folds, fold=self.tc.fold,
                                    val_fraction=self.tc.val_fraction, seed=self.tc.seed)  # fmt: skip
         self.data = data  # prepared: padded and in the training rater order
@@ -273,6 +299,8 @@ class Trainer:
         if not torch.isfinite(norm):
             raise TrainingError(f"a gradient is NaN or Inf at epoch {epoch + 1}, step {step + 1}")
         opt.step()
+        if self.net.phase == 2:
+            self.net.personalizer.trained_steps += 1
         if self.world > 1:  # report the global batch's loss, not this process's slice of it
             vals = torch.tensor(list(parts.values()), dtype=torch.float64)
             dist.all_reduce(vals)
@@ -309,10 +337,10 @@ class Trainer:
             "n_items": int(self.images.shape[0]),
         }
 
-    def _append_log(self, record: dict[str, Any]) -> None:
+    def _write_log(self) -> None:
+        """``log.jsonl`` from the history, atomically (a few hundred short lines at most)."""
         if self.rank == 0:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_atomic(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     def _save(self, stem: str, opt, state: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -321,27 +349,38 @@ class Trainer:
             dist.barrier()
 
     def fit(self, *, resume: bool = False, init_from: Optional[os.PathLike] = None) -> TrainResult:
+        """Train the configured stages. ``resume``: continue from ``last`` of the run directory, exactly where
+        it stopped (from the beginning when nothing was committed yet). ``init_from``: start from the weights
+        of another checkpoint of the same model config (phase 2 needs a trained phase-1 model)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         stages = self.tc.stages()
         start_stage, start_epoch, start_step = 0, 0, 0
         manifest = None
+        last = self.run_dir / "last.json"
+        if resume and not last.is_file():
+            self.log(f"{self.run_dir}: no checkpoint committed yet; starting the run from the beginning")
+            resume = False
         if resume:
-            if not (self.run_dir / "last.json").is_file():
-                raise CheckpointError(f"{self.run_dir}: nothing to resume (no last.json)")
-            _, manifest = read_manifest(self.run_dir / "last.json")
+            manifest = verify_checkpoint(last)  # every file against its SHA-256, also for a completed run
             st = manifest["state"]
             if st.get("train_config", {}).get("seed") != self.tc.seed:
                 raise TrainingError("--resume: the checkpoint was trained with another seed")
-            start_stage, start_epoch, start_step = st["stage"], st["epoch"], st["step"]
-            self.history, self.best_score, self.best_phase = st["history"], st["best_score"], st["best_phase"]
-            if st.get("stopped") == "completed":
-                self.log(f"{self.run_dir}: the run is already complete")
-                return TrainResult(self.run_dir, st["epoch"], "completed", self.best_score, self.history)
+            try:
+                start_stage, start_epoch, start_step = st["stage"], st["epoch"], st["step"]
+                self.history, self.best_score, self.best_phase = st["history"], st["best_score"], st["best_phase"]
+            except KeyError as exc:
+                raise CheckpointError(f"{last}: damaged manifest: the training state lacks {exc}") from None
         elif init_from is not None:
-            from .checkpoint import load_model
-
-            src, _ = load_model(init_from)
-            self.net.load_state_dict(src.state_dict())
+            load_training_state(init_from, self.net, None)  # refuses another model config
+        elif stages[0][0] == 2:
+            raise TrainingError("phase 2 trains the personalizer of a trained phase-1 model: pass init_from "
+                                "(--init) a phase-1 checkpoint of the same config")  # fmt: skip
+        if self.rank == 0:  # what a killed save left: files no manifest names, temporaries
+            collect_garbage(self.run_dir)
+        self._write_log()  # the history so far: empty for a new run, the checkpoint's for a resumed one
+        if manifest is not None and manifest["state"].get("stopped") == "completed":
+            self.log(f"{self.run_dir}: the run is already complete")
+            return TrainResult(self.run_dir, manifest["state"]["epoch"], "completed", self.best_score, self.history)
         t0 = time.monotonic()
         budget = None if self.tc.max_minutes is None else self.tc.max_minutes * 60.0
         epochs_before = sum(e for _, e in stages[:start_stage])
@@ -389,8 +428,8 @@ class Trainer:
                         record = {"epoch": epoch + 1, "phase": phase, "partial_steps": step + 1,
                                   **{f"train_{k}": v / max(done, 1) for k, v in sums.items()}}  # fmt: skip
                         self.history.append(record)
-                        self._append_log(record)
                         self._save("last", opt, self._state(epoch, step + 1, phase, si, scheduler, "time budget"))
+                        self._write_log()
                         self.log(f"stopped by the time budget ({self.tc.max_minutes} min) in epoch {epoch + 1}")
                         return TrainResult(self.run_dir, epoch, "time budget", self.best_score, self.history)
                 if bar is not None:
@@ -406,6 +445,8 @@ class Trainer:
                 # scores of the two phases are different metrics: the best restarts with phase 2
                 improved = self.best_score is None or self.best_phase != phase or record["score"] < self.best_score
                 self.history.append(record)
+                # best before last: last's state carries best_score, so it must never be committed ahead of
+                # the best checkpoint that score describes (a kill between the two would lose that best).
                 if improved:
                     self.best_score, self.best_phase = record["score"], phase
                     self._save("best", None, self._state(epoch + 1, 0, phase, si, None, "best"))
@@ -413,7 +454,7 @@ class Trainer:
                 next_stage, next_epoch = (si + 1, epoch + 1) if e + 1 == n_epochs else (si, epoch + 1)
                 self._save("last", opt, self._state(next_epoch, 0, phase, next_stage, scheduler,
                                                     "completed" if last_epoch else ""))  # fmt: skip
-                self._append_log(record)
+                self._write_log()
                 self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
                 if budget is not None and time.monotonic() - t0 > budget and not last_epoch:
                     self.log(f"stopped by the time budget ({self.tc.max_minutes} min) after epoch {epoch + 1}")

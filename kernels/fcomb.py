@@ -31,14 +31,16 @@ def _fcomb_head_kernel(
     lb = tl.load(lb_ptr).to(acc_ty)
     for k in range(K):
         bias = tl.load(bias_ptr + (bi * K + k) * C + ch, mask=cm, other=0.0).to(acc_ty)
-        h = tl.maximum(base + bias[:, None], 0.0)
+        # PropagateNan.ALL: relu must pass NaN on, as torch.relu does (the default maps NaN to 0, so a NaN
+        # image would come out as plausible probabilities).
+        h = tl.maximum(base + bias[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
         for layer in tl.static_range(LAYERS):
             w = tl.load(
                 hw_ptr + layer * C * C + ch[:, None] * C + ch[None, :], mask=cm[:, None] & cm[None, :], other=0.0
             )
             b = tl.load(hb_ptr + layer * C + ch, mask=cm, other=0.0).to(acc_ty)
             g = tl.dot(w.to(acc_ty), h, input_precision="ieee")
-            h = tl.maximum(g + b[:, None], 0.0)
+            h = tl.maximum(g + b[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
         logit = tl.sum(lw[:, None] * h, axis=0) + lb
         prob = 1.0 / (1.0 + tl.exp(-logit))
         tl.store(out_ptr + (bi * K + k) * P + px, prob.to(out_ptr.dtype.element_ty), mask=pm)

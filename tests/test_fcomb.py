@@ -39,6 +39,22 @@ SHAPES = [(2, 3, 16, 9, 13, 2), (1, 5, 8, 16, 16, 1), (2, 2, 12, 7, 5, 0), (1, 1
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nan_propagates_like_the_reference(case, dtype, use_backend):
+    """NaN features give NaN probabilities on every backend (a relu that maps NaN to 0 would turn a NaN
+    image into plausible output), for vector-path widths (16) and the generic loop (12)."""
+    device = use_backend(*case)
+    for c in (16, 12):
+        args = list(inputs(2, 3, c, 5, 7, 2, device, dtype))
+        args[0][0, 1, 2, 3] = float("nan")  # one feature of one pixel of image 0
+        args[1][1, 2, 0] = float("nan")  # one sample's latent bias of image 1
+        got = fcomb_head(*args)
+        want = expected(*args)
+        assert torch.isnan(want).sum() == 3 + 5 * 7  # the pixel in every sample of image 0, image 1's sample 2
+        torch.testing.assert_close(got.double().cpu(), want, equal_nan=True, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_matches_transcription(case, shape, dtype, use_backend):

@@ -44,8 +44,8 @@ def test_shapes(channels, raters):
     assert out.features.shape == (2, model.config.decoder_channels[-1], SIZE, SIZE)
     model.eval()
     assert model.sample(images, num_samples=5).shape == (2, 5, SIZE, SIZE)
-    assert model.personalize(images).shape == (2, raters, SIZE, SIZE)
-    assert model.personalize(images, raters=[raters - 1, 0]).shape == (2, 2, SIZE, SIZE)
+    assert model.personalize(images, allow_untrained=True).shape == (2, raters, SIZE, SIZE)
+    assert model.personalize(images, raters=[raters - 1, 0], allow_untrained=True).shape == (2, 2, SIZE, SIZE)
     model.set_phase(2)
     assert model(images, masks).personalized_logits.shape == (2, raters, SIZE, SIZE)
 
@@ -137,7 +137,9 @@ def test_determinism_under_a_seed():
         torch.manual_seed(4)
         model = HarmonizerNet(small()).eval()
         g = torch.Generator().manual_seed(5)
-        outs.append((model.sample(images, 4, generator=g), model.personalize(images, generator=g)))
+        outs.append(
+            (model.sample(images, 4, generator=g), model.personalize(images, generator=g, allow_untrained=True))
+        )
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
 
@@ -230,7 +232,9 @@ def test_load_resnet_state_dict_averages_rgb_stem():
         (lambda m, x, y: m(x, y[:, :3]), ValueError, "num_raters=4"),
         (lambda m, x, y: m(x, y[:1]), ValueError, "must match images"),
         (lambda m, x, y: m.sample(x, 0), ValueError, "num_samples"),
-        (lambda m, x, y: m.personalize(x, raters=[4]), ValueError, "raters must be indices"),
+        (lambda m, x, y: m.personalize(x, raters=[4], allow_untrained=True), ValueError, "raters must be indices"),
+        (lambda m, x, y: m.personalize(x), ValueError, "personalizer was never trained"),
+        (lambda m, x, y: m.sample(x.masked_fill(x > 0.5, float("nan")), 2), ValueError, "NaN or Inf"),
         (lambda m, x, y: m.set_phase(3), ValueError, "phase must be 1 or 2"),
         (lambda m, x, y: m(x.long(), y), TypeError, "floating point"),
         (lambda m, x, y: HarmonizerNet({"in_channels": 1}), TypeError, "HarmonizerConfig"),

@@ -29,9 +29,9 @@ typedef float vf16 __attribute__((vector_size(64)));
 // vf16 never crosses a non-inlined call boundary, so the ABI note GCC gives for 64-byte vectors is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-__attribute__((always_inline)) inline vf16 vrelu(vf16 v) {
+__attribute__((always_inline)) inline vf16 vrelu(vf16 v) {  // NaN passes through, as in relu()
   const vf16 zero = {};
-  return v > zero ? v : zero;
+  return v < zero ? zero : v;
 }
 
 template <int C>

@@ -17,9 +17,10 @@ struct FcombArgs {
   int64_t layers;           // hidden (c x c) layers after the split first layer
 };
 
+// NaN passes through, as in torch.relu: a NaN feature must give a NaN probability, not a plausible one.
 template <typename T>
 HF_HOST_DEVICE T relu(T v) {
-  return v > T(0) ? v : T(0);
+  return v < T(0) ? T(0) : v;
 }
 
 template <typename T>

@@ -23,6 +23,8 @@ import io
 import os
 import pickle
 import re
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -35,6 +37,25 @@ from .dataset import DataError, MultiRaterData, normalize_images
 FORMATS = ("lidc-folder", "lidc-pickle", "npc-h5", "npz")
 PathLike = Union[str, os.PathLike]
 _SLICE = re.compile(r"slice-(\d+)\.png$")
+# What a truncated, CRC-damaged or otherwise broken .npz raises, at np.load or when an array is read.
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _load_npz_arrays(path: PathLike, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Read the named arrays of an .npz completely (so damage anywhere shows here); DataError otherwise."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not a .npz archive of named arrays")
+        with z:
+            missing = [n for n in names if n not in z.files]
+            if missing:
+                raise DataError(f"{path}: needs arrays {list(names)}, found {sorted(z.files)}")
+            return {n: z[n] for n in (*names, *optional) if n in z.files}
+    except DataError:
+        raise
+    except _NPZ_ERRORS as exc:
+        raise DataError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
 
 
 def cache_dir() -> Path:
@@ -162,10 +183,10 @@ def read_lidc_folder(path: PathLike, *, cache: bool = True) -> MultiRaterData:
     cache_file = cache_dir() / f"lidc-{_cache_key(root, items)}.npz" if cache else None
     if cache_file is not None and cache_file.is_file():
         try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                return MultiRaterData(z["images"], z["masks"], z["patient_id"], str(root))
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
+            a = _load_npz_arrays(cache_file, ("images", "masks", "patient_id"))
+            return MultiRaterData(a["images"], a["masks"], a["patient_id"], str(root))
+        except DataError:
+            pass  # a damaged cache (a killed writer of an older version, a full disk) is rebuilt below
     files = [f for _, img, masks in items for f in (img, *masks)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
         arrays = list(pool.map(_read_png, files))
@@ -313,15 +334,8 @@ def read_npc_h5(path: PathLike, *, volumes: bool = False) -> Union[MultiRaterDat
 
 
 def read_npz(path: PathLike) -> MultiRaterData:
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz ({exc})") from None
-    with z:
-        if "images" not in z or "masks" not in z:
-            raise DataError(f"{path}: needs arrays 'images' and 'masks', found {sorted(z.files)}")
-        images, masks = z["images"], z["masks"]
-        pid = z["patient_id"] if "patient_id" in z else None
+    a = _load_npz_arrays(path, ("images", "masks"), optional=("patient_id",))
+    images, masks, pid = a["images"], a["masks"], a.get("patient_id")
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4 or masks.ndim != 4:
@@ -333,4 +347,7 @@ def read_npz(path: PathLike) -> MultiRaterData:
         pid = np.arange(len(images)).astype(str)
     if images.shape[0] != masks.shape[0] or images.shape[2:] != masks.shape[2:]:
         raise DataError(f"{path}: images {images.shape} and masks {masks.shape} must agree in N, H and W")
+    if np.asarray(pid).shape != (images.shape[0],):
+        raise DataError(f"{path}: patient_id must hold one entry per image ({images.shape[0]}), got shape "
+                        f"{np.asarray(pid).shape}")  # fmt: skip
     return MultiRaterData(normalize_images(images), masks.astype(np.uint8), np.asarray(pid).astype(str), str(path))

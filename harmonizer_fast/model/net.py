@@ -107,7 +107,7 @@ class HarmonizerNet(nn.Module):
     # -----------------------------------------------------------------------------------------------------
     # Input checks.
 
-    def _check_images(self, images: object) -> Tensor:
+    def _check_images(self, images: object, *, finite: bool = False) -> Tensor:
         c = self.config
         if not isinstance(images, Tensor):
             raise TypeError(f"HarmonizerNet: images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
@@ -128,6 +128,10 @@ class HarmonizerNet(nn.Module):
                 f"HarmonizerNet: image size {h} x {w} cannot go through {c.downsamplings} halvings; H and W must be "
                 f"positive multiples of {m} (pad the images, e.g. to {-(-h // m) * m} x {-(-w // m) * m})"
             )
+        # Inference checks values too (one pass, small beside the backbone): NaN or Inf pixels would come out
+        # as NaN maps at best. Training leaves that to the trainer's guard on the loss.
+        if finite and not bool(torch.isfinite(images).all()):
+            raise ValueError("HarmonizerNet: images contain NaN or Inf")
         return images
 
     def _check_masks(self, masks: object, images: Tensor) -> Tensor:
@@ -233,7 +237,7 @@ class HarmonizerNet(nn.Module):
         One backbone pass per image; the K samples cost only the split fcomb head (see :mod:`.fcomb`). ``z``
         ``(B, K, latent)`` replaces the prior draws (for reproducing or comparing paths).
         """
-        images = self._check_images(images)
+        images = self._check_images(images, finite=True)
         if z is None:
             if not isinstance(num_samples, int) or num_samples < 1:
                 raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
@@ -243,16 +247,30 @@ class HarmonizerNet(nn.Module):
         f, _ = self.features(images)
         return self.fcomb.probabilities(f, z)
 
+    @property
+    def personalizer_trained(self) -> bool:
+        """Whether phase 2 has trained the personalizer (at least one optimizer step)."""
+        return self.personalizer is not None and int(self.personalizer.trained_steps) > 0
+
     @torch.no_grad()
     def personalize(
-        self, images: Tensor, raters: Optional[Union[int, list[int], Tensor]] = None, *, generator=None
+        self,
+        images: Tensor,
+        raters: Optional[Union[int, list[int], Tensor]] = None,
+        *,
+        generator=None,
+        allow_untrained: bool = False,
     ) -> Tensor:
         """One probability map per rater head, ``(B, R', H, W)``: rater i's personalized latent from the prior
         mean and a bank of ``config.prior_bank`` prior samples, through the shared head. ``raters`` picks
-        heads (default: all ``num_raters``)."""
+        heads (default: all ``num_raters``). A personalizer that phase 2 never trained raises, since its heads
+        are not personalized; ``allow_untrained=True`` returns them anyway (e.g. as a comparison)."""
         if self.personalizer is None:
             raise ValueError("personalize: this model has no personalizer (config.use_personalizer=False)")
-        images = self._check_images(images)
+        if not allow_untrained and not self.personalizer_trained:
+            raise ValueError("personalize: this model's personalizer was never trained (phase 2 did not run); "
+                             "train phase 2, or pass allow_untrained=True for the untrained heads")  # fmt: skip
+        images = self._check_images(images, finite=True)
         r = self.config.num_raters
         idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:

@@ -65,6 +65,9 @@ class Personalizer(nn.Module):
         self.fuse = nn.Linear(attn_dim + c4, latent_dim)
         nn.init.zeros_(self.fuse.weight)
         nn.init.zeros_(self.fuse.bias)
+        # Optimizer steps of phase 2 so far (the trainer counts them; saved with the weights), so that heads of
+        # a personalizer that never trained are not passed off as personalized predictions.
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.int64))
 
     def forward(self, features: Tensor, z: Tensor, bank: Tensor, raters: Tensor) -> Tensor:
         """Rater-adaptive latents ``(B, R', latent_dim)``.

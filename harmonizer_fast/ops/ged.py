@@ -268,6 +268,24 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1).contiguous()
 
 
+def _binary(x: Tensor) -> Tensor:
+    """A flattened input of a thresholded computation. Thresholding has no gradient: detaching says so, so the
+    result does not claim ``requires_grad`` and a backward through it fails loudly instead of giving None."""
+    return _flat(x.detach())
+
+
+def _check_probabilities(x: Tensor, op: str, name: str) -> None:
+    """Values must be finite and in [0, 1] (soft IoU and the GED loss are defined for probabilities only)."""
+    if torch.compiler.is_compiling():  # a data-dependent branch would break the graph
+        return
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
+        raise ValueError(f"{op}: {name} contains NaN or Inf")
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{op}: {name} must hold probabilities in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+
+
 def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float = 0.0, threshold: float = 0.5) -> Tensor:
     """IoU of every pair of masks: a ``(B, Ka, H, W)``, b ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)`` float32.
 
@@ -282,12 +300,16 @@ def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float =
     _check_pair(a, b, op, "a", "b")
     if soft and a.dtype != b.dtype:
         raise TypeError(f"pairwise_iou: soft masks must share one dtype, got {a.dtype} and {b.dtype}")
+    if soft:
+        _check_probabilities(a, op, "a")
+        _check_probabilities(b, op, "b")
     if soft and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         # The differentiable route: the Gram op (with its backward) and the IoU in torch on (B, Ka, Kb).
         inter = soft_gram(a, b)
         uni = a.sum((2, 3))[:, :, None] + b.sum((2, 3))[:, None, :] - inter
         return torch.where(uni > 0, inter / torch.where(uni > 0, uni, 1.0), empty_iou)
-    return _overlap_op(_flat(a), _flat(b), float(threshold), bool(soft), 0.0, float(empty_iou), 1)
+    a, b = (_flat(a), _flat(b)) if soft else (_binary(a), _binary(b))
+    return _overlap_op(a, b, float(threshold), bool(soft), 0.0, float(empty_iou), 1)
 
 
 def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Tensor:
@@ -299,7 +321,7 @@ def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Te
     _check_masks(a, op, "a")
     _check_masks(b, op, "b")
     _check_pair(a, b, op, "a", "b")
-    return _overlap_op(_flat(a), _flat(b), float(threshold), False, 0.0, 0.0, 0)
+    return _overlap_op(_binary(a), _binary(b), float(threshold), False, 0.0, 0.0, 0)
 
 
 def _convention(convention: str) -> tuple[float, float, bool]:
@@ -333,7 +355,7 @@ def ged_terms(
     _check_masks(raters, op, "raters")
     _check_pair(samples, raters, op, "samples", "raters")
     k, n = samples.shape[1], raters.shape[1]
-    sums = _ged_sums_op(_flat(samples), _flat(raters), float(threshold), eps, empty_iou, offdiag)
+    sums = _ged_sums_op(_binary(samples), _binary(raters), float(threshold), eps, empty_iou, offdiag)
 
     def pairs(m: int) -> float:
         return float(m * (m - 1)) if offdiag else float(m * m)
@@ -361,7 +383,7 @@ def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor, smooth: f
 
 
 def ged_loss_per_image(
-    probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_finite: bool = True
+    probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_values: bool = True
 ) -> Tensor:
     """The GED loss of paper Eq. 7 per image, ``(B,)``: see :func:`ged_loss`."""
     op = "ged_loss"
@@ -370,14 +392,10 @@ def ged_loss_per_image(
     _check_pair(probs, raters, op, "probs", "raters")
     k = probs.shape[1]
     r = raters.to(probs.dtype)
+    if check_values:  # one pass each; the trainer skips it (a host sync) and guards the total loss instead
+        _check_probabilities(probs, op, "probs")
+        _check_probabilities(r, op, "raters")
     area_p, area_r = probs.sum((2, 3)), r.sum((2, 3))
-    # A NaN or Inf anywhere shows in the areas: a check of B x (K + N) numbers instead of every pixel.
-    # (Skipped while torch.compile traces: a data-dependent branch would break the graph.)
-    if check_finite and not torch.compiler.is_compiling():
-        if not bool(torch.isfinite(area_p).all()):
-            raise ValueError("ged_loss: probs contains NaN or Inf")
-        if not bool(torch.isfinite(area_r).all()):
-            raise ValueError("ged_loss: raters contains NaN or Inf")
     cross = 1.0 - _soft_iou_from_gram(soft_gram(probs, r), area_p, area_r, smooth)
     loss = 2.0 * cross.mean((1, 2))
     if k > 1:
@@ -387,7 +405,7 @@ def ged_loss_per_image(
     return loss
 
 
-def ged_loss(probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_finite: bool = True) -> Tensor:
+def ged_loss(probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_values: bool = True) -> Tensor:
     """The differentiable GED loss of paper Eq. 7, averaged over the batch (a scalar).
 
     ``2/(KN) sum_{k,i} d(P_k, A_i) - 2/(K(K-1)) sum_{k<k'} d(P_k, P_k')`` with the soft IoU distance
@@ -396,6 +414,7 @@ def ged_loss(probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, chec
     depend on the model), so the loss is GED minus that constant and may be negative. probs ``(B, K, H, W)``
     in [0, 1], raters ``(B, N, H, W)`` (binary or soft). With K = 1 the within-sample term is absent.
     The Gram products go through the package's kernels and their backward is two batched matrix products.
-    ``check_finite=False`` skips the NaN/Inf check (a host sync), for callers that guard the total loss.
+    probs and raters must be probabilities in [0, 1] (NaN, Inf or values outside raise ValueError);
+    ``check_values=False`` skips that check (a host sync), for callers that guard the total loss.
     """
-    return ged_loss_per_image(probs, raters, smooth=smooth, check_finite=check_finite).mean()
+    return ged_loss_per_image(probs, raters, smooth=smooth, check_values=check_values).mean()
