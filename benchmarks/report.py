@@ -16,7 +16,6 @@ and the others still run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -176,13 +175,16 @@ def _run(cmd: list[str], log: Path) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(prog="harmonizer-fast bench", description=__doc__.splitlines()[0])
+    from harmonizer_fast._io import OutputPathError, check_output_dir
+    from harmonizer_fast.cli import Parser, int_at_least
+
+    p = Parser(prog="harmonizer-fast bench", description=__doc__.splitlines()[0])  # errors: one line, exit 2
     p.add_argument("--quick", action="store_true", help="every benchmark in its quick mode (fewer rounds)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the report (default: %(default)s)")
     p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of: " + ", ".join(BENCHMARKS))
     p.add_argument("--no-profile", action="store_true", help="leave the profiler out of the report")
-    p.add_argument("--numpy-images", type=int, default=None,
+    p.add_argument("--numpy-images", type=int_at_least(1), default=None,
                    help="passed to bench_ged.py: images its slow numpy peer is timed on")  # fmt: skip
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(raw_argv)
@@ -192,6 +194,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--only: expected names from {', '.join(BENCHMARKS)}, got {args.only!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
+    try:
+        check_output_dir(args.out, "--out")
+    except OutputPathError as exc:
+        p.error(str(exc))
     device = torch.device(args.device)
     stem = f"bench-{device_slug(device)}" + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)

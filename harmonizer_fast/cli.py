@@ -287,7 +287,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("harmonizer_fast_bench_report", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(args.bench_args)
+    try:
+        return module.main(args.bench_args)
+    except SystemExit as exc:  # its argparse (--help, a bad option) ends this way
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def cmd_info(args: argparse.Namespace) -> int:
