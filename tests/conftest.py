@@ -4,8 +4,8 @@ Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter, which 
 before triton is first imported; with a GPU they run compiled on CUDA tensors. Each backend is tested
 by forcing it through HARMONIZER_FAST_BACKEND (a forced backend never falls back silently). The C++ CPU
 backend is tested once per instruction-set build of its hot loops (baseline, avx2, avx512): every build
-this machine's CPU executes runs, the others are skipped with the reason, and the session header lists
-which ran.
+this machine's CPU executes runs, the others are skipped with the reason, and the session's summary names
+the CPU and the builds that ran.
 """
 
 import os
@@ -50,13 +50,17 @@ def _cpu_model() -> str:
     return cpu_model()
 
 
-def pytest_report_header(config):
+def cpu_builds_line() -> str:
     supported = _backend.supported_cpu_isas()
     if not supported:
-        return "C++ CPU kernels: not built, their cases are skipped"
+        return "C++ CPU kernels: not built, their cases were skipped"
     missing = [isa for isa in _backend.CPU_ISAS if isa not in supported]
-    lacks = f"; this CPU lacks {', '.join(missing)}" if missing else ""
-    return f"CPU: {_cpu_model()}; C++ CPU kernel builds tested: {', '.join(supported)}{lacks}"
+    lacks = f" (this CPU cannot execute {', '.join(missing)})" if missing else ""
+    return f"C++ CPU kernel builds tested on {_cpu_model()}: {', '.join(supported)}{lacks}"
+
+
+def pytest_terminal_summary(terminalreporter):  # also under -q, where the session header is not shown
+    terminalreporter.write_line(cpu_builds_line())
 
 
 @pytest.fixture
