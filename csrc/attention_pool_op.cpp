@@ -1,6 +1,7 @@
-// Torch-side token-attention pooling core: argument checks, workspace and device dispatch for the CPU
-// kernels (cpu/attention_pool.cpp) and CUDA launchers (cuda/attention_pool.cu). Registered in ops.cpp.
+// Torch-side token-attention pooling core: the op schemas, argument checks and workspaces of the CPU kernels
+// (cpu/attention_pool.cpp) and CUDA launchers (cuda/attention_pool.cu), and the registration of each.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -37,65 +38,87 @@ void check_matching(const at::Tensor& ref, const at::Tensor& t, const char* name
               " must be a contiguous ", ref.sizes(), " tensor on ", ref.device(), ", got ", t.sizes());
 }
 
-}  // namespace
+using Pair = std::tuple<at::Tensor, at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor> attention_pool_forward(const at::Tensor& x, const at::Tensor& a) {
-  const AttnPoolArgs g = make_args(x, a);
-  if (x.is_cuda()) {
-#ifdef WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const auto opts = x.options().dtype(acc_type(x));
-    at::Tensor part_m = at::empty({g.b, g.splits, g.m}, opts), part_l = at::empty({g.b, g.splits, g.m}, opts);
-    at::Tensor part_acc = at::empty({g.b, g.splits, g.m, g.c}, opts);
-    check_launch(attention_pool_forward_cuda_launch(x.const_data_ptr(), a.const_data_ptr(), part_m.mutable_data_ptr(),
-                                                    part_l.mutable_data_ptr(), part_acc.mutable_data_ptr(),
-                                                    to_dtype(x.scalar_type()), g, current_stream()),
-                 kOp);
-    // Merge the chunks' softmax states (fixed-order reductions over dim 1).
-    at::Tensor m_tot = part_m.amax(1);
-    at::Tensor w = at::exp(part_m - m_tot.unsqueeze(1));
-    at::Tensor l_tot = (part_l * w).sum(1);
-    at::Tensor z = (part_acc * w.unsqueeze(-1)).sum(1) / l_tot.unsqueeze(-1);
-    return {z.to(x.scalar_type()), m_tot + at::log(l_tot)};
-#else
-    TORCH_CHECK(false, kOp, ": harmonizer_fast._C was built without CUDA");
-#endif
-  }
-  at::Tensor z = at::empty({g.b, g.m, g.c}, x.options()), lse = at::empty({g.b, g.m}, x.options());
-  attention_pool_forward_cpu(x, a, z, lse, g);
-  return {z, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dz, const at::Tensor& x,
-                                                           const at::Tensor& a, const at::Tensor& z,
-                                                           const at::Tensor& lse) {
-  const AttnPoolArgs g = make_args(x, a);
+void check_backward(const AttnPoolArgs& g, const at::Tensor& dz, const at::Tensor& x, const at::Tensor& a,
+                    const at::Tensor& z, const at::Tensor& lse) {
   check_matching(a, dz, "dz");
   check_matching(a, z, "z");
   TORCH_CHECK(dz.scalar_type() == x.scalar_type() && z.scalar_type() == x.scalar_type(), kOp,
               "_backward: dz and z must have x's dtype");
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({g.b, g.m}) && lse.scalar_type() == acc_type(x) && lse.is_contiguous(),
               kOp, "_backward: lse must be a contiguous (B, M) tensor of the accumulation dtype");
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  if (x.is_cuda()) {
-#ifdef WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const auto acc = acc_type(x);
-    at::Tensor d = (dz.to(acc) * z.to(acc)).sum(-1).contiguous();
-    at::Tensor part_da = at::empty({g.b, g.splits, g.m, g.c}, x.options().dtype(acc));
-    check_launch(attention_pool_backward_cuda_launch(dz.const_data_ptr(), x.const_data_ptr(), a.const_data_ptr(),
-                                                     lse.const_data_ptr(), d.const_data_ptr(), dx.mutable_data_ptr(),
-                                                     part_da.mutable_data_ptr(), to_dtype(x.scalar_type()), g,
-                                                     current_stream()),
-                 "attention_pool_backward");
-    return {dx, part_da.sum(1).to(x.scalar_type())};
-#else
-    TORCH_CHECK(false, kOp, ": harmonizer_fast._C was built without CUDA");
-#endif
-  }
-  at::Tensor da = at::empty(a.sizes(), a.options());
+}
+
+Pair forward_cpu(const at::Tensor& x, const at::Tensor& a) {
+  const AttnPoolArgs g = make_args(x, a);
+  at::Tensor z = at::empty({g.b, g.m, g.c}, x.options()), lse = at::empty({g.b, g.m}, x.options());
+  attention_pool_forward_cpu(x, a, z, lse, g);
+  return {z, lse};
+}
+
+Pair backward_cpu(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& a, const at::Tensor& z,
+                  const at::Tensor& lse) {
+  const AttnPoolArgs g = make_args(x, a);
+  check_backward(g, dz, x, a, z, lse);
+  at::Tensor dx = at::empty(x.sizes(), x.options()), da = at::empty(a.sizes(), a.options());
   attention_pool_backward_cpu(dz, x, a, z, lse, dx, da, g);
   return {dx, da};
 }
 
+#ifdef WITH_CUDA
+Pair forward_cuda(const at::Tensor& x, const at::Tensor& a) {
+  const AttnPoolArgs g = make_args(x, a);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto opts = x.options().dtype(acc_type(x));
+  at::Tensor part_m = at::empty({g.b, g.splits, g.m}, opts), part_l = at::empty({g.b, g.splits, g.m}, opts);
+  at::Tensor part_acc = at::empty({g.b, g.splits, g.m, g.c}, opts);
+  check_launch(attention_pool_forward_cuda_launch(x.const_data_ptr(), a.const_data_ptr(), part_m.mutable_data_ptr(),
+                                                  part_l.mutable_data_ptr(), part_acc.mutable_data_ptr(),
+                                                  to_dtype(x.scalar_type()), g, current_stream()),
+               kOp);
+  // Merge the chunks' softmax states (fixed-order reductions over dim 1).
+  at::Tensor m_tot = part_m.amax(1);
+  at::Tensor w = at::exp(part_m - m_tot.unsqueeze(1));
+  at::Tensor l_tot = (part_l * w).sum(1);
+  at::Tensor z = (part_acc * w.unsqueeze(-1)).sum(1) / l_tot.unsqueeze(-1);
+  return {z.to(x.scalar_type()), m_tot + at::log(l_tot)};
+}
+
+Pair backward_cuda(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& a, const at::Tensor& z,
+                   const at::Tensor& lse) {
+  const AttnPoolArgs g = make_args(x, a);
+  check_backward(g, dz, x, a, z, lse);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor d = (dz.to(acc) * z.to(acc)).sum(-1).contiguous();
+  at::Tensor part_da = at::empty({g.b, g.splits, g.m, g.c}, x.options().dtype(acc));
+  check_launch(attention_pool_backward_cuda_launch(dz.const_data_ptr(), x.const_data_ptr(), a.const_data_ptr(),
+                                                   lse.const_data_ptr(), d.const_data_ptr(), dx.mutable_data_ptr(),
+                                                   part_da.mutable_data_ptr(), to_dtype(x.scalar_type()), g,
+                                                   current_stream()),
+               "attention_pool_backward");
+  return {dx, part_da.sum(1).to(x.scalar_type())};
+}
+#endif
+
+}  // namespace
 }  // namespace harmonizer_fast
+
+TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
+  m.def("attention_pool(Tensor x, Tensor a) -> (Tensor, Tensor)");
+  m.def("attention_pool_backward(Tensor dz, Tensor x, Tensor a, Tensor z, Tensor lse) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
+  m.impl("attention_pool", &harmonizer_fast::forward_cpu);
+  m.impl("attention_pool_backward", &harmonizer_fast::backward_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
+  m.impl("attention_pool", &harmonizer_fast::forward_cuda);
+  m.impl("attention_pool_backward", &harmonizer_fast::backward_cuda);
+}
+#endif

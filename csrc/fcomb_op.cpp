@@ -1,6 +1,8 @@
-// Torch-side fused sampling head: argument checks and dispatch to the CPU kernel (cpu/fcomb.cpp). GPUs run
-// the Triton kernel (kernels/fcomb.py) or the torch reference; there is no CUDA C++ variant of this op.
+// Torch-side fused sampling head: the op schema, argument checks and the CPU registration of the kernel
+// (cpu/fcomb.cpp). GPUs run the Triton kernel (kernels/fcomb.py) or the torch reference; there is no CUDA
+// C++ variant of this op.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "fcomb.h"
 #include "torch_common.h"
@@ -11,10 +13,11 @@ void fcomb_head_cpu(const at::Tensor& base, const at::Tensor& bias, const at::Te
                     const at::Tensor& hidden_b, const at::Tensor& last_w, const at::Tensor& last_b, at::Tensor& out,
                     const FcombArgs& a);
 
+namespace {
+
 at::Tensor fcomb_head(const at::Tensor& base, const at::Tensor& bias, const at::Tensor& hidden_w,
                       const at::Tensor& hidden_b, const at::Tensor& last_w, const at::Tensor& last_b) {
   const char* op = "fcomb_head";
-  TORCH_CHECK(!base.is_cuda(), op, ": the C++ kernel runs on CPU tensors (GPUs use the Triton kernel)");
   TORCH_CHECK(base.dim() == 3 && base.is_contiguous(), op, ": base must be a contiguous (B, C, pixels) tensor");
   check_dtype(base, op);
   for (const auto* t : {&bias, &hidden_w, &hidden_b, &last_w, &last_b}) {
@@ -37,4 +40,12 @@ at::Tensor fcomb_head(const at::Tensor& base, const at::Tensor& bias, const at::
   return out;
 }
 
+}  // namespace
 }  // namespace harmonizer_fast
+
+TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
+  m.def("fcomb_head(Tensor base, Tensor bias, Tensor hidden_w, Tensor hidden_b, Tensor last_w, Tensor last_b) -> "
+        "Tensor");
+}
+
+TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) { m.impl("fcomb_head", &harmonizer_fast::fcomb_head); }

@@ -1,8 +1,9 @@
-// Torch-side pairwise overlaps and GED sums: argument checks and device dispatch for the CPU kernels
-// (cpu/ged.cpp) and CUDA launchers (cuda/ged.cu). Registered in ops.cpp. Inputs arrive flattened from
+// Torch-side pairwise overlaps and GED sums: the op schemas, argument checks and workspaces of the CPU kernels
+// (cpu/ged.cpp) and CUDA launchers (cuda/ged.cu), and the registration of each. Inputs arrive flattened from
 // Python as contiguous (B, K, pixels) tensors; binary masks may be any of float32/float64/float16/bfloat16,
 // uint8 or bool (a pixel is foreground when > threshold), soft masks a floating type shared by a and b.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "ged.h"
 #include "torch_common.h"
@@ -33,92 +34,116 @@ void check_pair(const at::Tensor& a, const at::Tensor& b, const char* op, const 
               " ", b.sizes(), " must agree in batch and pixels");
 }
 
-}  // namespace
-
-// mode 0: intersections (Gram), mode 1: IoU; returns (B, Ka, Kb): float32 for binary masks, the accumulation
-// type (float32, or float64 for float64 inputs) for soft ones.
-at::Tensor pairwise_overlap(const at::Tensor& a, const at::Tensor& b, double threshold, bool soft, double eps,
-                            double empty_iou, int64_t mode) {
+OverlapArgs overlap_args(const at::Tensor& a, const at::Tensor& b, double threshold, double eps, double empty_iou,
+                         int64_t mode) {
   check_pair(a, b, "pairwise_overlap", "a", "b");
   TORCH_CHECK(mode == 0 || mode == 1, "pairwise_overlap: mode must be 0 (gram) or 1 (iou), got ", mode);
+  return OverlapArgs{a.size(0), a.size(1), b.size(1), a.size(2), static_cast<float>(threshold), eps, empty_iou};
+}
+
+// Soft masks: the accumulation type (float32, or float64 for float64 inputs), shared by a and b.
+at::ScalarType soft_acc(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.is_floating_point() && a.scalar_type() == b.scalar_type(),
+              "pairwise_overlap: soft masks must share one floating dtype, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  return a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+GedArgs ged_args(const at::Tensor& samples, const at::Tensor& raters, double threshold, double eps, double empty_iou,
+                 bool offdiag) {
+  check_pair(samples, raters, "ged_sums", "samples", "raters");
+  return GedArgs{samples.size(0), samples.size(1), raters.size(1), samples.size(2), static_cast<float>(threshold),
+                 eps, empty_iou, offdiag};
+}
+
+// pairwise_overlap: mode 0 intersections (Gram), mode 1 IoU; (B, Ka, Kb), float32 for binary masks and the
+// accumulation type for soft ones.
+at::Tensor overlap_cpu(const at::Tensor& a, const at::Tensor& b, double threshold, bool soft, double eps,
+                       double empty_iou, int64_t mode) {
+  const OverlapArgs args = overlap_args(a, b, threshold, eps, empty_iou, mode);
   const OverlapMode m = static_cast<OverlapMode>(mode);
-  const OverlapArgs args{a.size(0), a.size(1), b.size(1), a.size(2), static_cast<float>(threshold), eps, empty_iou};
   if (soft) {
-    TORCH_CHECK(a.is_floating_point() && a.scalar_type() == b.scalar_type(),
-                "pairwise_overlap: soft masks must share one floating dtype, got ", a.scalar_type(), " and ",
-                b.scalar_type());
-    const auto acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    if (a.is_cuda()) {
-#ifdef WITH_CUDA
-      const c10::cuda::CUDAGuard guard(a.device());
-      at::Tensor out = at::empty({args.batch, args.ka, args.kb}, a.options().dtype(acc));
-      at::Tensor areas = at::empty({args.batch * (args.ka + args.kb)}, a.options().dtype(acc));
-      if (out.numel() == 0) return out;
-      check_launch(overlap_soft_cuda_launch(a.const_data_ptr(), b.const_data_ptr(), to_dtype(a.scalar_type()),
-                                            out.mutable_data_ptr(), areas.mutable_data_ptr(), m, args,
-                                            current_stream()),
-                   "pairwise_overlap");
-      return out;
-#else
-      TORCH_CHECK(false, "pairwise_overlap: harmonizer_fast._C was built without CUDA");
-#endif
-    }
-    // CPU: the Gram matrix is a batched matrix product, and ATen's BLAS is the fastest honest route to it.
+    // The Gram matrix is a batched matrix product, and ATen's BLAS is the fastest honest route to it.
+    const auto acc = soft_acc(a, b);
     const at::Tensor af = a.to(acc), bf = b.to(acc);
-    const at::Tensor sa = af.sum(-1), sb = bf.sum(-1);
     at::Tensor gram = at::bmm(af, bf.transpose(1, 2));
     if (m == OverlapMode::Gram) return gram;  // plain arithmetic, like a matmul: NaN in, NaN out
-    // IoU: a NaN anywhere shows in the areas, a check of B x K numbers instead of every pixel.
-    TORCH_CHECK_VALUE(!at::isnan(sa).any().item<bool>(), "pairwise_iou: a contains NaN");
-    TORCH_CHECK_VALUE(!at::isnan(sb).any().item<bool>(), "pairwise_iou: b contains NaN");
-    const at::Tensor uni = sa.unsqueeze(2) + sb.unsqueeze(1) - gram;
+    const at::Tensor uni = af.sum(-1).unsqueeze(2) + bf.sum(-1).unsqueeze(1) - gram;
     return at::where(uni > 0, gram / (uni + eps), at::full({}, empty_iou, gram.options()));
   }
   at::Tensor out = at::empty({args.batch, args.ka, args.kb}, a.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  if (a.is_cuda()) {
-#ifdef WITH_CUDA
-    const c10::cuda::CUDAGuard guard(a.device());
-    at::Tensor ws = at::empty({ged_workspace_bytes(args.batch * args.ka, args.pixels) +
-                               ged_workspace_bytes(args.batch * args.kb, args.pixels)},
-                              a.options().dtype(at::kByte));
-    check_launch(overlap_binary_cuda_launch(a.const_data_ptr(), to_dtype(a.scalar_type()), b.const_data_ptr(),
-                                            to_dtype(b.scalar_type()), out.mutable_data_ptr<float>(), m, args,
-                                            ws.mutable_data_ptr(), current_stream()),
-                 "pairwise_overlap");
-    return out;
-#else
-    TORCH_CHECK(false, "pairwise_overlap: harmonizer_fast._C was built without CUDA");
-#endif
-  }
-  overlap_binary_cpu(a, b, out, m, args);
+  if (out.numel() > 0) overlap_binary_cpu(a, b, out, m, args);
   return out;
 }
 
-// (B, 3) float64: the cross, within-sample and within-rater distance sums of the GED (see GedArgs).
-at::Tensor ged_sums(const at::Tensor& samples, const at::Tensor& raters, double threshold, double eps,
-                    double empty_iou, bool offdiag) {
-  check_pair(samples, raters, "ged_sums", "samples", "raters");
-  const GedArgs g{samples.size(0), samples.size(1), raters.size(1), samples.size(2), static_cast<float>(threshold),
-                  eps, empty_iou, offdiag};
+// ged_sums: (B, 3) float64, the cross, within-sample and within-rater distance sums of the GED (see GedArgs).
+at::Tensor ged_sums_cpu_op(const at::Tensor& samples, const at::Tensor& raters, double threshold, double eps,
+                           double empty_iou, bool offdiag) {
+  const GedArgs g = ged_args(samples, raters, threshold, eps, empty_iou, offdiag);
   at::Tensor sums = at::zeros({g.batch, 3}, samples.options().dtype(at::kDouble));
-  if (g.batch == 0 || g.k == 0 || g.n == 0) return sums;
-  if (samples.is_cuda()) {
-#ifdef WITH_CUDA
-    const c10::cuda::CUDAGuard guard(samples.device());
-    at::Tensor ws =
-        at::empty({ged_sums_workspace_bytes(g.batch, g.k, g.n, g.pixels)}, samples.options().dtype(at::kByte));
-    check_launch(ged_sums_cuda_launch(samples.const_data_ptr(), to_dtype(samples.scalar_type()),
-                                      raters.const_data_ptr(), to_dtype(raters.scalar_type()),
-                                      sums.mutable_data_ptr<double>(), g, ws.mutable_data_ptr(), current_stream()),
-                 "ged_sums");
-    return sums;
-#else
-    TORCH_CHECK(false, "ged_sums: harmonizer_fast._C was built without CUDA");
-#endif
-  }
-  ged_sums_cpu(samples, raters, sums, g);
+  if (g.batch > 0 && g.k > 0 && g.n > 0) ged_sums_cpu(samples, raters, sums, g);
   return sums;
 }
 
+#ifdef WITH_CUDA
+at::Tensor overlap_cuda(const at::Tensor& a, const at::Tensor& b, double threshold, bool soft, double eps,
+                        double empty_iou, int64_t mode) {
+  const OverlapArgs args = overlap_args(a, b, threshold, eps, empty_iou, mode);
+  const OverlapMode m = static_cast<OverlapMode>(mode);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (soft) {
+    const auto acc = soft_acc(a, b);
+    at::Tensor out = at::empty({args.batch, args.ka, args.kb}, a.options().dtype(acc));
+    at::Tensor areas = at::empty({args.batch * (args.ka + args.kb)}, a.options().dtype(acc));
+    if (out.numel() == 0) return out;
+    check_launch(overlap_soft_cuda_launch(a.const_data_ptr(), b.const_data_ptr(), to_dtype(a.scalar_type()),
+                                          out.mutable_data_ptr(), areas.mutable_data_ptr(), m, args,
+                                          current_stream()),
+                 "pairwise_overlap");
+    return out;
+  }
+  at::Tensor out = at::empty({args.batch, args.ka, args.kb}, a.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  at::Tensor ws = at::empty({GedWorkspace::overlap(args).bytes}, a.options().dtype(at::kByte));
+  check_launch(overlap_binary_cuda_launch(a.const_data_ptr(), to_dtype(a.scalar_type()), b.const_data_ptr(),
+                                          to_dtype(b.scalar_type()), out.mutable_data_ptr<float>(), m, args,
+                                          ws.mutable_data_ptr(), current_stream()),
+               "pairwise_overlap");
+  return out;
+}
+
+at::Tensor ged_sums_cuda(const at::Tensor& samples, const at::Tensor& raters, double threshold, double eps,
+                         double empty_iou, bool offdiag) {
+  const GedArgs g = ged_args(samples, raters, threshold, eps, empty_iou, offdiag);
+  at::Tensor sums = at::zeros({g.batch, 3}, samples.options().dtype(at::kDouble));
+  if (g.batch == 0 || g.k == 0 || g.n == 0) return sums;
+  const c10::cuda::CUDAGuard guard(samples.device());
+  at::Tensor ws = at::empty({GedWorkspace::sums(g).bytes}, samples.options().dtype(at::kByte));
+  check_launch(ged_sums_cuda_launch(samples.const_data_ptr(), to_dtype(samples.scalar_type()), raters.const_data_ptr(),
+                                    to_dtype(raters.scalar_type()), sums.mutable_data_ptr<double>(), g,
+                                    ws.mutable_data_ptr(), current_stream()),
+               "ged_sums");
+  return sums;
+}
+#endif
+
+}  // namespace
 }  // namespace harmonizer_fast
+
+TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
+  m.def("pairwise_overlap(Tensor a, Tensor b, float threshold, bool soft, float eps, float empty_iou, int mode) -> "
+        "Tensor");
+  m.def("ged_sums(Tensor samples, Tensor raters, float threshold, float eps, float empty_iou, bool offdiag) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
+  m.impl("pairwise_overlap", &harmonizer_fast::overlap_cpu);
+  m.impl("ged_sums", &harmonizer_fast::ged_sums_cpu_op);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
+  m.impl("pairwise_overlap", &harmonizer_fast::overlap_cuda);
+  m.impl("ged_sums", &harmonizer_fast::ged_sums_cuda);
+}
+#endif

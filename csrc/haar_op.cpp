@@ -1,6 +1,7 @@
-// Torch-side Haar DWT/IDWT: argument checks, stride bookkeeping and device dispatch, shared by the CPU
-// kernels (cpu/haar.cpp) and the CUDA launchers (cuda/haar.cu). Registered in ops.cpp.
+// Torch-side Haar DWT/IDWT: the op schemas, argument checks and stride bookkeeping shared by the CPU kernels
+// (cpu/haar.cpp) and the CUDA launchers (cuda/haar.cu), and the registration of each for its device.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "haar.h"
 #include "torch_common.h"
@@ -44,43 +45,56 @@ HaarIdwtArgs idwt_args(const at::Tensor& lo, const at::Tensor& hi, int64_t heigh
                       hi.stride(0), hi.stride(1), hi.stride(2), hi.stride(3), hi.stride(4), height, width};
 }
 
-}  // namespace
-
-void haar_dwt2d_out(const at::Tensor& x, at::Tensor& lo, at::Tensor& hi) {
+void dwt_cpu(const at::Tensor& x, at::Tensor& lo, at::Tensor& hi) {
   const HaarDwtArgs a = dwt_args(x, lo, hi);
-  if (lo.numel() == 0) return;
-  if (x.is_cuda()) {
-#ifdef WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    check_launch(haar_dwt2d_cuda_launch(x.const_data_ptr(), lo.mutable_data_ptr(), hi.mutable_data_ptr(),
-                                        to_dtype(x.scalar_type()), a, current_stream()),
-                 "haar_dwt2d");
-#else
-    TORCH_CHECK(false, "haar_dwt2d: harmonizer_fast._C was built without CUDA");
-#endif
-  } else {
-    haar_dwt2d_cpu(x, lo, hi, a);
-  }
+  if (lo.numel() > 0) haar_dwt2d_cpu(x, lo, hi, a);
 }
 
-at::Tensor haar_idwt2d(const at::Tensor& lo, const at::Tensor& hi, int64_t height, int64_t width) {
+at::Tensor idwt_cpu(const at::Tensor& lo, const at::Tensor& hi, int64_t height, int64_t width) {
   const HaarIdwtArgs a = idwt_args(lo, hi, height, width);
   at::Tensor x = at::empty({a.n, a.c, height, width}, lo.options());
-  if (x.numel() == 0) return x;
-  if (lo.is_cuda()) {
-#ifdef WITH_CUDA
-    const c10::cuda::CUDAGuard guard(lo.device());
-    check_launch(haar_idwt2d_cuda_launch(lo.const_data_ptr(), hi.const_data_ptr(), x.mutable_data_ptr(),
-                                         to_dtype(lo.scalar_type()), a, current_stream()),
-                 "haar_idwt2d");
-#else
-    TORCH_CHECK(false, "haar_idwt2d: harmonizer_fast._C was built without CUDA");
-#endif
-  } else {
-    haar_idwt2d_cpu(lo, hi, x, a);
-  }
+  if (x.numel() > 0) haar_idwt2d_cpu(lo, hi, x, a);
   return x;
 }
 
+#ifdef WITH_CUDA
+void dwt_cuda(const at::Tensor& x, at::Tensor& lo, at::Tensor& hi) {
+  const HaarDwtArgs a = dwt_args(x, lo, hi);
+  if (lo.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(haar_dwt2d_cuda_launch(x.const_data_ptr(), lo.mutable_data_ptr(), hi.mutable_data_ptr(),
+                                      to_dtype(x.scalar_type()), a, current_stream()),
+               "haar_dwt2d");
+}
+
+at::Tensor idwt_cuda(const at::Tensor& lo, const at::Tensor& hi, int64_t height, int64_t width) {
+  const HaarIdwtArgs a = idwt_args(lo, hi, height, width);
+  at::Tensor x = at::empty({a.n, a.c, height, width}, lo.options());
+  if (x.numel() == 0) return x;
+  const c10::cuda::CUDAGuard guard(lo.device());
+  check_launch(haar_idwt2d_cuda_launch(lo.const_data_ptr(), hi.const_data_ptr(), x.mutable_data_ptr(),
+                                       to_dtype(lo.scalar_type()), a, current_stream()),
+               "haar_idwt2d");
+  return x;
+}
+#endif
+
+}  // namespace
 }  // namespace harmonizer_fast
 
+TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
+  m.def("haar_dwt2d_out(Tensor x, Tensor(a!) lo, Tensor(b!) hi) -> ()");
+  m.def("haar_idwt2d(Tensor lo, Tensor hi, int height, int width) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
+  m.impl("haar_dwt2d_out", &harmonizer_fast::dwt_cpu);
+  m.impl("haar_idwt2d", &harmonizer_fast::idwt_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
+  m.impl("haar_dwt2d_out", &harmonizer_fast::dwt_cuda);
+  m.impl("haar_idwt2d", &harmonizer_fast::idwt_cuda);
+}
+#endif

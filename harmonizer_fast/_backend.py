@@ -272,9 +272,23 @@ def _plan(op: str, t: torch.Tensor, impls: Mapping[str, Any], support: Support) 
     ]
 
 
-def dispatch(op: str, t: torch.Tensor, impls: Mapping[str, Callable[..., Any]], support: Support, *args: Any) -> Any:
-    """Run ``impls[backend](*args)`` for the backend chosen for input ``t``."""
+def dispatch(
+    op: str,
+    t: torch.Tensor,
+    impls: Mapping[str, Callable[..., Any]],
+    support: Support,
+    *args: Any,
+    check: Optional[Callable[..., None]] = None,
+) -> Any:
+    """Run ``impls[backend](*args)`` for the backend chosen for input ``t``.
+
+    ``check(backend, *args)`` validates the input's values for that backend (a backend may check them
+    itself, at no extra cost) and runs before any kernel: its error is the user's, never a reason to fall
+    back. Only a failing Triton kernel (compile or launch) moves the call on to the next backend.
+    """
     plan = _plan(op, t, impls, support)
+    if check is not None:
+        check(plan[0], *args)
     for backend in plan[:-1]:
         if backend != "triton":
             return impls[backend](*args)

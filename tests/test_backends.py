@@ -1,5 +1,6 @@
 """Backend selection, the availability report, running without the extension, and packaging."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -180,3 +181,25 @@ def test_cpu_isa_from_the_environment():
     report, error = proc.stdout.strip().splitlines()
     assert "HARMONIZER_FAST_CPU_ISA='sse9' is not a CPU build" in report
     assert error.startswith("haar_dwt2d") and "not a CPU build" in error
+
+
+def test_a_bad_input_raises_before_dispatch_and_keeps_triton(monkeypatch):
+    """A NaN input on the automatic path is the user's error: it raises as such, and Triton stays the first
+    choice for the next (valid) call instead of being disabled as if its kernel had failed."""
+    if _backend._unavailable("triton", "cpu"):
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton", "cpu", "torch"))
+    monkeypatch.setattr(_backend, "_TRITON_FAILED", {})
+    samples, raters = torch.rand(1, 3, 8, 8), (torch.rand(1, 2, 8, 8) > 0.5).float()
+    with pytest.raises(ValueError, match="samples contains NaN"):
+        hf.ged(samples.masked_fill(samples > 0.9, float("nan")), raters)
+    with pytest.raises(ValueError, match="raters must be binary"):
+        hf.ged(samples, raters * 0.5)
+    assert _backend._TRITON_FAILED == {}
+    ged_mod = importlib.import_module("harmonizer_fast.ops.ged")
+    probe = ged_mod._flat(samples)
+    assert _backend.selected_backend("ged_sums", probe, ged_mod.IMPLS["ged_sums"], ged_mod.BINARY_SUPPORT) == "triton"
+    got = hf.ged(samples, raters)  # on Triton (the interpreter)
+    assert _backend._TRITON_FAILED == {}
+    monkeypatch.setenv(_backend.ENV_BACKEND, "torch")
+    torch.testing.assert_close(got, hf.ged(samples, raters))

@@ -210,12 +210,12 @@ dim3 tile_grid(int64_t na, int64_t nb, int64_t batch) {
 int overlap_binary_cuda_launch(const void* a, DType a_dtype, const void* b, DType b_dtype, float* out,
                                OverlapMode mode, const OverlapArgs& args, void* workspace, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
+  const GedWorkspace ws = GedWorkspace::overlap(args);
   Packed pa{}, pb{};
-  const int64_t rows_a = args.batch * args.ka;
-  int err = pack(a, a_dtype, rows_a, args.pixels, args.threshold, workspace, st, &pa);
+  int err = pack(a, a_dtype, args.batch * args.ka, args.pixels, args.threshold, workspace, st, &pa);
   if (err != cudaSuccess) return err;
-  err = pack(b, b_dtype, args.batch * args.kb, args.pixels, args.threshold,
-             static_cast<char*>(workspace) + ged_workspace_bytes(rows_a, args.pixels), st, &pb);
+  err = pack(b, b_dtype, args.batch * args.kb, args.pixels, args.threshold, static_cast<char*>(workspace) + ws.set_b,
+             st, &pb);
   if (err != cudaSuccess) return err;
   overlap_binary_kernel<<<tile_grid(args.ka, args.kb, args.batch), dim3(kTile, kTile), 0, st>>>(
       pa.words, pa.areas, pb.words, pb.areas, out, args, static_cast<int>(mode));
@@ -244,20 +244,16 @@ int overlap_soft_cuda_launch(const void* a, const void* b, DType dtype, void* ou
 int ged_sums_cuda_launch(const void* samples, DType s_dtype, const void* raters, DType r_dtype, double* sums,
                          const GedArgs& g, void* workspace, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
+  const GedWorkspace ws = GedWorkspace::sums(g);
+  char* base = static_cast<char*>(workspace);
   Packed ps{}, pr{};
-  const int64_t rows_s = g.batch * g.k;
-  int err = pack(samples, s_dtype, rows_s, g.pixels, g.threshold, workspace, st, &ps);
+  int err = pack(samples, s_dtype, g.batch * g.k, g.pixels, g.threshold, workspace, st, &ps);
   if (err != cudaSuccess) return err;
-  err = pack(raters, r_dtype, g.batch * g.n, g.pixels, 0.5f,
-             static_cast<char*>(workspace) + ged_workspace_bytes(rows_s, g.pixels), st, &pr);
+  err = pack(raters, r_dtype, g.batch * g.n, g.pixels, 0.5f, base + ws.set_b, st, &pr);
   if (err != cudaSuccess) return err;
-  // Partials for the three terms follow both packed sets (see ged_sums_workspace_bytes).
-  const int64_t tk = (g.k + kTile - 1) / kTile, tn = (g.n + kTile - 1) / kTile;
-  auto* partials = reinterpret_cast<double*>(static_cast<char*>(workspace) + ged_workspace_bytes(rows_s, g.pixels) +
-                                             ged_workspace_bytes(g.batch * g.n, g.pixels));
-  double* p_cross = partials;
-  double* p_samples = p_cross + g.batch * tk * tn;
-  double* p_raters = p_samples + g.batch * tk * tk;
+  auto* p_cross = reinterpret_cast<double*>(base + ws.cross);
+  auto* p_samples = reinterpret_cast<double*>(base + ws.within_a);
+  auto* p_raters = reinterpret_cast<double*>(base + ws.within_b);
   const dim3 threads(kTile, kTile);
   distance_sum_kernel<<<tile_grid(g.k, g.n, g.batch), threads, 0, st>>>(
       ps.words, ps.areas, pr.words, pr.areas, g.k, g.n, g.pixels, g.eps, g.empty_iou, false, false, p_cross);
@@ -266,9 +262,9 @@ int ged_sums_cuda_launch(const void* samples, DType s_dtype, const void* raters,
   distance_sum_kernel<<<tile_grid(g.n, g.n, g.batch), threads, 0, st>>>(
       pr.words, pr.areas, pr.words, pr.areas, g.n, g.n, g.pixels, g.eps, g.empty_iou, true, g.offdiag, p_raters);
   const unsigned nb = static_cast<unsigned>(g.batch);
-  sum_partials_kernel<<<nb, 32, 0, st>>>(p_cross, tk * tn, 0, sums);
-  sum_partials_kernel<<<nb, 32, 0, st>>>(p_samples, tk * tk, 1, sums);
-  sum_partials_kernel<<<nb, 32, 0, st>>>(p_raters, tn * tn, 2, sums);
+  sum_partials_kernel<<<nb, 32, 0, st>>>(p_cross, ws.tiles_cross, 0, sums);
+  sum_partials_kernel<<<nb, 32, 0, st>>>(p_samples, ws.tiles_a, 1, sums);
+  sum_partials_kernel<<<nb, 32, 0, st>>>(p_raters, ws.tiles_b, 2, sums);
   return cudaGetLastError();
 }
 

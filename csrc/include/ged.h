@@ -52,26 +52,48 @@ struct GedArgs {
   bool offdiag;
 };
 
-// CUDA: pairs per block side. Workspace for `rows` packed masks (words, then one 64-bit area per row), and
-// for the GED sums (both packed sets, then one double partial per tile of each of the three terms).
+// CUDA: pairs per block side, and the byte layout of the launchers' workspace. One struct holds every offset,
+// so the torch side sizes the workspace and the launchers find their parts from the same numbers: packed
+// set A at 0 (its words, then one 64-bit area per row), packed set B at `set_b`, then for the GED sums one
+// double partial per tile of each term (cross, within A, within B).
 constexpr int kGedTile = 16;
-inline int64_t ged_workspace_bytes(int64_t rows, int64_t pixels) {
-  return rows * packed_words(pixels) * 8 + rows * 8;
-}
-inline int64_t ged_sums_workspace_bytes(int64_t batch, int64_t k, int64_t n, int64_t pixels) {
-  const int64_t tk = (k + kGedTile - 1) / kGedTile, tn = (n + kGedTile - 1) / kGedTile;
-  return ged_workspace_bytes(batch * k, pixels) + ged_workspace_bytes(batch * n, pixels) +
-         batch * (tk * tn + tk * tk + tn * tn) * 8;
-}
+inline int64_t packed_set_bytes(int64_t rows, int64_t pixels) { return rows * packed_words(pixels) * 8 + rows * 8; }
+inline int64_t tiles(int64_t n) { return (n + kGedTile - 1) / kGedTile; }
+
+struct GedWorkspace {
+  int64_t set_b = 0;                                     // byte offset of packed set B
+  int64_t cross = 0, within_a = 0, within_b = 0;         // byte offsets of the three terms' partials
+  int64_t tiles_cross = 0, tiles_a = 0, tiles_b = 0;     // partials per image of each term
+  int64_t bytes = 0;                                     // total size
+
+  // Overlaps of (batch * ka) against (batch * kb) packed masks.
+  static GedWorkspace overlap(const OverlapArgs& a) {
+    GedWorkspace w;
+    w.set_b = packed_set_bytes(a.batch * a.ka, a.pixels);
+    w.bytes = w.cross = w.set_b + packed_set_bytes(a.batch * a.kb, a.pixels);
+    return w;
+  }
+  // GED sums: samples (set A) and raters (set B) packed, then the partials.
+  static GedWorkspace sums(const GedArgs& g) {
+    GedWorkspace w = overlap(OverlapArgs{g.batch, g.k, g.n, g.pixels, g.threshold, g.eps, g.empty_iou});
+    w.tiles_cross = tiles(g.k) * tiles(g.n);
+    w.tiles_a = tiles(g.k) * tiles(g.k);
+    w.tiles_b = tiles(g.n) * tiles(g.n);
+    w.within_a = w.cross + g.batch * w.tiles_cross * 8;
+    w.within_b = w.within_a + g.batch * w.tiles_a * 8;
+    w.bytes = w.within_b + g.batch * w.tiles_b * 8;
+    return w;
+  }
+};
 
 // Raw-pointer CUDA launchers (csrc/cuda/ged.cu); `stream` is a cudaStream_t, the result a cudaError_t.
-// Binary overlaps take a workspace of ged_workspace_bytes(batch * ka) + ged_workspace_bytes(batch * kb);
-// soft overlaps write the areas (accumulation type, batch * (ka + kb)) to `areas`.
+// Binary overlaps take a workspace of GedWorkspace::overlap(args).bytes; soft overlaps write the areas
+// (accumulation type, batch * (ka + kb)) to `areas`.
 int overlap_binary_cuda_launch(const void* a, DType a_dtype, const void* b, DType b_dtype, float* out,
                                OverlapMode mode, const OverlapArgs& args, void* workspace, void* stream);
 int overlap_soft_cuda_launch(const void* a, const void* b, DType dtype, void* out, void* areas, OverlapMode mode,
                              const OverlapArgs& args, void* stream);
-// GED sums take a workspace of ged_sums_workspace_bytes and write sums[b * 3 + term] (double).
+// GED sums take a workspace of GedWorkspace::sums(args).bytes and write sums[b * 3 + term] (double).
 int ged_sums_cuda_launch(const void* samples, DType s_dtype, const void* raters, DType r_dtype, double* sums,
                          const GedArgs& args, void* workspace, void* stream);
 

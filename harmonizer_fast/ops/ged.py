@@ -21,6 +21,7 @@ soft Gram matrices).
 """
 
 # No `from __future__ import annotations` here: torch.library.custom_op reads the annotations at runtime.
+from enum import IntEnum
 from typing import NamedTuple
 
 import torch
@@ -28,11 +29,39 @@ from torch import Tensor
 
 from .. import _backend
 
-CONVENTIONS: dict[str, tuple[float, float, bool]] = {
-    # name: (eps, empty_iou, skip the diagonal of the within-set terms)
-    "dpersona": (1e-8, 0.0, False),
-    "phiseg": (0.0, 1.0, False),
-    "unbiased": (0.0, 1.0, True),
+
+class OverlapMode(IntEnum):
+    """What ``pairwise_overlap`` returns per pair (the numbering of csrc/include/ged.h and kernels/ged.py)."""
+
+    GRAM = 0  # intersections
+    IOU = 1
+
+
+class Convention(NamedTuple):
+    """One published GED convention: IoU = I / (U + eps), ``empty_iou`` for two empty masks, and whether the
+    within-set means skip the diagonal. It also turns the kernels' distance sums into the three means."""
+
+    eps: float
+    empty_iou: float
+    offdiag: bool
+
+    def pairs(self, m: int) -> int:
+        """Pairs a within-set mean of m masks averages over (0: the term is absent)."""
+        return m * (m - 1) if self.offdiag else m * m
+
+    def means(self, sums: Tensor, k: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean d(S, Y), mean d(S, S'), mean d(Y, Y')) from ``ged_sums``'s (B, 3) sums of K samples, N raters."""
+
+        def mean(total: Tensor, pairs: int) -> Tensor:
+            return total / pairs if pairs > 0 else torch.zeros_like(total)
+
+        return sums[:, 0] / (k * n), mean(sums[:, 1], self.pairs(k)), mean(sums[:, 2], self.pairs(n))
+
+
+CONVENTIONS: dict[str, Convention] = {
+    "dpersona": Convention(eps=1e-8, empty_iou=0.0, offdiag=False),
+    "phiseg": Convention(eps=0.0, empty_iou=1.0, offdiag=False),
+    "unbiased": Convention(eps=0.0, empty_iou=1.0, offdiag=True),
 }
 DEFAULT_CONVENTION = "dpersona"
 # The loss's soft IoU is smoothed, (I + s) / (U + s) with s = LOSS_SMOOTH pixels, as soft Dice/Jaccard losses
@@ -72,19 +101,26 @@ def _masks_reference(x: Tensor, threshold: float, soft: bool) -> Tensor:
     return (x > threshold).to(torch.float32)  # counts below 2^24 are exact in float32
 
 
+def iou_from_counts(inter: Tensor, area_a: Tensor, area_b: Tensor, eps: float, empty_iou: float) -> Tensor:
+    """IoU of every pair from the intersections ``(B, Ka, Kb)`` and the areas ``(B, Ka)``, ``(B, Kb)``:
+    I / (U + eps), or ``empty_iou`` where the union U is empty (``pair_iou`` in csrc/include/ged.h and the
+    Triton epilogue compute the same). Differentiable: the empty branch never divides by zero."""
+    uni = area_a[:, :, None] + area_b[:, None, :] - inter
+    return torch.where(uni > 0, inter / torch.where(uni > 0, uni + eps, 1.0), empty_iou)
+
+
 def _iou_reference(af: Tensor, bf: Tensor, eps: float, empty_iou: float) -> Tensor:
     """IoU of every pair of rows of (B, Ka, P) and (B, Kb, P) masks, in float64."""
     inter = torch.bmm(af, bf.transpose(1, 2)).double()
-    uni = af.sum(-1).double()[:, :, None] + bf.sum(-1).double()[:, None, :] - inter
-    return torch.where(uni > 0, inter / (uni + eps), torch.full_like(inter, empty_iou))
+    return iou_from_counts(inter, af.sum(-1).double(), bf.sum(-1).double(), eps, empty_iou)
 
 
 def pairwise_overlap_reference(
     a: Tensor, b: Tensor, threshold: float, soft: bool, eps: float, empty_iou: float, mode: int
 ) -> Tensor:
-    """Intersections (mode 0) or IoU (mode 1) of a ``(B, Ka, P)`` and b ``(B, Kb, P)`` by ``torch.bmm``."""
+    """Intersections (GRAM) or IoU (IOU) of a ``(B, Ka, P)`` and b ``(B, Kb, P)`` by ``torch.bmm``."""
     af, bf = _masks_reference(a, threshold, soft), _masks_reference(b, threshold, soft)
-    if mode == 0:
+    if mode == OverlapMode.GRAM:
         return torch.bmm(af, bf.transpose(1, 2))
     return _iou_reference(af, bf, eps, empty_iou).to(af.dtype)
 
@@ -109,7 +145,8 @@ def ged_sums_reference(
 
 # ---------------------------------------------------------------------------------------------------------
 # Backends. Value checks (NaN, non-binary raters) cost a pass over the data, so the C++ CPU kernels make
-# them while packing the masks; every other path makes them here first.
+# them while packing the masks; for every other backend they run here, before dispatch, so that a user's
+# bad input is never mistaken for a kernel failure (dispatch falls back only from a failing Triton kernel).
 
 
 def _check_no_nan(x: Tensor, op: str, name: str) -> None:
@@ -122,19 +159,18 @@ def _check_binary(x: Tensor, op: str, name: str) -> None:
         raise ValueError(f"{op}: {name} must be binary masks (values 0 and 1 only)")
 
 
-def _checked(fn, kind: str):
-    """Wrap a backend so it validates values first: ``kind`` "overlap" (a, b: no NaN) or "ged"."""
+def _check_overlap_values(backend: str, a: Tensor, b: Tensor, threshold, soft: bool, *_) -> None:
+    if backend == "cpu" or soft:  # the soft Gram product is plain arithmetic (the public API checks its range)
+        return
+    _check_no_nan(a, "pairwise_iou", "a")
+    _check_no_nan(b, "pairwise_iou", "b")
 
-    def run(a: Tensor, b: Tensor, *args):
-        if kind == "ged":
-            _check_no_nan(a, "ged", "samples")
-            _check_binary(b, "ged", "raters")
-        elif not (args[1] and args[-1] == 0):  # the soft Gram product is plain arithmetic: NaN in, NaN out
-            _check_no_nan(a, "pairwise_iou", "a")
-            _check_no_nan(b, "pairwise_iou", "b")
-        return fn(a, b, *args)
 
-    return run
+def _check_ged_values(backend: str, samples: Tensor, raters: Tensor, *_) -> None:
+    if backend == "cpu":
+        return
+    _check_no_nan(samples, "ged", "samples")
+    _check_binary(raters, "ged", "raters")
 
 
 def _triton_overlap(a: Tensor, b: Tensor, *args) -> Tensor:
@@ -159,18 +195,8 @@ def _ext_ged_sums(*args) -> Tensor:
     return torch.ops.harmonizer_fast_C.ged_sums(*args)
 
 
-_OVERLAP = {
-    "torch": _checked(pairwise_overlap_reference, "overlap"),
-    "triton": _checked(_triton_overlap, "overlap"),
-    "cuda": _checked(_ext_overlap, "overlap"),
-    "cpu": _ext_overlap,
-}
-_GED_SUMS = {
-    "torch": _checked(ged_sums_reference, "ged"),
-    "triton": _checked(_triton_ged_sums, "ged"),
-    "cuda": _checked(_ext_ged_sums, "ged"),
-    "cpu": _ext_ged_sums,
-}
+_OVERLAP = {"torch": pairwise_overlap_reference, "triton": _triton_overlap, "cuda": _ext_overlap, "cpu": _ext_overlap}
+_GED_SUMS = {"torch": ged_sums_reference, "triton": _triton_ged_sums, "cuda": _ext_ged_sums, "cpu": _ext_ged_sums}
 IMPLS = {"pairwise_overlap": _OVERLAP, "ged_sums": _GED_SUMS}  # for reports and benchmarks
 SUPPORT = BINARY_SUPPORT
 
@@ -183,7 +209,8 @@ def _as_kernel_masks(x: Tensor) -> Tensor:
 def _overlap_op(a: Tensor, b: Tensor, threshold: float, soft: bool, eps: float, empty_iou: float, mode: int) -> Tensor:
     support = SOFT_SUPPORT if soft else BINARY_SUPPORT
     a, b = _as_kernel_masks(a), _as_kernel_masks(b)
-    return _backend.dispatch("pairwise_overlap", a, _OVERLAP, support, a, b, threshold, soft, eps, empty_iou, mode)
+    return _backend.dispatch("pairwise_overlap", a, _OVERLAP, support, a, b, threshold, soft, eps, empty_iou, mode,
+                             check=_check_overlap_values)  # fmt: skip
 
 
 @_overlap_op.register_fake
@@ -194,7 +221,7 @@ def _(a: Tensor, b: Tensor, threshold: float, soft: bool, eps: float, empty_iou:
 
 def _overlap_setup_context(ctx, inputs, output) -> None:
     a, b, _, soft, _, _, mode = inputs
-    if not soft or mode != 0:
+    if not soft or mode != OverlapMode.GRAM:
         ctx.differentiable = False
         return
     ctx.differentiable = True
@@ -220,7 +247,8 @@ def _ged_sums_op(
     samples: Tensor, raters: Tensor, threshold: float, eps: float, empty_iou: float, offdiag: bool
 ) -> Tensor:
     s, r = _as_kernel_masks(samples), _as_kernel_masks(raters)
-    return _backend.dispatch("ged_sums", s, _GED_SUMS, BINARY_SUPPORT, s, r, threshold, eps, empty_iou, offdiag)
+    return _backend.dispatch("ged_sums", s, _GED_SUMS, BINARY_SUPPORT, s, r, threshold, eps, empty_iou, offdiag,
+                             check=_check_ged_values)  # fmt: skip
 
 
 @_ged_sums_op.register_fake
@@ -305,11 +333,9 @@ def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float =
         _check_probabilities(b, op, "b")
     if soft and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         # The differentiable route: the Gram op (with its backward) and the IoU in torch on (B, Ka, Kb).
-        inter = soft_gram(a, b)
-        uni = a.sum((2, 3))[:, :, None] + b.sum((2, 3))[:, None, :] - inter
-        return torch.where(uni > 0, inter / torch.where(uni > 0, uni, 1.0), empty_iou)
+        return iou_from_counts(soft_gram(a, b), a.sum((2, 3)), b.sum((2, 3)), 0.0, empty_iou)
     a, b = (_flat(a), _flat(b)) if soft else (_binary(a), _binary(b))
-    return _overlap_op(a, b, float(threshold), bool(soft), 0.0, float(empty_iou), 1)
+    return _overlap_op(a, b, float(threshold), bool(soft), 0.0, float(empty_iou), OverlapMode.IOU)
 
 
 def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Tensor:
@@ -321,10 +347,10 @@ def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Te
     _check_masks(a, op, "a")
     _check_masks(b, op, "b")
     _check_pair(a, b, op, "a", "b")
-    return _overlap_op(_binary(a), _binary(b), float(threshold), False, 0.0, 0.0, 0)
+    return _overlap_op(_binary(a), _binary(b), float(threshold), False, 0.0, 0.0, OverlapMode.GRAM)
 
 
-def _convention(convention: str) -> tuple[float, float, bool]:
+def _convention(convention: str) -> Convention:
     try:
         return CONVENTIONS[convention]
     except KeyError:
@@ -350,19 +376,12 @@ def ged_terms(
     conventions. The K x K matrix is never stored (K up to thousands runs in bounded memory).
     """
     op = "ged"
-    eps, empty_iou, offdiag = _convention(convention)
+    conv = _convention(convention)
     _check_masks(samples, op, "samples")
     _check_masks(raters, op, "raters")
     _check_pair(samples, raters, op, "samples", "raters")
-    k, n = samples.shape[1], raters.shape[1]
-    sums = _ged_sums_op(_binary(samples), _binary(raters), float(threshold), eps, empty_iou, offdiag)
-
-    def pairs(m: int) -> float:
-        return float(m * (m - 1)) if offdiag else float(m * m)
-
-    cross = sums[:, 0] / (k * n)
-    ws = sums[:, 1] / pairs(k) if pairs(k) > 0 else torch.zeros_like(sums[:, 1])
-    wr = sums[:, 2] / pairs(n) if pairs(n) > 0 else torch.zeros_like(sums[:, 2])
+    sums = _ged_sums_op(_binary(samples), _binary(raters), float(threshold), conv.eps, conv.empty_iou, conv.offdiag)
+    cross, ws, wr = conv.means(sums, samples.shape[1], raters.shape[1])
     ged_value = 2.0 * cross - ws - wr
     return GEDTerms(*(t.to(torch.float32) for t in (ged_value, cross, ws, wr)))
 
@@ -375,7 +394,7 @@ def ged(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, convention: 
 def soft_gram(a: Tensor, b: Tensor) -> Tensor:
     """Differentiable ``sum_p a(p) b(p)`` for every pair: ``(B, Ka, H, W)`` x ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)``."""
     _check_pair(a, b, "soft_gram", "a", "b")
-    return _overlap_op(_flat(a), _flat(b), 0.0, True, 0.0, 0.0, 0)
+    return _overlap_op(_flat(a), _flat(b), 0.0, True, 0.0, 0.0, OverlapMode.GRAM)
 
 
 def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor, smooth: float) -> Tensor:
