@@ -1,9 +1,10 @@
 """Haar DWT/IDWT benchmark: harmonizer_fast's backends against the peers, in one process.
 
 Ops: forward (DWT), backward (gradient of the DWT), forward+backward, inverse (IDWT). Peers
-(DESIGN.md section 7): pytorch_wavelets, ptwt, PyWavelets (numpy, CPU), the eager slicing formulation
-(our torch reference called directly), ``torch.compile`` of that reference, and the floor: a same-size
-copy (``clone``). Every number is a median after warm-up; ratios compare variants measured in this run.
+(docs/architecture.md, "Performance method"): pytorch_wavelets, ptwt, PyWavelets (numpy, CPU), the eager
+slicing formulation (our torch reference called directly), ``torch.compile`` of that reference, and the
+floor: a same-size copy (``clone``). Every number is a median after warm-up; ratios compare variants measured
+in this run.
 
     python benchmarks/bench_haar.py [--quick] [--device cpu|cuda] [--out DIR]
 

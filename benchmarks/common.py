@@ -1,5 +1,5 @@
-"""Shared benchmark plumbing (DESIGN.md section 7): timing with medians after warm-up, the machine
-description that goes next to every number, forced backends, and atomic JSON + markdown output."""
+"""Shared benchmark plumbing (docs/architecture.md, "Performance method"): timing with medians after warm-up,
+the machine description that goes next to every number, forced backends, and atomic JSON + markdown output."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md section 3).
+"""Backend selection (docs/architecture.md, "Backends").
 
 Every op has up to four implementations:
 

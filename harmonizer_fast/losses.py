@@ -1,4 +1,4 @@
-"""Training objectives of the Harmonizer Network (paper section 3.3-3.4, appendix A; DESIGN.md section 5).
+"""Training objectives of the Harmonizer Network (paper section 3.3-3.4, appendix A; docs/architecture.md, "Model").
 
 - :func:`dice_bce`: L_seg, soft Dice plus binary cross-entropy on logits;
 - :func:`kl`: KL(q(z | x, A_k) || p(z | x)) of the posterior and prior Gaussians;

@@ -1,4 +1,4 @@
-"""Triton kernel of the fused sampling head (csrc/include/fcomb.h, DESIGN.md section 5).
+"""Triton kernel of the fused sampling head (csrc/include/fcomb.h, docs/architecture.md, "Model").
 
 One program per (image, BLOCK_P pixels): it loads that block of ``base = W_f f + b`` once, then for each of
 the K samples adds the sample's bias ``W_z z_k``, runs the hidden 1x1 layers as (C x C) @ (C x BLOCK_P)

@@ -1,4 +1,4 @@
-"""Triton kernels for pairwise overlaps of mask sets and the GED distance sums (DESIGN.md section 4).
+"""Triton kernels for pairwise overlaps of mask sets and the GED distance sums (docs/architecture.md, "Conventions").
 
 One kernel, one program per (image, BLOCK_M x BLOCK_N tile of pairs): it walks the pixels in BLOCK_P
 chunks, accumulates the tile's intersections with ``tl.dot`` (the Gram matrix over pixels) and both sides'

@@ -1,4 +1,4 @@
-"""Pairwise IoU, GED and the GED loss (DESIGN.md section 4, paper Eq. 7) on every backend, against a
+"""Pairwise IoU, GED and the GED loss (docs/architecture.md, "Conventions", paper Eq. 7) on every backend, against a
 deliberately naive float64 numpy transcription written here pair by pair, plus gradients, properties,
 torch.library contracts and bad inputs."""
 
@@ -20,7 +20,7 @@ CONVENTIONS = ("dpersona", "phiseg", "unbiased")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The independent transcription of DESIGN.md section 4: one pair at a time, in float64 numpy.
+# The independent transcription of docs/architecture.md, "Conventions": one pair at a time, in float64 numpy.
 
 
 def np_iou(a: np.ndarray, b: np.ndarray, convention: str) -> float:

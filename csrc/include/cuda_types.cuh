@@ -1,5 +1,5 @@
 // Conversions between storage types and the fp32/fp64 compute type, for CUDA kernels only.
-// Half and bfloat16 are computed in float32 (DESIGN.md section 3); float64 stays float64.
+// Half and bfloat16 are computed in float32 (docs/architecture.md, "Backends"); float64 stays float64.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,4 +1,4 @@
-// The probabilistic U-Net's sampling head "fcomb" for K latent samples at once (DESIGN.md section 5).
+// The probabilistic U-Net's sampling head "fcomb" for K latent samples at once (docs/architecture.md, "Model").
 // The first 1x1 conv of fcomb on concat(f, z) splits into W_f f + b (computed once per image: `base`) plus
 // W_z z (one bias vector per sample); what remains per pixel and sample is a small MLP:
 //   h = relu(base[:, p] + bias_k);  h = relu(W_l h + b_l) for each hidden layer;  out = sigmoid(w . h + b).

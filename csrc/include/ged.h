@@ -1,4 +1,4 @@
-// Pairwise overlaps of mask sets and the generalized energy distance (GED), DESIGN.md section 4.
+// Pairwise overlaps of mask sets and the generalized energy distance (GED), docs/architecture.md, "Conventions".
 // Element math and argument structs shared by csrc/cpu/ged.cpp and csrc/cuda/ged.cu.
 //
 // Every quantity comes from three numbers per pair (i, j): the intersection I = sum_p a_i(p) b_j(p) (a

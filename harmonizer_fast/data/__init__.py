@@ -1,5 +1,5 @@
 """Data (workflows layer): readers for the formats of the field, synthetic multi-rater data, rater
-simulation for single-annotator data, patient-level splits and augmentation (DESIGN.md section 6)."""
+simulation for single-annotator data, patient-level splits and augmentation (docs/architecture.md, "Data")."""
 
 from .dataset import DataError, MultiRaterData, Split, augment, normalize_images, patient_split
 from .rater_sim import simulate_dataset, simulate_raters

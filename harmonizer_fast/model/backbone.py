@@ -1,4 +1,4 @@
-"""The probabilistic U-Net's deterministic backbone (paper section 3, appendix K; DESIGN.md section 5): a
+"""The probabilistic U-Net's deterministic backbone (paper section 3, appendix K; docs/architecture.md, "Model"): a
 ResNet encoder (BasicBlocks, ResNet-34 in the paper config) and a U-Net decoder whose last stage gives the
 16-channel full-resolution features ``f`` that the sampling head and the personalizer read.
 

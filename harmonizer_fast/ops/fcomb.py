@@ -1,4 +1,4 @@
-"""The fused sampling head of the probabilistic U-Net ("fcomb", DESIGN.md section 5): K samples per image
+"""The fused sampling head of the probabilistic U-Net ("fcomb", docs/architecture.md, "Model"): K samples per image
 for the price of one backbone pass.
 
 fcomb's first 1x1 conv on ``concat(f, z)`` splits into ``W_f f + b`` (``base``, once per image) plus

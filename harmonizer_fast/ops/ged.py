@@ -1,6 +1,6 @@
 """Pairwise IoU of mask sets, the generalized energy distance (GED) and the GED loss of paper Eq. 7.
 
-API, validation, references, autograd and dispatch (DESIGN.md section 4). Everything comes from three
+API, validation, references, autograd and dispatch (docs/architecture.md, "Conventions"). Everything comes from three
 numbers per pair of masks: the intersection ``I = sum_p a(p) b(p)`` (a Gram matrix over pixels: a matrix
 product) and the two areas. IoU ``= I / (U + eps)`` with ``U = S_a + S_b - I``, or ``empty_iou`` when U = 0.
 

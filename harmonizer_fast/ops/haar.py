@@ -1,6 +1,6 @@
 """Single-level 2-D Haar DWT and its inverse: API, validation, reference, autograd and dispatch.
 
-Convention (DESIGN.md section 4): exactly ``pywt.dwt2(x, "haar", mode="zero")``. For each 2x2 block
+Convention (docs/architecture.md, "Conventions"): exactly ``pywt.dwt2(x, "haar", mode="zero")``. For each 2x2 block
 ``[[a, b], [c, d]]`` of an (H, W) plane, with odd sizes zero-padded at the end,
 
     cA = (a + b + c + d) / 2,   cH = (a + b - c - d) / 2,
