@@ -1,4 +1,4 @@
-"""HarmonizerNet (paper section 3, DESIGN.md section 5): shapes, the paper config's parameter and MAC budget,
+"""HarmonizerNet (paper section 3, docs/architecture.md, "Model"): shapes, the paper config's parameter and MAC budget,
 phase freezing, fast sampling against the naive path, determinism, a few training steps, bad inputs."""
 
 import math
@@ -55,7 +55,8 @@ def count(module):
 
 
 def test_paper_budget():
-    """Paper: 30.31 M = 30.11 + 0.14 + 0.07; DESIGN.md: the backbone family counts about 28.4 M and 2.4 G MACs."""
+    """Paper: 30.31 M = 30.11 + 0.14 + 0.07; docs/architecture.md: the backbone family counts about 28.6 M and
+    2.4 G MACs."""
     model = HarmonizerNet(HarmonizerConfig.paper()).eval()
     total, harm, pers = count(model), count(model.harmonizer), count(model.personalizer)
     print(f"paper config: total {total / 1e6:.3f} M, harmonizer {harm / 1e6:.4f} M, personalizer {pers / 1e6:.4f} M")

@@ -1,4 +1,4 @@
-"""HarmonizerNet configuration (DESIGN.md section 5, paper section 3 and appendices A and K)."""
+"""HarmonizerNet configuration (docs/architecture.md, "Model", paper section 3 and appendices A and K)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ class HarmonizerConfig:
     ``use_personalizer`` and ``use_ged_loss`` all False.
     """
 
+    # Which preset this config derives from ("paper", "small"): the training recipe (learning rates) follows it.
+    preset: str = "paper"
     in_channels: int = 1
     num_raters: int = 4
     # Backbone: ResNet encoder (BasicBlocks per stage, stem and stage widths) and U-Net decoder widths.
@@ -36,11 +38,11 @@ class HarmonizerConfig:
     harmonizer_dim: int = 32
     harmonizer_hidden: int = 96
     harmonized_stages: tuple[int, ...] = (0, 1, 2, 3, 4)
-    # Personalizer (3.2): prompt components, their stored size, prior-bank size, attention width.
+    # Personalizer (3.2): prompt components, their stored size, prior-bank size M_z, attention width.
     use_personalizer: bool = True
     prompt_components: int = 5
     prompt_size: int = 32
-    prior_bank: int = 16
+    prior_bank: int = 100
     personalizer_attn_dim: int = 32
     personalizer_hidden: int = 32
     # Losses (appendix A).
@@ -62,6 +64,7 @@ class HarmonizerConfig:
     def small(cls, in_channels: int = 1, num_raters: int = 4, **overrides: Any) -> HarmonizerConfig:
         """The same structure, narrow enough to train usefully in minutes on 2 CPU cores."""
         base = dict(
+            preset="small",
             stem_channels=16,
             encoder_blocks=(1, 1, 1, 1),
             encoder_channels=(16, 24, 32, 48),
@@ -74,7 +77,7 @@ class HarmonizerConfig:
             harmonizer_hidden=32,
             prompt_components=4,
             prompt_size=8,
-            prior_bank=8,
+            prior_bank=16,
             personalizer_attn_dim=16,
             personalizer_hidden=16,
         )
@@ -89,6 +92,11 @@ class HarmonizerConfig:
     def downsamplings(self) -> int:
         """Input sizes must be multiples of 2 ** downsamplings."""
         return len(self.decoder_channels)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes the network takes are multiples of this (the data is zero-padded up to it)."""
+        return 2**self.downsamplings
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +114,9 @@ class HarmonizerConfig:
         return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
 
+PRESETS = ("paper", "small")
+
+
 def _check(c: HarmonizerConfig) -> None:
     def positive(name: str) -> None:
         if getattr(c, name) < 1:
@@ -119,5 +130,7 @@ def _check(c: HarmonizerConfig) -> None:
         raise ValueError("HarmonizerConfig: decoder_channels needs 5 stages (stem, /4, /8, /16, /32 skips)")
     if any(not 0 <= s < len(c.decoder_channels) for s in c.harmonized_stages):
         raise ValueError(f"HarmonizerConfig: harmonized_stages must index decoder_channels, got {c.harmonized_stages}")
+    if c.preset not in PRESETS:
+        raise ValueError(f"HarmonizerConfig: preset must be one of {PRESETS}, got {c.preset!r}")
     if c.use_personalizer and c.decoder_channels[-1] % 4:
         raise ValueError("HarmonizerConfig: the personalizer reduces the last decoder width by 4; it must divide")

@@ -47,6 +47,15 @@ class AxisAlignedConvGaussian(nn.Module):
         )
 
 
+def reparameterize(dist: Independent, eps: Tensor) -> Tensor:
+    """``mean + stddev * eps`` for standard-normal draws ``eps`` of shape ``(B, latent)`` or ``(B, S, latent)``
+    (S latents per image); differentiable in the distribution's parameters."""
+    mean, std = dist.mean, dist.stddev
+    if eps.dim() == 3:
+        mean, std = mean[:, None], std[:, None]
+    return mean + std * eps.to(mean.device, mean.dtype)
+
+
 def kl_divergence(posterior: Independent, prior: Independent) -> Tensor:
     """KL(posterior || prior) per image, ``(B,)``, in closed form (both diagonal Gaussians)."""
     return torch.distributions.kl_divergence(posterior, prior)
@@ -57,4 +66,4 @@ def with_masks(images: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([images, mask.to(images.dtype).unsqueeze(1)], dim=1)
 
 
-__all__ = ["AxisAlignedConvGaussian", "kl_divergence", "with_masks"]
+__all__ = ["AxisAlignedConvGaussian", "kl_divergence", "reparameterize", "with_masks"]

@@ -1,4 +1,4 @@
-"""HarmonizerNet: the Harmonizer Network of arXiv 2605.08210 (paper section 3, DESIGN.md section 5).
+"""HarmonizerNet: the Harmonizer Network of arXiv 2605.08210 (paper section 3, docs/architecture.md, "Model").
 
 A probabilistic U-Net (backbone, prior, posterior, sampling head "fcomb") with the Noise Harmonizer
 modulating the decoder (3.1) and the frequency-prompt Personalizer turning prior latents into per-rater
@@ -17,10 +17,11 @@ from torch import Tensor, nn
 from torch.distributions import Independent
 
 from .backbone import Backbone
+from .checks import check_images, check_masks
 from .config import HarmonizerConfig
 from .fcomb import Fcomb
 from .harmonizer import NoiseHarmonizer
-from .latent import AxisAlignedConvGaussian, with_masks
+from .latent import AxisAlignedConvGaussian, reparameterize, with_masks
 from .personalizer import Personalizer
 
 
@@ -104,47 +105,11 @@ class HarmonizerNet(nn.Module):
                 m.eval()  # frozen: keep batch-norm running statistics fixed
         return self
 
-    # -----------------------------------------------------------------------------------------------------
-    # Input checks.
-
     def _check_images(self, images: object, *, finite: bool = False) -> Tensor:
-        c = self.config
-        if not isinstance(images, Tensor):
-            raise TypeError(f"HarmonizerNet: images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
-        if images.dim() != 4:
-            raise ValueError(f"HarmonizerNet: images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"HarmonizerNet: images must be floating point, got {images.dtype}")
-        if images.shape[0] == 0:
-            raise ValueError("HarmonizerNet: images is an empty batch (B = 0)")
-        if images.shape[1] != c.in_channels:
-            raise ValueError(
-                f"HarmonizerNet: images have {images.shape[1]} channels, the config expects in_channels={c.in_channels}"
-            )
-        m = 2**c.downsamplings
-        h, w = images.shape[-2:]
-        if h % m or w % m or h == 0 or w == 0:
-            raise ValueError(
-                f"HarmonizerNet: image size {h} x {w} cannot go through {c.downsamplings} halvings; H and W must be "
-                f"positive multiples of {m} (pad the images, e.g. to {-(-h // m) * m} x {-(-w // m) * m})"
-            )
-        # Inference checks values too (one pass, small beside the backbone): NaN or Inf pixels would come out
-        # as NaN maps at best. Training leaves that to the trainer's guard on the loss.
-        if finite and not bool(torch.isfinite(images).all()):
-            raise ValueError("HarmonizerNet: images contain NaN or Inf")
-        return images
+        return check_images(self.config, images, finite=finite)
 
     def _check_masks(self, masks: object, images: Tensor) -> Tensor:
-        r = self.config.num_raters
-        if not isinstance(masks, Tensor) or masks.dim() != 4:
-            raise ValueError("HarmonizerNet: masks must be a 4-D tensor (B, R, H, W)")
-        if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
-            raise ValueError(
-                f"HarmonizerNet: masks {tuple(masks.shape)} must match images {tuple(images.shape)} in B, H and W"
-            )
-        if masks.shape[1] != r:
-            raise ValueError(f"HarmonizerNet: masks hold {masks.shape[1]} raters, the config has num_raters={r}")
-        return masks
+        return check_masks(self.config, masks, images)
 
     # -----------------------------------------------------------------------------------------------------
     # Forward passes.
@@ -212,23 +177,74 @@ class HarmonizerNet(nn.Module):
             rater_index = rater_index.to(images.device)
             chosen = masks[torch.arange(b, device=images.device), rater_index]
             posterior = self.posterior(with_masks(images, chosen))
-            z_post = posterior.mean + posterior.stddev * noise["posterior"].to(posterior.mean.dtype)  # rsample
+            z_post = reparameterize(posterior, noise["posterior"])
             out = ModelOutput(1, f, harm, prior, posterior, rater_index)
             out.posterior_logits = self.fcomb.logits(f, z_post[:, None])[:, 0]
             if c.use_ged_loss:
-                z_prior = prior.mean[:, None] + prior.stddev[:, None] * noise["prior"].to(prior.mean.dtype)
-                out.prior_logits = self.fcomb.logits(f, z_prior)
+                out.prior_logits = self.fcomb.logits(f, reparameterize(prior, noise["prior"]))
             return out
         with torch.no_grad():  # everything but the personalizer is frozen in phase 2
             f, harm = self.features(images)
             prior = self.prior(images)
-            z = prior.mean + prior.stddev * noise["z"].to(prior.mean.dtype)
-            bank = prior.mean[:, None] + prior.stddev[:, None] * noise["bank"].to(prior.mean.dtype)
+            z, bank = reparameterize(prior, noise["z"]), reparameterize(prior, noise["bank"])
         raters = torch.arange(c.num_raters, device=images.device)
         z_personal = self.personalizer(f, z, bank, raters)
         out = ModelOutput(2, f, harm, prior)
         out.personalized_logits = self.fcomb.logits(f, z_personal)
         return out
+
+    # -----------------------------------------------------------------------------------------------------
+    # Inference: one backbone pass per image, K samples for the price of the fused head.
+
+    @property
+    def personalizer_trained(self) -> bool:
+        """Whether phase 2 has trained the personalizer (at least one optimizer step)."""
+        return self.personalizer is not None and int(self.personalizer.trained_steps) > 0
+
+    def _rater_indices(self, raters: Optional[Union[int, list[int], Tensor]], allow_untrained: bool) -> Tensor:
+        if self.personalizer is None:
+            raise ValueError("personalize: this model has no personalizer (config.use_personalizer=False)")
+        if not allow_untrained and not self.personalizer_trained:
+            raise ValueError("personalize: this model's personalizer was never trained (phase 2 did not run); "
+                             "train phase 2, or pass allow_untrained=True for the untrained heads")  # fmt: skip
+        r = self.config.num_raters
+        idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:
+            raise ValueError(f"personalize: raters must be indices in [0, {r}), got {idx.tolist()}")
+        return idx
+
+    def _draws(self, images: Tensor, count: int, generator) -> Tensor:
+        return torch.randn((images.shape[0], count, self.config.latent_dim), generator=generator)
+
+    def _heads(self, f: Tensor, prior: Independent, idx: Tensor, generator) -> Tensor:
+        bank = reparameterize(prior, self._draws(f, self.config.prior_bank, generator))  # M_z prior samples
+        return self.fcomb.probabilities(f, self.personalizer(f, prior.mean, bank, idx.to(f.device)))
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        num_samples: int = 16,
+        *,
+        heads: bool = True,
+        raters: Optional[Union[int, list[int], Tensor]] = None,
+        generator=None,
+        bank_generator=None,
+        allow_untrained: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``num_samples`` prior samples ``(B, K, H, W)`` and, with ``heads``, the personalized maps
+        ``(B, R', H, W)`` of :meth:`personalize`, from one backbone and prior pass. The K sample latents are
+        drawn first, then the bank, so the results equal :meth:`sample` followed by :meth:`personalize` on
+        one generator; ``bank_generator`` draws the bank from its own stream instead (so the samples do not
+        depend on whether heads are computed)."""
+        images = self._check_images(images, finite=True)
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
+        idx = self._rater_indices(raters, allow_untrained) if heads else None
+        f, _ = self.features(images)
+        prior = self.prior(images)
+        probs = self.fcomb.probabilities(f, reparameterize(prior, self._draws(images, num_samples, generator)))
+        return probs, (self._heads(f, prior, idx, bank_generator or generator) if heads else None)
 
     @torch.no_grad()
     def sample(self, images: Tensor, num_samples: int = 16, *, generator=None, z: Optional[Tensor] = None) -> Tensor:
@@ -237,20 +253,10 @@ class HarmonizerNet(nn.Module):
         One backbone pass per image; the K samples cost only the split fcomb head (see :mod:`.fcomb`). ``z``
         ``(B, K, latent)`` replaces the prior draws (for reproducing or comparing paths).
         """
-        images = self._check_images(images, finite=True)
         if z is None:
-            if not isinstance(num_samples, int) or num_samples < 1:
-                raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
-            prior = self.prior(images)
-            eps = torch.randn((images.shape[0], num_samples, self.config.latent_dim), generator=generator)
-            z = prior.mean[:, None] + prior.stddev[:, None] * eps.to(images.device, prior.mean.dtype)
-        f, _ = self.features(images)
+            return self.predict(images, num_samples, heads=False, generator=generator)[0]
+        f, _ = self.features(self._check_images(images, finite=True))
         return self.fcomb.probabilities(f, z)
-
-    @property
-    def personalizer_trained(self) -> bool:
-        """Whether phase 2 has trained the personalizer (at least one optimizer step)."""
-        return self.personalizer is not None and int(self.personalizer.trained_steps) > 0
 
     @torch.no_grad()
     def personalize(
@@ -265,19 +271,7 @@ class HarmonizerNet(nn.Module):
         mean and a bank of ``config.prior_bank`` prior samples, through the shared head. ``raters`` picks
         heads (default: all ``num_raters``). A personalizer that phase 2 never trained raises, since its heads
         are not personalized; ``allow_untrained=True`` returns them anyway (e.g. as a comparison)."""
-        if self.personalizer is None:
-            raise ValueError("personalize: this model has no personalizer (config.use_personalizer=False)")
-        if not allow_untrained and not self.personalizer_trained:
-            raise ValueError("personalize: this model's personalizer was never trained (phase 2 did not run); "
-                             "train phase 2, or pass allow_untrained=True for the untrained heads")  # fmt: skip
+        idx = self._rater_indices(raters, allow_untrained)
         images = self._check_images(images, finite=True)
-        r = self.config.num_raters
-        idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
-        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:
-            raise ValueError(f"personalize: raters must be indices in [0, {r}), got {idx.tolist()}")
         f, _ = self.features(images)
-        prior = self.prior(images)
-        eps = torch.randn((images.shape[0], self.config.prior_bank, self.config.latent_dim), generator=generator)
-        bank = prior.mean[:, None] + prior.stddev[:, None] * eps.to(images.device, prior.mean.dtype)
-        z_personal = self.personalizer(f, prior.mean, bank, idx.to(images.device))
-        return self.fcomb.probabilities(f, z_personal)
+        return self._heads(f, self.prior(images), idx, generator)

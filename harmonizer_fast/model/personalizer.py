@@ -1,20 +1,33 @@
 """The frequency-prompt Personalizer (paper section 3.2, Eq. 4-6, Figure 2).
 
-From the harmonized features X (B, D, H, W) and a latent z drawn from the prior, it produces one
-rater-adaptive latent z'_i per rater, which the shared sampling head turns into rater i's segmentation:
+From the harmonized features X (B, D, H, W), a latent z from the prior and a bank of M_z prior samples, it
+produces one rater-adaptive latent z'_i per rater; the shared sampling head turns z'_i into rater i's
+segmentation. The steps, and how the paper's wording is read where it leaves room:
 
 1. ``X~ = X W_d`` (1x1, D -> D/4), Haar DWT: X_LL and the high-frequency bands X_H = [X_LH, X_HL, X_HH]
-   (D' = 3D/4 channels at H/2 x W/2);
-2. the prompt (Eq. 4): N learnable components P_c, stored at ``prompt_size`` and interpolated to the
-   sub-band size (PromptIR style), mixed by w = Softmax(PWC(X_H)) (pooled over positions) and scaled by
-   rater i's learnable weights c_i, then a 3x3 conv;
-3. Large Kernel Attention between X_H and the prompt, then a 1x1 conv (Eq. 5): X'_H;
-4. a 3x3 conv over [X'_H, X_LL]: the local feature X_d;
-5. cross-attention with the pooled X_d as query and a bank of M_z prior samples as keys and values;
-6. IDWT of [X_LL, X'_H], pooled, fused with the attention output by a linear map to Delta_i; z'_i = z + Delta_i
-   (the map starts at zero, so an untrained personalizer leaves z unchanged).
+   (D' = 3D/4 channels at H/2 x W/2).
+2. The prompt (Eq. 4): N learnable components P_c, stored at ``prompt_size`` and interpolated to the
+   sub-band size (PromptIR style), mixed by ``w = Softmax(PWC(X_H))`` and scaled by rater i's learnable
+   weights c_i, then a 3x3 conv. *Reading*: Eq. 4 sums over c = 1..D' with w in R^{D'}, but combines N
+   components; w here is one weight per component (the pointwise conv has N outputs, pooled over
+   positions), and ``c_i`` is one weight per (rater, component). The c_i start at 1 plus noise, so the
+   raters' prompts differ from the first step.
+3. Large Kernel Attention between X_H and the prompt, then a 1x1 conv (Eq. 5): X'_H, one per rater.
+4. A 3x3 conv over [X'_H, X_LL]: the local feature X_d.
+5. Cross-attention with the pooled X_d as the query and the bank of prior samples as keys and values.
+   *Reading*: the paper's "person-specific tokens": rater i's query is the pooled X_d projected, plus a
+   learnable token t_i of rater i. Through c_i alone rater identity barely reached z' (a rater-scaled
+   prompt that only gates the detail bands, then mean-pooled: max |z'_r - z'_0| was 6e-7 on real
+   features); the token gives each rater its own attention over the bank and its own offset.
+6. The IDWT of [X_LL, X'_H] re-synthesizes a full-spectrum feature. *Reading*: "the resulting feature" is
+   pooled per channel by its mean *and* its root mean square. A plain spatial mean after an orthonormal
+   IDWT is the mean of the low band alone, so X'_H would never reach z'; the RMS carries the energy of
+   every band (Parseval), so the refined details do.
+7. A linear map of [attention output, pooled feature, t_i] to Delta_i, and z'_i = z + Delta_i: the prior's
+   latent is the starting point, and the map starts small and random (not at zero), so raters start apart
+   but near the prior.
 
-The DWT and IDWT are the package's Haar ops.
+The DWT and IDWT are the package's Haar ops. Paper config: about 0.07 M parameters (the paper's figure).
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.haar import haar_dwt2d, haar_idwt2d
+
+RMS_EPS = 1e-6  # keeps the RMS pooling's gradient finite for an all-zero feature
 
 
 class LargeKernelAttention(nn.Module):
@@ -53,21 +68,51 @@ class Personalizer(nn.Module):
         self.num_raters = num_raters
         self.reduce = nn.Conv2d(channels, c4, 1)  # W_d
         self.prompts = nn.Parameter(torch.randn(components, d_high, prompt_size, prompt_size) * 0.02)  # P_c
-        self.rater_weights = nn.Parameter(torch.ones(num_raters, components))  # c_i
+        self.rater_weights = nn.Parameter(1.0 + 0.5 * torch.randn(num_raters, components))  # c_i
         self.pwc = nn.Conv2d(d_high, components, 1)
         self.prompt_conv = nn.Conv2d(d_high, d_high, 3, padding=1)
         self.attention = LargeKernelAttention(d_high)
         self.post = nn.Conv2d(d_high, d_high, 1)
         self.local = nn.Conv2d(d_high + c4, hidden, 3, padding=1)
+        self.rater_tokens = nn.Parameter(torch.randn(num_raters, attn_dim))  # t_i
         self.q = nn.Linear(hidden, attn_dim)
         self.k = nn.Linear(latent_dim, attn_dim)
         self.v = nn.Linear(latent_dim, attn_dim)
-        self.fuse = nn.Linear(attn_dim + c4, latent_dim)
-        nn.init.zeros_(self.fuse.weight)
+        self.fuse = nn.Linear(2 * attn_dim + 2 * c4, latent_dim)
+        nn.init.normal_(self.fuse.weight, std=0.1 * self.fuse.in_features**-0.5)
         nn.init.zeros_(self.fuse.bias)
         # Optimizer steps of phase 2 so far (the trainer counts them; saved with the weights), so that heads of
         # a personalizer that never trained are not passed off as personalized predictions.
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.int64))
+
+    def bands(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """X_LL ``(B, D/4, h, w)`` and X_H ``(B, 3D/4, h, w)`` of the reduced features (step 1)."""
+        y = haar_dwt2d(self.reduce(features))  # (B, D/4, 4, h, w): cA, cH, cV, cD
+        return y[:, :, 0], y[:, :, 1:].flatten(1, 2)
+
+    def refine(self, high: Tensor, raters: Tensor) -> Tensor:
+        """X'_H for each image and rater, ``(B R', 3D/4, h, w)`` (steps 2-3, Eq. 4-5)."""
+        mix = torch.softmax(self.pwc(high).mean((2, 3)), dim=1)  # w: (B, N)
+        comps = F.interpolate(self.prompts, size=high.shape[-2:], mode="bilinear", align_corners=False)
+        coeff = mix[:, None, :] * self.rater_weights[raters][None]  # (B, R', N): w * c_i
+        prompt = self.prompt_conv(torch.einsum("brn,nchw->brchw", coeff, comps).flatten(0, 1))
+        return self.post(self.attention(high.repeat_interleave(raters.numel(), dim=0), prompt))
+
+    def latent(self, low: Tensor, refined: Tensor, z: Tensor, bank: Tensor, raters: Tensor) -> Tensor:
+        """z'_i ``(B, R', latent)`` from X_LL, the refined bands X'_H of every rater, z and the bank (4-7)."""
+        r = raters.numel()
+        low_r = low.repeat_interleave(r, dim=0)
+        local = F.relu(self.local(torch.cat([refined, low_r], dim=1)))  # X_d
+        token = self.rater_tokens[raters].repeat(low.shape[0], 1)  # (B R', A), image-major like everything here
+        q = self.q(local.mean((2, 3))) + token
+        bank_r = bank.repeat_interleave(r, dim=0)
+        attn = torch.softmax(torch.einsum("ba,bma->bm", q, self.k(bank_r)) / q.shape[1] ** 0.5, dim=1)
+        ctx = torch.einsum("bm,bma->ba", attn, self.v(bank_r))
+        c4 = low.shape[1]
+        full = haar_idwt2d(torch.cat([low_r[:, :, None], refined.reshape(-1, c4, 3, *refined.shape[-2:])], dim=2))
+        pooled = torch.cat([full.mean((2, 3)), (full.square().mean((2, 3)) + RMS_EPS).sqrt()], dim=1)
+        delta = self.fuse(torch.cat([ctx, pooled, token], dim=1))
+        return z.repeat_interleave(r, dim=0).add(delta).reshape(low.shape[0], r, -1)
 
     def forward(self, features: Tensor, z: Tensor, bank: Tensor, raters: Tensor) -> Tensor:
         """Rater-adaptive latents ``(B, R', latent_dim)``.
@@ -75,26 +120,5 @@ class Personalizer(nn.Module):
         features ``(B, D, H, W)`` (even H, W); z ``(B, latent_dim)``; bank ``(B, M_z, latent_dim)`` of prior
         samples; raters: long tensor of the R' rater indices to produce.
         """
-        b, _, h, w = features.shape
-        y = haar_dwt2d(self.reduce(features))  # (B, D/4, 4, h/2, w/2): cA, cH, cV, cD
-        low = y[:, :, 0]
-        high = y[:, :, 1:].flatten(1, 2)  # (B, 3 D/4, h/2, w/2)
-        mix = torch.softmax(self.pwc(high).mean((2, 3)), dim=1)  # w: (B, N)
-        comps = F.interpolate(self.prompts, size=high.shape[-2:], mode="bilinear", align_corners=False)
-        r = raters.numel()
-        coeff = mix[:, None, :] * self.rater_weights[raters][None]  # (B, R', N): w * c_i
-        prompt = torch.einsum("brn,nchw->brchw", coeff, comps).flatten(0, 1)  # (B R', D', h, w)
-        prompt = self.prompt_conv(prompt)
-        high_r = high.repeat_interleave(r, dim=0)
-        low_r = low.repeat_interleave(r, dim=0)
-        refined = self.post(self.attention(high_r, prompt))  # X'_H (Eq. 5)
-        local = F.relu(self.local(torch.cat([refined, low_r], dim=1)))  # X_d
-        q = self.q(local.mean((2, 3)))  # (B R', A)
-        bank_r = bank.repeat_interleave(r, dim=0)
-        attn = torch.softmax(torch.einsum("ba,bma->bm", q, self.k(bank_r)) / q.shape[1] ** 0.5, dim=1)
-        ctx = torch.einsum("bm,bma->ba", attn, self.v(bank_r))
-        c4 = low.shape[1]
-        bands = torch.cat([low_r[:, :, None], refined.reshape(-1, c4, 3, *refined.shape[-2:])], dim=2)
-        full = haar_idwt2d(bands, size=(h, w)).mean((2, 3))  # (B R', D/4)
-        delta = self.fuse(torch.cat([ctx, full], dim=1))
-        return z.repeat_interleave(r, dim=0).add(delta).reshape(b, r, -1)
+        low, high = self.bands(features)
+        return self.latent(low, self.refine(high, raters), z, bank, raters)
