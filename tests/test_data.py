@@ -54,6 +54,12 @@ def test_lidc_folder_reader_and_cache(tmp_path):
     assert len(cached) == 1
     again = hd.load_dataset(root)
     np.testing.assert_array_equal(again.masks, data.masks)
+    # LIDC mask slots are anonymous: by default each slice's masks come smallest first (D-Persona's order)
+    area = data.masks.reshape(18, 4, -1).sum(-1, dtype=np.int64)
+    assert (np.diff(area, axis=1) >= 0).all()
+    stored = read_lidc_folder(root, rater_order="stored")
+    idx = np.argsort(stored.masks.reshape(18, 4, -1).sum(-1), axis=1, kind="stable")
+    np.testing.assert_array_equal(np.take_along_axis(stored.masks, idx[:, :, None, None], 1), data.masks)
     # touching a file invalidates the cache
     f = next(root.rglob("slice-0.png"))
     os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -104,10 +110,13 @@ def test_pickle_reader_admits_numpy_only(tmp_path):
     }
     p = tmp_path / "data.pkl"
     p.write_bytes(pickle.dumps(good, protocol=4))
-    data = read_lidc_pickle(p)
+    data = read_lidc_pickle(p, rater_order="stored")
     assert data.images.shape == (6, 1, 16, 16) and data.masks.shape == (6, 4, 16, 16)
     assert list(data.patient_id) == ["LIDC-0", "LIDC-0", "LIDC-1", "LIDC-1", "LIDC-2", "LIDC-2"]
     np.testing.assert_array_equal(data.masks[0], np.stack(good["k0"]["masks"]))
+    by_area = read_lidc_pickle(p)  # the default: smallest mask first
+    masks0 = np.stack(good["k0"]["masks"])
+    np.testing.assert_array_equal(by_area.masks[0], masks0[np.argsort(masks0.sum((1, 2)), kind="stable")])
     p2 = tmp_path / "evil.pkl"
     p2.write_bytes(pickle.dumps({"k": {"image": Evil(), "masks": []}}))
     marker = Path("/tmp/harmonizer_fast_pwned")
@@ -188,9 +197,12 @@ def test_patient_split_is_by_patient_and_seeded():
 
 def test_rater_order_by_area_and_padding():
     d = hd.make_synthetic(6, size=48, raters=4, seed=4)
-    o = d.ordered_by_area()
-    area = o.masks.reshape(6, 4, -1).sum(-1, dtype=np.int64)
-    assert (np.diff(area, axis=1) <= 0).all()
+    desc, asc = d.with_rater_order("area-desc"), d.with_rater_order("area-asc")
+    assert (np.diff(desc.masks.reshape(6, 4, -1).sum(-1, dtype=np.int64), axis=1) <= 0).all()
+    assert (np.diff(asc.masks.reshape(6, 4, -1).sum(-1, dtype=np.int64), axis=1) >= 0).all()
+    assert d.with_rater_order("stored") is d
+    with pytest.raises(hd.DataError, match="rater order must be one of"):
+        d.with_rater_order("area")
     p = d.padded(32)
     assert p.images.shape[2:] == (64, 64)
     np.testing.assert_array_equal(p.masks[:, :, :48, :48], d.masks)

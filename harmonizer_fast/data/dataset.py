@@ -1,5 +1,5 @@
 """The in-memory multi-rater dataset every reader produces, patient-level splits, rater ordering, padding
-and augmentation (DESIGN.md section 6).
+and augmentation (docs/architecture.md, "Data").
 
 Normalization (stated once, applied by every reader): uint8 images are scaled to [0, 1] by 1/255; floating
 images already within [0, 1] are kept as they are (so converted datasets read back unchanged), other floating
@@ -9,6 +9,7 @@ images are min-max scaled to [0, 1] per image and channel (a constant channel be
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,9 @@ import torch
 
 class DataError(ValueError):
     """A dataset that cannot be read or used as it is (the message names the file and what is wrong)."""
+
+
+RATER_ORDERS = ("stored", "area-asc", "area-desc")
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
@@ -80,13 +84,28 @@ class MultiRaterData:
     def patients(self) -> np.ndarray:
         return np.unique(self.patient_id)
 
-    def ordered_by_area(self) -> MultiRaterData:
-        """Rater masks re-ordered per item by decreasing area (LIDC readers are anonymous: "rater i" is then a
-        style, from the loosest to the tightest outline). Stable for ties."""
+    def with_rater_order(self, order: str) -> MultiRaterData:
+        """Raters as stored (``"stored"``), or re-ordered per item by mask area, smallest first
+        (``"area-asc"``, D-Persona's convention for LIDC, whose mask slots are anonymous: "rater i" is then
+        a style, from the tightest outline to the loosest) or largest first (``"area-desc"``). Stable for ties."""
+        if order not in RATER_ORDERS:
+            raise DataError(f"rater order must be one of {RATER_ORDERS}, got {order!r}")
+        if order == "stored":
+            return self
         area = self.masks.reshape(len(self), self.num_raters, -1).sum(-1, dtype=np.int64)
-        order = np.argsort(-area, axis=1, kind="stable")
-        masks = np.take_along_axis(self.masks, order[:, :, None, None], axis=1)
+        idx = np.argsort(area if order == "area-asc" else -area, axis=1, kind="stable")
+        masks = np.take_along_axis(self.masks, idx[:, :, None, None], axis=1)
         return MultiRaterData(self.images, masks, self.patient_id, self.source)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the images, the masks (in their stored order) and the patient ids: the same dataset read
+        again gives the same value, any other dataset another."""
+        h = hashlib.sha256()
+        for a in (self.images, self.masks):
+            h.update(f"{a.dtype.str}{a.shape};".encode())
+            h.update(np.ascontiguousarray(a).data)
+        h.update("\0".join(map(str, self.patient_id)).encode())
+        return h.hexdigest()
 
     def padded(self, multiple: int = 32) -> MultiRaterData:
         """Zero-pad H and W at the end up to multiples of ``multiple`` (what the network takes)."""

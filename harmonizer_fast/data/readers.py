@@ -1,4 +1,4 @@
-"""Readers for the multi-rater formats users hold (DESIGN.md section 6), auto-detected from the path.
+"""Readers for the multi-rater formats users hold (docs/architecture.md, "Data"), auto-detected from the path.
 
 ``lidc-folder``  the public "LIDC-IDRI slices" export: ``<patient>/nodule-<k>/images/slice-<j>.png`` and
                  ``<patient>/nodule-<k>/mask-<r>/slice-<j>.png`` (8-bit; masks {0, 255}); patient = folder name.
@@ -6,6 +6,11 @@
 ``lidc-pickle``  the pickled dict of earlier Probabilistic U-Net / D-Persona code,
                  ``{key: {"image", "masks", "series_uid"}}``, patient = ``series_uid.split("_")[0]``, read through
                  an unpickler that admits numpy arrays and nothing else.
+
+Both LIDC readers order each slice's four masks by area, smallest first (``rater_order="area-asc"``, as
+D-Persona does): the export's mask-0..3 are anonymous slots, not the same radiologist across nodules, so
+"rater i" is a style (tightest to loosest outline) rather than a person. ``rater_order="stored"`` keeps
+the slots. The other readers keep the stored order.
 ``npc-h5``       NPC-170 / MMIS-2024 style folders of HDF5 files with ``t1, t1c, t2`` (channels) and
                  ``label_a1..label_aN`` (raters), 2D slices or 3D volumes (``(D, H, W)``); patient = the file
                  name up to its first underscore. Needs h5py (``pip install harmonizer-fast[h5]``).
@@ -172,7 +177,7 @@ def _read_png(path: Path) -> np.ndarray:
     return arr
 
 
-def read_lidc_folder(path: PathLike, *, cache: bool = True) -> MultiRaterData:
+def read_lidc_folder(path: PathLike, *, cache: bool = True, rater_order: str = "area-asc") -> MultiRaterData:
     root = _lidc_root(Path(path))
     if root is None:
         raise DataError(f"{path}: not an LIDC slices export (<patient>/nodule-<k>/images/slice-<j>.png)")
@@ -184,7 +189,7 @@ def read_lidc_folder(path: PathLike, *, cache: bool = True) -> MultiRaterData:
     if cache_file is not None and cache_file.is_file():
         try:
             a = _load_npz_arrays(cache_file, ("images", "masks", "patient_id"))
-            return MultiRaterData(a["images"], a["masks"], a["patient_id"], str(root))
+            return MultiRaterData(a["images"], a["masks"], a["patient_id"], str(root)).with_rater_order(rater_order)
         except DataError:
             pass  # a damaged cache (a killed writer of an older version, a full disk) is rebuilt below
     files = [f for _, img, masks in items for f in (img, *masks)]
@@ -206,7 +211,7 @@ def read_lidc_folder(path: PathLike, *, cache: bool = True) -> MultiRaterData:
             write_atomic(cache_file, buf.getvalue())
         except OSError:
             pass  # a read-only cache location only costs speed
-    return data
+    return data.with_rater_order(rater_order)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +248,7 @@ def safe_load_pickle(path: PathLike) -> Any:
         raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 
-def read_lidc_pickle(path: PathLike) -> MultiRaterData:
+def read_lidc_pickle(path: PathLike, *, rater_order: str = "area-asc") -> MultiRaterData:
     obj = safe_load_pickle(path)
     if not isinstance(obj, dict) or not obj:
         raise DataError(f"{path}: expected a non-empty dict {{key: {{'image', 'masks', 'series_uid'}}}}")
@@ -266,8 +271,9 @@ def read_lidc_pickle(path: PathLike) -> MultiRaterData:
     mask_arr = np.stack(masks)
     if not np.isin(mask_arr, (0, 1)).all():
         mask_arr = mask_arr > (127 if mask_arr.max() > 1 else 0.5)
-    return MultiRaterData(normalize_images(np.stack(images)[:, None]), mask_arr.astype(np.uint8),
+    data = MultiRaterData(normalize_images(np.stack(images)[:, None]), mask_arr.astype(np.uint8),
                           np.array(patients), str(path))  # fmt: skip
+    return data.with_rater_order(rater_order)
 
 
 # ---------------------------------------------------------------------------------------------------------

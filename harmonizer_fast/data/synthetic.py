@@ -1,16 +1,20 @@
 """Synthetic multi-rater data: the embedded default, so that every command runs on a fresh machine with no
-download (DESIGN.md section 6). Deterministic for a seed.
+download (docs/architecture.md, "Data"). Deterministic for a seed.
 
 Each item is a ``size x size`` grey image with one lesion (a blob with a wobbly outline and a soft edge) on
 textured background, and one mask per rater. Raters have distinct styles that stay the same across items:
 
 ==========  ==========================================================================================
-rater 0     tight: traces just inside the edge (the lesion eroded by about 1 pixel)
-rater 1     loose: generous margin (dilated by about 2 pixels)
-rater 2     smooth: the lesion's convex-ish envelope (outline wobble averaged away)
-rater 3     conservative: misses small or faint lesions entirely, otherwise close to the edge
-rater 4+    further raters cycle through the styles with small random offsets
+rater 0     tight: traces inside the edge (eroded by 2 pixels)
+rater 1     smooth: the lesion's convex-ish envelope at its edge (outline wobble averaged away)
+rater 2     loose: a generous margin (dilated by 2 pixels)
+rater 3     very loose: a wide margin (dilated by 4 pixels)
+rater 4     conservative: misses small or faint lesions entirely, otherwise at the edge
+rater 5+    further raters cycle through the styles with small random offsets
 ==========  ==========================================================================================
+
+So the first four raters' outlines sit 2 pixels apart and their mean areas grow from rater 0 to rater 3: a
+personalizer that works puts head i closest to rater i (``tests/test_personalization.py``).
 
 Scanner effects differ per patient ("scanner"): Gaussian noise level, blur, gamma, and a smooth intensity
 drift (bias field); some lesions are faint. Patients hold ``items_per_patient`` consecutive items.
@@ -66,14 +70,16 @@ def make_synthetic(
         smooth_inside = (dist - 1) * radius
         area = float((inside < 0).sum())
         for r in range(raters):
-            style = r % 4
+            style = r % 5
             jitter = rng.normal(0, 0.3)
             if style == 0:
-                m = inside < -1.0 + jitter
+                m = inside < -2.0 + jitter
             elif style == 1:
-                m = inside < 2.0 + jitter
+                m = smooth_inside < jitter
             elif style == 2:
-                m = smooth_inside < 0.5 + jitter
+                m = inside < 2.0 + jitter
+            elif style == 3:
+                m = inside < 4.0 + jitter
             else:
                 m = (inside < 0.3 + jitter) & (area > 0.03 * size * size) & (contrast > 0.15)
             masks[i, r] = m
