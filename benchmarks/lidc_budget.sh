@@ -3,7 +3,8 @@
 # CPU budget per variant, phase 1 only (GED over K prior samples is a phase-1 property; the personalizer only
 # acts in phase 2), then evaluated with K = 16 on each run's held-out test patients (fold 0 of 4, seed 0).
 # Variants: the full model (harmonizer + GED loss), the plain probabilistic U-Net baseline (both off), and
-# each switch alone. Then benchmarks/lidc_summary.py writes benchmarks/results/lidc-small-cpu.{json,md}.
+# each switch alone. Raters are in the LIDC readers' default order (by area, smallest first). Then
+# benchmarks/lidc_summary.py writes benchmarks/results/lidc-small-cpu.{json,md}.
 #
 #     bash benchmarks/lidc_budget.sh [MINUTES] [RUNS_DIR]        (default 10 minutes, runs/lidc-budget)
 set -euo pipefail
@@ -17,7 +18,7 @@ run() {  # name, flags...
   shift
   rm -rf "$RUNS/$name" "$RUNS/eval-$name"
   "$PY" -m harmonizer_fast.cli train --data "$DATA" --config small --out "$RUNS/$name" --phase 1 --epochs 100 \
-    --max-minutes "$MINUTES" --rater-order area --no-progress "$@"
+    --max-minutes "$MINUTES" --no-progress "$@"
   "$PY" -m harmonizer_fast.cli evaluate --checkpoint "$RUNS/$name" --data "$DATA" --out "$RUNS/eval-$name" \
     --samples 16 | tail -3
 }

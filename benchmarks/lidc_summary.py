@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_results  # noqa: E402
+from common import machine_info, write_results
 
 VARIANTS = {
     "full": "full model (harmonizer + GED loss)",
@@ -40,11 +40,11 @@ def main() -> int:
         metrics = ev / "metrics.json"
         if not metrics.is_file():
             continue
-        m = json.loads(metrics.read_text())
+        m = json.loads(metrics.read_text())["table1"]
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         best = json.loads((run / "best.json").read_text())["state"]
         rows[name] = {"label": VARIANTS[name], "mean": m["mean"], "std": m["std"], "n_images": m["n_images"],
-                      "epochs_validated": len(log), "best_epoch": best["epoch"],
+                      "epochs_validated": len(log), "best_epoch": best["position"]["epoch"],
                       "minutes": log[-1]["minutes"]}  # fmt: skip
     payload = {"benchmark": "lidc-small-cpu", "budget_minutes": args.minutes, "machine": machine_info(), "rows": rows}
     lines = [

@@ -1,19 +1,21 @@
 """Checkpoints: weights in safetensors, everything else in JSON, never a pickle. A checkpoint named
-``<stem>`` (``last``, ``best``, ...) in a run directory is
+``<stem>`` (``last``, ``best``, ``best_phase1``) in a run directory is
 
-- ``<stem>.json``                          the manifest: format tag and version, model config, training state
-                                           (epoch, step, phase, scheduler, RNG keys), metrics, and the name and
-                                           SHA-256 of each tensor file below;
-- ``<stem>-<sha>.safetensors``             the model's state dict (weights and buffers);
-- ``<stem>-<sha>.optim.safetensors``       optimizer tensors (Adam moments, step counts), when kept.
+- ``<stem>.json``                  the manifest: format tag and version, model config, training state (epoch,
+                                   step, phase, scheduler, RNG keys), metrics, and the name and SHA-256 of
+                                   each tensor file below;
+- ``weights-<sha>.safetensors``    the model's state dict (weights and buffers);
+- ``optim-<sha>.safetensors``      optimizer tensors (Adam moments, step counts), when kept.
 
-``<sha>`` is the first 16 hex digits of the file's SHA-256, so a tensor file is never overwritten by
-different bytes. Saving has **one commit point**: the tensor files are written under new names (temporary
-name, fsync, rename, fsync of the folder), then the manifest the same way, and the manifest's rename is
-what makes the new checkpoint current. Only after it are the files that no manifest of that stem names any
-more deleted (and temporaries left by a killed writer). So a process killed at any instant leaves either
-the previous checkpoint or the new one, each complete; every load checks each file against the manifest's
-SHA-256 (a truncated, swapped or foreign file is refused with a clear error).
+``<sha>`` is the first 16 hex digits of the file's SHA-256: tensor files are named by their content, so a
+file is never overwritten by different bytes, and two checkpoints of the same weights (``best`` and
+``best_phase1`` during phase 1) share one file. Saving has **one commit point**: the tensor files are
+written under their names (temporary name, fsync, rename, fsync of the folder), then the manifest the same
+way, and the manifest's rename is what makes the new checkpoint current. Only after it are the tensor files
+that no manifest of the folder names any more deleted (and temporaries left by a killed writer). So a
+process killed at any instant leaves either the previous checkpoint or the new one, each complete; every
+load checks each file against the manifest's SHA-256 (a truncated, swapped or foreign file is refused with
+a clear error).
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _write_tensor_file(run: Path, stem: str, suffix: str, blob: bytes) -> tuple[str, str]:
-    """Write ``blob`` under its content name ``<stem>-<sha>.<suffix>``; returns (name, full SHA-256)."""
+def _write_tensor_file(run: Path, kind: str, blob: bytes) -> tuple[str, str]:
+    """Write ``blob`` under its content name ``<kind>-<sha>.safetensors``; returns (name, full SHA-256)."""
     sha = _sha256(blob)
-    name = f"{stem}-{sha[:16]}.{suffix}"
+    name = f"{kind}-{sha[:16]}.safetensors"
     target = run / name
     # Same name, same bytes: a file already there (an unchanged optimizer, a repeated save) is kept as it is,
     # unless it was damaged, in which case it is replaced (it cannot be referenced validly by anything).
@@ -80,7 +82,7 @@ def _write_tensor_file(run: Path, stem: str, suffix: str, blob: bytes) -> tuple[
     return name, sha
 
 
-_TENSOR_FILE = re.compile(r"(?P<stem>.+)-[0-9a-f]{16}(\.optim)?\.safetensors")
+_TENSOR_FILE = re.compile(r"(weights|optim)-[0-9a-f]{16}\.safetensors")
 
 
 def _referenced(manifest_path: Path) -> set[str]:
@@ -91,20 +93,15 @@ def _referenced(manifest_path: Path) -> set[str]:
         return set()
 
 
-def collect_garbage(run_dir: PathLike, stem: Optional[str] = None) -> None:
-    """Delete the tensor files of ``stem`` (default: of every stem) that its manifest does not name, and
-    the temporaries a killed writer left. Only names this module writes are touched."""
+def collect_garbage(run_dir: PathLike) -> None:
+    """Delete the tensor files that no manifest of ``run_dir`` names, and the temporaries a killed writer
+    left. Only names this module writes are touched."""
     run = Path(run_dir)
-    keep: dict[str, set[str]] = {}
+    keep = set().union(*(_referenced(m) for m in run.glob("*.json")))
     for f in run.glob("*.safetensors"):
-        m = _TENSOR_FILE.fullmatch(f.name)
-        if m is None or (stem is not None and m["stem"] != stem):
-            continue
-        if m["stem"] not in keep:
-            keep[m["stem"]] = _referenced(run / f"{m['stem']}.json")
-        if f.name not in keep[m["stem"]]:
+        if _TENSOR_FILE.fullmatch(f.name) and f.name not in keep:
             remove(f)
-    for f in run.glob(".*.tmp" if stem is None else f".{stem}[-.]*.tmp"):
+    for f in run.glob(".*.tmp"):
         remove(f)
 
 
@@ -122,7 +119,7 @@ def save_checkpoint(
     run.mkdir(parents=True, exist_ok=True)
     net = getattr(model, "module", model)  # DDP wraps the model
     weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    name, sha = _write_tensor_file(run, stem, "safetensors", st_save(weights, metadata={"format": FORMAT}))
+    name, sha = _write_tensor_file(run, "weights", st_save(weights, metadata={"format": FORMAT}))
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -133,13 +130,13 @@ def save_checkpoint(
     }
     if optimizer is not None:
         tensors, meta = _optimizer_tensors(optimizer)
-        oname, osha = _write_tensor_file(run, stem, "optim.safetensors", st_save(tensors, metadata={"format": FORMAT}))
+        oname, osha = _write_tensor_file(run, "optim", st_save(tensors, metadata={"format": FORMAT}))
         manifest["files"]["optimizer"] = oname
         manifest["sha256"]["optimizer"] = osha
         manifest["optimizer"] = meta
     path = run / f"{stem}.json"
     write_atomic(path, json.dumps(manifest, indent=1, default=_json_default).encode())  # the commit point
-    collect_garbage(run, stem)
+    collect_garbage(run)
     return path
 
 

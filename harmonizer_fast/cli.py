@@ -2,9 +2,11 @@
 
     harmonizer-fast train --data PATH --config small|paper --out DIR [--epochs N] [--max-minutes M]
                           [--phase 1|2|both] [--resume] [--seed S] [--no-harmonizer] [--no-personalizer]
-                          [--no-ged-loss] [--format F] [--batch-size B] [--rater-order stored|area] ...
-    harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--samples K] [--seed S] [--robustness]
-    harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K]
+                          [--no-ged-loss] [--format F] [--batch-size B] [--rater-order stored|area-asc|area-desc]
+                          [--select-phase1 S] [--select-phase2 S] [--init CHECKPOINT] ...
+    harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--samples K] [--seed S]
+                             [--split test|all] [--robustness]
+    harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K] [--split test|all]
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
     harmonizer-fast profile [--config paper|small] [--batch B] [--samples K] [--size S] [--device cpu|cuda]
@@ -33,6 +35,8 @@ from typing import Callable, NoReturn, Optional
 from ._io import OutputPathError, check_output_dir, check_output_file
 from .checkpoint import CheckpointError
 from .data import DataError
+from .data.dataset import RATER_ORDERS
+from .selection import DEFAULTS, PHASE_SCORES
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -95,44 +99,49 @@ def _data(args: argparse.Namespace):
     return load_dataset(args.data, format=args.format)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _model_config(args: argparse.Namespace, data):
     from .model import HarmonizerConfig
-    from .train import TrainConfig, Trainer, init_distributed
 
-    check_output_dir(args.out, "--out")
-    init_distributed()
-    data = _data(args)
     preset = HarmonizerConfig.paper if args.config == "paper" else HarmonizerConfig.small
-    overrides = {}
-    if args.no_harmonizer:
-        overrides["use_harmonizer"] = False
-    if args.no_personalizer:
-        overrides["use_personalizer"] = False
-    if args.no_ged_loss:
-        overrides["use_ged_loss"] = False
-    model_config = preset(in_channels=data.in_channels, num_raters=data.num_raters, **overrides)
+    switches = (("no_harmonizer", "use_harmonizer"), ("no_personalizer", "use_personalizer"),
+                ("no_ged_loss", "use_ged_loss"))  # fmt: skip
+    overrides = {field: False for flag, field in switches if getattr(args, flag)}
+    return preset(in_channels=data.in_channels, num_raters=data.num_raters, **overrides)
+
+
+def _train_config(args: argparse.Namespace, model_config):
+    from .train import TrainConfig
+
     phase = args.phase
     if not model_config.use_personalizer and phase == "both":
         phase = "1"  # the baseline has no phase 2
-    if not model_config.use_personalizer and phase == "2":
+    kw = dict(phase=phase, seed=args.seed, max_minutes=args.max_minutes, rater_order=args.rater_order,
+              batch_size=args.batch_size, fold=args.fold, select_phase1=args.select_phase1,
+              select_phase2=args.select_phase2)  # fmt: skip
+    if args.epochs is not None:
+        kw.update(epochs_phase1=args.epochs, epochs_phase2=args.epochs)
+    if args.epochs2 is not None:
+        kw["epochs_phase2"] = args.epochs2
+    if args.lr is not None:
+        kw["lr_phase1"] = args.lr
+    if args.lr2 is not None:
+        kw["lr_phase2"] = args.lr2
+    return TrainConfig.for_model(model_config, **kw)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, init_distributed
+
+    check_output_dir(args.out, "--out")
+    if args.phase == "2" and args.no_personalizer:
         raise UsageError("--phase 2 trains the personalizer, which --no-personalizer removes")
-    if phase == "2" and args.init is None and not args.resume:
+    if args.phase == "2" and args.init is None and not args.resume:
         raise UsageError("--phase 2 trains the personalizer of a trained phase-1 model: pass --init CHECKPOINT "
                          "(a phase-1 run directory or manifest of the same --config)")  # fmt: skip
-    tc = TrainConfig(phase=phase, seed=args.seed, max_minutes=args.max_minutes, rater_order=args.rater_order,
-                     batch_size=args.batch_size, fold=args.fold)  # fmt: skip
-    if args.config == "small":
-        # The paper's learning rates (1e-4, 5e-5) suit the paper config over 100+ epochs on a GPU; the small
-        # config on a CPU budget learns far faster at 3e-3 (synthetic, 12 epochs: validation GED 0.27 and
-        # Dice_soft 0.82 at 3e-3, against predictions still empty at 1e-3).
-        tc.lr_phase1, tc.lr_phase2 = 3e-3, 1.5e-3
-    if args.epochs is not None:
-        tc.epochs_phase1 = tc.epochs_phase2 = args.epochs
-    if args.epochs2 is not None:
-        tc.epochs_phase2 = args.epochs2
-    if args.lr is not None:
-        tc.lr_phase1, tc.lr_phase2 = args.lr, args.lr / 2
-    trainer = Trainer(data, model_config, tc, args.out, progress=not args.no_progress)
+    init_distributed()
+    data = _data(args)
+    model_config = _model_config(args, data)
+    trainer = Trainer(data, model_config, _train_config(args, model_config), args.out, progress=not args.no_progress)
     result = trainer.fit(resume=args.resume, init_from=args.init)
     print(f"{result.stopped}: {result.epochs_done} epochs, best validation score {result.best_score}, run in "
           f"{result.run_dir}")  # fmt: skip
@@ -150,40 +159,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_and_data(args: argparse.Namespace):
-    """(model, data prepared as in training, indices to use, description) for evaluate and sample."""
-    from pathlib import Path
-
-    import numpy as np
-
+def _scoring(args: argparse.Namespace):
+    """(model, the images to score) for evaluate and sample: the run's held-out patients only on its data."""
     from .checkpoint import load_model, read_manifest
-    from .evaluate import held_out_split
+    from .rundir import RunDir
 
-    model, manifest = load_model(args.checkpoint)
+    model, _ = load_model(args.checkpoint)
     data = _data(args)
     if data.num_raters != model.config.num_raters or data.in_channels != model.config.in_channels:
         raise DataError(f"the data has {data.num_raters} raters and {data.in_channels} channel(s); the checkpoint "
                         f"expects {model.config.num_raters} and {model.config.in_channels}")  # fmt: skip
-    mpath, _ = read_manifest(args.checkpoint)
-    run_dir = mpath.parent
-    state = read_manifest(run_dir / "last.json")[1]["state"] if (run_dir / "last.json").is_file() else {}
-    if state.get("n_items") == len(data) and "split" in state:
-        prepared, idx = held_out_split(run_dir, data)
-        where = f"the {len(idx)} held-out test images of {Path(run_dir)}"
-    else:
-        prepared, idx = data.padded(2**model.config.downsamplings), np.arange(len(data))
-        where = f"all {len(idx)} images of {args.data or 'synthetic'}"
-    return model, prepared, idx, where
+    manifest_path, _ = read_manifest(args.checkpoint)
+    return model, RunDir(manifest_path.parent).scoring_set(data, model.config, args.split)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import report, run_evaluation
 
     check_output_dir(args.out, "--out")
-    model, data, idx, where = _checkpoint_and_data(args)
-    print(f"evaluating {args.checkpoint} on {where}, K = {args.samples}, seed {args.seed}")
-    result = run_evaluation(model, data, idx, args.out, samples=args.samples, seed=args.seed,
-                            robustness=args.robustness, label=str(args.checkpoint))  # fmt: skip
+    model, scoring = _scoring(args)
+    print(f"evaluating {args.checkpoint} on {scoring.description}, K = {args.samples}, seed {args.seed}")
+    result = run_evaluation(model, scoring.data, scoring.indices, args.out, samples=args.samples, seed=args.seed,
+                            robustness=args.robustness, label=str(args.checkpoint),
+                            scored=scoring.description)  # fmt: skip
     print(report(result))
     print(f"wrote {args.out}/metrics.json, report.md and {len(result.get('figures', []))} figures")
     return 0
@@ -197,11 +195,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import stream_samples
 
     check_output_file(args.out, "--out")
-    model, data, idx, where = _checkpoint_and_data(args)
-    idx = idx if args.split == "test" else list(range(len(data)))
+    model, scoring = _scoring(args)
+    print(f"sampling {scoring.description}")
     t0 = time.perf_counter()
-    n_img = stream_samples(model, data, idx, args.out, samples=args.samples, seed=args.seed, batch=args.batch,
-                           progress=not args.no_progress)  # fmt: skip
+    n_img = stream_samples(model, scoring.data, scoring.indices, args.out, samples=args.samples, seed=args.seed,
+                           batch=args.batch, progress=not args.no_progress)  # fmt: skip
     dt = time.perf_counter() - t0
     heads = "+ personalized heads" if model.personalizer_trained else "no heads: the personalizer is untrained"
     print(
@@ -212,45 +210,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data, the small config, both phases, evaluation and figures; the untrained model beside."""
-    import time
-
-    import torch
-
-    from .data import make_synthetic
-    from .evaluate import evaluate_model, run_evaluation, table
-    from .model import HarmonizerConfig, HarmonizerNet
-    from .train import TrainConfig, Trainer
+    from .demo import markdown, run_demo
 
     check_output_dir(args.out, "--out")
-    t0 = time.perf_counter()
-    data = make_synthetic(args.items, size=64, raters=4, seed=args.seed)
-    cfg = HarmonizerConfig.small(num_raters=4)
-    tc = TrainConfig(phase="both", epochs_phase1=args.epochs, epochs_phase2=max(1, args.epochs // 3),
-                     lr_phase1=3e-3, lr_phase2=1.5e-3, batch_size=16, val_samples=8, seed=args.seed)  # fmt: skip
-    print(f"demo: {len(data)} synthetic images (64 x 64, 4 raters, {len(data.patients())} patients), small config "
-          f"({sum(p.numel() for p in HarmonizerNet(cfg).parameters()) / 1e6:.2f} M parameters), "
-          f"{tc.epochs_phase1} + {tc.epochs_phase2} epochs")  # fmt: skip
-    trainer = Trainer(data, cfg, tc, f"{args.out}/run", progress=not args.no_progress)
-    trainer.fit()
-    from .checkpoint import load_model
-
-    trained, _ = load_model(f"{args.out}/run")
-    prepared = data.padded(32)
-    test = trainer.split.test
-    torch.manual_seed(args.seed)
-    untrained = HarmonizerNet(cfg)
-    results = {"untrained": evaluate_model(untrained, prepared, test, samples=16, seed=0)[0].summary()}
-    results["trained"] = run_evaluation(trained, prepared, test, f"{args.out}/eval", samples=16, seed=0,
-                                        label="demo (trained)")  # fmt: skip
-    print(
-        f"\nheld-out test patients ({len(test)} images), K = 16 prior samples, personalized heads for dice_each_mean:\n"
-    )
-    print(table(results))
-    print(
-        f"figures and metrics in {args.out}/eval; the run (checkpoints, log.jsonl) in {args.out}/run; "
-        f"{time.perf_counter() - t0:.0f} s in all"
-    )
+    result = run_demo(args.out, epochs=args.epochs, items=args.items, seed=args.seed, progress=not args.no_progress)
+    print("\n" + markdown(result))
+    print(f"tables in {args.out}/demo.md and demo.json, figures and metrics in {args.out}/eval, the run "
+          f"(checkpoints, log.jsonl) in {args.out}/run; {result['seconds']:.0f} s in all")  # fmt: skip
     return 0
 
 
@@ -275,7 +241,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Runs ``benchmarks/report.py`` of the source checkout: the benchmarks compare against peers that are
-    test extras and stay out of the installed package (DESIGN.md section 2 keeps them in benchmarks/)."""
+    test extras and stay out of the installed package (docs/architecture.md, "Layout" keeps them in benchmarks/)."""
     import importlib.util
     from pathlib import Path
 
@@ -331,14 +297,13 @@ def _inference_options() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a checkpoint manifest")
     g.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K per image")
     g.add_argument("--seed", type=seed, default=0)
+    g.add_argument("--split", choices=("test", "all"), default="test",
+                   help="test: the run's held-out test patients when --data is the run's dataset (all images of "
+                   "any other dataset); all: every image, the run's training patients included")  # fmt: skip
     return g
 
 
-def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="harmonizer-fast", description="The Harmonizer Network for multi-rater medical image "
-               "segmentation (arXiv 2605.08210).")  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    data, inference = _data_options(), _inference_options()
+def _add_train(sub, data: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", parents=[data], help="train phase 1, phase 2 or both")
     t.add_argument("--config", choices=("small", "paper"), default="small")
     t.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
@@ -350,16 +315,32 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None, help="start from the weights of this checkpoint (e.g. for --phase 2)")
     t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--batch-size", type=int_at_least(1), default=16)
-    t.add_argument("--lr", type=positive_float, default=None, help="phase-1 learning rate (phase 2 uses half); "
-                   "default: the paper's 1e-4 for --config paper, 3e-3 for --config small")  # fmt: skip
+    t.add_argument("--lr", type=positive_float, default=None, help="phase-1 learning rate (default: the config's "
+                   "preset, 1e-4 for --config paper as in the paper, 3e-3 for --config small)")  # fmt: skip
+    t.add_argument("--lr2", type=positive_float, default=None, help="phase-2 learning rate (default: the config's "
+                   "preset, 5e-5 for --config paper as in the paper, 1e-2 for --config small)")  # fmt: skip
     t.add_argument("--fold", type=int, choices=range(4), default=0, metavar="{0..3}",
                    help="test fold of the 4-fold patient split (never trained on)")  # fmt: skip
-    t.add_argument("--rater-order", choices=("stored", "area"), default="stored")
+    t.add_argument("--rater-order", choices=RATER_ORDERS, default="stored",
+                   help="raters as the reader gives them (LIDC readers: by area, smallest first) or re-ordered "
+                   "per image by area")  # fmt: skip
+    t.add_argument("--select-phase1", choices=PHASE_SCORES[1], default=DEFAULTS[1],
+                   help="validation score that picks best_phase1 (see harmonizer_fast.selection)")  # fmt: skip
+    t.add_argument("--select-phase2", choices=PHASE_SCORES[2], default=DEFAULTS[2],
+                   help="validation score that picks the personalizer of best")  # fmt: skip
     t.add_argument("--no-harmonizer", action="store_true")
     t.add_argument("--no-personalizer", action="store_true")
     t.add_argument("--no-ged-loss", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="harmonizer-fast", description="The Harmonizer Network for multi-rater medical image "
+               "segmentation (arXiv 2605.08210).")  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    data, inference = _data_options(), _inference_options()
+    _add_train(sub, data)
     c = sub.add_parser("convert", help="any supported dataset -> the .npz format")
     c.add_argument("src")
     c.add_argument("out")
@@ -373,12 +354,11 @@ def parser() -> argparse.ArgumentParser:
                         "image, streamed to disk")  # fmt: skip
     sm.add_argument("--out", required=True, help="output .npz (samples and heads as float16)")
     sm.add_argument("--batch", type=int_at_least(1), default=16)
-    sm.add_argument("--split", choices=("all", "test"), default="all")
     sm.add_argument("--no-progress", action="store_true")
     sm.set_defaults(func=cmd_sample)
     d = sub.add_parser("demo", help="train and evaluate the small config on synthetic data (a few minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int_at_least(1), default=18, help="phase-1 epochs (phase 2 gets a third)")
+    d.add_argument("--epochs", type=int_at_least(1), default=24, help="epochs of each phase")
     d.add_argument("--items", type=int_at_least(16), default=256)
     d.add_argument("--seed", type=seed, default=0)
     d.add_argument("--no-progress", action="store_true")

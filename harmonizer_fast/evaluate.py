@@ -1,12 +1,17 @@
-"""Evaluation of a trained model with the field's metrics, the paper's analyses and figures.
+"""Evaluation of a trained model with the field's metrics, the paper's tables, analyses and figures.
 
-- :func:`evaluate_model`: K prior samples (and the personalized heads) per image, pooled by a
-  :class:`~harmonizer_fast.metrics.MetricAccumulator`; deterministic for a seed.
-- :func:`held_out_split`: the data prepared as a training run prepared it, and that run's test patients.
-- :func:`run_evaluation`: everything ``harmonizer-fast evaluate`` writes: ``metrics.json`` (``mean`` and
-  ``std`` per metric, per-rater Dice/ECE/Brier, the uncertainty analyses of appendices C-E, GED and
-  Dice_soft against K as in appendix B, optionally the robustness protocol of Table 5, the spectral
-  response of appendix H), ``report.md`` and PNG figures.
+- :func:`evaluate_model`: per image, K prior samples and (for a two-phase model) the R personalized heads,
+  from one backbone pass, pooled into two :class:`~harmonizer_fast.metrics.MetricAccumulator` tables:
+  **Table 1** on the K prior samples (GED, Dice_soft, Dice_max, Dice_match) and **Table 2** on the R heads
+  (the same four computed on the heads, as D-Persona's stage-2 evaluation does, plus Dice_A(i) of head i
+  against rater i and their mean Dice_mean; the per-rater ECE and Brier of the heads are Table 4).
+  ``heads="identity"`` scores every rater with the prior-mean prediction instead (z'_i = z: a model without
+  personalization), the baseline a personalizer must beat. Deterministic for a seed.
+- :func:`robustness_table`: paper Table 5, the drop of the personalized Dice_mean under noise, blur and gamma;
+  the degradations draw from their own generator keyed by (seed, image), so every model sees identical
+  inputs whatever it samples.
+- :func:`run_evaluation`: everything ``harmonizer-fast evaluate`` writes: ``metrics.json``, ``report.md``
+  and the figures (:mod:`harmonizer_fast.figures`).
 """
 
 from __future__ import annotations
@@ -14,26 +19,69 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import figures as plots
 from ._io import write_atomic
+from ._random import generator
 from .data import MultiRaterData
-from .metrics import MetricAccumulator, dice_soft, entropy_map
+from .metrics import MetricAccumulator, dice_soft
 from .model import HarmonizerNet
+from .model.latent import reparameterize
 from .ops.ged import ged
 
 K_VALUES = (1, 4, 8, 16, 32)
+HEADS = ("auto", "personalized", "identity", "none")
+TABLE_COLUMNS = (("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("Dice_match", "dice_match"))
 # Paper Table 5: Gaussian noise sigma, Gaussian blur sigma (11 x 11 kernel), gamma.
 ROBUSTNESS = {
     "noise": (0.10, 0.15, 0.25),
     "blur": (1.0, 1.5, 1.75),
     "gamma": (0.75, 1.5, 1.75),
 }
+Transform = Callable[[torch.Tensor, np.ndarray], torch.Tensor]  # (images, their dataset indices) -> images
+
+
+@dataclass
+class Scores:
+    """What :func:`evaluate_model` measures: Table 1 (prior samples), Table 2 (heads, or None), and GED /
+    Dice_soft per image for each K of ``k_values``."""
+
+    prior: MetricAccumulator
+    heads: Optional[MetricAccumulator]
+    per_k: dict[int, dict[str, list[float]]]
+    heads_kind: str  # "personalized", "identity" or "none"
+
+
+def _check_counts(samples: int, batch: int, k_values: tuple[int, ...]) -> None:
+    checks = [("samples", samples), ("batch", batch), *((f"k_values[{i}]", k) for i, k in enumerate(k_values))]
+    for name, value in checks:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"evaluate_model: {name} must be an integer >= 1, got {value!r}")
+
+
+def _heads_kind(model: HarmonizerNet, heads: str) -> str:
+    if heads not in HEADS:
+        raise ValueError(f"evaluate_model: heads must be one of {HEADS}, got {heads!r}")
+    if heads == "auto":
+        return "personalized" if model.personalizer_trained else "none"
+    return heads
+
+
+def _predict(model: HarmonizerNet, x: torch.Tensor, k: int, gens: tuple[torch.Generator, torch.Generator], kind: str):
+    """K prior samples and the maps Table 2 scores (personalized heads, or the prior mean per rater). The
+    samples and the heads' bank draw from separate streams, so Table 1 is the same whatever Table 2 scores."""
+    probs, heads = model.predict(x, k, heads=kind == "personalized", generator=gens[0], bank_generator=gens[1])
+    if kind == "identity":
+        mean = model.prior(x).mean
+        heads = model.sample(x, z=mean[:, None].expand(-1, model.config.num_raters, -1))
+    return probs.float(), None if heads is None else heads.float()
 
 
 @torch.no_grad()
@@ -45,65 +93,44 @@ def evaluate_model(
     samples: int = 16,
     seed: int = 0,
     batch: int = 32,
-    personalized: Optional[bool] = None,
+    heads: str = "auto",
     device: Optional[torch.device] = None,
-    transform=None,
+    transform: Optional[Transform] = None,
     k_values: tuple[int, ...] = (),
-) -> tuple[MetricAccumulator, dict[int, dict[str, list[float]]]]:
-    """Metrics over ``data[indices]`` (all items by default), and GED / Dice_soft per image for each K in
-    ``k_values`` (the first K of the same samples). ``transform(images, generator)`` perturbs the inputs."""
-    checks = [("samples", samples), ("batch", batch), *((f"k_values[{i}]", k) for i, k in enumerate(k_values))]
-    for name, value in checks:
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"evaluate_model: {name} must be an integer >= 1, got {value!r}")
+) -> Scores:
+    """Tables 1 and 2 over ``data[indices]`` (all items by default), and GED / Dice_soft per image for each K
+    in ``k_values`` (the first K of the same samples). ``heads``: "auto" (the personalized heads when phase 2
+    trained the personalizer, else none), "personalized", "identity" or "none". ``transform(images,
+    indices)`` perturbs the inputs."""
+    _check_counts(samples, batch, k_values)
+    kind = _heads_kind(model, heads)
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
     idx = np.arange(len(data)) if indices is None else np.asarray(indices)
     if idx.size == 0:
         raise ValueError("evaluate_model: no images to evaluate (indices is empty)")
-    use_heads = model.personalizer_trained if personalized is None else personalized
-    g = torch.Generator().manual_seed(seed)
-    acc = MetricAccumulator()
+    gens = (torch.Generator().manual_seed(seed), generator(seed, 1))
+    prior_acc, heads_acc = MetricAccumulator(), (None if kind == "none" else MetricAccumulator())
     per_k: dict[int, dict[str, list[float]]] = {k: {"ged": [], "dice_soft": []} for k in k_values}
-    kmax = max([samples, *k_values])
     for s in range(0, len(idx), batch):
         part = idx[s : s + batch]
         x = torch.from_numpy(data.images[part])
-        if transform is not None:
-            x = transform(x, g)
-        x = x.to(device)
+        x = (x if transform is None else transform(x, part)).to(device)
         y = torch.from_numpy(data.masks[part]).to(device)
-        probs = model.sample(x, kmax, generator=g).float()
-        heads = model.personalize(x, generator=g).float() if use_heads else None
-        acc.update(probs[:, :samples], y, heads)
+        probs, maps = _predict(model, x, max([samples, *k_values]), gens, kind)
+        prior_acc.update(probs[:, :samples], y)
+        if heads_acc is not None:
+            heads_acc.update(maps, y, maps)  # the heads are the samples, and head i is rater i's
         for k in k_values:
             per_k[k]["ged"] += ged(probs[:, :k], y).tolist()
             per_k[k]["dice_soft"] += dice_soft(probs[:, :k], y).tolist()
     model.train(was)
-    return acc, per_k
-
-
-def held_out_split(run_dir: os.PathLike, data: MultiRaterData) -> tuple[MultiRaterData, np.ndarray]:
-    """(the data prepared as the run prepared it, the run's test indices) from ``run_dir/last.json``."""
-    from .checkpoint import CheckpointError, config_of, read_manifest
-
-    path, manifest = read_manifest(Path(run_dir) / "last.json")
-    state = manifest["state"]
-    prepared = data.padded(2 ** config_of(path, manifest).downsamplings)
-    try:
-        if state["train_config"].get("rater_order") == "area":
-            prepared = prepared.ordered_by_area()
-        test = np.asarray(state["split"]["test"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: damaged manifest: no usable train_config / split ({exc})") from None
-    if test.ndim != 1 or (test.size and (test.min() < 0 or test.max() >= len(prepared))):
-        raise CheckpointError(f"{path}: its test split does not index this dataset of {len(prepared)} images")
-    return prepared, test
+    return Scores(prior_acc, heads_acc, per_k, kind)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Robustness transforms (inputs in [0, 1]).
+# Robustness (Table 5): inputs in [0, 1], degradations seeded per image.
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, size: int = 11) -> torch.Tensor:
@@ -116,15 +143,53 @@ def gaussian_blur(x: torch.Tensor, sigma: float, size: int = 11) -> torch.Tensor
     return F.conv2d(xp, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def perturbation(kind: str, level: float):
-    """A transform ``(images, generator) -> images`` of the robustness protocol."""
+def perturbation(kind: str, level: float, seed: int = 0) -> Transform:
+    """A transform ``(images, dataset indices) -> images`` of the robustness protocol. Noise for image i comes
+    from a generator keyed by (seed, level, i): the same image gets the same noise for every model."""
     if kind == "noise":
-        return lambda x, g: (x + level * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+        def noisy(x: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+            keys = (seed, round(level * 1e6))
+            noise = torch.stack([torch.randn(x.shape[1:], generator=generator(*keys, int(i))) for i in indices])
+            return (x + level * noise.to(x.dtype)).clamp(0, 1)
+
+        return noisy
     if kind == "blur":
-        return lambda x, g: gaussian_blur(x, level)
+        return lambda x, indices: gaussian_blur(x, level)
     if kind == "gamma":
-        return lambda x, g: x.clamp(0, 1) ** level
+        return lambda x, indices: x.clamp(0, 1) ** level
     raise ValueError(f"unknown perturbation {kind!r}; expected one of {sorted(ROBUSTNESS)}")
+
+
+def _robust_label(scores: Scores) -> str:
+    """What Table 5's Dice_mean is here: the personalized heads' when there are trained ones (the paper's),
+    else the prior samples' matched per-rater Dice."""
+    if scores.heads_kind == "personalized":
+        return "personalized Dice_mean"
+    return "Dice_mean of the matched prior samples (no trained personalizer)"
+
+
+def _robust_row(scores: Scores) -> dict[str, float]:
+    table = scores.heads if scores.heads_kind == "personalized" else scores.prior
+    mean = scores.prior.summary()["mean"]
+    return {"dice_mean": table.summary()["mean"]["dice_each_mean"], "ged": mean["ged"], "dice_soft": mean["dice_soft"]}
+
+
+def robustness_table(model: HarmonizerNet, data: MultiRaterData, idx: np.ndarray, clean: Scores, *, samples: int,
+               seed: int) -> dict[str, Any]:  # fmt: skip
+    """Paper Table 5: each degradation's Dice_mean and its drop from ``clean`` (the unperturbed scores)."""
+    out: dict[str, Any] = {"metric": "dice_mean", "metric_label": _robust_label(clean), "clean": _robust_row(clean),
+                           "by_kind": {}}  # fmt: skip
+    for kind, levels in ROBUSTNESS.items():
+        rows = []
+        for level in levels:
+            s = evaluate_model(model, data, idx, samples=samples, seed=seed, heads=clean.heads_kind,
+                               transform=perturbation(kind, level, seed))  # fmt: skip
+            row = {"level": level, **_robust_row(s)}
+            row["dice_mean_drop"] = out["clean"]["dice_mean"] - row["dice_mean"]
+            rows.append(row)
+        out["by_kind"][kind] = rows
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,11 +217,9 @@ def spectral_response(model: HarmonizerNet, data: MultiRaterData, idx: np.ndarra
     x = torch.from_numpy(data.images[idx[:32]]).to(next(model.parameters()).device)
     f, _ = model.features(x)
     prior = model.prior(x)
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn((x.shape[0], model.config.prior_bank, model.config.latent_dim), generator=g).to(x.device)
-    bank = prior.mean[:, None] + prior.stddev[:, None] * eps
+    eps = torch.randn((x.shape[0], model.config.prior_bank, model.config.latent_dim), generator=generator(seed))
     raters = torch.arange(model.config.num_raters, device=x.device)
-    z_all = torch.cat([prior.mean[:, None], model.personalizer(f, prior.mean, bank, raters)], dim=1)
+    z_all = torch.cat([prior.mean[:, None], model.personalizer(f, prior.mean, reparameterize(prior, eps), raters)], 1)
 
     def hidden(z: torch.Tensor) -> torch.Tensor:  # fcomb's last hidden activations
         w_f, w_z = model.fcomb._split()
@@ -171,85 +234,16 @@ def spectral_response(model: HarmonizerNet, data: MultiRaterData, idx: np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Figures.
-
-
-def _figures(out: Path, model, data, idx, summary, per_k, robustness, seed) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-
-    device = next(model.parameters()).device
-    show = idx[:4]
-    x = torch.from_numpy(data.images[show]).to(device)
-    g = torch.Generator().manual_seed(seed)
-    probs = model.sample(x, 4, generator=g).cpu()
-    heads = model.personalize(x, generator=g).cpu() if model.personalizer_trained else None
-    ent = entropy_map(model.sample(x, 16, generator=g)).cpu()
-    cols = 2 + probs.shape[1] + (0 if heads is None else heads.shape[1])
-    fig, axes = plt.subplots(len(show), cols, figsize=(1.6 * cols, 1.6 * len(show)), squeeze=False)
-    for r, i in enumerate(show):
-        panels = [("image", data.images[i, 0]), ("uncertainty", ent[r].numpy())]
-        panels += [(f"sample {k + 1}", probs[r, k].numpy()) for k in range(probs.shape[1])]
-        if heads is not None:
-            panels += [(f"rater {k + 1} head", heads[r, k].numpy()) for k in range(heads.shape[1])]
-        for c, (title, img) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(img, cmap="gray" if c == 0 else ("magma" if c == 1 else "viridis"), vmin=0, vmax=1)
-            for k in range(data.masks.shape[1]):
-                ax.contour(data.masks[i, k], levels=[0.5], colors=[plt.cm.tab10(k)], linewidths=0.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=7)
-    save(fig, "samples.png")
-
-    fig, ax1 = plt.subplots(figsize=(4, 3))
-    ks = sorted(per_k)
-    ax1.errorbar(ks, [np.mean(per_k[k]["ged"]) for k in ks], [np.std(per_k[k]["ged"]) for k in ks], marker="o",
-                 label="GED", capsize=2)  # fmt: skip
-    ax1.set_xlabel("samples K")
-    ax1.set_ylabel("GED (lower is better)")
-    ax2 = ax1.twinx()
-    ax2.plot(ks, [np.mean(per_k[k]["dice_soft"]) for k in ks], "s--", color="tab:orange", label="Dice_soft")
-    ax2.set_ylabel("Dice_soft")
-    save(fig, "ged_vs_k.png")
-
-    cal = np.asarray(summary["calibration"]["reliability"])  # (N, 10, 3)
-    fig, ax = plt.subplots(figsize=(3.6, 3.4))
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    for r in range(cal.shape[0]):
-        n, conf, lab = cal[r, :, 0], cal[r, :, 1], cal[r, :, 2]
-        keep = n > 0
-        ax.plot(conf[keep] / n[keep], lab[keep] / n[keep], "o-", ms=3, label=f"rater {r + 1}")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("foreground frequency")
-    ax.legend(fontsize=7)
-    save(fig, "reliability.png")
-
-    if robustness:
-        fig, ax = plt.subplots(figsize=(4.2, 3))
-        for kind, levels in robustness["by_kind"].items():
-            ax.plot(range(len(levels) + 1), [robustness["clean"]["dice_soft"]] + [v["dice_soft"] for v in levels],
-                    "o-", label=kind)  # fmt: skip
-        ax.set_xticks(range(4), ["clean", "level 1", "level 2", "level 3"])
-        ax.set_ylabel("Dice_soft")
-        ax.legend(fontsize=7)
-        save(fig, "robustness.png")
-    return written
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The whole evaluation.
+
+
+def summarize(scores: Scores) -> dict[str, Any]:
+    """Tables 1 and 2 as JSON: each a MetricAccumulator summary (mean and std over images)."""
+    return {
+        "table1": scores.prior.summary(),
+        "table2": None if scores.heads is None else scores.heads.summary(),
+        "table2_heads": scores.heads_kind,
+    }
 
 
 def run_evaluation(
@@ -263,76 +257,119 @@ def run_evaluation(
     robustness: bool = False,
     figures: bool = True,
     label: str = "",
+    scored: str = "",
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``data[idx]`` and write metrics.json, report.md and the figures to ``out_dir``."""
+    """Evaluate ``model`` on ``data[idx]`` and write metrics.json, report.md and the figures to ``out_dir``.
+    ``scored`` says which images these are (for the report)."""
+    scores = evaluate_model(model, data, idx, samples=samples, seed=seed, k_values=K_VALUES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    acc, per_k = evaluate_model(model, data, idx, samples=samples, seed=seed, k_values=K_VALUES)
-    summary = acc.summary()
     result: dict[str, Any] = {
         "label": label,
+        "scored": scored,
         "samples": samples,
         "seed": seed,
-        **summary,
-        "ged_vs_k": {str(k): {m: [float(np.mean(v)), float(np.std(v))] for m, v in per_k[k].items()} for k in per_k},
+        **summarize(scores),
+        "ged_vs_k": {
+            str(k): {m: [float(np.mean(v)), float(np.std(v))] for m, v in scores.per_k[k].items()} for k in scores.per_k
+        },  # fmt: skip
         "spectral": spectral_response(model, data, idx, seed=seed),
     }
-    rob: dict[str, Any] = {}
     if robustness:
-        clean = summary["mean"]
-        rob = {"clean": {k: clean[k] for k in ("ged", "dice_soft", "dice_each_mean")}, "by_kind": {}}
-        for kind, levels in ROBUSTNESS.items():
-            rows = []
-            for level in levels:
-                a, _ = evaluate_model(model, data, idx, samples=samples, seed=seed, transform=perturbation(kind, level))
-                m = a.summary()["mean"]
-                rows.append({"level": level, **{k: m[k] for k in ("ged", "dice_soft", "dice_each_mean")},
-                             "dice_soft_drop": rob["clean"]["dice_soft"] - m["dice_soft"]})  # fmt: skip
-            rob["by_kind"][kind] = rows
-        result["robustness"] = rob
+        result["robustness"] = robustness_table(model, data, idx, scores, samples=samples, seed=seed)
     if figures:
-        result["figures"] = _figures(out, model, data, idx, summary, per_k, rob, seed)
+        result["figures"] = _figures(out, model, data, idx, result, scores, seed)
     write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=float) + "\n")
-    write_atomic(out / "report.md", report(result, acc))
+    write_atomic(out / "report.md", report(result))
     return result
 
 
-def report(result: dict[str, Any], acc: Optional[MetricAccumulator] = None) -> str:
+def _figures(out: Path, model, data, idx, result, scores: Scores, seed: int) -> list[str]:
+    made = [plots.samples_figure(out / "samples.png", model, data, idx, seed),
+            plots.ged_vs_k_figure(out / "ged_vs_k.png", scores.per_k),
+            plots.reliability_figure(out / "reliability.png", result["table2"] or result["table1"])]  # fmt: skip
+    if result.get("robustness"):
+        made.append(plots.robustness_figure(out / "robustness.png", result["robustness"]))
+    return made
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports.
+
+
+def _cell(summary: Optional[dict], key: str) -> str:
+    if summary is None or math.isnan(summary["mean"][key]):
+        return "n/a"
+    return f"{summary['mean'][key]:.4f} ± {summary['std'][key]:.4f}"
+
+
+def tables_markdown(rows: dict[str, dict[str, Any]]) -> str:
+    """Table 1 (K prior samples) and Table 2 (R heads) side by side, one row per evaluated model; mean ± std
+    over images. Dice_mean is Table 2's mean of Dice_A(i) (head i against rater i)."""
+    head = " | ".join(f"{name} (T1)" for name, _ in TABLE_COLUMNS)
+    head2 = " | ".join(f"{name} (T2)" for name, _ in TABLE_COLUMNS)
+    lines = [f"| model | {head} | {head2} | Dice_mean (T2) |", "|---|" + "---|" * (2 * len(TABLE_COLUMNS) + 1)]
+    for name, r in rows.items():
+        t1 = " | ".join(_cell(r["table1"], k) for _, k in TABLE_COLUMNS)
+        t2 = " | ".join(_cell(r["table2"], k) for _, k in TABLE_COLUMNS)
+        lines.append(f"| {name} | {t1} | {t2} | {_cell(r['table2'], 'dice_each_mean')} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_rater_markdown(table: dict[str, Any]) -> str:
+    """Dice_A(i), ECE and Brier per rater (Tables 2 and 4): mean ± std over images; ECE pooled over pixels."""
+    lines = ["| rater | Dice_A(i) | ECE (pooled) | ECE (per image) | Brier |", "|---|---|---|---|---|"]
+    for i, (name, r) in enumerate(table["per_rater"].items()):
+        lines.append(f"| {name} | {r['dice'][0]:.4f} ± {r['dice'][1]:.4f} | {table['calibration']['ece_pooled'][i]:.4f}"
+                     f" | {r['ece'][0]:.4f} | {r['brier'][0]:.4f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def report(result: dict[str, Any]) -> str:
     lines = [f"# Evaluation {result.get('label', '')}".rstrip(), ""]
-    if acc is not None:
-        lines.append(acc.markdown(f"K = {result['samples']} prior samples"))
+    if result.get("scored"):
+        lines += [f"Scored on {result['scored']}; K = {result['samples']} prior samples, seed {result['seed']}.", ""]
+    lines += ["### Table 1 (prior samples) and Table 2 (personalized heads)", "",
+              tables_markdown({result.get("label") or "model": result})]  # fmt: skip
+    if result["table2"] is not None:
+        lines += ["### Per rater: Table 2's Dice_A(i), Table 4's calibration of the heads", "",
+                  per_rater_markdown(result["table2"])]  # fmt: skip
     lines += ["### GED and Dice_soft against K", "", "| K | GED | Dice_soft |", "|---|---|---|"]
     for k, v in result["ged_vs_k"].items():
         lines.append(f"| {k} | {v['ged'][0]:.4f} ± {v['ged'][1]:.4f} | {v['dice_soft'][0]:.4f} |")
-    sizes = result["dice_by_size"]
-    lines += ["", "### Dice by lesion size (consensus)", "", "| bin | n | size range | Dice |", "|---|---|---|---|"]
+    lines += _size_lines(result["table1"]["dice_by_size"]) + _spectral_lines(result) + _robustness_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def _size_lines(sizes: dict[str, Any]) -> list[str]:
+    lines = ["", "### Dice by lesion size (consensus)", "", "| bin | n | size range | Dice |", "|---|---|---|---|"]
     for b in ("small", "medium", "large"):
         if b in sizes and sizes[b].get("n"):
             r = sizes[b]
             lines.append(f"| {b} | {r['n']} | {r['size_range'][0]:.0f}-{r['size_range'][1]:.0f} | "
                          f"{r['dice_mean']:.4f} ± {r['dice_std']:.4f} |")  # fmt: skip
-    if result.get("spectral"):
-        sp = result["spectral"]
-        lines += ["", "### Spectral response (high-frequency energy share of the head's features)", "",
-                  f"without personalizer: {sp['without_personalizer']:.4f}; with: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in sp["with_personalizer"].items())]  # fmt: skip
-    if result.get("robustness"):
-        rob = result["robustness"]
-        clean = rob["clean"]
-        lines += ["", "### Robustness (Table 5 protocol)", "", "| perturbation | level | GED | Dice_soft | drop |"]
-        lines += ["|---|---|---|---|---|", f"| clean | - | {clean['ged']:.4f} | {clean['dice_soft']:.4f} | - |"]
-        for kind, rows in rob["by_kind"].items():
-            for r in rows:
-                cells = f"{r['ged']:.4f} | {r['dice_soft']:.4f} | {r['dice_soft_drop']:+.4f}"
-                lines.append(f"| {kind} | {r['level']} | {cells} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
-    """Side-by-side markdown of several evaluations' means (e.g. untrained and trained)."""
-    keys = ("ged", "dice_soft", "dice_max", "dice_match", "dice_each_mean")
-    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, r in results.items():
-        cells = [f"{r['mean'][k]:.4f} ± {r['std'][k]:.4f}" if not math.isnan(r["mean"][k]) else "n/a" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _spectral_lines(result: dict[str, Any]) -> list[str]:
+    sp = result.get("spectral")
+    if not sp:
+        return []
+    return ["", "### Spectral response (high-frequency energy share of the head's features)", "",
+            f"without personalizer: {sp['without_personalizer']:.4f}; with: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sp["with_personalizer"].items())]  # fmt: skip
+
+
+def _robustness_lines(result: dict[str, Any]) -> list[str]:
+    rob = result.get("robustness")
+    if not rob:
+        return []
+    c = rob["clean"]
+    lines = ["", f"### Robustness (Table 5 protocol): {rob['metric_label']}", "",
+             "| perturbation | level | Dice_mean | drop | GED (T1) | Dice_soft (T1) |", "|---|---|---|---|---|---|",
+             f"| clean | - | {c['dice_mean']:.4f} | - | {c['ged']:.4f} | {c['dice_soft']:.4f} |"]  # fmt: skip
+    for kind, rows in rob["by_kind"].items():
+        for r in rows:
+            lines.append(f"| {kind} | {r['level']} | {r['dice_mean']:.4f} | {r['dice_mean_drop']:+.4f} | "
+                         f"{r['ged']:.4f} | {r['dice_soft']:.4f} |")  # fmt: skip
+    return lines

@@ -1,4 +1,4 @@
-"""Evaluation metrics of multi-rater segmentation, as the field computes them (DESIGN.md section 4).
+"""Evaluation metrics of multi-rater segmentation, as the field computes them (docs/architecture.md, "Conventions").
 
 Predictions are per-sample probabilities ``probs (B, K, H, W)``; raters are binary masks ``raters (B, N, H, W)``;
 optional ``personalized (B, N, H, W)`` holds one probability map per rater head (sample i is rater i's).
@@ -14,7 +14,9 @@ Every metric is computed per image, then averaged over images (mean and standard
   rectangular) assignment of raters to distinct samples; ``dice_each[i]``: rater i's matched Dice (NaN for a
   rater left without a sample when K < N), or with ``personalized`` the Dice of head i against rater i.
   ``dice_each_mean``: mean over raters of ``dice_each`` (ignoring NaN).
-- ``ged``: :func:`harmonizer_fast.ged` with the ``dpersona`` convention.
+- ``ged``: :func:`harmonizer_fast.ged` with the ``dpersona`` convention (the paper's tables);
+  ``ged_unbiased``: the ``unbiased`` convention (two empty masks at distance 0, within-set means without the
+  diagonal), which an all-empty prediction cannot win: the default model-selection score.
 - Calibration per rater (paper appendix F): ECE with 10 equal-width bins (Eq. 9) and the Brier score (Eq. 10)
   of rater i's map (the personalized head, or the sample mean without heads) against rater i's mask; the
   accumulator also pools every pixel of the dataset as the paper does.
@@ -48,7 +50,8 @@ ECE_BINS = 10
 ENTROPY_BINS = 4096
 CORRECTNESS = ("TP", "FP", "FN", "TN")
 AGREEMENT = ("agree", "somewhat", "disagree")
-PER_IMAGE_KEYS = ("ged", "dice_soft", "dice_max", "dice_max_reverse", "dice_max_mean", "dice_match", "dice_each_mean")
+PER_IMAGE_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_max_reverse", "dice_max_mean", "dice_match",
+                  "dice_each_mean")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def evaluate_batch(
 ) -> dict[str, Any]:
     """Every per-image metric of a batch, as float64 numpy arrays.
 
-    Keys (length-B arrays unless noted): ``ged``, ``dice_soft``, ``dice_max``, ``dice_max_reverse``,
+    Keys (length-B arrays unless noted): ``ged``, ``ged_unbiased``, ``dice_soft``, ``dice_max``, ``dice_max_reverse``,
     ``dice_max_mean``, ``dice_match``, ``dice_each`` (B, N), ``dice_each_mean``, ``ece`` (B, N), ``brier``
     (B, N), ``lesion_size``, ``dice_consensus``, and the raw material the accumulator pools: ``_calibration``
     (B, N, 10, 3), ``_entropy_correctness`` and ``_entropy_agreement`` (histograms per group).
@@ -200,6 +203,7 @@ def evaluate_batch(
         probs = probs.detach()
         n = raters.shape[1]
         out: dict[str, Any] = {"ged": ged(probs, raters).double().cpu().numpy()}
+        out["ged_unbiased"] = ged(probs, raters, convention="unbiased").double().cpu().numpy()
         out["dice_soft"] = dice_soft(probs, raters).cpu().numpy()
         d = dice_matrix(raters, probs).cpu().numpy()  # (B, N, K)
         out["dice_max"] = d.max(1).mean(1)

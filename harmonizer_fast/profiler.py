@@ -13,6 +13,7 @@ That is what a kernel that keeps its working set on chip moves, so it is the mem
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import statistics
@@ -310,10 +311,7 @@ def profile(
     model = HarmonizerNet(preset()).to(dev).eval()
     x = torch.randn(batch, model.config.in_channels, size, size, device=dev)
     g = torch.Generator().manual_seed(seed)
-
-    def forward() -> torch.Tensor:
-        return model.sample(x, samples, generator=g)
-
+    forward = functools.partial(model.sample, x, samples, generator=g)
     # one counting pass per forward: WorkCounter's FLOPs equal FlopCounterMode's (tests/test_profiler.py)
     work = count_work(forward)
     flops = sum(w.flops for w in work.values())
@@ -326,14 +324,8 @@ def profile(
         torch.cuda.reset_peak_memory_stats(dev)
     times = _time(forward, dev, repeats, warmup)
     latency = statistics.median(times)
-    one_times = _time(lambda: model.sample(one, 1, generator=g), dev, repeats, warmup)
-    one_latency = statistics.median(one_times)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        peak_kind = "CUDA max_memory_allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_kind = "process peak RSS"
+    one_latency = statistics.median(_time(lambda: model.sample(one, 1, generator=g), dev, repeats, warmup))
+    peak, peak_kind = _peak_memory_mib(dev)
     return {
         "config": config,
         "batch": batch,
@@ -358,6 +350,12 @@ def profile(
         "projection": projection,
         "budget_projection": {k: v for k, v in budget_projection.items() if k != "ops"},
     }
+
+
+def _peak_memory_mib(dev: torch.device) -> tuple[float, str]:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20, "CUDA max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
 def _device_info(dev: torch.device) -> dict[str, Any]:

@@ -32,6 +32,27 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     return buf.getvalue()
 
 
+def _check_request(data: MultiRaterData, indices, samples: int, batch: int) -> np.ndarray:
+    for name, value in (("samples", samples), ("batch", batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"stream_samples: {name} must be an integer >= 1, got {value!r}")
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if idx.size == 0:
+        raise ValueError("stream_samples: no images to sample (indices is empty)")
+    if idx.min() < 0 or idx.max() >= len(data):
+        raise ValueError(f"stream_samples: indices must lie in [0, {len(data)}), got {idx.min()}..{idx.max()}")
+    return idx
+
+
+def _copy_entry(zf: zipfile.ZipFile, name: str, header: bytes, src) -> None:
+    """Append the zip entry ``name``: an npy header, then the bytes of the open file ``src``."""
+    with zf.open(name, "w", force_zip64=True) as dst:
+        dst.write(header)
+        src.seek(0)
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+
+
 @torch.no_grad()
 def stream_samples(
     model: HarmonizerNet,
@@ -46,19 +67,11 @@ def stream_samples(
     device: Optional[torch.device] = None,
 ) -> int:
     """Sample every image of ``data[indices]`` to ``out`` (see the module docstring); returns the image count."""
-    for name, value in (("samples", samples), ("batch", batch)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"stream_samples: {name} must be an integer >= 1, got {value!r}")
-    idx = np.asarray(list(indices), dtype=np.int64)
-    if idx.size == 0:
-        raise ValueError("stream_samples: no images to sample (indices is empty)")
-    if idx.min() < 0 or idx.max() >= len(data):
-        raise ValueError(f"stream_samples: indices must lie in [0, {len(data)}), got {idx.min()}..{idx.max()}")
+    idx = _check_request(data, indices, samples, batch)
     device = device or next(model.parameters()).device
     model.eval()
     h, w = data.images.shape[2:]
     heads_on = model.personalizer_trained  # an untrained personalizer's heads are not personalized
-    r = model.config.num_raters
     g = torch.Generator().manual_seed(seed)
     out = Path(out)
     tmp_zip = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -75,20 +88,16 @@ def stream_samples(
                     fs.write(_npy_header((len(idx), samples, h, w), f16))
                     written = 0
                     for s in steps:
-                        part = idx[s : s + batch]
-                        x = torch.from_numpy(data.images[part]).to(device)
-                        written += fs.write(model.sample(x, samples, generator=g).cpu().numpy().astype(f16).tobytes())
+                        x = torch.from_numpy(data.images[idx[s : s + batch]]).to(device)
+                        probs, heads = model.predict(x, samples, heads=heads_on, generator=g)  # one backbone pass
+                        written += fs.write(probs.cpu().numpy().astype(f16).tobytes())
                         if heads_on:
-                            heads_tmp.write(model.personalize(x, generator=g).cpu().numpy().astype(f16).tobytes())
+                            heads_tmp.write(heads.cpu().numpy().astype(f16).tobytes())
                     if written != len(idx) * samples * h * w * f16.itemsize:  # the header's promise, kept
                         raise RuntimeError(f"stream_samples: wrote {written} bytes of samples, the header promises "
                                            f"{len(idx) * samples * h * w * f16.itemsize}")  # fmt: skip
                 if heads_on:
-                    with zf.open("heads.npy", "w", force_zip64=True) as fh:
-                        fh.write(_npy_header((len(idx), r, h, w), f16))
-                        heads_tmp.seek(0)
-                        while chunk := heads_tmp.read(1 << 24):
-                            fh.write(chunk)
+                    _copy_entry(zf, "heads.npy", _npy_header((len(idx), model.config.num_raters, h, w), f16), heads_tmp)
                 with zf.open("index.npy", "w") as fi:
                     fi.write(_npy_header((len(idx),), np.dtype(np.int64)) + idx.tobytes())
             os.replace(tmp_zip, out)

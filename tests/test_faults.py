@@ -3,8 +3,8 @@
 tests/fault_driver.py trains once uninterrupted, counting every write, fsync, rename and delete that
 checkpoints and the log make, then for each of them trains again with the process killed at that very
 operation (a write torn in half first) and resumes with ``--resume``. Every resume must succeed and end
-with the uninterrupted run's weights (``last`` and ``best``, bit for bit), history and log, and leave no
-temporary or orphaned file behind.
+with the uninterrupted run's weights (``last``, ``best`` and ``best_phase1``, bit for bit), history and log,
+and leave no temporary or orphaned file behind.
 """
 
 import json
@@ -61,15 +61,20 @@ def test_kill_at_every_file_operation_then_resume(tmp_path):
     assert not failed, f"kill or resume failed at (op, what, status): {failed[:5]} (logs in {spec['runs']})"
 
     ref = Path(spec["ref"])
-    expected_files = {"last.json", "best.json", "log.jsonl", *manifest(ref, "last")["files"].values(),
-                      *manifest(ref, "best")["files"].values()}  # fmt: skip
+    stems = sorted(f.stem for f in ref.glob("*.json"))
+    assert stems == ["best", "best_phase1", "last"], stems
+    expected_files = {
+        "log.jsonl",
+        *(f"{s}.json" for s in stems),
+        *(n for s in stems for n in manifest(ref, s)["files"].values()),
+    }
     assert {f.name for f in ref.iterdir()} == expected_files
-    ref_last, ref_best = tensors(ref, "last"), tensors(ref, "best")
+    ref_tensors = {stem: tensors(ref, stem) for stem in stems}
     ref_log = without_timing([json.loads(line) for line in (ref / "log.jsonl").read_text().splitlines()])
     for i, op in enumerate(ops):
         run = Path(spec["runs"]) / str(i)
         where = f"killed at op {i} ({op})"
-        for stem, want in (("last", ref_last), ("best", ref_best)):
+        for stem, want in ref_tensors.items():
             got = tensors(run, stem)
             assert got.keys() == want.keys(), where
             assert all(got[k].equal(want[k]) for k in want), f"{where}: {stem} weights differ"

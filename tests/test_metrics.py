@@ -1,5 +1,5 @@
-"""harmonizer_fast.metrics against naive numpy transcriptions of DESIGN.md section 4 and paper appendices
-C-F: one image, one pair, one pixel bin at a time; the Hungarian match against brute force over all
+"""harmonizer_fast.metrics against naive numpy transcriptions of docs/architecture.md, "Conventions" and paper
+appendices C-F: one image, one pair, one pixel bin at a time; the Hungarian match against brute force over all
 assignments (independent of scipy)."""
 
 import itertools
@@ -35,6 +35,7 @@ def np_image_metrics(p, y, heads=None):
                     best_each[r] = d[r, c]
     out = {
         "ged": np_ged(p, y, "dpersona")[0],
+        "ged_unbiased": np_ged(p, y, "unbiased")[0],
         "dice_soft": soft,
         "dice_max": d.max(0).mean(),
         "dice_max_reverse": d.max(1).mean(),

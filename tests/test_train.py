@@ -88,7 +88,7 @@ def test_time_budget_stop_then_resume_is_exact(tmp_path):
     stopped = small_trainer(data, tmp_path / "run", max_minutes=1e-9).fit()  # stops after the first step
     assert stopped.stopped == "time budget"
     state = json.loads((tmp_path / "run" / "last.json").read_text())["state"]
-    assert state["step"] == 1 and state["epoch"] == 0
+    assert state["position"] == {"stage": 0, "epoch": 0, "step": 1}
     result = small_trainer(data, tmp_path / "run").fit(resume=True)
     assert result.stopped == "completed"
     assert_same_weights(weights(tmp_path / "ref"), weights(tmp_path / "run"))
@@ -99,7 +99,7 @@ def test_time_budget_stop_then_resume_is_exact(tmp_path):
 def test_nan_guard(tmp_path):
     data = hd.make_synthetic(24, size=32, raters=2, seed=4)
     trainer = small_trainer(data, tmp_path / "run")
-    trainer.images[:] = float("nan")
+    trainer.steps.images[:] = float("nan")
     with pytest.raises(TrainingError, match="loss is nan at epoch 1, step 1"):
         trainer.fit()
 
@@ -109,7 +109,7 @@ def test_best_checkpoint_and_split(tmp_path):
     small_trainer(data, tmp_path / "run").fit()
     model, manifest = load_model(tmp_path / "run")  # a run directory means its best checkpoint
     assert isinstance(model, torch.nn.Module) and manifest["state"]["stopped"] == "best"
-    split = json.loads((tmp_path / "run" / "last.json").read_text())["state"]["split"]
+    split = json.loads((tmp_path / "run" / "last.json").read_text())["state"]["data"]["split"]
     pid = data.patient_id
     assert not set(pid[split["test"]]) & (set(pid[split["train"]]) | set(pid[split["val"]]))
     lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()

@@ -1,0 +1,77 @@
+"""Summarize benchmarks/lidc_personalization.sh: Table 1 and Table 2 on LIDC's held-out test patients for the
+phase-1 model with identity heads (z'_i = z, no personalization) and with the trained personalizer, Dice_A1..A4
+and the heads' calibration (Table 4), written as benchmarks/results/lidc-personalization-small-cpu.json and .md.
+
+    python benchmarks/lidc_personalization_summary.py RUNS_DIR --data LIDC_DIR [--minutes M1 M2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, write_results
+
+from harmonizer_fast.data import load_dataset
+from harmonizer_fast.evaluate import evaluate_model, per_rater_markdown, summarize, tables_markdown
+from harmonizer_fast.rundir import RunDir
+
+IDENTITY, PERSONAL = "phase 1, identity heads (z'_i = z)", "phase 1 + personalizer"
+
+
+def _run_facts(run: RunDir) -> dict:
+    log = run.read_log()
+    return {"epochs": len([r for r in log if "partial_steps" not in r]), "minutes": log[-1]["minutes"],
+            "best_epoch": run.state("best")["position"]["epoch"], "stopped": run.state()["stopped"]}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", type=Path)
+    p.add_argument("--data", required=True)
+    p.add_argument("--minutes", type=float, nargs=2, default=(10.0, 5.0))
+    args = p.parse_args()
+    phase1, phase2 = RunDir(args.runs / "phase1"), RunDir(args.runs / "phase2")
+    evaluated = json.loads((args.runs / "eval" / "metrics.json").read_text())
+    model, _ = phase2.load_model("best")
+    scoring = phase2.scoring_set(load_dataset(args.data), model.config, "test")
+    identity = summarize(evaluate_model(model, scoring.data, scoring.indices, samples=evaluated["samples"],
+                                        seed=evaluated["seed"], heads="identity"))  # fmt: skip
+    rows = {IDENTITY: identity, PERSONAL: {k: evaluated[k] for k in ("table1", "table2")}}
+    personal, ident = rows[PERSONAL]["table2"]["mean"], identity["table2"]["mean"]
+    gain = {"dice_mean": personal["dice_each_mean"],
+            "minus_phase1_dice_match": personal["dice_each_mean"] - identity["table1"]["mean"]["dice_match"],
+            "minus_identity_dice_mean": personal["dice_each_mean"] - ident["dice_each_mean"]}  # fmt: skip
+    payload = {"benchmark": "lidc-personalization-small-cpu", "budget_minutes": list(args.minutes),
+               "machine": machine_info(), "scored": scoring.description, "samples": evaluated["samples"],
+               "phase1": _run_facts(phase1), "phase2": _run_facts(phase2), "rows": rows,
+               "personalization_gain": gain}  # fmt: skip
+    m, r1, r2 = payload["machine"], payload["phase1"], payload["phase2"]
+    lines = [
+        "# LIDC-IDRI, small config, both phases at a fixed CPU budget",
+        "",
+        f"`bash benchmarks/lidc_personalization.sh {args.minutes[0]:g} {args.minutes[1]:g}` on {m['date']}: {m['cpu']} "
+        f"({m['cpu_cores']} cores), torch {m['torch']}. Phase 1: {r1['epochs']} epochs in {r1['minutes']:.1f} min "
+        f"(selected epoch {r1['best_epoch']}, unbiased GED on the validation patients); phase 2 from that model: "
+        f"{r2['epochs']} epochs in {r2['minutes']:.1f} min (selected epoch {r2['best_epoch']}, validation "
+        f"Dice_mean). Scored on {scoring.description}, K = {payload['samples']} prior samples; raters ordered by "
+        "area, smallest first; mean ± std over images; GED in the dpersona convention (the paper's tables).",
+        "",
+        tables_markdown(rows),
+        f"Personalized Dice_mean {gain['dice_mean']:.4f}: {gain['minus_phase1_dice_match']:+.4f} against the phase-1 "
+        f"Dice_match, {gain['minus_identity_dice_mean']:+.4f} against the identity heads' Dice_mean.",
+        "",
+        "Per rater (Table 2's Dice_A(i) and Table 4's calibration of the personalized heads):",
+        "",
+        per_rater_markdown(rows[PERSONAL]["table2"]),
+    ]
+    write_results("lidc-personalization-small-cpu", payload, "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
