@@ -104,21 +104,11 @@ Pair backward_cuda(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& 
 #endif
 
 }  // namespace
-}  // namespace harmonizer_fast
 
 TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
-  m.def("attention_pool(Tensor x, Tensor a) -> (Tensor, Tensor)");
-  m.def("attention_pool_backward(Tensor dz, Tensor x, Tensor a, Tensor z, Tensor lse) -> (Tensor, Tensor)");
+  define_op(m, "attention_pool(Tensor x, Tensor a) -> (Tensor, Tensor)", forward_cpu, HF_CUDA_KERNEL(forward_cuda));
+  define_op(m, "attention_pool_backward(Tensor dz, Tensor x, Tensor a, Tensor z, Tensor lse) -> (Tensor, Tensor)",
+            backward_cpu, HF_CUDA_KERNEL(backward_cuda));
 }
 
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
-  m.impl("attention_pool", &harmonizer_fast::forward_cpu);
-  m.impl("attention_pool_backward", &harmonizer_fast::backward_cpu);
-}
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
-  m.impl("attention_pool", &harmonizer_fast::forward_cuda);
-  m.impl("attention_pool_backward", &harmonizer_fast::backward_cuda);
-}
-#endif
+}  // namespace harmonizer_fast

@@ -41,11 +41,12 @@ at::Tensor fcomb_head(const at::Tensor& base, const at::Tensor& bias, const at::
 }
 
 }  // namespace
-}  // namespace harmonizer_fast
 
 TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
-  m.def("fcomb_head(Tensor base, Tensor bias, Tensor hidden_w, Tensor hidden_b, Tensor last_w, Tensor last_b) -> "
-        "Tensor");
+  define_op(m,
+            "fcomb_head(Tensor base, Tensor bias, Tensor hidden_w, Tensor hidden_b, Tensor last_w, Tensor last_b) "
+            "-> Tensor",
+            fcomb_head, nullptr);
 }
 
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) { m.impl("fcomb_head", &harmonizer_fast::fcomb_head); }
+}  // namespace harmonizer_fast

@@ -101,21 +101,11 @@ Grads backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
 #endif
 
 }  // namespace
-}  // namespace harmonizer_fast
 
 TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
-  m.def("film(Tensor x, Tensor gamma, Tensor beta) -> Tensor");
-  m.def("film_backward(Tensor dy, Tensor x, Tensor gamma) -> (Tensor, Tensor, Tensor)");
+  define_op(m, "film(Tensor x, Tensor gamma, Tensor beta) -> Tensor", forward_cpu, HF_CUDA_KERNEL(forward_cuda));
+  define_op(m, "film_backward(Tensor dy, Tensor x, Tensor gamma) -> (Tensor, Tensor, Tensor)",
+            backward_cpu, HF_CUDA_KERNEL(backward_cuda));
 }
 
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
-  m.impl("film", &harmonizer_fast::forward_cpu);
-  m.impl("film_backward", &harmonizer_fast::backward_cpu);
-}
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
-  m.impl("film", &harmonizer_fast::forward_cuda);
-  m.impl("film_backward", &harmonizer_fast::backward_cuda);
-}
-#endif
+}  // namespace harmonizer_fast

@@ -128,22 +128,16 @@ at::Tensor ged_sums_cuda(const at::Tensor& samples, const at::Tensor& raters, do
 #endif
 
 }  // namespace
-}  // namespace harmonizer_fast
 
 TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
-  m.def("pairwise_overlap(Tensor a, Tensor b, float threshold, bool soft, float eps, float empty_iou, int mode) -> "
-        "Tensor");
-  m.def("ged_sums(Tensor samples, Tensor raters, float threshold, float eps, float empty_iou, bool offdiag) -> Tensor");
+  define_op(m,
+            "pairwise_overlap(Tensor a, Tensor b, float threshold, bool soft, float eps, float empty_iou, int mode) "
+            "-> Tensor",
+            overlap_cpu, HF_CUDA_KERNEL(overlap_cuda));
+  define_op(m,
+            "ged_sums(Tensor samples, Tensor raters, float threshold, float eps, float empty_iou, bool offdiag) "
+            "-> Tensor",
+            ged_sums_cpu_op, HF_CUDA_KERNEL(ged_sums_cuda));
 }
 
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
-  m.impl("pairwise_overlap", &harmonizer_fast::overlap_cpu);
-  m.impl("ged_sums", &harmonizer_fast::ged_sums_cpu_op);
-}
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
-  m.impl("pairwise_overlap", &harmonizer_fast::overlap_cuda);
-  m.impl("ged_sums", &harmonizer_fast::ged_sums_cuda);
-}
-#endif
+}  // namespace harmonizer_fast

@@ -80,21 +80,11 @@ at::Tensor idwt_cuda(const at::Tensor& lo, const at::Tensor& hi, int64_t height,
 #endif
 
 }  // namespace
-}  // namespace harmonizer_fast
 
 TORCH_LIBRARY_FRAGMENT(harmonizer_fast_C, m) {
-  m.def("haar_dwt2d_out(Tensor x, Tensor(a!) lo, Tensor(b!) hi) -> ()");
-  m.def("haar_idwt2d(Tensor lo, Tensor hi, int height, int width) -> Tensor");
+  define_op(m, "haar_dwt2d_out(Tensor x, Tensor(a!) lo, Tensor(b!) hi) -> ()", dwt_cpu, HF_CUDA_KERNEL(dwt_cuda));
+  define_op(m, "haar_idwt2d(Tensor lo, Tensor hi, int height, int width) -> Tensor",
+            idwt_cpu, HF_CUDA_KERNEL(idwt_cuda));
 }
 
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CPU, m) {
-  m.impl("haar_dwt2d_out", &harmonizer_fast::dwt_cpu);
-  m.impl("haar_idwt2d", &harmonizer_fast::idwt_cpu);
-}
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(harmonizer_fast_C, CUDA, m) {
-  m.impl("haar_dwt2d_out", &harmonizer_fast::dwt_cuda);
-  m.impl("haar_idwt2d", &harmonizer_fast::idwt_cuda);
-}
-#endif
+}  // namespace harmonizer_fast

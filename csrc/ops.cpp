@@ -1,6 +1,6 @@
 // The extension module harmonizer_fast._C. Each op registers itself in its torch-side file csrc/<op>_op.cpp
-// (torchvision's layout: the schema with TORCH_LIBRARY_FRAGMENT, the CPU kernel and, when built, the CUDA
-// kernel with TORCH_LIBRARY_IMPL), so adding an op touches its own files only; the kernels in cpu/ and cuda/
+// (torchvision's layout: in a TORCH_LIBRARY_FRAGMENT, one define_op call per op gives its schema, its CPU
+// kernel and, when built, its CUDA kernel), so adding an op touches its own files only; the kernels in cpu/ and cuda/
 // take plain pointers.
 //
 // These ops (namespace `harmonizer_fast_C`) are the raw kernels of the "cpu" and "cuda" backends. The

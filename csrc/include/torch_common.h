@@ -2,6 +2,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
 
 #include "hf_common.h"
 
@@ -48,5 +52,29 @@ inline void check_launch(int err, const char* op) {
 
 inline void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
+
+
+// define_op(m, schema, cpu, cuda): the schema of one op of harmonizer_fast_C with its CPU kernel and, in a
+// CUDA build, its CUDA kernel, so that each op file registers an op in one statement. HF_CUDA_KERNEL(f) is
+// &f in a CUDA build and nullptr otherwise, so the op files need no #ifdef of their own around it.
+#ifdef WITH_CUDA
+#define HF_CUDA_KERNEL(f) (&(f))
+#else
+#define HF_CUDA_KERNEL(f) nullptr
+#endif
+
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
+template <typename R, typename... Args>
+void define_op(torch::Library& m, const char* schema, R (*cpu)(Args...),
+               typename NonDeduced<R (*)(Args...)>::type cuda) {
+  const std::string name(schema, std::strchr(schema, '(') - schema);
+  m.def(schema);
+  m.impl(name.c_str(), torch::dispatch(c10::DispatchKey::CPU, cpu));
+  if (cuda != nullptr) m.impl(name.c_str(), torch::dispatch(c10::DispatchKey::CUDA, cuda));
+}
 
 }  // namespace harmonizer_fast
