@@ -23,20 +23,13 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    bench_main,
-    check_targets,
-    forced_backend,
-    interleaved_medians,
-    make_rows,
-    timed_backends,
-)
+from common import bench_main, check_targets, forced_backend, interleaved_medians, make_rows, timed_backends
 
-import harmonizer_fast as hf  # noqa: E402
-from harmonizer_fast.ops.attention_pool import IMPLS as POOL_IMPLS  # noqa: E402
-from harmonizer_fast.ops.attention_pool import token_attention_pool_reference  # noqa: E402
-from harmonizer_fast.ops.film import IMPLS as FILM_IMPLS  # noqa: E402
-from harmonizer_fast.ops.film import SUPPORT, film_reference  # noqa: E402
+import harmonizer_fast as hf
+from harmonizer_fast.ops.attention_pool import IMPLS as POOL_IMPLS
+from harmonizer_fast.ops.attention_pool import token_attention_pool_reference
+from harmonizer_fast.ops.film import IMPLS as FILM_IMPLS
+from harmonizer_fast.ops.film import SUPPORT, film_reference
 
 FILM_SHAPES = [(16, 64, 128, 128), (1, 16, 128, 128)]
 POOL_SHAPES = [(16, 64, 128, 128, 8, 32), (4, 256, 32, 32, 8, 32)]  # (B, C, H, W, M, Dh)

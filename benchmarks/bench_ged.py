@@ -37,11 +37,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     check_targets,
     device_slug,
     forced_backend,
     interleaved_medians,
+    machine_header,
     machine_info,
     pin_allocator,
     targets_table,
@@ -49,8 +50,8 @@ from common import (  # noqa: E402
     write_results,
 )
 
-import harmonizer_fast as hf  # noqa: E402
-from harmonizer_fast.ops.ged import IMPLS, SUPPORT  # noqa: E402
+import harmonizer_fast as hf
+from harmonizer_fast.ops.ged import IMPLS, SUPPORT
 
 N_RATERS, SIZE = 4, 128
 CASES = [(32, 10), (32, 50), (32, 100), (4, 1000)]  # (B, K)
@@ -226,14 +227,10 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
 
 
 def report(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    gpu = m["gpu"]["name"] if m["gpu"] else "none"
     lines = [
         "# GED benchmark",
         "",
-        f"`{' '.join(m['argv'])}` on {m['date']}. Device: **{payload['device']}**. CPU: {m['cpu']} "
-        f"({m['cpu_cores']} cores, torch threads {m['torch_threads']}); GPU: {gpu}. torch {m['torch']}, "
-        f"triton {m['triton']}, Python {m['python']}. dpersona GED of a batch, N = {N_RATERS} raters, "
+        f"{machine_header(payload)} dpersona GED of a batch, N = {N_RATERS} raters, "
         f"{SIZE} x {SIZE}, float32 probabilities. Medians in ms over interleaved rounds; `x ours` = variant "
         "time / harmonizer_fast (auto) time; TFLOP/s counts the full (K+N)^2 Gram product a GEMM would do; "
         "memory = peak above the inputs (and the whole process's peak).",

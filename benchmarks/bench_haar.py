@@ -24,17 +24,10 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    bench_main,
-    check_targets,
-    forced_backend,
-    interleaved_medians,
-    make_rows,
-    timed_backends,
-)
+from common import bench_main, check_targets, forced_backend, interleaved_medians, make_rows, timed_backends
 
-import harmonizer_fast as hf  # noqa: E402
-from harmonizer_fast.ops.haar import IMPLS, SUPPORT, haar_dwt2d_reference, haar_idwt2d_reference  # noqa: E402
+import harmonizer_fast as hf
+from harmonizer_fast.ops.haar import IMPLS, SUPPORT, haar_dwt2d_reference, haar_idwt2d_reference
 
 SHAPES = [(16, 64, 128, 128), (1, 16, 128, 128)]
 OPS = ("forward", "backward", "forward+backward", "inverse")

@@ -28,9 +28,9 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_main, check_targets, interleaved_medians, targets_table  # noqa: E402
+from common import bench_main, check_targets, interleaved_medians, machine_header, targets_table
 
-from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet  # noqa: E402
+from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
 
 SIZE = 128
 PAPER_FORWARD_S = 0.42
@@ -112,15 +112,11 @@ def targets(t: dict) -> list[dict]:
 
 
 def report(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    gpu = m["gpu"]["name"] if m["gpu"] else "none"
     lines = [
         "# End-to-end sampling benchmark (HarmonizerNet, paper config)",
         "",
-        f"`{' '.join(m['argv'])}` on {m['date']}. Device: **{payload['device']}**. CPU: {m['cpu']} "
-        f"({m['cpu_cores']} cores, torch threads {m['torch_threads']}); GPU: {gpu}. torch {m['torch']}. "
-        f"{SIZE} x {SIZE}, fp32, eval mode, no grad; medians over interleaved rounds. `xours` = variant time / "
-        "`sample (ours)` time at the same B and K.",
+        f"{machine_header(payload)} {SIZE} x {SIZE}, fp32, eval mode, no grad; medians over interleaved rounds. "
+        "`xours` = variant time / `sample (ours)` time at the same B and K.",
         "",
         f"`{OURS}`: one backbone pass per image, the fcomb head fused over all K samples. `{LOOP}`: the sampling "
         "loop of earlier probabilistic U-Net code: the features once, then per sample a prior draw tiled over "

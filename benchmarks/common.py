@@ -211,16 +211,22 @@ def make_rows(
     return rows
 
 
+def machine_header(payload: dict[str, Any]) -> str:
+    """The sentence that opens every benchmark report: the command, when, the device, CPU, GPU and versions."""
+    m = payload["machine"]
+    gpu = m["gpu"]["name"] if m["gpu"] else "none"
+    return (f"`{' '.join(m['argv'])}` on {m['date']}. Device: **{payload['device']}**. CPU: {m['cpu']} "
+            f"({m['cpu_cores']} cores, torch threads {m['torch_threads']}); GPU: {gpu}. torch {m['torch']}, "
+            f"triton {m['triton']}, Python {m['python']}.")  # fmt: skip
+
+
 def report_markdown(title: str, payload: dict[str, Any], ops: Sequence[str]) -> str:
     """Machine header, one table per shape (variants x ops) and the targets, as markdown."""
     m = payload["machine"]
-    gpu = m["gpu"]["name"] if m["gpu"] else "none"
     lines = [
         f"# {title}",
         "",
-        f"`{' '.join(m['argv'])}` on {m['date']}. Device: **{payload['device']}**. CPU: {m['cpu']} "
-        f"({m['cpu_cores']} cores, torch threads {m['torch_threads']}); GPU: {gpu}. torch {m['torch']}, "
-        f"triton {m['triton']}, Python {m['python']}. Allocator policy `{payload['allocator']}` "
+        f"{machine_header(payload)} Allocator policy `{payload['allocator']}` "
         f"({m['malloc_env'] or 'glibc defaults'}). fp32; medians in ms over interleaved rounds; "
         "`xours` = variant time / harmonizer_fast (auto) time (above 1: ours is faster); "
         "`xcopy` = time / the same-size copy floor.",

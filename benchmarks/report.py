@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS_DIR, device_slug, machine_info, write_results  # noqa: E402
+from common import RESULTS_DIR, device_slug, machine_info, write_results
 
 BENCHMARKS = {
     "haar": "Haar DWT / IDWT (forward, inverse, backward)",
