@@ -12,20 +12,61 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results
 
 from harmonizer_fast.data import load_dataset
-from harmonizer_fast.evaluate import evaluate_model, per_rater_markdown, summarize, tables_markdown
+from harmonizer_fast.evaluate import collapsed, evaluate_model, per_rater_markdown, summarize, tables_markdown
+from harmonizer_fast.model.latent import with_masks
 from harmonizer_fast.rundir import RunDir
 
 IDENTITY, PERSONAL = "phase 1, identity heads (z'_i = z)", "phase 1 + personalizer"
 
 
 def _run_facts(run: RunDir) -> dict:
-    log = run.read_log()
-    return {"epochs": len([r for r in log if "partial_steps" not in r]), "minutes": log[-1]["minutes"],
+    done = [r for r in run.read_log() if "partial_steps" not in r]  # a budget stop's partial epoch has no time
+    return {"epochs": len(done), "minutes": done[-1]["minutes"],
             "best_epoch": run.state("best")["position"]["epoch"], "stopped": run.state()["stopped"]}  # fmt: skip
+
+
+@torch.no_grad()
+def _latent_facts(model, scoring, n: int = 64) -> dict:
+    """The prior's and the posterior's Gaussians on the first ``n`` scored images: their mean sigma and how much
+    their means vary across images (a prior whose mean does not depend on the image cannot place a lesion)."""
+    model.eval()
+    idx = scoring.indices[:n]
+    x, y = torch.from_numpy(scoring.data.images[idx]), torch.from_numpy(scoring.data.masks[idx]).float()
+    out = {}
+    for name, dist in (("prior", model.prior(x)), ("posterior_rater_1", model.posterior(with_masks(x, y[:, 0])))):
+        out[name] = {"sigma_mean": float(dist.stddev.mean()), "mean_std_over_images": float(dist.mean.std(0).mean())}
+    return {"images": len(idx), **out}
+
+
+def _collapse_lines(rows: dict) -> list[str]:
+    lines = []
+    for name, r in rows.items():
+        for t in ("table1", "table2"):
+            if collapsed(r[t]):
+                what = "prior sample" if t == "table1" else "head"
+                lines.append(f"**Collapsed**: {name}, every {what} of every test image is empty at 0.5; its {t} "
+                             "numbers are those of an all-empty predictor, not a result.")  # fmt: skip
+    return lines
+
+
+def _latent_lines(latents: dict) -> list[str]:
+    lines = []
+    for name, what in (
+        ("selected", "the selected model"),
+        ("phase1_last", "the last phase-1 checkpoint (the time-budget stop)"),
+    ):
+        f = latents[name]
+        p, q = f["prior"], f["posterior_rater_1"]
+        lines.append(f"Latents of {what} on the first {f['images']} test images: prior sigma {p['sigma_mean']:.3f}, "
+                     f"std of the prior means across images {p['mean_std_over_images']:.2e}; posterior (rater 1) "
+                     f"sigma {q['sigma_mean']:.3f}, std of its means {q['mean_std_over_images']:.3f}.\n")  # fmt: skip
+    return lines
 
 
 def main() -> int:
@@ -48,7 +89,9 @@ def main() -> int:
     payload = {"benchmark": "lidc-personalization-small-cpu", "budget_minutes": list(args.minutes),
                "machine": machine_info(), "scored": scoring.description, "samples": evaluated["samples"],
                "phase1": _run_facts(phase1), "phase2": _run_facts(phase2), "rows": rows,
-               "personalization_gain": gain}  # fmt: skip
+               "personalization_gain": gain,
+               "latents": {"selected": _latent_facts(model, scoring),
+                           "phase1_last": _latent_facts(phase1.load_model("last")[0], scoring)}}  # fmt: skip
     m, r1, r2 = payload["machine"], payload["phase1"], payload["phase2"]
     lines = [
         "# LIDC-IDRI, small config, both phases at a fixed CPU budget",
@@ -63,6 +106,9 @@ def main() -> int:
         tables_markdown(rows),
         f"Personalized Dice_mean {gain['dice_mean']:.4f}: {gain['minus_phase1_dice_match']:+.4f} against the phase-1 "
         f"Dice_match, {gain['minus_identity_dice_mean']:+.4f} against the identity heads' Dice_mean.",
+        "",
+        *[line + "\n" for line in _collapse_lines(rows)],
+        *_latent_lines(payload["latents"]),
         "",
         "Per rater (Table 2's Dice_A(i) and Table 4's calibration of the personalized heads):",
         "",

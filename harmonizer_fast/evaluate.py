@@ -303,16 +303,25 @@ def _cell(summary: Optional[dict], key: str) -> str:
     return f"{summary['mean'][key]:.4f} ± {summary['std'][key]:.4f}"
 
 
+def collapsed(table: Optional[dict[str, Any]]) -> bool:
+    """Whether every prediction of a table (every sample, or every head, of every image) is empty at 0.5:
+    such a model is reported as collapsed, its Dice and GED are not results."""
+    return table is not None and table["mean"].get("empty_fraction") == 1.0
+
+
 def tables_markdown(rows: dict[str, dict[str, Any]]) -> str:
     """Table 1 (K prior samples) and Table 2 (R heads) side by side, one row per evaluated model; mean ± std
-    over images. Dice_mean is Table 2's mean of Dice_A(i) (head i against rater i)."""
+    over images. Dice_mean is Table 2's mean of Dice_A(i) (head i against rater i). A table whose
+    predictions are all empty is marked collapsed."""
     head = " | ".join(f"{name} (T1)" for name, _ in TABLE_COLUMNS)
     head2 = " | ".join(f"{name} (T2)" for name, _ in TABLE_COLUMNS)
     lines = [f"| model | {head} | {head2} | Dice_mean (T2) |", "|---|" + "---|" * (2 * len(TABLE_COLUMNS) + 1)]
     for name, r in rows.items():
         t1 = " | ".join(_cell(r["table1"], k) for _, k in TABLE_COLUMNS)
         t2 = " | ".join(_cell(r["table2"], k) for _, k in TABLE_COLUMNS)
-        lines.append(f"| {name} | {t1} | {t2} | {_cell(r['table2'], 'dice_each_mean')} |")
+        marks = [f"{t} collapsed: every prediction empty" for t in ("T1", "T2") if collapsed(r[f"table{t[1]}"])]
+        label = f"{name} ({'; '.join(marks)})" if marks else name
+        lines.append(f"| {label} | {t1} | {t2} | {_cell(r['table2'], 'dice_each_mean')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,7 @@ ENTROPY_BINS = 4096
 CORRECTNESS = ("TP", "FP", "FN", "TN")
 AGREEMENT = ("agree", "somewhat", "disagree")
 PER_IMAGE_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_max_reverse", "dice_max_mean", "dice_match",
-                  "dice_each_mean")  # fmt: skip
+                  "dice_each_mean", "empty_fraction")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,9 +194,11 @@ def evaluate_batch(
     """Every per-image metric of a batch, as float64 numpy arrays.
 
     Keys (length-B arrays unless noted): ``ged``, ``ged_unbiased``, ``dice_soft``, ``dice_max``, ``dice_max_reverse``,
-    ``dice_max_mean``, ``dice_match``, ``dice_each`` (B, N), ``dice_each_mean``, ``ece`` (B, N), ``brier``
-    (B, N), ``lesion_size``, ``dice_consensus``, and the raw material the accumulator pools: ``_calibration``
-    (B, N, 10, 3), ``_entropy_correctness`` and ``_entropy_agreement`` (histograms per group).
+    ``dice_max_mean``, ``dice_match``, ``dice_each`` (B, N), ``dice_each_mean``, ``empty_fraction`` (the
+    share of the K predictions with no pixel above 0.5: 1 on every image is a collapsed model, whose Dice
+    and GED are not results), ``ece`` (B, N), ``brier`` (B, N), ``lesion_size``, ``dice_consensus``, and the
+    raw material the accumulator pools: ``_calibration`` (B, N, 10, 3), ``_entropy_correctness`` and
+    ``_entropy_agreement`` (histograms per group).
     """
     _check_inputs(probs, raters, personalized)
     with torch.no_grad():
@@ -211,6 +213,7 @@ def evaluate_batch(
         out["dice_max_mean"] = 0.5 * (out["dice_max"] + out["dice_max_reverse"])
         matched = [hungarian_match(m) for m in d]
         out["dice_match"] = np.array([m[0] for m in matched])
+        out["empty_fraction"] = (probs <= 0.5).flatten(2).all(-1).double().mean(1).cpu().numpy()
         if personalized is None:
             out["dice_each"] = np.stack([m[1] for m in matched])
             maps = probs.double().mean(1, keepdim=True).expand(-1, n, -1, -1)
@@ -298,7 +301,8 @@ class MetricAccumulator:
             for g, hist in batch[family].items():
                 acc[g] = hist if g not in acc else acc[g] + hist
 
-    def _column(self, key: str) -> np.ndarray:
+    def per_image(self, key: str) -> np.ndarray:
+        """One metric's values per image, in the order the batches were added (for paired tests)."""
         return np.concatenate(self.rows[key], axis=0)
 
     def summary(self) -> dict[str, Any]:
@@ -306,8 +310,8 @@ class MetricAccumulator:
             raise ValueError("MetricAccumulator: no batches were added")
         mean, std = {}, {}
         for key in PER_IMAGE_KEYS:
-            mean[key], std[key] = _mean_std(self._column(key))
-        each, ece, brier_ = self._column("dice_each"), self._column("ece"), self._column("brier")
+            mean[key], std[key] = _mean_std(self.per_image(key))
+        each, ece, brier_ = self.per_image("dice_each"), self.per_image("ece"), self.per_image("brier")
         n = each.shape[1]
         per_rater = {
             f"rater_{i + 1}": {
@@ -326,7 +330,7 @@ class MetricAccumulator:
             "pixels": {g: int(h.sum()) for fam in self._entropy.values() for g, h in fam.items()},
         }
         return {
-            "n_images": int(self._column("ged").shape[0]),
+            "n_images": int(self.per_image("ged").shape[0]),
             "mean": mean,
             "std": std,
             "per_rater": per_rater,
@@ -336,7 +340,7 @@ class MetricAccumulator:
         }
 
     def _dice_by_size(self) -> dict[str, Any]:
-        size, dice = self._column("lesion_size"), self._column("dice_consensus")
+        size, dice = self.per_image("lesion_size"), self.per_image("dice_consensus")
         keep = size > 0
         size, dice = size[keep], dice[keep]
         out: dict[str, Any] = {"excluded_without_lesion": int((~keep).sum())}

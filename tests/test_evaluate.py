@@ -113,7 +113,12 @@ def test_demo_runs_small(tmp_path, capsys):
     assert cli(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--items", "48", "--no-progress"]) == 0
     out = capsys.readouterr().out
     for row in ("untrained", "phase 1, identity heads (z'_i = z)", "phase 1 + personalizer"):
-        assert f"| {row} |" in out
+        assert f"| {row} " in out  # a collapsed row says so after its name
     assert (tmp_path / "demo" / "eval" / "metrics.json").is_file()
     demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert demo["rows"]["untrained"]["table2"] is None and demo["rows"]["phase 1 + personalizer"]["table2"]
+    # the paired test's images and draws are the tables': its mean difference is the reported gain
+    paired, gain = demo["paired_tests"], demo["personalization_gain"]
+    assert paired["vs_identity_dice_mean"]["mean_difference"] == pytest.approx(gain["minus_identity_dice_mean"])
+    assert paired["vs_phase1_dice_match"]["mean_difference"] == pytest.approx(gain["minus_phase1_dice_match"])
+    assert all(0 <= t["wilcoxon_p"] <= 1 for t in paired.values())

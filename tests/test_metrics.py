@@ -40,6 +40,7 @@ def np_image_metrics(p, y, heads=None):
         "dice_max": d.max(0).mean(),
         "dice_max_reverse": d.max(1).mean(),
         "dice_match": best / min(n, k),
+        "empty_fraction": np.mean([not (pk > 0.5).any() for pk in p]),
     }
     out["dice_max_mean"] = (out["dice_max"] + out["dice_max_reverse"]) / 2
     each = best_each if heads is None else np.array([np_dice(heads[i] > 0.5, y[i]) for i in range(n)])

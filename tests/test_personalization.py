@@ -10,6 +10,7 @@ import harmonizer_fast as hf
 from harmonizer_fast import data as hd
 from harmonizer_fast import selection
 from harmonizer_fast.demo import run_demo
+from harmonizer_fast.evaluate import collapsed, tables_markdown
 from harmonizer_fast.metrics import MetricAccumulator, dice_binary
 from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
 from harmonizer_fast.rundir import RunDir
@@ -101,6 +102,25 @@ def test_an_empty_predictor_never_beats_copying_the_raters():
         for phase in (1, 2):
             name = selection.DEFAULTS[phase]
             assert selection.score(name, tables["empty"]) >= selection.score(name, tables["copy"]), (trial, phase)
+
+
+def test_an_all_empty_model_is_reported_as_collapsed():
+    y = torch.zeros(2, 4, 16, 16)
+    y[:, :, 4:9, 5:10] = 1
+    y[1, 0] = 0  # one empty rater: its own copy is empty, the model's other samples are not
+    rows = {}
+    for name, samples in (
+        ("copy", y),
+        ("empty", torch.zeros_like(y)),
+        ("one non-empty", y * (torch.arange(4) == 2)[:, None, None]),
+    ):
+        acc = MetricAccumulator()
+        acc.update(samples, y)
+        rows[name] = {"table1": acc.summary(), "table2": None}
+    assert [collapsed(r["table1"]) for r in rows.values()] == [False, True, False]
+    np.testing.assert_allclose(rows["copy"]["table1"]["mean"]["empty_fraction"], 1 / 8)
+    lines = tables_markdown(rows).splitlines()
+    assert ["collapsed" in line for line in lines[2:]] == [False, True, False]
 
 
 @pytest.fixture(scope="module")
