@@ -61,7 +61,7 @@ def run_demo(out: os.PathLike, *, epochs: int = 24, items: int = 256, seed: int 
         "untrained": summarize(evaluate_model(untrained, scoring.data, scoring.indices, heads="none", **same_draws)),
         IDENTITY: summarize(identity),
         PERSONAL: run_evaluation(trained, scoring.data, scoring.indices, out / "eval", label="demo (trained)",
-                                 scored=scoring.description, **args),
+                                 scored=scoring.description, scores=personal, **args),
     }  # fmt: skip
     result = {"scored": scoring.description, "samples": SAMPLES, "epochs": [tc.epochs_phase1, tc.epochs_phase2],
               "seconds": time.perf_counter() - t0, "rows": {k: _tables(v) for k, v in rows.items()}}  # fmt: skip

@@ -258,10 +258,13 @@ def run_evaluation(
     figures: bool = True,
     label: str = "",
     scored: str = "",
+    scores: Optional[Scores] = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``data[idx]`` and write metrics.json, report.md and the figures to ``out_dir``.
-    ``scored`` says which images these are (for the report)."""
-    scores = evaluate_model(model, data, idx, samples=samples, seed=seed, k_values=K_VALUES)
+    ``scored`` says which images these are (for the report). ``scores``: the :func:`evaluate_model` result
+    of the same model, images, samples, seed and ``k_values=K_VALUES``, when the caller already has it."""
+    if scores is None:
+        scores = evaluate_model(model, data, idx, samples=samples, seed=seed, k_values=K_VALUES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
