@@ -29,12 +29,6 @@ PHASE_SCORES = {1: ("ged_unbiased", "ged", "dice_match", "dice_soft"), 2: ("dice
 DEFAULTS = {1: "ged_unbiased", 2: "dice_mean"}
 
 
-def check(name: str, phase: int) -> str:
-    if name not in PHASE_SCORES[phase]:
-        raise ValueError(f"selection score for phase {phase} must be one of {PHASE_SCORES[phase]}, got {name!r}")
-    return name
-
-
 def score(name: str, tables: dict[str, Any]) -> float:
     """The score of validation ``tables`` (``{"table1": summary, "table2": summary or None}``)."""
     table, key, sign = SCORES[name]
