@@ -33,6 +33,7 @@ from ._random import generator
 from .data import MultiRaterData
 from .metrics import MetricAccumulator, dice_soft
 from .model import HarmonizerNet
+from .model.checks import check_counts
 from .model.latent import reparameterize
 from .ops.ged import ged
 
@@ -57,13 +58,6 @@ class Scores:
     heads: Optional[MetricAccumulator]
     per_k: dict[int, dict[str, list[float]]]
     heads_kind: str  # "personalized", "identity" or "none"
-
-
-def _check_counts(samples: int, batch: int, k_values: tuple[int, ...]) -> None:
-    checks = [("samples", samples), ("batch", batch), *((f"k_values[{i}]", k) for i, k in enumerate(k_values))]
-    for name, value in checks:
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"evaluate_model: {name} must be an integer >= 1, got {value!r}")
 
 
 def _heads_kind(model: HarmonizerNet, heads: str) -> str:
@@ -102,7 +96,9 @@ def evaluate_model(
     in ``k_values`` (the first K of the same samples). ``heads``: "auto" (the personalized heads when phase 2
     trained the personalizer, else none), "personalized", "identity" or "none". ``transform(images,
     indices)`` perturbs the inputs."""
-    _check_counts(samples, batch, k_values)
+    check_counts(
+        "evaluate_model", {"samples": samples, "batch": batch, **{f"k_values[{i}]": k for i, k in enumerate(k_values)}}
+    )
     kind = _heads_kind(model, heads)
     device = device or next(model.parameters()).device
     was = model.training

@@ -21,6 +21,7 @@ import torch
 
 from .data import MultiRaterData
 from .model import HarmonizerNet
+from .model.checks import check_counts
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -33,9 +34,7 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 
 def _check_request(data: MultiRaterData, indices, samples: int, batch: int) -> np.ndarray:
-    for name, value in (("samples", samples), ("batch", batch)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"stream_samples: {name} must be an integer >= 1, got {value!r}")
+    check_counts("stream_samples", {"samples": samples, "batch": batch})
     idx = np.asarray(list(indices), dtype=np.int64)
     if idx.size == 0:
         raise ValueError("stream_samples: no images to sample (indices is empty)")

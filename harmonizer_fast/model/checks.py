@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from .config import HarmonizerConfig
+
+
+def check_counts(where: str, counts: Mapping[str, object]) -> None:
+    """Each count of a workflow call (samples, batch, K, ...) must be an integer >= 1; numpy integers count,
+    booleans do not."""
+    for name, value in counts.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: {name} must be an integer >= 1, got {value!r}")
 
 
 def check_images(c: HarmonizerConfig, images: object, *, finite: bool = False) -> Tensor:
