@@ -85,9 +85,12 @@ def seed(text: str) -> int:
 
 
 def image_size(text: str) -> int:
-    v = int_at_least(32)(text)
-    if v % 32:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 32 (the encoder halves the size 5 times), got {v}")
+    from .model import HarmonizerConfig
+
+    m = HarmonizerConfig().size_multiple  # the same for every preset: five halvings
+    v = int_at_least(m)(text)
+    if v % m:
+        raise argparse.ArgumentTypeError(f"expected a multiple of {m} (the network's size multiple), got {v}")
     return v
 
 
