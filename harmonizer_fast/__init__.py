@@ -18,7 +18,12 @@ Model (layer 2): :class:`HarmonizerNet` and :class:`HarmonizerConfig` (``paper()
 ``baseline()``), with its objectives in :mod:`harmonizer_fast.losses`.
 
 Evaluation metrics of the field (Dice variants, calibration, uncertainty analyses): :mod:`harmonizer_fast.metrics`.
+
+The workflow submodules (``hf.losses``, ``hf.metrics``, ``hf.evaluate``, ``hf.train``, ...) load on first
+attribute access, so ``import harmonizer_fast`` stays light (no scipy, no data readers).
 """
+
+import importlib
 
 from ._backend import (
     BackendStatus,
@@ -44,6 +49,24 @@ from .ops import (
 from .wavelets import DWTForward, DWTInverse, dwt2, idwt2
 
 __version__ = "0.1.0"
+
+# Submodules reachable as attributes without an explicit import (PEP 562): users write hf.losses.total_loss
+# as they write torch.nn.functional.
+_LAZY_SUBMODULES = frozenset(
+    {"checkpoint", "data", "demo", "distributed", "evaluate", "figures", "losses", "metrics", "profiler",
+     "rundir", "sampling", "selection", "train"}
+)  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)
+
 
 __all__ = [
     "BackendStatus",

@@ -1,6 +1,6 @@
 """Training objectives of the Harmonizer Network (paper section 3.3-3.4, appendix A; docs/architecture.md, "Model").
 
-- :func:`dice_bce`: L_seg, soft Dice plus binary cross-entropy on logits;
+- :func:`dice_bce`: L_seg, soft Dice over the batch plus binary cross-entropy on logits;
 - :func:`kl`: KL(q(z | x, A_k) || p(z | x)) of the posterior and prior Gaussians;
 - :func:`harmonizer_penalty`: sum_l ||gamma_l - 1||^2 + ||beta_l||^2 of the Noise Harmonizer;
 - :func:`ged_loss`: Eq. 7 over the K prior samples (the package's op);
@@ -31,13 +31,23 @@ __all__ = ["dice_bce", "ged_loss", "harmonizer_penalty", "kl", "phase1_loss", "p
 
 
 def dice_bce(logits: Tensor, target: Tensor) -> Tensor:
-    """L_seg = (1 - soft Dice) + BCE, each averaged over the leading dims; logits and target ``(..., H, W)``."""
+    """L_seg = (1 - soft Dice) + BCE on logits and target ``(..., H, W)``: the Dice over every pixel of the
+    batch at once (nnU-Net's "batch Dice"; D-Persona's generalized Dice also pools the flattened batch), the
+    BCE averaged over pixels.
+
+    Why not a Dice per image: the paper says only "Dice and cross-entropy". On LIDC about 40 % of the
+    (slice, rater) targets are empty, and a per-image soft Dice of an empty target, 1 - s / (sum p + s), is
+    won only by driving every logit far below zero, where the sigmoid no longer passes the lesion's gradient.
+    Measured on a 40-patient LIDC subset, small config, 5 epochs: with a per-image Dice every prior sample
+    was empty (logits near -22) and stayed so; with the batch Dice 48 % of the prior samples are non-empty
+    and validation Dice_match is 0.684 (all-empty scores 0.286). Under DDP each process pools its own slice
+    of the global batch.
+    """
     target = target.to(logits.dtype)
     bce = F.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)
-    inter = (p * target).sum((-2, -1))
-    dice = (2 * inter + DICE_SMOOTH) / (p.sum((-2, -1)) + target.sum((-2, -1)) + DICE_SMOOTH)
-    return (1 - dice).mean() + bce
+    dice = (2 * (p * target).sum() + DICE_SMOOTH) / (p.sum() + target.sum() + DICE_SMOOTH)
+    return (1 - dice) + bce
 
 
 def kl(out: ModelOutput) -> Tensor:

@@ -203,3 +203,22 @@ def test_a_bad_input_raises_before_dispatch_and_keeps_triton(monkeypatch):
     assert _backend._TRITON_FAILED == {}
     monkeypatch.setenv(_backend.ENV_BACKEND, "torch")
     torch.testing.assert_close(got, hf.ged(samples, raters))
+
+
+def test_workflow_submodules_load_on_first_use():
+    """``hf.losses.total_loss`` works after a bare ``import harmonizer_fast`` (the README's example), and the
+    import itself pulls in neither scipy nor the workflow modules; an unknown name is still AttributeError."""
+    proc = _run(
+        """
+        import sys, harmonizer_fast as hf
+        assert "scipy" not in sys.modules and "harmonizer_fast.metrics" not in sys.modules
+        assert callable(hf.losses.total_loss) and callable(hf.metrics.evaluate_batch)
+        assert "harmonizer_fast.metrics" in sys.modules and "metrics" in dir(hf)
+        try:
+            hf.not_a_module
+        except AttributeError as e:
+            print(e)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "has no attribute 'not_a_module'" in proc.stdout

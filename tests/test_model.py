@@ -3,6 +3,7 @@ phase freezing, fast sampling against the naive path, determinism, a few trainin
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -247,3 +248,17 @@ def test_bad_inputs(call, exc, msg):
     images, masks = synthetic_batch(2)
     with pytest.raises(exc, match=msg):
         call(model, images, masks)
+
+
+def test_dice_bce_is_batch_dice_plus_bce():
+    """L_seg against a float64 numpy transcription: one soft Dice over every pixel of the batch (smooth 1)
+    plus the mean BCE with logits; an empty target in the batch does not count as a Dice of its own."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 8, 9, generator=g, dtype=torch.float64) * 3
+    target = (torch.rand(3, 8, 9, generator=g) > 0.7).double()
+    target[1] = 0  # an empty target
+    x, y = logits.numpy(), target.numpy()
+    p = 1 / (1 + np.exp(-x))
+    bce = np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))
+    dice = (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    np.testing.assert_allclose(float(losses.dice_bce(logits, target)), 1 - dice + bce, rtol=1e-12)
