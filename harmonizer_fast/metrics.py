@@ -28,12 +28,15 @@ Every metric is computed per image, then averaged over images (mean and standard
 - Dice by lesion size (appendix D): the consensus mask (rater mean > 0.5) against the sample mean > 0.5, per
   image, grouped by tercile of the consensus area over the dataset (images without a lesion are left out).
 - Volumes (NPC-style): :func:`evaluate_volume` stacks a case's slices into one image first.
+- Set-level metrics from :mod:`harmonizer_fast.set_metrics`, each ``(B,)``: :func:`hm_iou` (Hungarian-matched
+  IoU), :func:`d_max` and :func:`combined_sensitivity` (Rahman et al. 2023), :func:`sample_diversity`,
+  :func:`ncc` (PHiSeg's S_NCC) and :func:`ged` with optional per-sample and per-rater weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -42,7 +45,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .ops.ged import ged, pairwise_intersection
+from .ops.ged import pairwise_intersection
+
+# Set-level metrics of ambiguous segmentation, importable from here as users expect (hf.metrics.hm_iou);
+# ged is the weighted form, equal to harmonizer_fast.ged without weights.
+from .set_metrics import CONVENTIONS, combined_sensitivity, d_max, ged, hm_iou, ncc, sample_diversity  # noqa: F401
 
 DICE_SMOOTH = 1e-8
 SOFT_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -92,11 +99,20 @@ def dice_binary(a: Tensor, b: Tensor) -> Tensor:
     return (2 * inter + DICE_SMOOTH) / (a.sum((-2, -1)).double() + b.sum((-2, -1)).double() + DICE_SMOOTH)
 
 
-def dice_soft(probs: Tensor, raters: Tensor, thresholds: tuple[float, ...] = SOFT_THRESHOLDS) -> Tensor:
-    """``(B,)``: Dice of the mean prediction and the mean annotation, averaged over ``thresholds``."""
+def dice_soft_curve(probs: Tensor, raters: Tensor, thresholds: Sequence[float] = SOFT_THRESHOLDS) -> Tensor:
+    """``(B, T)``: the Dice of the mean prediction and the mean annotation, both thresholded (strict ``>``) at
+    each of the T ``thresholds`` (any list in [0, 1): a sweep curve)."""
+    ts = [float(t) for t in thresholds]
+    if not ts or any(not 0.0 <= t < 1.0 for t in ts):
+        raise ValueError(f"dice_soft: thresholds must be a non-empty list of values in [0, 1), got {thresholds!r}")
     p = probs.double().mean(1)
     y = raters.double().mean(1)
-    return torch.stack([dice_binary(p > t, y > t) for t in thresholds]).mean(0)
+    return torch.stack([dice_binary(p > t, y > t) for t in ts], dim=1)
+
+
+def dice_soft(probs: Tensor, raters: Tensor, thresholds: Sequence[float] = SOFT_THRESHOLDS) -> Tensor:
+    """``(B,)``: Dice_soft, the mean of :func:`dice_soft_curve` over ``thresholds`` (the paper's five by default)."""
+    return dice_soft_curve(probs, raters, thresholds).mean(1)
 
 
 def dice_matrix(raters: Tensor, probs: Tensor, threshold: float = 0.5) -> Tensor:
