@@ -45,6 +45,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from . import _metric_sync
 from .ops.ged import pairwise_intersection
 
 # Set-level metrics of ambiguous segmentation, importable from here as users expect (hf.metrics.hm_iou);
@@ -279,6 +280,10 @@ def _mean_std(values: np.ndarray) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+_PER_RATER_ROWS = ("dice_each", "ece", "brier")
+_ROW_KEYS = (*PER_IMAGE_KEYS, *_PER_RATER_ROWS, "lesion_size", "dice_consensus")
+
+
 @dataclass
 class MetricAccumulator:
     """Turns :func:`evaluate_batch` results into dataset-level tables.
@@ -286,6 +291,10 @@ class MetricAccumulator:
     ``update(probs, raters, personalized=None)`` evaluates a batch (or ``add(evaluate_batch(...))`` adds a
     precomputed one); ``summary()`` returns ``{"n_images", "mean", "std", "per_rater", "calibration",
     "entropy_medians", "dice_by_size"}``; ``markdown()`` renders it.
+
+    Under torch.distributed, each process calls ``update()`` on its own images and ``compute()`` (the
+    torchmetrics protocol: update / compute / reset) combines them: the state is sufficient statistics
+    (per-image rows, pooled histograms), so N processes equal one process over all their batches.
     """
 
     agreement_tol: float = 0.1
@@ -308,7 +317,7 @@ class MetricAccumulator:
         if self._calibration is not None and self._calibration.shape[0] != n:
             raise ValueError(f"MetricAccumulator: batches must have one rater count, got {n} after "
                              f"{self._calibration.shape[0]}")  # fmt: skip
-        for key in (*PER_IMAGE_KEYS, "dice_each", "ece", "brier", "lesion_size", "dice_consensus"):
+        for key in _ROW_KEYS:
             self.rows.setdefault(key, []).append(np.asarray(batch[key]))
         cal = batch["_calibration"].sum(0)
         self._calibration = cal if self._calibration is None else self._calibration + cal
@@ -316,6 +325,40 @@ class MetricAccumulator:
             acc = self._entropy.setdefault(family, {})
             for g, hist in batch[family].items():
                 acc[g] = hist if g not in acc else acc[g] + hist
+
+    def reset(self) -> None:
+        """Forget every batch."""
+        self.rows, self._calibration, self._entropy = {}, None, {}
+
+    def compute(self, group: Optional[Any] = None, device: Optional[torch.device] = None) -> dict[str, Any]:
+        """:meth:`summary` over every process's batches (a collective: every rank must call it)."""
+        return self.synced(group, device).summary()
+
+    def synced(self, group: Optional[Any] = None, device: Optional[torch.device] = None) -> MetricAccumulator:
+        """This accumulator, or under torch.distributed (world > 1) a new one holding every rank's batches:
+        per-image rows gathered in rank order (rank 0's images first), histograms summed. ``device``: where
+        the collectives' tensors live (CPU for gloo; the current CUDA device for NCCL)."""
+        if not _metric_sync.active(group):
+            return self
+        device = device or torch.device("cpu")
+        n = _metric_sync.max_int(-1 if self._calibration is None else self._calibration.shape[0], group, device)
+        if n < 0:
+            raise ValueError("MetricAccumulator.compute: no process added a batch")
+        if self._calibration is not None and self._calibration.shape[0] != n:
+            raise ValueError(f"MetricAccumulator.compute: processes disagree on the rater count "
+                             f"({self._calibration.shape[0]} here, {n} elsewhere)")  # fmt: skip
+        out = MetricAccumulator(agreement_tol=self.agreement_tol)
+        for key in _ROW_KEYS:
+            local = self.per_image(key) if self.rows else np.zeros((0, n) if key in _PER_RATER_ROWS else (0,))
+            out.rows[key] = [_metric_sync.gather_rows(local, group, device)]
+        cal = self._calibration if self._calibration is not None else np.zeros((n, ECE_BINS, 3))
+        out._calibration = _metric_sync.sum_array(cal, group, device)
+        for family, groups in (("_entropy_correctness", CORRECTNESS), ("_entropy_agreement", AGREEMENT)):
+            mine = self._entropy.get(family, {})
+            out._entropy[family] = {
+                g: _metric_sync.sum_array(mine.get(g, np.zeros(ENTROPY_BINS, np.int64)), group, device) for g in groups
+            }
+        return out
 
     def per_image(self, key: str) -> np.ndarray:
         """One metric's values per image, in the order the batches were added (for paired tests)."""
