@@ -112,10 +112,15 @@ def markdown(result: dict[str, Any]) -> str:
         + tables_markdown(result["rows"])
         + f"\nPersonalized Dice_mean {g['dice_mean']:.4f}: {g['minus_phase1_dice_match']:+.4f} against the phase-1 "
         f"Dice_match, {g['minus_identity_dice_mean']:+.4f} against the identity heads' Dice_mean.\n"
-        + "".join(
-            f"\nPaired over the {t['n_images']} test images, {name.replace('_', ' ')}: mean difference "
-            f"{t['mean_difference']:+.4f}, better on {t['images_better']}, worse on {t['images_worse']}, "
-            f"Wilcoxon signed-rank p = {t['wilcoxon_p']:.2g}.\n"
-            for name, t in result.get("paired_tests", {}).items()
-        )
+        + paired_markdown(result.get("paired_tests", {}))
+    )
+
+
+def paired_markdown(tests: dict[str, dict[str, Any]]) -> str:
+    """One line per :func:`paired_tests` comparison."""
+    return "".join(
+        f"\nPaired over the {t['n_images']} test images, {name.replace('_', ' ')}: mean difference "
+        f"{t['mean_difference']:+.4f}, better on {t['images_better']}, worse on {t['images_worse']}, "
+        f"Wilcoxon signed-rank p = {t['wilcoxon_p']:.2g}.\n"
+        for name, t in tests.items()
     )
