@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("runs", type=Path)
     p.add_argument("--data", required=True)
     p.add_argument("--minutes", type=float, nargs=2, default=(10.0, 5.0))
+    p.add_argument("--reused-phase1", help="the finished phase-1 run the script copied (PHASE1=...)")
     args = p.parse_args()
     phase1, phase2 = RunDir(args.runs / "phase1"), RunDir(args.runs / "phase2")
     evaluated = json.loads((args.runs / "eval" / "metrics.json").read_text())
@@ -94,7 +95,8 @@ def main() -> int:
             "minus_identity_dice_mean": personal["dice_each_mean"] - ident["dice_each_mean"]}  # fmt: skip
     payload = {"benchmark": "lidc-personalization-small-cpu", "budget_minutes": list(args.minutes),
                "machine": machine_info(), "scored": scoring.description, "samples": evaluated["samples"],
-               "phase1": _run_facts(phase1), "phase2": _run_facts(phase2), "rows": rows,
+               "phase1": _run_facts(phase1), "reused_phase1": args.reused_phase1, "phase2": _run_facts(phase2),
+               "rows": rows,
                "personalization_gain": gain, "paired_tests": paired_tests(personal_scores, identity_scores),
                "latents": {"selected": _latent_facts(model, scoring),
                            "phase1_last": _latent_facts(phase1.load_model("last")[0], scoring)}}  # fmt: skip
@@ -102,8 +104,10 @@ def main() -> int:
     lines = [
         "# LIDC-IDRI, small config, both phases at a fixed CPU budget",
         "",
-        f"`bash benchmarks/lidc_personalization.sh {args.minutes[0]:g} {args.minutes[1]:g}` on {m['date']}: {m['cpu']} "
-        f"({m['cpu_cores']} cores), torch {m['torch']}. Phase 1: {r1['epochs']} epochs in {r1['minutes']:.1f} min "
+        f"`{'PHASE1=' + args.reused_phase1 + ' ' if args.reused_phase1 else ''}bash benchmarks/lidc_personalization.sh "
+        f"{args.minutes[0]:g} {args.minutes[1]:g}` on {m['date']}: {m['cpu']} ({m['cpu_cores']} cores), torch "
+        f"{m['torch']}. Phase 1{' (reused: that earlier run of this script)' if args.reused_phase1 else ''}: "
+        f"{r1['epochs']} epochs in {r1['minutes']:.1f} min "
         f"(selected epoch {r1['best_epoch']}, unbiased GED on the validation patients); phase 2 from that model: "
         f"{r2['epochs']} epochs in {r2['minutes']:.1f} min (selected epoch {r2['best_epoch']}, validation "
         f"Dice_mean). Scored on {scoring.description}, K = {payload['samples']} prior samples; raters ordered by "

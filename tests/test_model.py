@@ -252,7 +252,8 @@ def test_bad_inputs(call, exc, msg):
 
 def test_dice_bce_is_batch_dice_plus_bce():
     """L_seg against a float64 numpy transcription: one soft Dice over every pixel of the batch (smooth 1)
-    plus the mean BCE with logits; an empty target in the batch does not count as a Dice of its own."""
+    plus the mean BCE with logits, where an empty target does not count as a Dice of its own; and with
+    ``per_image=True`` (phase 2) the mean of one Dice per image."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 8, 9, generator=g, dtype=torch.float64) * 3
     target = (torch.rand(3, 8, 9, generator=g) > 0.7).double()
@@ -262,3 +263,6 @@ def test_dice_bce_is_batch_dice_plus_bce():
     bce = np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))
     dice = (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
     np.testing.assert_allclose(float(losses.dice_bce(logits, target)), 1 - dice + bce, rtol=1e-12)
+    each = (2 * (p * y).sum((1, 2)) + 1) / (p.sum((1, 2)) + y.sum((1, 2)) + 1)  # phase 2: one Dice per image
+    got = float(losses.dice_bce(logits, target, per_image=True))
+    np.testing.assert_allclose(got, 1 - each.mean() + bce, rtol=1e-12)
