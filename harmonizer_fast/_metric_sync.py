@@ -14,10 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import rank_and_world
+
 
 def active(group: Optional[dist.ProcessGroup] = None) -> bool:
-    """Whether there is more than one process to combine."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    """Whether there is more than one process to combine (in ``group``, by default the whole world)."""
+    if group is None:
+        return rank_and_world()[1] > 1
+    return dist.get_world_size(group) > 1
 
 
 def max_int(value: int, group: Optional[dist.ProcessGroup], device: torch.device) -> int:

@@ -12,10 +12,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributed import rank_and_world
 from .model.config import HarmonizerConfig
 from .model.harmonizer import harmonizer_penalty
 from .model.latent import kl_divergence
@@ -68,7 +68,7 @@ def _global_sums(*sums: Tensor) -> tuple[Tensor, ...]:
     """The sums over every process's slice of the batch under DDP (a collective: every rank computes the
     loss each step); the backward all-reduces too, and DDP's gradient averaging then gives exactly the
     gradient of the global batch's Dice."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and torch.is_grad_enabled()):
+    if rank_and_world()[1] == 1 or not torch.is_grad_enabled():
         return sums
     from torch.distributed.nn.functional import all_reduce
 
