@@ -165,9 +165,20 @@ def _cuda_device_reason() -> str:
     return ""
 
 
-# Triton kernels that failed to compile or launch on this machine, by op: the automatic choice stops
-# trying them after the first failure (and warns once).
+# Triton failures on this machine: a failing launch plan is recorded by its key (kernel, dtypes, tiles;
+# harmonizer_fast.kernels._plan), so only that plan falls back and the op's other plans stay on Triton; a
+# failure outside any plan (an implementation raising before it launches) is recorded by op name and stops
+# the automatic choice from trying Triton for that op. Each is warned about once.
 _TRITON_FAILED: dict[str, str] = {}
+
+
+class TritonFallbackWarning(UserWarning):
+    """A Triton kernel failed and the call ran on the next backend (GPU tests turn it into an error)."""
+
+
+def triton_failures() -> dict[str, str]:
+    """Every Triton plan or op that failed in this process, with its error (empty when none did)."""
+    return dict(_TRITON_FAILED)
 
 
 def _unavailable(backend: str, device: str) -> str:
@@ -295,8 +306,14 @@ def dispatch(
         try:
             return impls[backend](*args)
         except Exception as exc:  # compile or launch failure on this GPU: fall back, and say so once
-            _TRITON_FAILED[op] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"{op}: Triton kernel failed ({_TRITON_FAILED[op]}); falling back", stacklevel=3)
+            key = getattr(exc, "plan_key", op)
+            if key not in _TRITON_FAILED:
+                _TRITON_FAILED[key] = f"{type(exc).__name__}: {exc}"
+                warnings.warn(
+                    f"{op}: Triton kernel failed ({_TRITON_FAILED[key]}); falling back",
+                    TritonFallbackWarning,
+                    stacklevel=3,
+                )
     return impls[plan[-1]](*args)
 
 

@@ -1,100 +1,131 @@
 """Triton kernels for the token-attention pooling core (paper Eq. 2; see harmonizer_fast/ops/attention_pool.py).
 
-``z[b] = softmax(a[b] x[b]) x[b]^T`` with x[b] (C, N) and a[b] (M, C). One program per (batch item,
-position chunk) streams its positions in BLOCK_N tiles: the scores tile ``a @ x_tile`` and the update
-``p @ x_tile^T`` are tensor-core dots (float32 operands use IEEE fp32, not TF32), the softmax is online
-(running max and sum), and nothing of size M x N is ever stored. Each chunk writes its running max, sum
-and M x C accumulator; the launcher merges the chunks in a fixed order. The backward pass recomputes the
-probabilities from the saved log-sum-exp and writes dx tile by tile with per-chunk partials of da.
-Installed as ``harmonizer_fast.kernels.attention_pool``.
+``z[b] = softmax(a[b] x[b]) x[b]^T`` with x[b] (C, N) and a[b] (M, C). The grid is (batch item x
+position chunk, channel chunk). Each program streams its positions in BLOCK_N tiles: the scores tile
+``a @ x_tile`` is summed over BLOCK_C-channel chunks, the softmax is online (running max and sum), and the
+program accumulates only its own BLOCK_C output channels ``p @ x_tile[c]^T``; nothing of size M x N is
+ever stored. Chunking the channels bounds shared memory and registers whatever C is: with the whole C in
+one tile the fp32 backward needed 108,544 B of shared memory at C = 256 (over sm_86's 99 KiB per block)
+and spilled 17-20 KB. The price is that every channel chunk recomputes the scores (C / BLOCK_C times the
+M x C x N score work), which is cheap next to reading x for the paper's M = 8 queries.
+
+Every dtype computes in float32 (float64 for float64): tiles are converted after loading and the products
+are IEEE fp32 FMAs, not tensor cores. With M = 8 queries a 16-row MMA would be half empty and the op reads
+each x element for 2 M FLOPs, so it is bound by memory, not by FMAs; fp16/bf16 probabilities and ``ds``
+never round to the input dtype (fp16 ``ds`` could overflow). The launcher merges the position chunks in a
+fixed order. The backward pass recomputes the probabilities from the saved log-sum-exp and writes dx tile
+by tile with per-chunk partials of da. Installed as ``harmonizer_fast.kernels.attention_pool``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, FP32: tl.constexpr, ACC: tl.constexpr):
-    if FP32:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b, out_dtype=ACC)
+from ._plan import LaunchPlan, make_plan
 
 
 @triton.jit
-def _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's (batch item, position chunk) and its query/channel ranges with their masks."""
-    task = tl.program_id(0).to(tl.int64)
-    n0 = (task % SPLITS) * CHUNK
-    rm = tl.arange(0, BLOCK_M)
-    rc = tl.arange(0, BLOCK_C)
-    return task, task // SPLITS, n0, tl.minimum(N, n0 + CHUNK), rm, rc, rm < M, rc < C
+def _dot(a, b, FP64: tl.constexpr):
+    if FP64:
+        return tl.dot(a, b, out_dtype=tl.float64)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _scores(q_rows, x_cols, m_ok, n_ok, C, sxc, FP64: tl.constexpr, ACC: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """``q @ x_tile`` (BLOCK_M, BLOCK_N), summed over BLOCK_C-channel chunks; q rows are C long."""
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        rc = c0 + tl.arange(0, BLOCK_C)
+        c_ok = rc < C
+        q = tl.load(q_rows + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        xt = tl.load(x_cols + rc[:, None] * sxc, mask=c_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
+        s += _dot(q, xt, FP64)
+    return s
 
 
 @triton.jit
 def _forward_kernel(
     x_ptr, a_ptr, pm_ptr, pl_ptr, pacc_ptr,
     C, N, M, SPLITS, CHUNK, sxb, sxc,
-    FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP64: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    task, bi, n0, n1, rm, rc, m_ok, c_ok = _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M, BLOCK_C)
-    a = tl.load(a_ptr + bi * M * C + rm[:, None] * C + rc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+    task = tl.program_id(0).to(tl.int64)
+    cc = tl.program_id(1)
+    bi = task // SPLITS
+    n0 = (task % SPLITS) * CHUNK
+    n1 = tl.minimum(N, n0 + CHUNK)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    ro = cc * BLOCK_C + tl.arange(0, BLOCK_C)  # this program's output channels
+    o_ok = ro < C
+    a_rows = a_ptr + bi * M * C + rm[:, None] * C
+    x_b = x_ptr + bi * sxb
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    x_base = x_ptr + bi * sxb + rc[:, None] * sxc
     for start in range(n0, n1, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < n1
-        xt = tl.load(x_base + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # (C, N) tile
-        s = _dot(a, xt, FP32, ACC)
+        s = _scores(a_rows, x_b + rn[None, :], m_ok, n_ok, C, sxc, FP64, ACC, BLOCK_M, BLOCK_C, BLOCK_N)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(xt.dtype), tl.trans(xt), FP32, ACC)
+        xo = tl.load(x_b + ro[:, None] * sxc + rn[None, :], mask=o_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
+        acc = acc * alpha[:, None] + _dot(p, tl.trans(xo), FP64)
         m_i = m_new
     out = task * M + rm
-    tl.store(pm_ptr + out, m_i, mask=m_ok)
-    tl.store(pl_ptr + out, l_i, mask=m_ok)
-    tl.store(pacc_ptr + out[:, None] * C + rc[None, :], acc, mask=m_ok[:, None] & c_ok[None, :])
+    first = m_ok & ((rm * 0 + cc) == 0)  # every channel chunk has the same softmax state; chunk 0 stores it
+    tl.store(pm_ptr + out, m_i, mask=first)
+    tl.store(pl_ptr + out, l_i, mask=first)
+    tl.store(pacc_ptr + out[:, None] * C + ro[None, :], acc, mask=m_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
 def _backward_kernel(
     dz_ptr, x_ptr, a_ptr, lse_ptr, d_ptr, dx_ptr, pda_ptr,
     C, N, M, SPLITS, CHUNK, sxb, sxc,
-    FP32: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP64: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    task, bi, n0, n1, rm, rc, m_ok, c_ok = _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M, BLOCK_C)
-    mc = bi * M * C + rm[:, None] * C + rc[None, :]
-    mc_ok = m_ok[:, None] & c_ok[None, :]
-    a = tl.load(a_ptr + mc, mask=mc_ok, other=0.0)
-    dz = tl.load(dz_ptr + mc, mask=mc_ok, other=0.0)
+    task = tl.program_id(0).to(tl.int64)
+    cc = tl.program_id(1)
+    bi = task // SPLITS
+    n0 = (task % SPLITS) * CHUNK
+    n1 = tl.minimum(N, n0 + CHUNK)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    ro = cc * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_ok = ro < C
+    mo_ok = m_ok[:, None] & o_ok[None, :]
+    a_rows = a_ptr + bi * M * C + rm[:, None] * C
+    dz_rows = dz_ptr + bi * M * C + rm[:, None] * C
+    a_o = tl.load(a_rows + ro[None, :], mask=mo_ok, other=0.0).to(ACC)
+    dz_o = tl.load(dz_rows + ro[None, :], mask=mo_ok, other=0.0).to(ACC)
     lse = tl.load(lse_ptr + bi * M + rm, mask=m_ok, other=0.0)
     d = tl.load(d_ptr + bi * M + rm, mask=m_ok, other=0.0)
     da = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    x_base = x_ptr + bi * sxb + rc[:, None] * sxc
-    dx_base = dx_ptr + bi * C * N + rc[:, None] * N
+    x_b = x_ptr + bi * sxb
+    dx_b = dx_ptr + bi * C * N + ro[:, None] * N
     for start in range(n0, n1, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < n1
-        tile_ok = c_ok[:, None] & n_ok[None, :]
-        xt = tl.load(x_base + rn[None, :], mask=tile_ok, other=0.0)
-        p = tl.exp(_dot(a, xt, FP32, ACC) - lse[:, None])
-        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        ds = p * (_dot(dz, xt, FP32, ACC) - d[:, None])
-        dxt = _dot(tl.trans(dz), p.to(dz.dtype), FP32, ACC) + _dot(tl.trans(a), ds.to(a.dtype), FP32, ACC)
-        tl.store(dx_base + rn[None, :], dxt.to(dx_ptr.dtype.element_ty), mask=tile_ok)
-        da += _dot(ds.to(xt.dtype), tl.trans(xt), FP32, ACC)
-    tl.store(pda_ptr + task * M * C + rm[:, None] * C + rc[None, :], da, mask=mc_ok)
-
-
-def _acc_tl(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+        s = _scores(a_rows, x_b + rn[None, :], m_ok, n_ok, C, sxc, FP64, ACC, BLOCK_M, BLOCK_C, BLOCK_N)
+        t = _scores(dz_rows, x_b + rn[None, :], m_ok, n_ok, C, sxc, FP64, ACC, BLOCK_M, BLOCK_C, BLOCK_N)
+        p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        ds = p * (t - d[:, None])
+        tile_ok = o_ok[:, None] & n_ok[None, :]
+        dxt = _dot(tl.trans(dz_o), p, FP64) + _dot(tl.trans(a_o), ds, FP64)
+        tl.store(dx_b + rn[None, :], dxt.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+        xo = tl.load(x_b + ro[:, None] * sxc + rn[None, :], mask=tile_ok, other=0.0).to(ACC)
+        da += _dot(ds, tl.trans(xo), FP64)
+    tl.store(pda_ptr + task * M * C + rm[:, None] * C + ro[None, :], da, mask=mo_ok)
 
 
 def _geometry(x: torch.Tensor, a: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -105,11 +136,38 @@ def _geometry(x: torch.Tensor, a: torch.Tensor) -> tuple[int, int, int, int, int
     return b, c, n, m, splits, triton.cdiv(n, splits)
 
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _blocks(m: int, c: int) -> tuple[int, int, int]:
-    block_m = max(16, triton.next_power_of_2(m))
-    block_c = max(16, triton.next_power_of_2(c))
-    block_n = 64 if block_c <= 64 else (32 if block_c <= 256 else 16)  # bound the register tiles
-    return block_m, block_c, block_n
+    block_m = max(16, triton.next_power_of_2(m))  # tl.dot needs 16 rows
+    block_c = 32 if c <= 32 else 64  # channel chunk: bounds shared memory and registers; two plans
+    return block_m, block_c, 32  # 64 positions per tile took 255 registers and spilled up to 1.7 KB
+
+
+def _plan(kernel: Any, ptrs: dict[str, torch.dtype], m: int, c: int, dtype: torch.dtype, op: str) -> LaunchPlan:
+    block_m, block_c, block_n = _blocks(m, c)
+    fp64 = dtype == torch.float64
+    consts = dict(FP64=fp64, ACC=tl.float64 if fp64 else tl.float32, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n)
+    return make_plan(kernel, ptrs, consts, num_stages=2, op=op)
+
+
+def plan_forward(m: int, c: int, dtype: torch.dtype) -> LaunchPlan:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ptrs = dict(x_ptr=dtype, a_ptr=dtype, pm_ptr=acc, pl_ptr=acc, pacc_ptr=acc)
+    return _plan(_forward_kernel, ptrs, m, c, dtype, "attention_pool")
+
+
+def plan_backward(m: int, c: int, dtype: torch.dtype) -> LaunchPlan:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ptrs = dict(dz_ptr=dtype, x_ptr=dtype, a_ptr=dtype, lse_ptr=acc, d_ptr=acc, dx_ptr=dtype, pda_ptr=acc)
+    return _plan(_backward_kernel, ptrs, m, c, dtype, "attention_pool_backward")
+
+
+def gpu_plans(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[LaunchPlan]:
+    """The paper's 8 queries at both channel chunks the rule can pick (C <= 32, and any wider C)."""
+    shapes = ((8, 32), (8, 256))
+    return [f(m, c, d) for f in (plan_forward, plan_backward) for d in dtypes for m, c in shapes]
 
 
 def attention_pool_forward(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,11 +178,9 @@ def attention_pool_forward(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tens
     part_m = torch.empty((b, splits, m), dtype=acc, device=x.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((b, splits, m, c), dtype=acc, device=x.device)
-    block_m, block_c, block_n = _blocks(m, c)
-    _forward_kernel[(b * splits,)](
-        x, a, part_m, part_l, part_acc, c, n, m, splits, chunk, x.stride(0), x.stride(1),
-        FP32=x.dtype == torch.float32, ACC=_acc_tl(x), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n,
-    )  # fmt: skip
+    plan = plan_forward(m, c, x.dtype)
+    grid = (b * splits, triton.cdiv(c, dict(plan.constexprs)["BLOCK_C"]))
+    plan.launch(grid, x, a, part_m, part_l, part_acc, c, n, m, splits, chunk, x.stride(0), x.stride(1))
     m_tot = part_m.amax(dim=1)  # merge the chunks' softmax states in a fixed order
     w = torch.exp(part_m - m_tot[:, None])
     l_tot = (part_l * w).sum(dim=1)
@@ -141,9 +197,9 @@ def attention_pool_backward(
     d = (dz.to(acc) * z.to(acc)).sum(-1).contiguous()
     dx = torch.empty((b, c, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device)
     part_da = torch.empty((b, splits, m, c), dtype=acc, device=x.device)
-    block_m, block_c, block_n = _blocks(m, c)
-    _backward_kernel[(b * splits,)](
-        dz.contiguous(), x, a, lse.contiguous(), d, dx, part_da, c, n, m, splits, chunk, x.stride(0), x.stride(1),
-        FP32=x.dtype == torch.float32, ACC=_acc_tl(x), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n,
-    )  # fmt: skip
+    plan = plan_backward(m, c, x.dtype)
+    grid = (b * splits, triton.cdiv(c, dict(plan.constexprs)["BLOCK_C"]))
+    plan.launch(
+        grid, dz.contiguous(), x, a, lse.contiguous(), d, dx, part_da, c, n, m, splits, chunk, x.stride(0), x.stride(1)
+    )
     return dx, part_da.sum(dim=1).to(a.dtype)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._plan import LaunchPlan, make_plan
+
 
 @triton.jit
 def _film_forward_kernel(
@@ -69,10 +71,34 @@ def _film_backward_kernel(
     tl.store(part_ptr + BC * CHUNKS + pid * CHUNKS + chunk, tl.sum(tl.sum(sum_dy, axis=1), axis=0))
 
 
-def _blocks(h: int, w: int) -> tuple[int, int]:
-    block_w = min(128, triton.next_power_of_2(max(w, 1)))
-    block_h = min(max(2048 // block_w, 1), triton.next_power_of_2(max(h, 1)))
-    return block_h, block_w
+# Tiles of 2048 elements chosen by the plane's width only, so two plans per kernel and dtype cover every
+# shape (harmonizer_fast.gpucheck compiles them all).
+_TILES = ((16, 128), (64, 32))
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _tile(w: int) -> tuple[int, int]:
+    return _TILES[0] if w > 32 else _TILES[1]
+
+
+def plan_forward(width: int, dtype: torch.dtype, param_dtype: torch.dtype) -> LaunchPlan:
+    block_h, block_w = _tile(width)
+    consts = dict(FP64=dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w)
+    ptrs = dict(x_ptr=dtype, g_ptr=param_dtype, b_ptr=param_dtype, y_ptr=dtype)
+    return make_plan(_film_forward_kernel, ptrs, consts, op="film")
+
+
+def plan_backward(width: int, dtype: torch.dtype, param_dtype: torch.dtype) -> LaunchPlan:
+    block_h, block_w = _tile(width)
+    consts = dict(FP64=dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ptrs = dict(dy_ptr=dtype, x_ptr=dtype, g_ptr=param_dtype, dx_ptr=dtype, part_ptr=acc)
+    return make_plan(_film_backward_kernel, ptrs, consts, op="film_backward")
+
+
+def gpu_plans(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[LaunchPlan]:
+    """Every plan the launchers can choose (gamma and beta in the feature dtype, as the model passes them)."""
+    return [f(w, d, d) for f in (plan_forward, plan_backward) for d in dtypes for w in (128, 32)]
 
 
 def film_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -81,12 +107,10 @@ def film_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> to
     y = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_h, block_w = _blocks(h, w)
-    grid = (b * c, triton.cdiv(h, block_h), triton.cdiv(w, block_w))
-    _film_forward_kernel[grid](
-        x, gamma, beta, y, c, h, w, *x.stride(), *gamma.stride(), *beta.stride(),
-        FP64=x.dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w,
-    )  # fmt: skip
+    plan = plan_forward(w, x.dtype, gamma.dtype)
+    block_h, block_w = dict(plan.constexprs)["BLOCK_H"], dict(plan.constexprs)["BLOCK_W"]
+    grid = (b * c, triton.cdiv(h, block_h), triton.cdiv(w, block_w))  # planes on x: no 65,535 limit
+    plan.launch(grid, x, gamma, beta, y, c, h, w, *x.stride(), *gamma.stride(), *beta.stride())
     return y
 
 
@@ -94,17 +118,18 @@ def film_backward(dy: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor):
     """``(dx, dgamma, dbeta)`` with dgamma, dbeta per (B, C) plane, reduced deterministically."""
     b, c, h, w = x.shape
     dx = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device)
-    block_h, block_w = _blocks(h, w)
+    plan = plan_backward(w, x.dtype, gamma.dtype)
+    block_h = dict(plan.constexprs)["BLOCK_H"]
     # Enough programs to fill a GPU when there are few planes; whole row blocks per chunk.
     chunks = max(1, min(64, (h * w) // 8192, triton.cdiv(h, block_h)))
     rows_per_chunk = triton.cdiv(triton.cdiv(h, chunks), block_h) * block_h
     chunks = triton.cdiv(h, rows_per_chunk)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partials = torch.empty((2, b, c, chunks), dtype=acc, device=x.device)
-    _film_backward_kernel[(b * c, chunks)](
+    plan.launch(
+        (b * c, chunks),
         dy, x, gamma, dx, partials, c, h, w, rows_per_chunk, chunks, b * c,
         *dy.stride(), *x.stride(), *gamma.stride(),
-        FP64=x.dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w,
     )  # fmt: skip
     # fixed-order reduction over the chunks; two separate tensors (outputs of an op must not alias)
     return dx, partials[0].sum(-1).to(x.dtype), partials[1].sum(-1).to(x.dtype)

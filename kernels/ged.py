@@ -9,7 +9,9 @@ above the diagonal and count those above it twice.
 
 Binary masks are thresholded once into float16 0/1 values (exact, half the bytes of float32), so the dot
 runs on tensor cores with float32 accumulation and counts below 2^24 are exact; soft masks use float32
-operands with IEEE precision. Images go through in chunks so the float16 copy stays bounded (K up to 4096).
+operands with IEEE precision (FMAs, never TF32: the soft Gram feeds the GED loss's gradient, and TF32's
+10-bit mantissa would move it by 1e-3). Tiles follow the set sizes (gpu_blocks). Images go through in
+chunks so the float16 copy stays bounded (K up to 4096).
 Installed as ``harmonizer_fast.kernels.ged``.
 """
 
@@ -19,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile and chunk sizes: tensor-core friendly on GPUs; under the CPU interpreter few large programs are
-# fastest (each program is a numpy call sequence).
-_GPU_BLOCKS = {"binary": (128, 128, 64, 8), "soft": (64, 64, 32, 4)}
+from ._plan import LaunchPlan, make_plan
+
+# Under the CPU interpreter few large programs are fastest (each program is a numpy call sequence); on a
+# GPU the tiles follow the set sizes (plan_overlap).
 _INTERPRETER_BLOCKS = (32, 32, 128, 4)
 _MAX_CHUNK_BYTES = 256 << 20  # the float16 copy of the binary masks, per chunk of images
 
@@ -77,25 +80,89 @@ def _overlap_kernel(
             tl.store(out_ptr + bi * tl.num_programs(1) * n_tj + ti * n_tj + tj, total)
 
 
-def _blocks(binary: bool, device: torch.device) -> tuple[int, int, int, int]:
-    if device.type != "cuda":
-        return _INTERPRETER_BLOCKS
-    return _GPU_BLOCKS["binary" if binary else "soft"]
+def _side(k: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(k)))
+
+
+def gpu_blocks(ka: int, kb: int, binary: bool, sym: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_P, num_warps) for ``ka`` x ``kb`` pairs on a GPU.
+
+    Each side is the set size rounded up to a power of two, at least 16 (the smallest tensor-core tile
+    side) and at most 128 (64 for soft masks, whose fp32 operands take twice the registers, and for the
+    square within-set tiles: 128 x 128 spilled 24-40 B on sm_80-89 even with 16 warps): with K = 50
+    samples and N = 4 raters a fixed 128 x 128 tile did 1.2% useful work in the cross term and 0.1% within
+    raters. The pixel block grows as the tile shrinks, so each stage still moves about 8 KiB of operands
+    (twice that kept every tile at 247-255 registers a thread). Within-set tiles are square (the diagonal
+    tile stands for both halves). 8 warps for the 64 x 64 tile: with 4 it spilled 300-450 B in its
+    epilogue (IoU and distance temporaries per pair).
+    """
+    cap = 128 if binary and not sym else 64
+    bm = _side(ka, cap)
+    bn = bm if sym else _side(kb, cap)
+    budget = 4096 if binary else 2048  # elements per operand stage: 8 KiB of fp16 or fp32
+    bp = min(256, max(32, budget // (bm + bn)))
+    bp = 1 << (bp.bit_length() - 1)  # a power of two
+    warps = 4 if bm * bn < 64 * 64 else 8
+    return bm, bn, bp, warps
+
+
+def plan_overlap(
+    ka: int, kb: int, mode: int, sym: bool, offdiag: bool, binary: bool, dtype: torch.dtype, device_type: str = "cuda"
+) -> LaunchPlan:
+    """The plan for ``ka`` x ``kb`` pairs; ``dtype`` is the mask dtype the kernel reads (float16 0/1 values
+    for binary masks)."""
+    if device_type == "cuda":
+        bm, bn, bp, warps = gpu_blocks(ka, kb, binary, sym)
+    else:
+        bm, bn, bp, warps = _INTERPRETER_BLOCKS
+        bn = bm if sym else bn
+    consts = dict(MODE=mode, SYM=sym, OFFDIAG=offdiag, IEEE=not binary, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp)
+    out = torch.float32
+    return make_plan(
+        _overlap_kernel, dict(a_ptr=dtype, b_ptr=dtype, out_ptr=out), consts, num_warps=warps,
+        floats=("eps", "empty_iou"), op="ged_sums" if mode == MODE_SUM else "pairwise_overlap",
+    )  # fmt: skip
+
+
+# (K, N) of the benchmarks and the model: the loss (4 x 4), evaluation at K = 16 and 50, the sampling
+# benchmarks' 1000 samples (100 samples pick the same tiles as 1000). Each gives its cross and within-set tiles.
+PLAN_SETS = ((4, 4), (16, 4), (50, 4), (1000, 4))
+
+
+def gpu_plans(
+    soft_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16),
+) -> list[LaunchPlan]:
+    """Every plan the launchers pick for PLAN_SETS: GED sums (cross, within with and without the
+    diagonal), binary intersections and IoU, and the soft Gram and IoU per input dtype."""
+    plans = []
+    for k, n in PLAN_SETS:
+        plans += [
+            plan_overlap(k, n, MODE_SUM, False, False, True, torch.float16),
+            plan_overlap(k, k, MODE_SUM, True, True, True, torch.float16),
+            plan_overlap(n, n, MODE_SUM, True, True, True, torch.float16),
+            plan_overlap(k, k, MODE_SUM, True, False, True, torch.float16),
+            plan_overlap(k, n, MODE_GRAM, False, False, True, torch.float16),
+            plan_overlap(k, n, MODE_IOU, False, False, True, torch.float16),
+        ]
+        plans += [plan_overlap(k, n, m, False, False, False, d) for d in soft_dtypes for m in (MODE_GRAM, MODE_IOU)]
+    return list(dict.fromkeys(plans))
 
 
 def _launch(a, b, out, mode: int, sym: bool, offdiag: bool, eps: float, empty_iou: float, binary: bool) -> None:
     batch, ka, p = a.shape
     kb = b.shape[1]
-    bm, bn, bp, warps = _blocks(binary, a.device)
-    if sym:
-        bn = bm  # diagonal tiles must be square
-    grid = (batch, triton.cdiv(ka, bm), triton.cdiv(kb, bn))
-    _overlap_kernel[grid](
-        a, b, out, ka, kb, p, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    plan = plan_overlap(ka, kb, mode, sym, offdiag, binary, a.dtype, a.device.type)
+    consts = dict(plan.constexprs)
+    grid = (batch, triton.cdiv(ka, consts["BLOCK_M"]), triton.cdiv(kb, consts["BLOCK_N"]))
+    plan.launch(
+        grid, a, b, out, ka, kb, p, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         float(eps), float(empty_iou), grid[2],
-        MODE=mode, SYM=sym, OFFDIAG=offdiag, IEEE=not binary,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, num_warps=warps,
     )  # fmt: skip
+
+
+def _tile_counts(ka: int, kb: int, sym: bool, device_type: str) -> tuple[int, int]:
+    consts = dict(plan_overlap(ka, kb, MODE_SUM, sym, False, True, torch.float16, device_type).constexprs)
+    return triton.cdiv(ka, consts["BLOCK_M"]), triton.cdiv(kb, consts["BLOCK_N"])
 
 
 def _binarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -135,10 +202,8 @@ def ged_sums(
         e = min(batch, s + step)
         x, y = _binarize(samples[s:e], threshold), _binarize(raters[s:e], 0.5)
         for term, (u, v, sym) in enumerate(((x, y, False), (x, x, True), (y, y, True))):
-            bm, bn, _, _ = _blocks(True, samples.device)
-            bn = bm if sym else bn
-            partials = torch.empty((e - s, triton.cdiv(u.shape[1], bm), triton.cdiv(v.shape[1], bn)),
-                                   dtype=torch.float32, device=samples.device)  # fmt: skip
+            ti, tj = _tile_counts(u.shape[1], v.shape[1], sym, samples.device.type)
+            partials = torch.empty((e - s, ti, tj), dtype=torch.float32, device=samples.device)
             _launch(u, v, partials, MODE_SUM, sym, offdiag and sym, eps, empty_iou, True)
             sums[s:e, term] = partials.flatten(1).to(torch.float64).sum(-1)
     return sums

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._plan import LaunchPlan, make_plan
+
 
 @triton.jit
 def _haar_dwt2d_kernel(
@@ -100,11 +102,40 @@ def _haar_idwt2d_kernel(
     tl.store(x + (row0[:, None] + 1) * W, bot, mask=(row0[:, None] + 1 < H) & col_ok)
 
 
-def _blocks(h: int, w: int) -> tuple[int, int]:
-    """Tile of output coefficients: up to 64 wide, about 1024 coefficients per program."""
-    block_w = min(64, triton.next_power_of_2(max(w, 1)))
-    block_h = min(max(1024 // block_w, 1), triton.next_power_of_2(max(h, 1)))
-    return block_h, block_w
+# Tiles of output coefficients, 1024 per program, chosen by the plane's width only: two plans per kernel
+# and dtype cover every shape (harmonizer_fast.gpucheck compiles them all); narrow planes get tall tiles
+# so a program still covers up to 1024 coefficients of one plane.
+_TILES = ((16, 64), (64, 16))
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _tile(w: int) -> tuple[int, int]:
+    return _TILES[0] if w > 16 else _TILES[1]
+
+
+def plan_dwt(out_width: int, dtype: torch.dtype) -> LaunchPlan:
+    """The forward kernel's plan for outputs ``out_width`` coefficients wide."""
+    block_h, block_w = _tile(out_width)
+    consts = dict(FP64=dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w)
+    return make_plan(_haar_dwt2d_kernel, dict(x_ptr=dtype, lo_ptr=dtype, hi_ptr=dtype), consts, op="haar_dwt2d")
+
+
+def plan_idwt(in_width: int, dtype: torch.dtype) -> LaunchPlan:
+    """The inverse kernel's plan for sub-bands ``in_width`` coefficients wide."""
+    block_h, block_w = _tile(in_width)
+    consts = dict(FP64=dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w)
+    return make_plan(_haar_idwt2d_kernel, dict(lo_ptr=dtype, hi_ptr=dtype, x_ptr=dtype), consts, op="haar_idwt2d")
+
+
+def gpu_plans(dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[LaunchPlan]:
+    """Every plan the launchers can choose: each tile class, each dtype, both directions."""
+    widths = (64, 16)  # one width per tile class
+    return [f(w, d) for f in (plan_dwt, plan_idwt) for d in dtypes for w in widths]
+
+
+def _grid(planes: int, h: int, w: int, block_h: int, block_w: int) -> tuple[int, int, int]:
+    # planes on x (limit 2^31 - 1): 10^6 feature planes must not hit the 65,535 limit of y and z.
+    return (planes, triton.cdiv(h, block_h), triton.cdiv(w, block_w))
 
 
 def haar_dwt2d_into(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -117,12 +148,11 @@ def haar_dwt2d_into(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None
     if lo.numel() == 0:
         return
     assert lo.stride(-1) == 1 and hi.stride(-1) == 1, "outputs need unit stride along W"
-    block_h, block_w = _blocks(ho, wo)
-    grid = (n * c, triton.cdiv(ho, block_h), triton.cdiv(wo, block_w))
-    _haar_dwt2d_kernel[grid](
-        x, lo, hi, c, h, w, ho, wo,
-        *x.stride(), *lo.stride()[:3], *hi.stride()[:4],
-        FP64=x.dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w,
+    plan = plan_dwt(wo, x.dtype)
+    consts = dict(plan.constexprs)
+    plan.launch(
+        _grid(n * c, ho, wo, consts["BLOCK_H"], consts["BLOCK_W"]),
+        x, lo, hi, c, h, w, ho, wo, *x.stride(), *lo.stride()[:3], *hi.stride()[:4],
     )  # fmt: skip
 
 
@@ -132,11 +162,10 @@ def haar_idwt2d(lo: torch.Tensor, hi: torch.Tensor, height: int, width: int) -> 
     x = torch.empty((n, c, height, width), dtype=lo.dtype, device=lo.device)
     if x.numel() == 0:
         return x
-    block_h, block_w = _blocks(hh, ww)
-    grid = (n * c, triton.cdiv(hh, block_h), triton.cdiv(ww, block_w))
-    _haar_idwt2d_kernel[grid](
-        lo, hi, x, c, hh, ww, height, width,
-        *lo.stride(), *hi.stride(),
-        FP64=lo.dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w,
+    plan = plan_idwt(ww, lo.dtype)
+    consts = dict(plan.constexprs)
+    plan.launch(
+        _grid(n * c, hh, ww, consts["BLOCK_H"], consts["BLOCK_W"]),
+        lo, hi, x, c, hh, ww, height, width, *lo.stride(), *hi.stride(),
     )  # fmt: skip
     return x

@@ -83,3 +83,16 @@ def use_backend(monkeypatch):
     yield force
     for isa in restore:
         _backend.set_cpu_isa(isa)
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_triton_fallback():
+    """On a GPU, a Triton plan that fails and falls back is a test failure, never a silent slowdown
+    (gpu_check.sh runs the suite there)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = _backend.triton_failures()
+    yield
+    new = {k: v for k, v in _backend.triton_failures().items() if k not in before}
+    assert not new, f"Triton plans fell back on this GPU: {new}"

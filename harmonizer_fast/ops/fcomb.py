@@ -49,6 +49,11 @@ def _ext(*args: Tensor) -> Tensor:
 
 
 _IMPLS = {"torch": fcomb_head_reference, "triton": _triton, "cpu": _ext}
+# The Triton kernel keeps a (channels x channels) weight tile in registers: above 32 channels it spills
+# (kernels/fcomb.py, MAX_CHANNELS), so wider heads run on the other backends, by rule rather than by a
+# failure and a fallback warning.
+TRITON_MAX_CHANNELS = 32
+_WIDE_IMPLS = {k: v for k, v in _IMPLS.items() if k != "triton"}
 IMPLS = {"fcomb_head": _IMPLS}
 SUPPORT = _backend.DEFAULT_SUPPORT
 
@@ -57,7 +62,11 @@ SUPPORT = _backend.DEFAULT_SUPPORT
 def _fcomb_head_op(
     base: Tensor, bias: Tensor, hidden_w: Tensor, hidden_b: Tensor, last_w: Tensor, last_b: Tensor
 ) -> Tensor:
-    return _backend.dispatch("fcomb_head", base, _IMPLS, SUPPORT, base, bias, hidden_w, hidden_b, last_w, last_b)
+    if base.shape[1] > TRITON_MAX_CHANNELS:
+        op, impls = f"fcomb_head with more than {TRITON_MAX_CHANNELS} channels", _WIDE_IMPLS
+    else:
+        op, impls = "fcomb_head", _IMPLS
+    return _backend.dispatch(op, base, impls, SUPPORT, base, bias, hidden_w, hidden_b, last_w, last_b)
 
 
 @_fcomb_head_op.register_fake

@@ -1,0 +1,124 @@
+"""Launch plans (kernels/_plan.py): grids within CUDA's limits for inputs far beyond these machines, and a
+failing plan that falls back alone.
+
+The grid tests run the real Triton launchers on meta tensors (no memory, no data) and intercept the
+launch, so they see exactly the grid and arguments production would launch with.
+"""
+
+import pytest
+import torch
+
+import harmonizer_fast as hf
+from harmonizer_fast import _backend
+
+kernels = pytest.importorskip("harmonizer_fast.kernels", reason="triton is not installed")
+from harmonizer_fast.kernels import _plan, attention_pool, fcomb, film, ged, haar  # noqa: E402
+
+INT32_MAX = 2**31 - 1
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    seen = []
+
+    def record(self, grid, *args):
+        _plan.check_grid(grid, self.name)
+        seen.append((self, grid, args))
+
+    monkeypatch.setattr(_plan.LaunchPlan, "launch", record)
+    return seen
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+def _within_limits(seen):
+    assert seen
+    for plan, grid, _ in seen:
+        assert all(1 <= g for g in grid), (plan.key, grid)
+        assert grid[0] <= _plan.GRID_LIMITS[0] and all(g <= 65535 for g in grid[1:]), (plan.key, grid)
+
+
+def test_haar_grids_for_a_million_planes_and_2_to_the_32_elements(launches):
+    x = _meta(1000, 1000, 8, 8)  # 10^6 planes
+    haar.haar_dwt2d_into(x, _meta(1000, 1000, 4, 4), _meta(1000, 1000, 3, 4, 4))
+    haar.haar_idwt2d(_meta(1000, 1000, 4, 4), _meta(1000, 1000, 3, 4, 4), 8, 8)
+    big = _meta(1, 1, 65536, 65536)  # 2^32 elements in one plane
+    haar.haar_dwt2d_into(big, _meta(1, 1, 32768, 32768), _meta(1, 1, 3, 32768, 32768))
+    _within_limits(launches)
+    assert launches[0][1][0] == 10**6  # the planes are on grid x
+
+
+def test_film_grids_for_a_million_planes(launches):
+    x = _meta(1000, 1000, 8, 8)
+    film.film_forward(x, _meta(1000, 1000), _meta(1000, 1000))
+    film.film_backward(x, x, _meta(1000, 1000))
+    film.film_forward(_meta(1, 1, 65536, 65536), _meta(1, 1), _meta(1, 1))
+    _within_limits(launches)
+
+
+def test_fcomb_grid_for_images_over_8_million_pixels(launches):
+    # grid y used to carry the pixel blocks: cdiv(10^8, 128) = 781,250 > 65,535
+    fcomb.fcomb_head(_meta(2, 16, 10**8), _meta(2, 50, 16), _meta(3, 16, 16), _meta(3, 16), _meta(16), _meta(1))
+    _within_limits(launches)
+
+
+def test_attention_pool_grids_for_large_batches_and_maps(launches):
+    attention_pool.attention_pool_forward(_meta(70000, 256, 4, 4), _meta(70000, 8, 256))
+    attention_pool.attention_pool_forward(_meta(1, 512, 2048, 2048), _meta(1, 8, 512))
+    _within_limits(launches)
+
+
+def test_ged_grids_for_70000_samples(launches):
+    s, r = _meta(1, 70000, 64), _meta(1, 4, 64)
+    ged.ged_sums(s, r, 0.5, 1e-7, 1.0, True)
+    ged.pairwise_overlap(s, r, 0.5, False, 1e-7, 1.0, ged.MODE_IOU)
+    _within_limits(launches)
+
+
+def test_check_grid_rejects_what_cuda_cannot_launch():
+    _plan.check_grid((INT32_MAX, 65535, 65535), "ok")
+    with pytest.raises(ValueError, match="grid axis y needs 65536 blocks"):
+        _plan.check_grid((1, 65536, 1), "k")
+
+
+@pytest.mark.parametrize(("k", "n", "sym", "tile"), [(4, 4, False, (16, 16)), (50, 4, False, (64, 16)),
+                                                     (50, 50, True, (64, 64)), (1000, 4, False, (128, 16)),
+                                                     (1000, 1000, True, (64, 64))])  # fmt: skip
+def test_ged_tiles_follow_the_set_sizes(k, n, sym, tile):
+    bm, bn, bp, warps = ged.gpu_blocks(k, n, True, sym)
+    assert (bm, bn) == tile
+    assert bp & (bp - 1) == 0 and 32 <= bp <= 256
+    def useful(tm, tn):
+        return k * n / (-(-k // tm) * tm * -(-n // tn) * tn)
+
+    # the fixed 128 x 128 tile did 1.2% useful work at K = 50, N = 4 (19.5% now)
+    assert useful(bm, bn) >= useful(128, 128)
+    assert bm == max(16, min(64 if sym else 128, 1 << (k - 1).bit_length()))
+
+
+def test_a_failing_plan_falls_back_alone(monkeypatch):
+    """One failing plan (one kernel, one tile, one dtype) moves only its calls off Triton."""
+    if _backend._unavailable("triton", "cpu"):
+        pytest.skip("needs the Triton interpreter")
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton", "cpu", "torch"))
+    monkeypatch.setattr(_backend, "_TRITON_FAILED", {})
+    broken = haar.plan_idwt(64, torch.float32)
+    monkeypatch.setattr(_plan, "FAILED", {broken.key: "RuntimeError: no kernel image for this GPU"})
+    launched = []
+    original = _plan.LaunchPlan.launch
+
+    def spy(self, grid, *args):
+        original(self, grid, *args)
+        launched.append(self.key)
+
+    monkeypatch.setattr(_plan.LaunchPlan, "launch", spy)
+    wide = torch.randn(1, 2, 4, 4, 64, dtype=torch.float32)
+    with pytest.warns(_backend.TritonFallbackWarning, match="failed before"):
+        out = hf.haar_idwt2d(wide)
+    torch.testing.assert_close(out, hf.ops.haar_idwt2d_reference(wide))
+    assert broken.key in _backend.triton_failures()
+    narrow = torch.randn(1, 2, 4, 4, 8, dtype=torch.float32)  # another plan of the same op
+    torch.testing.assert_close(hf.haar_idwt2d(narrow), hf.ops.haar_idwt2d_reference(narrow))
+    assert launched == [haar.plan_idwt(8, torch.float32).key]
