@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (README.md):
 #   make demo   set up .venv and run the main job: train and evaluate on synthetic data (harmonizer-fast demo)
-#   make test   set up .venv, compile-check the CUDA sources, lint, run the test suite
+#   make test   set up .venv, compile-check the CUDA sources and the Triton plans for sm_80-90, lint, run the tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*)
 
-.PHONY: demo test setup bench compile-check lint backends clean
+.PHONY: demo test setup bench compile-check gpucheck lint backends clean
 
 setup: $(VENV)/.deps $(VENV)/.ext
 
@@ -36,13 +36,17 @@ bench: setup
 compile-check: $(VENV)/.deps
 	bash csrc/compile_check.sh $(PY)
 
+# Every Triton launch plan compiled ahead of time for sm_80/86/89/90 (no GPU needed; cached in build/gpucheck).
+gpucheck: setup compile-check
+	$(PY) -m harmonizer_fast.gpucheck
+
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 
 backends: setup
 	$(PY) -m harmonizer_fast
 
-test: setup compile-check lint
+test: setup compile-check gpucheck lint
 	$(PY) -m harmonizer_fast
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

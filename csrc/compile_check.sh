@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA side on a machine without a GPU (CI runs it through `make test`):
-#  1. every csrc/cuda/*.cu with nvcc for sm_80, sm_86 and sm_90 (these files include no torch headers);
+#  1. every csrc/cuda/*.cu with nvcc for sm_80, sm_86, sm_89 and sm_90 (these files include no torch headers);
 #  2. csrc/*.cpp (ops.cpp and the torch-side <op>_op.cpp files) with -DWITH_CUDA, syntax only, so the
 #     torch-side CUDA wrappers are checked too. A CPU torch wheel lacks one CMake-generated c10 header;
 #     a stub with its single define stands in for it.
@@ -13,7 +13,7 @@ if [ -z "$NVCC" ]; then
   echo "compile_check: nvcc not found, skipping the CUDA compile check"
   exit 0
 fi
-ARCHS=${CUDA_ARCHS:-"80 86 90"}
+ARCHS=${CUDA_ARCHS:-"80 86 89 90"}
 out=build/compile_check
 mkdir -p "$out/stub/c10/cuda/impl"
 gencode=""

@@ -1,0 +1,262 @@
+"""Ahead-of-time compile check of every Triton launch plan for real NVIDIA GPUs, on a machine without one.
+
+    python -m harmonizer_fast.gpucheck [--out benchmarks/results/gpu-compile] [--targets sm_80,sm_86,...]
+
+The Triton interpreter (how CI runs the kernels on CPU tensors) accepts programs a GPU compiler rejects or
+runs badly: tl.dot shape and dtype rules, shared memory over a block's limit, register spills, fp32 dots
+that never reach tensor cores. This module compiles every plan the launchers can choose (each kernel
+module's ``gpu_plans()``, built by the same ``plan_*`` functions the launchers call) with ``triton.compile``
+for an explicit ``GPUTarget`` and reads, per plan and target: registers per thread and spill bytes (the
+``ptxas -v`` log of that very compile), shared memory against the target's per-block limit, the occupancy
+those allow, and the tensor-core instructions in the SASS (``cuobjdump -sass`` of the cubin).
+
+Failing conditions (exit status 1, and tests/test_gpucheck.py): a plan that does not compile; shared
+memory over the limit; any spill in the Haar, FiLM, fcomb or binary GED kernels; the binary GED kernel
+without tensor-core instructions; the soft GED path using TF32 (it must stay IEEE fp32).
+
+Results are cached under ``build/gpucheck`` keyed by the kernel's source hash, the plan, the target and
+the triton version, so an unchanged kernel is not compiled twice. The check skips (exit 0, with the reason)
+when the installed triton has no NVIDIA backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .gpu_targets import TARGETS, occupancy
+
+CHECK_VERSION = 2  # bump when the recorded columns change
+FAMILIES = ("haar", "film", "attention_pool", "fcomb", "ged")
+NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_film_forward_kernel", "_film_backward_kernel",
+            "_fcomb_head_kernel")  # fmt: skip
+DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
+_TENSOR_CORE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|WGMMA)\S*)")
+
+
+def _dtypes(names: tuple[str, ...]) -> tuple[Any, ...]:
+    import torch
+
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+    return tuple(table[n] for n in names)
+
+
+def family_plans(family: str, dtype_names: tuple[str, ...] = DEFAULT_DTYPES) -> list[Any]:
+    """The launch plans of one kernel family, in a fixed order (the launchers' own ``gpu_plans``)."""
+    import importlib
+
+    mod = importlib.import_module(f"harmonizer_fast.kernels.{family}")
+    dtypes = _dtypes(dtype_names)
+    if family == "ged":  # binary masks are always read as float16 0/1 values; soft masks in their dtype
+        import torch
+
+        return mod.gpu_plans(tuple(d for d in dtypes if d != torch.float64))
+    return mod.gpu_plans(dtypes)
+
+
+def no_nvidia_backend() -> str:
+    """Why the installed triton cannot compile for NVIDIA targets, or "" when it can."""
+    try:
+        from triton.backends import backends
+    except Exception as exc:  # no triton, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if "nvidia" not in backends:
+        return "the installed triton has no NVIDIA backend"
+    return ""
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _worker_init() -> None:
+    # The interpreter swaps @triton.jit for an interpreted function that cannot be compiled; workers are
+    # fresh processes, so dropping the variable before triton is imported gives them the real JIT.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated explicitly
+    # A private, empty triton cache: a cache hit skips ptxas, and its -v log is where spills are read.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="hf-gpucheck-")
+
+
+def _parse_ptxas(log: str) -> dict[str, int]:
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "spill_store_bytes": grab(r"(\d+) bytes spill stores"),
+        "spill_load_bytes": grab(r"(\d+) bytes spill loads"),
+        "stack_bytes": grab(r"(\d+) bytes stack frame"),
+    }
+
+
+def compile_plan(family: str, index: int, target_name: str, dtype_names: tuple[str, ...], cache_dir: str) -> dict:
+    """Compile plan ``index`` of ``family`` for one target (a pool worker's job)."""
+    return compile_one(family_plans(family, dtype_names)[index], target_name, cache_dir, family)
+
+
+def compile_one(plan: Any, target_name: str, cache_dir: str, family: str = "") -> dict:
+    """Compile one plan for one target and return its resource record (cached by source hash).
+
+    Needs the real Triton JIT: call it in a process where TRITON_INTERPRET is not set (the pool's workers).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = TARGETS[target_name]
+    sig = plan.signature()
+    # torch allocations are 256-byte aligned, so the launcher sees 16-divisible pointers (Triton
+    # specializes on that); integer arguments are compiled unspecialized.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(plan.kernel.arg_names) if sig[a].startswith("*")}
+    src = ASTSource(plan.kernel, sig, constexprs=dict(plan.constexprs), attrs=attrs)
+    options = {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
+    key = hashlib.sha256(
+        json.dumps([CHECK_VERSION, src.hash(), target_name, options, triton.__version__]).encode()
+    ).hexdigest()
+    cached = Path(cache_dir) / f"{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    record: dict[str, Any] = {"family": family, "kernel": plan.name, "plan": plan.key, "target": target_name,
+                              "num_warps": plan.num_warps, "num_stages": plan.num_stages}  # fmt: skip
+    t0 = time.perf_counter()
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", target.arch, 32), options=options)
+    except Exception as exc:
+        record.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        record["compile_s"] = round(time.perf_counter() - t0, 2)
+        return record  # failures are not cached: they are rerun until fixed
+    record.update(_parse_ptxas(log.getvalue()))
+    if "Used" not in log.getvalue():
+        record["error"] = "no ptxas -v log captured (was the compile served from a triton cache?)"
+        return record
+    record["shared_bytes"] = int(compiled.metadata.shared)
+    record["shared_limit"] = target.shared_per_block
+    # Disassembling costs more than compiling a small kernel (0.4 s), so only kernels with a tl.dot, the
+    # only source of tensor-core instructions, are disassembled.
+    record["sass_inspected"] = "tt.dot" in compiled.asm["ttir"]
+    record["tensor_core"] = []
+    if record["sass_inspected"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        record["tensor_core"] = sorted(set(_TENSOR_CORE.findall(sass)))
+    record.update(occupancy(target, record["registers"], record["shared_bytes"], plan.num_warps))
+    record["compile_s"] = round(time.perf_counter() - t0, 2)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp_path.write_text(json.dumps(record))
+    os.replace(tmp_path, cached)  # atomic: a killed check never leaves a half-written entry
+    return record
+
+
+def problems(record: dict) -> list[str]:
+    """What is wrong with one plan on one target (empty when nothing is)."""
+    where = f"{record['plan']} on {record['target']}"
+    if "error" in record:
+        return [f"{where}: does not compile ({record['error']})"]
+    out = []
+    if record["shared_bytes"] > record["shared_limit"]:
+        out.append(f"{where}: {record['shared_bytes']} B of shared memory, the limit is {record['shared_limit']} B")
+    spills = record["spill_store_bytes"] + record["spill_load_bytes"]
+    binary_ged = record["kernel"] == "_overlap_kernel" and "IEEE=False" in record["plan"]
+    if spills and (record["kernel"] in NO_SPILL or binary_ged):
+        out.append(f"{where}: spills {record['spill_store_bytes']} B stored / {record['spill_load_bytes']} B loaded")
+    if binary_ged and not record["tensor_core"]:
+        out.append(f"{where}: the binary GED kernel has no tensor-core instruction")
+    if record["kernel"] == "_overlap_kernel" and "IEEE=True" in record["plan"]:
+        tf32 = [i for i in record["tensor_core"] if "TF32" in i]
+        if tf32:
+            out.append(f"{where}: the soft path must stay IEEE fp32, found {', '.join(tf32)}")
+    return out
+
+
+def run_check(
+    targets: tuple[str, ...] = tuple(TARGETS),
+    dtype_names: tuple[str, ...] = DEFAULT_DTYPES,
+    families: tuple[str, ...] = FAMILIES,
+    jobs: int = 0,
+    cache_dir: str = "build/gpucheck",
+    progress: bool = True,
+) -> list[dict]:
+    """Compile every plan of ``families`` for every target; one record per (plan, target)."""
+    work = [(f, i, t) for f in families for i in range(len(family_plans(f, dtype_names))) for t in targets]
+    jobs = jobs or os.cpu_count() or 1
+    records = []
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        futures = [pool.submit(compile_plan, f, i, t, dtype_names, cache_dir) for f, i, t in work]
+        for n, fut in enumerate(cf.as_completed(futures), 1):
+            records.append(fut.result())
+            if progress and (n % 25 == 0 or n == len(futures)):
+                print(f"gpucheck: {n}/{len(futures)} compiled", file=sys.stderr, flush=True)
+    order = {(f, i, t): n for n, (f, i, t) in enumerate(work)}
+    plan_index = {}
+    for f in families:
+        for i, p in enumerate(family_plans(f, dtype_names)):
+            plan_index[(f, p.key)] = i
+    records.sort(key=lambda r: order[(r["family"], plan_index[(r["family"], r["plan"])], r["target"])])
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harmonizer_fast.gpucheck", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, e.g. sm_80,sm_86,sm_89,sm_90")
+    ap.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="fp32,fp16,bf16 (and fp64 if wanted)")
+    ap.add_argument("--jobs", type=int, default=0, help="parallel compiles (default: CPU count)")
+    ap.add_argument("--cache", default="build/gpucheck", help="cache directory (default: build/gpucheck)")
+    ap.add_argument("--out", default="", help="write OUT.json and OUT.md (the report)")
+    ap.add_argument("--cuda-objects", default="build/compile_check", help="nvcc objects of csrc/compile_check.sh")
+    args = ap.parse_args(argv)
+    why = no_nvidia_backend()
+    if why:
+        print(f"gpucheck: skipped: {why}")
+        return 0
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    for t in targets:
+        if t not in TARGETS:
+            print(f"gpucheck: --targets: unknown target {t!r}; expected some of {', '.join(TARGETS)}")
+            return 2
+    for d in dtypes:
+        if d not in ("fp32", "fp16", "bf16", "fp64"):
+            print(f"gpucheck: --dtypes: unknown dtype {d!r}; expected fp32, fp16, bf16 or fp64")
+            return 2
+    t0 = time.perf_counter()
+    records = run_check(targets, dtypes, jobs=args.jobs, cache_dir=args.cache)
+    found = [p for r in records for p in problems(r)]
+    from . import gpucheck_report
+
+    print(gpucheck_report.summary(records))
+    if args.out:
+        cuda = gpucheck_report.cuda_objects(args.cuda_objects)
+        gpucheck_report.write(args.out, records, cuda, targets, dtypes, time.perf_counter() - t0)
+        print(f"gpucheck: wrote {args.out}.json and {args.out}.md")
+    for p in found:
+        print(f"gpucheck: FAIL {p}")
+    print(f"gpucheck: {len(records)} compiles, {len(found)} problems, {time.perf_counter() - t0:.0f} s")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The compile check's report: kernel x plan x target tables, the CUDA C++ kernels' resources, and each
+benchmark shape's chosen plan, bytes and FLOPs projected onto every target's datasheet peaks.
+
+Written by ``python -m harmonizer_fast.gpucheck --out benchmarks/results/gpu-compile`` (JSON, then the
+markdown generated from it); never edit the results by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .gpu_targets import TARGETS
+
+
+def summary(records: list[dict]) -> str:
+    """One line per kernel: worst registers, spills and shared memory over its plans and targets."""
+    by_kernel: dict[str, list[dict]] = {}
+    for r in records:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    head = f"{'kernel':24} {'plans':>5} {'fail':>4} {'max regs':>8} {'max spill B':>11} {'max shared B':>12}"
+    lines = [head + "  tensor cores"]
+    for kernel, rs in by_kernel.items():
+        ok = [r for r in rs if "error" not in r]
+        tc = sorted({i.split(".")[0] for r in ok for i in r["tensor_core"]}) or ["-"]
+        lines.append(
+            f"{kernel:24} {len({r['plan'] for r in rs}):5} {len(rs) - len(ok):4} "
+            f"{max((r['registers'] for r in ok), default=0):8} "
+            f"{max((r['spill_store_bytes'] for r in ok), default=0):11} "
+            f"{max((r['shared_bytes'] for r in ok), default=0):12}  {','.join(tc)}"
+        )
+    return "\n".join(lines)
+
+
+def cuda_objects(directory: str) -> list[dict]:
+    """Per-kernel resources of the nvcc objects csrc/compile_check.sh built (empty when absent)."""
+    from .gpucheck import _tool
+
+    rows = []
+    for obj in sorted(Path(directory).glob("*.o")):
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(obj)], capture_output=True, text=True
+        ).stdout
+        if shutil.which("c++filt"):  # demangle the kernel names
+            usage = subprocess.run(["c++filt"], input=usage, capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(obj)], capture_output=True, text=True).stdout
+        arch = ""
+        for line in usage.splitlines():
+            m = re.search(r"arch = (sm_\d+)", line)
+            if m:
+                arch = m.group(1)
+            m = re.search(r"Function (.+):$", line.strip())
+            if m:
+                fn = re.sub(r"harmonizer_fast::\(anonymous namespace\)::", "", m.group(1))
+            m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+            if m and arch:
+                rows.append({"source": obj.stem, "function": fn, "target": arch, "registers": int(m.group(1)),
+                             "stack_bytes": int(m.group(2)), "static_shared_bytes": int(m.group(3)),
+                             "local_bytes": int(m.group(4))})  # fmt: skip
+        tc = sorted(set(re.findall(r"\b((?:HMMA|HGMMA|IMMA|DMMA)\S*)", sass)))
+        for r in rows:
+            if r["source"] == obj.stem:
+                r["tensor_core"] = tc
+    return rows
+
+
+def _projection_shapes() -> list[dict[str, Any]]:
+    """The benchmarks' shapes (benchmarks/bench_*.py, paper config at 128 x 128), their chosen plans and
+    their work counted by the profiler's formulas on CPU tensors."""
+    import torch
+
+    from . import profiler
+    from .kernels import attention_pool, fcomb, film, ged, haar
+    from .ops.attention_pool import _core_reference  # noqa: F401  (registers the op)
+
+    ops = torch.ops.harmonizer_fast
+    x = torch.rand(16, 64, 128, 128)
+    gamma, beta = torch.rand(16, 64), torch.rand(16, 64)
+    feats = torch.rand(16, 256, 16, 16)
+    a = torch.rand(16, 8, 256)
+    base, bias = torch.rand(16, 16, 128 * 128), torch.rand(16, 50, 16)
+    hw, hb, lw, lb = torch.rand(3, 16, 16), torch.rand(3, 16), torch.rand(16), torch.rand(1)
+    samples = (torch.rand(16, 50, 128 * 128) > 0.5).float()
+    raters = (torch.rand(16, 4, 128 * 128) > 0.5).float()
+    cases = [
+        ("haar_dwt2d (16, 64, 128, 128) fp32", lambda: ops.haar_dwt2d(x), [haar.plan_dwt(64, torch.float32)]),
+        ("film (16, 64, 128, 128) fp32", lambda: ops.film(x, gamma, beta),
+         [film.plan_forward(128, torch.float32, torch.float32)]),
+        ("attention_pool (16, 256, 16, 16), M = 8", lambda: ops.attention_pool(feats, a),
+         [attention_pool.plan_forward(8, 256, torch.float32)]),
+        ("fcomb_head B = 16, K = 50, 16 ch, 128 x 128", lambda: ops.fcomb_head(base, bias, hw, hb, lw, lb),
+         [fcomb.plan_head(16, 3, torch.float32)]),
+        ("ged_sums B = 16, K = 50, N = 4, 128 x 128", lambda: ops.ged_sums(samples, raters, 0.5, 1e-7, 1.0, True),
+         [ged.plan_overlap(50, 4, ged.MODE_SUM, False, False, True, torch.float16),
+          ged.plan_overlap(50, 50, ged.MODE_SUM, True, True, True, torch.float16),
+          ged.plan_overlap(4, 4, ged.MODE_SUM, True, True, True, torch.float16)]),
+    ]  # fmt: skip
+    out = []
+    for name, fn, plans in cases:
+        work = profiler.count_work(fn)
+        flops = sum(w.flops for w in work.values())
+        moved = sum(w.bytes for w in work.values())
+        tensor = name.startswith("ged")  # the binary Gram runs on tensor cores
+        proj = {}
+        for t in TARGETS.values():
+            peak = t.fp16_tensor_flops if tensor else t.fp32_flops
+            proj[t.name] = max(flops / peak, moved / t.dram_bytes_per_s)
+        out.append({"shape": name, "plans": [p.key for p in plans], "flops": flops, "bytes": moved,
+                    "projected_s": proj})  # fmt: skip
+    return out
+
+
+def write(out: str, records: list[dict], cuda: list[dict], targets, dtypes, seconds: float) -> None:
+    import triton
+
+    from .gpucheck import problems
+
+    data = {
+        "triton": triton.__version__,
+        "host": platform.processor() or platform.machine(),
+        "targets": {t: vars(TARGETS[t]) for t in targets},
+        "dtypes": list(dtypes),
+        "seconds": round(seconds, 1),
+        "records": records,
+        "problems": [p for r in records for p in problems(r)],
+        "cuda_cpp": cuda,
+        "projection": _projection_shapes(),
+        "note": "compiled ahead of time, no GPU; projected times are from datasheet peaks, not measurements",
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(data, indent=1))
+    Path(f"{out}.md").write_text(markdown(data))
+
+
+def markdown(data: dict) -> str:
+    """The report's markdown, generated from its JSON."""
+    targets = list(data["targets"])
+    lines = [
+        "# GPU compile check (ahead of time, no GPU)",
+        "",
+        f"Generated by `python -m harmonizer_fast.gpucheck --out benchmarks/results/gpu-compile` (triton "
+        f"{data['triton']}, {len(data['records'])} compiles, {data['seconds']} s). Every plan the launchers can "
+        f"choose, compiled with `triton.compile` for explicit targets; registers and spills from that "
+        f"compile's `ptxas -v`, tensor-core instructions from `cuobjdump -sass`. dtypes: {', '.join(data['dtypes'])}.",
+        "",
+        "Targets: "
+        + "; ".join(
+            f"{t} ({v['card']}, {v['shared_per_block']} B shared per block)" for t, v in data["targets"].items()
+        ),  # fmt: skip
+        "",
+        f"Problems: {len(data['problems'])}" + "".join(f"\n- {p}" for p in data["problems"]),
+        "",
+        "## Triton plans",
+        "",
+        "| kernel | plan | target | regs | spill B (st/ld) | shared B | occupancy (warps/SM, bound) | tensor cores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["records"]:
+        plan = r["plan"][len(r["kernel"]) :]
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | `{plan}` | {r['target']} | compile failed: {r['error']} | | | | |")
+            continue
+        tc = ", ".join(r["tensor_core"]) or ("none" if r.get("sass_inspected") else "no tl.dot")
+        lines.append(
+            f"| {r['kernel']} | `{plan}` | {r['target']} | {r['registers']} | {r['spill_store_bytes']}/"
+            f"{r['spill_load_bytes']} | {r['shared_bytes']} | {r['warps_per_sm']} ({r['occupancy_pct']}%, "
+            f"{r['limited_by']}) | {tc} |"
+        )
+    lines += ["", "## CUDA C++ kernels (csrc/cuda, nvcc objects of csrc/compile_check.sh)", ""]
+    if data["cuda_cpp"]:
+        lines += ["| source | kernel | target | regs | local B | static shared B | tensor cores |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for r in data["cuda_cpp"]:
+            lines.append(
+                f"| {r['source']} | `{r['function'][:60]}` | {r['target']} | {r['registers']} | {r['local_bytes']} | "
+                f"{r['static_shared_bytes']} | {', '.join(r.get('tensor_core', [])) or '-'} |"
+            )
+    else:
+        lines.append("Not available: run `bash csrc/compile_check.sh` first (needs nvcc).")
+    lines += [
+        "",
+        "## Benchmark shapes: chosen plan, work, projected time",
+        "",
+        "Bytes and FLOPs from the profiler's formulas (compulsory traffic); projected time = max(FLOPs / peak, "
+        "bytes / DRAM bandwidth) at each target's datasheet peaks. **A projection, not a measurement.**",
+        "",
+        "| shape | plans | FLOPs | bytes | " + " | ".join(f"{t} projected" for t in targets) + " |",
+        "|---|---|---|---|" + "---|" * len(targets),
+    ]
+    for p in data["projection"]:
+        times = " | ".join(f"{p['projected_s'][t] * 1e6:.1f} us" for t in targets)
+        plans = "<br>".join(f"`{k}`" for k in p["plans"])
+        lines.append(f"| {p['shape']} | {plans} | {p['flops']:.3g} | {p['bytes']:.3g} | {times} |")
+    return "\n".join(lines) + "\n"
