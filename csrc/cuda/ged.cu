@@ -200,6 +200,12 @@ int pack(const void* x, DType dtype, int64_t rows, int64_t pixels, float thresho
   return e;
 }
 
+// CUDA caps grid z at 65,535: the launchers below run larger batches in chunks of images (pointer offsets),
+// so B = 10^5 images is several launches rather than a launch failure.
+constexpr int64_t kMaxGridZ = 65535;
+
+int64_t chunk_of(int64_t batch, int64_t b0) { return batch - b0 < kMaxGridZ ? batch - b0 : kMaxGridZ; }
+
 dim3 tile_grid(int64_t na, int64_t nb, int64_t batch) {
   return dim3(static_cast<unsigned>((nb + kTile - 1) / kTile), static_cast<unsigned>((na + kTile - 1) / kTile),
               static_cast<unsigned>(batch));
@@ -217,8 +223,14 @@ int overlap_binary_cuda_launch(const void* a, DType a_dtype, const void* b, DTyp
   err = pack(b, b_dtype, args.batch * args.kb, args.pixels, args.threshold, static_cast<char*>(workspace) + ws.set_b,
              st, &pb);
   if (err != cudaSuccess) return err;
-  overlap_binary_kernel<<<tile_grid(args.ka, args.kb, args.batch), dim3(kTile, kTile), 0, st>>>(
-      pa.words, pa.areas, pb.words, pb.areas, out, args, static_cast<int>(mode));
+  const int64_t nw = packed_words(args.pixels);
+  for (int64_t b0 = 0; b0 < args.batch; b0 += kMaxGridZ) {
+    OverlapArgs chunk = args;
+    chunk.batch = chunk_of(args.batch, b0);
+    overlap_binary_kernel<<<tile_grid(args.ka, args.kb, chunk.batch), dim3(kTile, kTile), 0, st>>>(
+        pa.words + b0 * args.ka * nw, pa.areas + b0 * args.ka, pb.words + b0 * args.kb * nw, pb.areas + b0 * args.kb,
+        out + b0 * args.ka * args.kb, chunk, static_cast<int>(mode));
+  }
   return cudaGetLastError();
 }
 
@@ -235,8 +247,13 @@ int overlap_soft_cuda_launch(const void* a, const void* b, DType dtype, void* ou
                                                                                    args.pixels, a_area);
     row_sum_kernel<T><<<static_cast<unsigned>(args.batch * args.kb), 256, 0, st>>>(static_cast<const T*>(b),
                                                                                    args.pixels, b_area);
-    overlap_soft_kernel<T><<<tile_grid(args.ka, args.kb, args.batch), dim3(kTile, kTile), 0, st>>>(
-        static_cast<const T*>(a), static_cast<const T*>(b), a_area, b_area, o, args, static_cast<int>(mode));
+    for (int64_t b0 = 0; b0 < args.batch; b0 += kMaxGridZ) {
+      OverlapArgs chunk = args;
+      chunk.batch = chunk_of(args.batch, b0);
+      overlap_soft_kernel<T><<<tile_grid(args.ka, args.kb, chunk.batch), dim3(kTile, kTile), 0, st>>>(
+          static_cast<const T*>(a) + b0 * args.ka * args.pixels, static_cast<const T*>(b) + b0 * args.kb * args.pixels,
+          a_area + b0 * args.ka, b_area + b0 * args.kb, o + b0 * args.ka * args.kb, chunk, static_cast<int>(mode));
+    }
     return static_cast<int>(cudaGetLastError());
   });
 }
@@ -255,12 +272,21 @@ int ged_sums_cuda_launch(const void* samples, DType s_dtype, const void* raters,
   auto* p_samples = reinterpret_cast<double*>(base + ws.within_a);
   auto* p_raters = reinterpret_cast<double*>(base + ws.within_b);
   const dim3 threads(kTile, kTile);
-  distance_sum_kernel<<<tile_grid(g.k, g.n, g.batch), threads, 0, st>>>(
-      ps.words, ps.areas, pr.words, pr.areas, g.k, g.n, g.pixels, g.eps, g.empty_iou, false, false, p_cross);
-  distance_sum_kernel<<<tile_grid(g.k, g.k, g.batch), threads, 0, st>>>(
-      ps.words, ps.areas, ps.words, ps.areas, g.k, g.k, g.pixels, g.eps, g.empty_iou, true, g.offdiag, p_samples);
-  distance_sum_kernel<<<tile_grid(g.n, g.n, g.batch), threads, 0, st>>>(
-      pr.words, pr.areas, pr.words, pr.areas, g.n, g.n, g.pixels, g.eps, g.empty_iou, true, g.offdiag, p_raters);
+  const int64_t nw = packed_words(g.pixels);
+  for (int64_t b0 = 0; b0 < g.batch; b0 += kMaxGridZ) {
+    const int64_t nb = chunk_of(g.batch, b0);
+    const uint64_t *sw = ps.words + b0 * g.k * nw, *rw = pr.words + b0 * g.n * nw;
+    const unsigned long long *sa = ps.areas + b0 * g.k, *ra = pr.areas + b0 * g.n;
+    distance_sum_kernel<<<tile_grid(g.k, g.n, nb), threads, 0, st>>>(sw, sa, rw, ra, g.k, g.n, g.pixels, g.eps,
+                                                                      g.empty_iou, false, false,
+                                                                      p_cross + b0 * ws.tiles_cross);
+    distance_sum_kernel<<<tile_grid(g.k, g.k, nb), threads, 0, st>>>(sw, sa, sw, sa, g.k, g.k, g.pixels, g.eps,
+                                                                      g.empty_iou, true, g.offdiag,
+                                                                      p_samples + b0 * ws.tiles_a);
+    distance_sum_kernel<<<tile_grid(g.n, g.n, nb), threads, 0, st>>>(rw, ra, rw, ra, g.n, g.n, g.pixels, g.eps,
+                                                                      g.empty_iou, true, g.offdiag,
+                                                                      p_raters + b0 * ws.tiles_b);
+  }
   const unsigned nb = static_cast<unsigned>(g.batch);
   sum_partials_kernel<<<nb, 32, 0, st>>>(p_cross, ws.tiles_cross, 0, sums);
   sum_partials_kernel<<<nb, 32, 0, st>>>(p_samples, ws.tiles_a, 1, sums);
