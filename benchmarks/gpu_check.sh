@@ -14,8 +14,8 @@
 # references in fp32/fp16/bf16, forward and backward), then the whole suite; the card's copy and bf16
 # matmul ceilings; the profiler on the GPU; the benchmark report (harmonizer-fast bench); a short bf16 LIDC
 # training run. Every step runs even if an earlier one failed; the summary at the end lists each step's exit
-# status. Files written to $OUT (at most 8 come back): log.txt, tests.txt, ceilings.json, profile.json,
-# bench.tgz (the report, its charts, each benchmark's JSON and markdown) and train_log.jsonl.
+# status. Files written to $OUT (at most 8 come back): log.txt, tests.txt, gpu-plans.json, ceilings.json,
+# profile.json, bench.tgz (the report, its charts, each benchmark's JSON and markdown) and train_log.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -94,6 +94,12 @@ gpu_tests() {
   "$PY" -m pytest -q -x tests/ 2>&1 | tail -5 | tee -a "$OUT/tests.txt"
 }
 
+plan_resources() {
+  # Registers, spills and shared memory of the kernels that really ran (beside the ahead-of-time
+  # figures of benchmarks/results/gpu-compile.json); fails when any Triton plan fell back.
+  "$PY" benchmarks/gpu_plan_resources.py --out "$OUT/gpu-plans.json"
+}
+
 ceilings() {
   "$PY" - "$OUT/ceilings.json" <<'PYEOF'
 import json, sys, torch
@@ -156,6 +162,7 @@ if [ -z "${REHEARSE:-}" ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.
   echo "no CUDA device visible: stopping after the build (use REHEARSE=1 to exercise the rest on CPU)"
 else
   step gpu_tests gpu_tests
+  step plan_resources plan_resources
   step ceilings ceilings
   step profile profile
   step benchmarks benchmarks

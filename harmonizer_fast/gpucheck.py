@@ -11,7 +11,7 @@ for an explicit ``GPUTarget`` and reads, per plan and target: registers per thre
 those allow, and the tensor-core instructions in the SASS (``cuobjdump -sass`` of the cubin).
 
 Failing conditions (exit status 1, and tests/test_gpucheck.py): a plan that does not compile; shared
-memory over the limit; any spill in the Haar, FiLM, fcomb or binary GED kernels; the binary GED kernel
+memory over the limit; any spill in the Haar, FiLM, fcomb, attention-pool or binary GED kernels; the binary GED kernel
 without tensor-core instructions; the soft GED path using TF32 (it must stay IEEE fp32).
 
 Results are cached under ``build/gpucheck`` keyed by the kernel's source hash, the plan, the target and
@@ -42,7 +42,7 @@ from .gpu_targets import TARGETS, occupancy
 CHECK_VERSION = 2  # bump when the recorded columns change
 FAMILIES = ("haar", "film", "attention_pool", "fcomb", "ged")
 NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_film_forward_kernel", "_film_backward_kernel",
-            "_fcomb_head_kernel")  # fmt: skip
+            "_fcomb_head_kernel", "_forward_kernel", "_backward_kernel")  # fmt: skip  (the last two: attention)
 DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
 _TENSOR_CORE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|WGMMA)\S*)")
 

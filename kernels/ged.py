@@ -1,10 +1,11 @@
 """Triton kernels for pairwise overlaps of mask sets and the GED distance sums (docs/architecture.md, "Conventions").
 
-One kernel, one program per (image, BLOCK_M x BLOCK_N tile of pairs): it walks the pixels in BLOCK_P
-chunks, accumulates the tile's intersections with ``tl.dot`` (the Gram matrix over pixels) and both sides'
-areas, then finishes in registers: it stores the intersections or the IoU tile, or, for GED, reduces the
-tile's distances ``1 - IoU`` to one partial sum, so the K x K matrix never reaches memory. The caller adds
-the partials in a fixed order (deterministic, no atomics). Within-set terms compute only tiles on or
+One kernel, one program per (image, BLOCK_M x BLOCK_N tile of pairs), and per pixel split when images and
+tiles are too few to fill the GPU (_split_count): it walks the pixels in BLOCK_P chunks, accumulates the
+tile's intersections with ``tl.dot`` (the Gram matrix over pixels) and both sides' areas, then finishes in
+registers: it stores the intersections or the IoU tile, or, for GED, reduces the tile's distances
+``1 - IoU`` to one partial sum, so the K x K matrix never reaches memory. The caller adds the partials in a
+fixed order (deterministic, no atomics). Within-set terms compute only tiles on or
 above the diagonal and count those above it twice.
 
 Binary masks are thresholded once into float16 0/1 values (exact, half the bytes of float32), so the dot
@@ -35,11 +36,14 @@ MODE_GRAM, MODE_IOU, MODE_SUM = 0, 1, 2
 def _overlap_kernel(
     a_ptr, b_ptr, out_ptr,
     KA, KB, P, s_ab, s_ak, s_bb, s_bk,
-    eps, empty_iou, n_tj,
+    eps, empty_iou, n_tj, SPLITS, PPS,
     MODE: tl.constexpr, SYM: tl.constexpr, OFFDIAG: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    bi = tl.program_id(0).to(tl.int64)
+    pid0 = tl.program_id(0).to(tl.int64)  # image x pixel split (SPLITS > 1 only in MODE 0)
+    bi = pid0 // SPLITS
+    p_lo = (pid0 % SPLITS) * PPS
+    p_hi = tl.minimum(P, p_lo + PPS)
     ti = tl.program_id(1)
     tj = tl.program_id(2)
     rows = ti * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -52,10 +56,10 @@ def _overlap_kernel(
         area_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
         a_rows = a_ptr + bi * s_ab + rows[:, None].to(tl.int64) * s_ak
         b_rows = b_ptr + bi * s_bb + cols[:, None].to(tl.int64) * s_bk
-        for p0 in range(0, P, BLOCK_P):
+        for p0 in range(p_lo, p_hi, BLOCK_P):
             px = p0 + tl.arange(0, BLOCK_P)
-            x = tl.load(a_rows + px[None, :], mask=(rows[:, None] < KA) & (px[None, :] < P), other=0.0)
-            y = tl.load(b_rows + px[None, :], mask=(cols[:, None] < KB) & (px[None, :] < P), other=0.0)
+            x = tl.load(a_rows + px[None, :], mask=(rows[:, None] < KA) & (px[None, :] < p_hi), other=0.0)
+            y = tl.load(b_rows + px[None, :], mask=(cols[:, None] < KB) & (px[None, :] < p_hi), other=0.0)
             if IEEE:
                 x = x.to(tl.float32)
                 y = y.to(tl.float32)
@@ -67,8 +71,8 @@ def _overlap_kernel(
         uni = area_a[:, None] + area_b[None, :] - acc
         iou = tl.where(uni > 0, acc / tl.where(uni > 0, uni + eps, 1.0), empty_iou)  # no 0/0 in the dead branch
         ok = (rows[:, None] < KA) & (cols[None, :] < KB)
-        if MODE == 0:
-            tl.store(out_ptr + bi * KA * KB + rows[:, None] * KB + cols[None, :], acc, mask=ok)
+        if MODE == 0:  # one Gram per (image, pixel split)
+            tl.store(out_ptr + pid0 * KA * KB + rows[:, None] * KB + cols[None, :], acc, mask=ok)
         elif MODE == 1:
             tl.store(out_ptr + bi * KA * KB + rows[:, None] * KB + cols[None, :], iou, mask=ok)
         else:
@@ -148,16 +152,51 @@ def gpu_plans(
     return list(dict.fromkeys(plans))
 
 
-def _launch(a, b, out, mode: int, sym: bool, offdiag: bool, eps: float, empty_iou: float, binary: bool) -> None:
+def _launch(
+    a, b, out, mode: int, sym: bool, offdiag: bool, eps: float, empty_iou: float, binary: bool, splits: int = 1
+) -> None:
     batch, ka, p = a.shape
     kb = b.shape[1]
     plan = plan_overlap(ka, kb, mode, sym, offdiag, binary, a.dtype, a.device.type)
     consts = dict(plan.constexprs)
-    grid = (batch, triton.cdiv(ka, consts["BLOCK_M"]), triton.cdiv(kb, consts["BLOCK_N"]))
+    pps = triton.cdiv(triton.cdiv(p, splits), consts["BLOCK_P"]) * consts["BLOCK_P"]
+    grid = (batch * splits, triton.cdiv(ka, consts["BLOCK_M"]), triton.cdiv(kb, consts["BLOCK_N"]))
     plan.launch(
         grid, a, b, out, ka, kb, p, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        float(eps), float(empty_iou), grid[2],
+        float(eps), float(empty_iou), grid[2], splits, pps,
     )  # fmt: skip
+
+
+def _split_count(batch: int, ka: int, kb: int, pixels: int, sym: bool, binary: bool, device: torch.device) -> int:
+    """Pixel splits per image: enough programs for two per SM when the images and pair tiles alone are too
+    few (at B = 1, K = 50, N = 4 every term is one program, so one SM would walk all pixels), each split
+    keeping at least 4 pixel blocks. Splits run the Gram mode and are added in a fixed order, so the result
+    does not depend on scheduling. One split under the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    bm, bn, bp, _ = gpu_blocks(ka, kb, binary, sym)
+    programs = batch * triton.cdiv(ka, bm) * triton.cdiv(kb, bn)
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), pixels // (4 * bp)))
+
+
+def _split_intersections(u, v, splits: int, binary: bool) -> torch.Tensor:
+    """``(B, Ku, Kv)`` intersections from ``splits`` pixel ranges per image, summed in split order."""
+    batch, ku, _ = u.shape
+    kv = v.shape[1]
+    part = torch.empty((batch * splits, ku, kv), dtype=torch.float32, device=u.device)
+    _launch(u, v, part, MODE_GRAM, False, False, 0.0, 0.0, binary, splits)
+    return part.view(batch, splits, ku, kv).sum(1)
+
+
+def _iou(inter: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float, empty_iou: float) -> torch.Tensor:
+    """The kernel's epilogue in torch (float32): I / (U + eps), ``empty_iou`` where the union is empty."""
+    area_u = u.sum(-1, dtype=torch.float32)
+    area_v = v.sum(-1, dtype=torch.float32)
+    uni = area_u[:, :, None] + area_v[:, None, :] - inter
+    return torch.where(uni > 0, inter / torch.where(uni > 0, uni + eps, 1.0), torch.full_like(inter, empty_iou))
 
 
 def _tile_counts(ka: int, kb: int, sym: bool, device_type: str) -> tuple[int, int]:
@@ -186,7 +225,13 @@ def pairwise_overlap(
     for s in starts:
         e = min(batch, s + step)
         x, y = (a[s:e], b[s:e]) if soft else (_binarize(a[s:e], threshold), _binarize(b[s:e], threshold))
-        _launch(x.contiguous(), y.contiguous(), out[s:e], mode, False, False, eps, empty_iou, not soft)
+        x, y = x.contiguous(), y.contiguous()
+        splits = _split_count(e - s, ka, kb, p, False, not soft, a.device)
+        if splits == 1:
+            _launch(x, y, out[s:e], mode, False, False, eps, empty_iou, not soft)
+        else:
+            inter = _split_intersections(x, y, splits, not soft)
+            out[s:e] = inter if mode == MODE_GRAM else _iou(inter, x.float(), y.float(), eps, empty_iou)
     return out
 
 
@@ -202,6 +247,13 @@ def ged_sums(
         e = min(batch, s + step)
         x, y = _binarize(samples[s:e], threshold), _binarize(raters[s:e], 0.5)
         for term, (u, v, sym) in enumerate(((x, y, False), (x, x, True), (y, y, True))):
+            splits = _split_count(e - s, u.shape[1], v.shape[1], p, sym, True, samples.device)
+            if splits > 1:
+                d = 1.0 - _iou(_split_intersections(u, v, splits, True), u, v, eps, empty_iou)
+                if offdiag and sym:
+                    d = d * (1 - torch.eye(u.shape[1], device=d.device, dtype=d.dtype))
+                sums[s:e, term] = d.flatten(1).to(torch.float64).sum(-1)
+                continue
             ti, tj = _tile_counts(u.shape[1], v.shape[1], sym, samples.device.type)
             partials = torch.empty((e - s, ti, tj), dtype=torch.float32, device=samples.device)
             _launch(u, v, partials, MODE_SUM, sym, offdiag and sym, eps, empty_iou, True)

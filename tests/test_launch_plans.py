@@ -122,3 +122,24 @@ def test_a_failing_plan_falls_back_alone(monkeypatch):
     narrow = torch.randn(1, 2, 4, 4, 8, dtype=torch.float32)  # another plan of the same op
     torch.testing.assert_close(hf.haar_idwt2d(narrow), hf.ops.haar_idwt2d_reference(narrow))
     assert launched == [haar.plan_idwt(8, torch.float32).key]
+
+
+@pytest.mark.parametrize("offdiag", [True, False])
+def test_pixel_splits_give_the_unsplit_results(monkeypatch, offdiag):
+    """The split path (few images on a big GPU) against the one-program-per-tile path, under the
+    interpreter: the intersections are exact counts, so only the float32 IoU epilogue may differ."""
+    if _backend._unavailable("triton", "cpu"):
+        pytest.skip("needs the Triton interpreter")
+    g = torch.Generator().manual_seed(3)
+    samples = torch.rand(2, 5, 1000, generator=g)
+    raters = (torch.rand(2, 3, 1000, generator=g) > 0.6).float()
+    raters[0, 1] = 0  # an empty rater: the empty-union branch
+    whole = ged.ged_sums(samples, raters, 0.5, 1e-7, 1.0, offdiag)
+    iou = ged.pairwise_overlap(samples, raters, 0.5, False, 1e-7, 1.0, ged.MODE_IOU)
+    gram = ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_GRAM)
+    soft_iou = ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_IOU)
+    monkeypatch.setattr(ged, "_split_count", lambda *args: 3)  # 1000 px -> 3 ranges of 384 (BLOCK_P 128)
+    torch.testing.assert_close(ged.ged_sums(samples, raters, 0.5, 1e-7, 1.0, offdiag), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ged.pairwise_overlap(samples, raters, 0.5, False, 1e-7, 1.0, ged.MODE_IOU), iou)
+    torch.testing.assert_close(ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_GRAM), gram)
+    torch.testing.assert_close(ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_IOU), soft_iou)

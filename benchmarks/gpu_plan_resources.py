@@ -1,0 +1,92 @@
+"""On a lent GPU: launch every op's Triton path at the benchmark shapes, then record the registers, spills
+and shared memory of each kernel that actually ran, next to the ahead-of-time figures of
+benchmarks/results/gpu-compile.json (python -m harmonizer_fast.gpucheck), so the two can be compared.
+
+    python benchmarks/gpu_plan_resources.py --out OUT/gpu-plans.json     (gpu_check.sh runs it)
+
+Fails (exit 1) when any Triton plan fell back: a fallback on a GPU is a bug, not a slowdown to accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _exercise(dtype: torch.dtype) -> None:
+    import harmonizer_fast as hf
+
+    dev = "cuda"
+    x = torch.randn(16, 64, 128, 128, device=dev, dtype=dtype, requires_grad=True)
+    gamma = torch.randn(16, 64, device=dev, dtype=dtype, requires_grad=True)
+    beta = torch.randn(16, 64, device=dev, dtype=dtype, requires_grad=True)
+    hf.film(x, gamma, beta).sum().backward()
+    hf.haar_idwt2d(hf.haar_dwt2d(x.detach()))
+    feats = torch.randn(16, 256, 16, 16, device=dev, dtype=dtype, requires_grad=True)
+    q = torch.randn(8, 32, device=dev, dtype=dtype)
+    wk = torch.randn(32, 256, device=dev, dtype=dtype)
+    hf.token_attention_pool(feats, q, wk, wk).sum().backward()
+    samples = torch.rand(16, 50, 128, 128, device=dev, dtype=dtype)
+    raters = (torch.rand(16, 4, 128, 128, device=dev) > 0.5).to(dtype)
+    hf.ged(samples, raters)
+    hf.pairwise_iou(samples, raters)
+    from harmonizer_fast.ops.fcomb import fcomb_head
+
+    w = [torch.randn(*s, device=dev, dtype=dtype) for s in ((16, 16, 128 * 128), (16, 50, 16), (3, 16, 16), (3, 16))]
+    fcomb_head(*w, torch.randn(16, device=dev, dtype=dtype), torch.randn(1, device=dev, dtype=dtype))
+    torch.cuda.synchronize()
+
+
+def _compiled(kernel) -> list[dict]:
+    rows = []
+    for cache in getattr(kernel, "device_caches", {}).values():
+        table = cache[0] if isinstance(cache, tuple) else cache
+        for compiled in getattr(table, "values", lambda: [])():
+            try:
+                compiled._init_handles()
+            except Exception:  # already initialised, or an API change: report what is there
+                pass
+            rows.append({"kernel": kernel.fn.__name__, "registers": getattr(compiled, "n_regs", None),
+                         "spills": getattr(compiled, "n_spills", None),
+                         "shared_bytes": int(getattr(compiled.metadata, "shared", -1)),
+                         "num_warps": getattr(compiled.metadata, "num_warps", None)})  # fmt: skip
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_plan_resources: no CUDA device; nothing to record")
+        return 0
+    os.environ["HARMONIZER_FAST_BACKEND"] = "triton"  # every call on the Triton path, or an error
+    from harmonizer_fast.kernels import attention_pool, fcomb, film, ged, haar
+
+    from harmonizer_fast import _backend
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        _exercise(dtype)
+    rows = []
+    for mod in (haar, film, attention_pool, fcomb, ged):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if hasattr(obj, "device_caches") and name.endswith("_kernel"):
+                rows += _compiled(obj)
+    out = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
+           "kernels": rows, "triton_failures": _backend.triton_failures()}  # fmt: skip
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"gpu_plan_resources: {len(rows)} compiled kernels recorded in {args.out}")
+    if out["triton_failures"]:
+        print(f"gpu_plan_resources: FAIL: Triton plans fell back: {out['triton_failures']}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
