@@ -50,20 +50,24 @@ def _scores(q_rows, x_cols, m_ok, n_ok, C, sxc, FP64: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
+def _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's task (batch item x position chunk), batch item, position range [n0, n1), query rows
+    and output channels (the channel chunk on grid axis 1) with their masks."""
+    task = tl.program_id(0).to(tl.int64)
+    bi = task // SPLITS
+    n0 = (task % SPLITS) * CHUNK
+    rm = tl.arange(0, BLOCK_M)
+    ro = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return task, bi, n0, tl.minimum(N, n0 + CHUNK), rm, rm < M, ro, ro < C
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, a_ptr, pm_ptr, pl_ptr, pacc_ptr,
     C, N, M, SPLITS, CHUNK, sxb, sxc,
     FP64: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    task = tl.program_id(0).to(tl.int64)
-    cc = tl.program_id(1)
-    bi = task // SPLITS
-    n0 = (task % SPLITS) * CHUNK
-    n1 = tl.minimum(N, n0 + CHUNK)
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    ro = cc * BLOCK_C + tl.arange(0, BLOCK_C)  # this program's output channels
-    o_ok = ro < C
+    task, bi, n0, n1, rm, m_ok, ro, o_ok = _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M, BLOCK_C)
     a_rows = a_ptr + bi * M * C + rm[:, None] * C
     x_b = x_ptr + bi * sxb
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
@@ -82,7 +86,7 @@ def _forward_kernel(
         acc = acc * alpha[:, None] + _dot(p, tl.trans(xo), FP64)
         m_i = m_new
     out = task * M + rm
-    first = m_ok & ((rm * 0 + cc) == 0)  # every channel chunk has the same softmax state; chunk 0 stores it
+    first = m_ok & ((rm * 0 + tl.program_id(1)) == 0)  # every channel chunk has the same softmax state
     tl.store(pm_ptr + out, m_i, mask=first)
     tl.store(pl_ptr + out, l_i, mask=first)
     tl.store(pacc_ptr + out[:, None] * C + ro[None, :], acc, mask=m_ok[:, None] & o_ok[None, :])
@@ -94,15 +98,7 @@ def _backward_kernel(
     C, N, M, SPLITS, CHUNK, sxb, sxc,
     FP64: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    task = tl.program_id(0).to(tl.int64)
-    cc = tl.program_id(1)
-    bi = task // SPLITS
-    n0 = (task % SPLITS) * CHUNK
-    n1 = tl.minimum(N, n0 + CHUNK)
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    ro = cc * BLOCK_C + tl.arange(0, BLOCK_C)
-    o_ok = ro < C
+    task, bi, n0, n1, rm, m_ok, ro, o_ok = _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M, BLOCK_C)
     mo_ok = m_ok[:, None] & o_ok[None, :]
     a_rows = a_ptr + bi * M * C + rm[:, None] * C
     dz_rows = dz_ptr + bi * M * C + rm[:, None] * C
