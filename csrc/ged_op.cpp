@@ -38,7 +38,7 @@ OverlapArgs overlap_args(const at::Tensor& a, const at::Tensor& b, double thresh
                          int64_t mode) {
   check_pair(a, b, "pairwise_overlap", "a", "b");
   TORCH_CHECK(mode == 0 || mode == 1, "pairwise_overlap: mode must be 0 (gram) or 1 (iou), got ", mode);
-  return OverlapArgs{a.size(0), a.size(1), b.size(1), a.size(2), static_cast<float>(threshold), eps, empty_iou};
+  return OverlapArgs{a.size(0), a.size(1), b.size(1), a.size(2), threshold, eps, empty_iou};
 }
 
 // Soft masks: the accumulation type (float32, or float64 for float64 inputs), shared by a and b.
@@ -52,7 +52,7 @@ at::ScalarType soft_acc(const at::Tensor& a, const at::Tensor& b) {
 GedArgs ged_args(const at::Tensor& samples, const at::Tensor& raters, double threshold, double eps, double empty_iou,
                  bool offdiag) {
   check_pair(samples, raters, "ged_sums", "samples", "raters");
-  return GedArgs{samples.size(0), samples.size(1), raters.size(1), samples.size(2), static_cast<float>(threshold),
+  return GedArgs{samples.size(0), samples.size(1), raters.size(1), samples.size(2), threshold,
                  eps, empty_iou, offdiag};
 }
 

@@ -132,7 +132,7 @@ def compile_one(plan: Any, target_name: str, cache_dir: str, family: str = "") -
     ).hexdigest()
     cached = Path(cache_dir) / f"{key}.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        return {**json.loads(cached.read_text()), "cached": True}
     record: dict[str, Any] = {"family": family, "kernel": plan.name, "plan": plan.key, "target": target_name,
                               "num_warps": plan.num_warps, "num_stages": plan.num_stages}  # fmt: skip
     t0 = time.perf_counter()

@@ -175,6 +175,28 @@ def test_ged_threshold_is_strict(case, use_backend):
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_threshold_compares_in_the_input_precision(case, dtype, use_backend):
+    """x > threshold as torch compares it: fp64 values within fp32 rounding of a threshold that fp32 cannot
+    hold (0.3 rounds up to 0.30000001) are foreground in fp64; fp32 values compare against fp32(0.3)."""
+    device = use_backend(*case)
+    samples = torch.zeros((1, 3, 4, 4), dtype=torch.float64)
+    samples[0, 0] = 0.3 + 1e-9  # above 0.3, below float32(0.3)
+    samples[0, 1, :2] = 0.31
+    samples = samples.to(dtype)
+    raters = torch.zeros((1, 2, 4, 4))
+    raters[0, 0] = 1
+    raters[0, 1, :2] = 1
+    binary = (samples > 0.3).double()
+    assert bool(binary[0, 0].all()) == (dtype == torch.float64)  # the case is the one it claims to be
+    got = hf.pairwise_iou(samples.to(device), raters.to(device), threshold=0.3).double().cpu()
+    torch.testing.assert_close(got, hf.pairwise_iou(binary, raters).double())
+    terms = hf.ged_terms(samples.to(device), raters.to(device), threshold=0.3)
+    ref = expected_ged(binary, raters, "dpersona")[0]
+    torch.testing.assert_close(torch.stack([t.double().cpu()[0] for t in terms]), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
 def test_ged_large_k_against_reference(case, use_backend):
     """K beyond one tile in every direction, compared with the torch reference (numpy pairs would be slow)."""
     device = use_backend(*case)

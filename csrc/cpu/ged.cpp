@@ -66,7 +66,7 @@ inline bool bad_value(T v, Check check) {
 
 // One row, generic: bit k of word w is pixel 64 w + k.
 template <typename T>
-int64_t pack_row_generic(const T* __restrict__ row, int64_t pixels, int64_t w0, float threshold, Check check,
+int64_t pack_row_generic(const T* __restrict__ row, int64_t pixels, int64_t w0, double threshold, Check check,
                          uint64_t* __restrict__ dst, bool& bad) {
   const int64_t words = packed_words(pixels);
   int64_t area = 0;
@@ -138,15 +138,15 @@ __attribute__((target("avx2"))) int64_t pack_row_f32_avx2(const float* __restric
 #endif
 
 template <typename T>
-int64_t pack_row(const T* __restrict__ row, int64_t pixels, float threshold, Check check, uint64_t* __restrict__ dst,
+int64_t pack_row(const T* __restrict__ row, int64_t pixels, double threshold, Check check, uint64_t* __restrict__ dst,
                  bool& bad) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, float>) {
     const CpuIsa isa = cpu_isa();
     const int64_t full = pixels / 64;
     if (isa != CpuIsa::Baseline) {
-      const int64_t area = isa == CpuIsa::Avx512 ? pack_row_f32_avx512(row, full, threshold, check, dst, bad)
-                                                 : pack_row_f32_avx2(row, full, threshold, check, dst, bad);
+      const int64_t area = isa == CpuIsa::Avx512 ? pack_row_f32_avx512(row, full, static_cast<float>(threshold), check, dst, bad)
+                                                 : pack_row_f32_avx2(row, full, static_cast<float>(threshold), check, dst, bad);
       return area + pack_row_generic(row, pixels, full, threshold, check, dst, bad);
     }
   }
@@ -162,7 +162,7 @@ struct Packed {
 
 // Pack `rows` masks of `pixels` values (contiguous); raises ValueError naming `op` and `name` when a value
 // fails `check`.
-Packed pack(const at::Tensor& x, int64_t rows, int64_t pixels, float threshold, Check check, const char* op,
+Packed pack(const at::Tensor& x, int64_t rows, int64_t pixels, double threshold, Check check, const char* op,
             const char* name) {
   Packed p;
   p.stride = packed_words(pixels);
@@ -264,7 +264,7 @@ void overlap_binary_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& ou
 
 void ged_sums_cpu(const at::Tensor& samples, const at::Tensor& raters, at::Tensor& sums, const GedArgs& g) {
   const Packed ps = pack(samples, g.batch * g.k, g.pixels, g.threshold, Check::NoNan, "ged", "samples");
-  const Packed pr = pack(raters, g.batch * g.n, g.pixels, 0.5f, Check::Binary, "ged", "raters");
+  const Packed pr = pack(raters, g.batch * g.n, g.pixels, 0.5, Check::Binary, "ged", "raters");
   std::vector<double> cross(static_cast<size_t>(g.batch * g.k));
   at::parallel_for(0, g.batch * g.k, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> counts;

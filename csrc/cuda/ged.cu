@@ -18,7 +18,9 @@ namespace {
 constexpr int kTile = kGedTile;  // tile of kTile x kTile pairs per block, kTile x kTile threads
 constexpr int kPackWarps = 8;
 
+// Mask values as mask_bit compares them: fp64 stays fp64, every other dtype goes to fp32.
 __device__ __forceinline__ float mask_value(uint8_t v) { return static_cast<float>(v); }
+__device__ __forceinline__ double mask_value(double v) { return v; }
 template <typename T>
 __device__ __forceinline__ float mask_value(T v) {
   return static_cast<float>(to_acc(v));
@@ -32,7 +34,7 @@ int dispatch_mask_dtype(DType dtype, F&& f) {
 
 // One warp per (row, word): lanes read pixels 64 w + lane and 64 w + 32 + lane, two ballots form the word.
 template <typename T>
-__global__ void pack_kernel(const T* __restrict__ x, int64_t rows, int64_t pixels, float threshold,
+__global__ void pack_kernel(const T* __restrict__ x, int64_t rows, int64_t pixels, double threshold,
                             uint64_t* __restrict__ words, unsigned long long* __restrict__ areas) {
   const int64_t nwords = packed_words(pixels);
   const int lane = threadIdx.x % 32;
@@ -182,7 +184,7 @@ __global__ void row_sum_kernel(const T* __restrict__ x, int64_t pixels, typename
 }
 
 // Pack `rows` masks into the workspace: words first, then one area per row.
-int pack(const void* x, DType dtype, int64_t rows, int64_t pixels, float threshold, void* workspace,
+int pack(const void* x, DType dtype, int64_t rows, int64_t pixels, double threshold, void* workspace,
          cudaStream_t st, Packed* packed) {
   const int64_t nwords = packed_words(pixels);
   auto* words = static_cast<uint64_t*>(workspace);
@@ -266,7 +268,7 @@ int ged_sums_cuda_launch(const void* samples, DType s_dtype, const void* raters,
   Packed ps{}, pr{};
   int err = pack(samples, s_dtype, g.batch * g.k, g.pixels, g.threshold, workspace, st, &ps);
   if (err != cudaSuccess) return err;
-  err = pack(raters, r_dtype, g.batch * g.n, g.pixels, 0.5f, base + ws.set_b, st, &pr);
+  err = pack(raters, r_dtype, g.batch * g.n, g.pixels, 0.5, base + ws.set_b, st, &pr);
   if (err != cudaSuccess) return err;
   auto* p_cross = reinterpret_cast<double*>(base + ws.cross);
   auto* p_samples = reinterpret_cast<double*>(base + ws.within_a);

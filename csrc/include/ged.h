@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "hf_common.h"
 
@@ -28,17 +29,24 @@ HF_HOST_DEVICE T pair_iou(T inter, T area_a, T area_b, T eps, T empty_iou) {
   return uni > T(0) ? inter / (uni + eps) : empty_iou;
 }
 
-// The mask rule shared by the packers and the Python/Triton paths: a pixel is foreground when > threshold.
+// The mask rule shared by the packers and the Python/Triton paths: a pixel is foreground when > threshold,
+// compared as torch's `x > threshold` compares: fp64 masks against the double threshold, every other dtype
+// in fp32 against the threshold rounded to fp32 (a float threshold made fp64 values within rounding of it,
+// e.g. 0.3 + 1e-12 against 0.3, binarize differently from the torch and Triton paths).
 template <typename T>
-HF_HOST_DEVICE bool mask_bit(T v, float threshold) {
-  return static_cast<float>(v) > threshold;
+HF_HOST_DEVICE bool mask_bit(T v, double threshold) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v > threshold;
+  } else {
+    return static_cast<float>(v) > static_cast<float>(threshold);
+  }
 }
 
 HF_HOST_DEVICE int64_t packed_words(int64_t pixels) { return (pixels + 63) / 64; }
 
 struct OverlapArgs {
   int64_t batch, ka, kb, pixels;  // a is (batch, ka, pixels), b is (batch, kb, pixels), both contiguous
-  float threshold;                // binary masks: the packing threshold
+  double threshold;               // binary masks: the packing threshold
   double eps, empty_iou;
 };
 
@@ -47,7 +55,7 @@ struct OverlapArgs {
 // with `offdiag` the within terms skip k == k' (the unbiased estimator). d = 1 - pair_iou.
 struct GedArgs {
   int64_t batch, k, n, pixels;
-  float threshold;
+  double threshold;
   double eps, empty_iou;
   bool offdiag;
 };
