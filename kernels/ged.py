@@ -192,11 +192,10 @@ def _split_intersections(u, v, splits: int, binary: bool) -> torch.Tensor:
 
 
 def _iou(inter: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float, empty_iou: float) -> torch.Tensor:
-    """The kernel's epilogue in torch (float32): I / (U + eps), ``empty_iou`` where the union is empty."""
-    area_u = u.sum(-1, dtype=torch.float32)
-    area_v = v.sum(-1, dtype=torch.float32)
-    uni = area_u[:, :, None] + area_v[:, None, :] - inter
-    return torch.where(uni > 0, inter / torch.where(uni > 0, uni + eps, 1.0), torch.full_like(inter, empty_iou))
+    """The kernel's epilogue in torch (float32), from the split path's intersections and the masks."""
+    from ..ops.ged import iou_from_counts  # the one torch transcription of pair_iou
+
+    return iou_from_counts(inter, u.sum(-1, dtype=torch.float32), v.sum(-1, dtype=torch.float32), eps, empty_iou)
 
 
 def _tile_counts(ka: int, kb: int, sym: bool, device_type: str) -> tuple[int, int]:
