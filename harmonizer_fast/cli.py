@@ -3,7 +3,8 @@
     harmonizer-fast train --data PATH --config small|paper --out DIR [--epochs N] [--max-minutes M]
                           [--phase 1|2|both] [--resume] [--seed S] [--no-harmonizer] [--no-personalizer]
                           [--no-ged-loss] [--format F] [--batch-size B] [--rater-order stored|area-asc|area-desc]
-                          [--select-phase1 S] [--select-phase2 S] [--init CHECKPOINT] ...
+                          [--select-phase1 S] [--select-phase2 S] [--phase2-z anneal|sample|mean]
+                          [--init CHECKPOINT] ...
     harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--samples K] [--seed S]
                              [--split test|all] [--robustness]
     harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K] [--split test|all]
@@ -37,6 +38,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .data.dataset import RATER_ORDERS
 from .selection import DEFAULTS, PHASE_SCORES
+from .train import PHASE2_Z
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -120,7 +122,7 @@ def _train_config(args: argparse.Namespace, model_config):
         phase = "1"  # the baseline has no phase 2
     kw = dict(phase=phase, seed=args.seed, max_minutes=args.max_minutes, rater_order=args.rater_order,
               batch_size=args.batch_size, fold=args.fold, select_phase1=args.select_phase1,
-              select_phase2=args.select_phase2)  # fmt: skip
+              select_phase2=args.select_phase2, phase2_z=args.phase2_z)  # fmt: skip
     if args.epochs is not None:
         kw.update(epochs_phase1=args.epochs, epochs_phase2=args.epochs)
     if args.epochs2 is not None:
@@ -331,6 +333,9 @@ def _add_train(sub, data: argparse.ArgumentParser) -> None:
                    help="validation score that picks best_phase1 (see harmonizer_fast.selection)")  # fmt: skip
     t.add_argument("--select-phase2", choices=PHASE_SCORES[2], default=DEFAULTS[2],
                    help="validation score that picks the personalizer of best")  # fmt: skip
+    t.add_argument("--phase2-z", choices=PHASE2_Z, default=PHASE2_Z[0],
+                   help="phase 2's prior latent z: noise annealed to the mean (default), the paper's sample, or the "
+                   "mean (see TrainConfig.phase2_z)")  # fmt: skip
     t.add_argument("--no-harmonizer", action="store_true")
     t.add_argument("--no-personalizer", action="store_true")
     t.add_argument("--no-ged-loss", action="store_true")

@@ -546,6 +546,7 @@ ROWS = [
     E("trainconfig-lr-nan", lambda w: TrainConfig(lr_phase1=float("nan")), ValueError, "TrainConfig.lr_phase1"),
     E("trainconfig-lr-negative", lambda w: TrainConfig(lr_phase2=-1.0), ValueError, "finite number > 0"),
     E("trainconfig-seed-negative", lambda w: TrainConfig(seed=-1), ValueError, "TrainConfig.seed"),
+    E("trainconfig-phase2-z", lambda w: TrainConfig(phase2_z="noise"), ValueError, "TrainConfig.phase2_z"),
     E("trainconfig-fold", lambda w: TrainConfig(fold=4), ValueError, "an integer in [0, 4)"),
     E("trainconfig-max-minutes", lambda w: TrainConfig(max_minutes=0.0), ValueError, "TrainConfig.max_minutes"),
     E("trainconfig-phase", lambda w: TrainConfig(phase="3"), ValueError, "TrainConfig.phase"),

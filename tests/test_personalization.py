@@ -159,14 +159,11 @@ def _heads_and_raters(demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known regression (issue [personalization]): since phase 1's L_seg became a batch Dice, head 1 "
-    "(rater 1, the -2 px outline) is drawn too large: Dice 0.7835 with rater 1, 0.7974 with rater 2 (AMD EPYC); "
-    "heads 2-4 are closest to their own raters",
-    strict=False,
-)
 def test_each_head_is_closest_to_its_rater(demo):
-    """On held-out images, head i is closer to rater i than to any other rater (mean Dice)."""
+    """On held-out images, head i is closer to rater i than to any other rater (mean Dice). Measured on an AMD
+    EPYC: diagonal 0.803, 0.859, 0.913, 0.917; the nearest other rater 0.728 (head 1 against rater 2). It
+    failed while phase 2 trained on a sampled z (head 1 drawn too large: 0.7835 with rater 1, 0.7974 with
+    rater 2)."""
     heads, y = _heads_and_raters(demo)
     d = torch.stack([torch.stack([dice_binary(heads[:, i], y[:, j]).mean() for j in range(4)]) for i in range(4)])
     for i in range(4):
@@ -182,7 +179,18 @@ def test_heads_follow_the_raters_areas_and_beat_identity_heads(demo):
     head_area = heads.float().mean((0, 2, 3))
     rater_area = y.float().mean((0, 2, 3))
     assert torch.equal(torch.argsort(head_area), torch.argsort(rater_area)), (head_area, rater_area)
-    # measured +0.105 on an AMD EPYC; against the phase-1 Dice_match the heads are below (-0.042), which the
-    # demo reports and this test does not assert
+    # measured +0.121 on an AMD EPYC; against the phase-1 Dice_match the heads are below (-0.026), which the
+    # demo reports (with the latent ceiling, +0.021 above Dice_match) and this test does not assert
     result = demo[0]
     assert result["personalization_gain"]["minus_identity_dice_mean"] > 0.05, result["personalization_gain"]
+
+
+@pytest.mark.slow
+def test_latent_ceiling_bounds_the_heads_and_dice_match(demo):
+    """The demo's latent ceiling (an oracle through the same frozen head) is above what the heads reach and
+    above the phase-1 Dice_match, per rater as well as on the mean: a ceiling below the heads would mean the
+    oracle search is broken. Measured on an AMD EPYC: ceiling 0.9199, heads 0.8726, Dice_match 0.8987."""
+    c = demo[0]["latent_ceiling"]
+    assert c["ceiling_minus_heads"] > 0 and c["ceiling_minus_phase1_dice_match"] > 0, c
+    assert all(v > h for v, h in zip(c["per_rater"], c["heads_per_rater"])), c
+    np.testing.assert_allclose(c["heads_dice_mean"], demo[0]["personalization_gain"]["dice_mean"], rtol=1e-12)

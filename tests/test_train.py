@@ -203,3 +203,37 @@ def test_cli_convert_and_info(tmp_path, npz, capsys):
     np.testing.assert_array_equal(hd.read_npz(out).masks, hd.read_npz(npz).masks)
     assert cli(["info"]) == 0
     assert "backend" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("mode", "progress", "scale"), [("anneal", 0.0, 1.0), ("anneal", 0.25, 0.5),
+                                                         ("anneal", 0.5, 0.0), ("anneal", 0.9, 0.0),
+                                                         ("sample", 0.9, 1.0), ("mean", 0.0, 0.0)])  # fmt: skip
+def test_phase2_z_noise_schedule(mode, progress, scale):
+    assert TrainConfig(phase2_z=mode).z_noise_scale(progress) == scale
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.25, 0.75])
+def test_phase2_step_scales_the_prior_noise_of_z(progress):
+    """A phase-2 step's loss is the Eq. 6 loss of the forward whose z is mean + scale * sigma * eps, with eps
+    the draw the step's generator makes (recomputed here from the same generator, outside the trainer)."""
+    from harmonizer_fast import losses
+    from harmonizer_fast._random import generator
+    from harmonizer_fast.train import StepRunner
+
+    torch.manual_seed(0)
+    data = hd.make_synthetic(8, size=32, raters=3, seed=2)
+    net = HarmonizerNet(HarmonizerConfig.small(num_raters=3))
+    net.set_phase(2)
+    tc = TrainConfig(batch_size=4, augment=False, seed=5)
+    runner = StepRunner(net, data, np.arange(8), tc, torch.device("cpu"))
+    idx = np.array([0, 3, 5, 6])
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0)
+    got = runner.step(net, opt, idx, epoch=1, step=2, progress=progress)["total"]
+    noise = net.draw_noise(4, generator(5, 2, 1, 2))
+    images, masks = torch.from_numpy(data.images[idx]), torch.from_numpy(data.masks[idx]).float()
+    expected = {}
+    for s in (0.0, 0.5, 1.0):
+        out = net(images, masks, noise={"z": noise["z"] * s, "bank": noise["bank"]})
+        expected[s] = losses.total_loss(out, masks, net.config)[1]["total"]
+    assert len(set(expected.values())) == 3  # the noise in z matters to the loss
+    np.testing.assert_allclose(got, expected[tc.z_noise_scale(progress)], rtol=1e-6)

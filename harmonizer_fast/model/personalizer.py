@@ -25,7 +25,10 @@ segmentation. The steps, and how the paper's wording is read where it leaves roo
    every band (Parseval), so the refined details do.
 7. A linear map of [attention output, pooled feature, t_i] to Delta_i, and z'_i = z + Delta_i: the prior's
    latent is the starting point, and the map starts small and random (not at zero), so raters start apart
-   but near the prior.
+   but near the prior. *Reading*: appendix K says phase 2 adapts "the prior latent z ~ p(z|x)"; the heads
+   (:meth:`HarmonizerNet.personalize`) use the prior's mean. Delta_i does not see z, so a sample's noise is
+   added to every rater's latent during training; by default the trainer anneals it to the mean over the
+   first half of phase 2 (``TrainConfig.phase2_z`` says why and what was measured).
 
 The DWT and IDWT are the package's Haar ops. Paper config: about 0.07 M parameters (the paper's figure).
 """
