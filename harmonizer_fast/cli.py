@@ -4,10 +4,13 @@
                           [--phase 1|2|both] [--resume] [--seed S] [--no-harmonizer] [--no-personalizer]
                           [--no-ged-loss] [--format F] [--batch-size B] [--rater-order stored|area-asc|area-desc]
                           [--select-phase1 S] [--select-phase2 S] [--phase2-z anneal|sample|mean]
-                          [--init CHECKPOINT] ...
+                          [--no-harmonizer-sharing] [--personalizer frequency|dpersona] [--init CHECKPOINT] ...
     harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--samples K] [--seed S]
                              [--split test|all] [--robustness]
     harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K] [--split test|all]
+    harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,...] [--folds 0,1]
+                            [--seeds 0] [--minutes1 M] [--minutes2 M] [--report-dir DIR] [--stem NAME]
+    harmonizer-fast compare --render RESULT.json
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
     harmonizer-fast profile [--config paper|small] [--batch B] [--samples K] [--size S] [--device cpu|cuda]
@@ -37,6 +40,8 @@ from ._io import OutputPathError, check_output_dir, check_output_file
 from .checkpoint import CheckpointError
 from .data import DataError
 from .data.dataset import RATER_ORDERS
+from .model.config import PERSONALIZERS
+from .model.dpersona import BANK as DPERSONA_BANK
 from .selection import DEFAULTS, PHASE_SCORES
 from .train import PHASE2_Z
 
@@ -111,6 +116,10 @@ def _model_config(args: argparse.Namespace, data):
     switches = (("no_harmonizer", "use_harmonizer"), ("no_personalizer", "use_personalizer"),
                 ("no_ged_loss", "use_ged_loss"))  # fmt: skip
     overrides = {field: False for flag, field in switches if getattr(args, flag)}
+    if args.no_harmonizer_sharing:
+        overrides["harmonizer_shared"] = False
+    if args.personalizer == "dpersona":
+        overrides.update(personalizer="dpersona", prior_bank=DPERSONA_BANK)
     return preset(in_channels=data.in_channels, num_raters=data.num_raters, **overrides)
 
 
@@ -211,6 +220,61 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {n_img} images x {args.samples} samples ({heads}) in {dt:.1f} s: "
         f"{n_img / dt:.1f} images/s, {n_img * args.samples / dt:.0f} samples/s ({torch.get_num_threads()} threads)"
     )
+    return 0
+
+
+def int_list(low: int, high: Optional[int] = None) -> Callable[[str], list[int]]:
+    """A comma-separated list of distinct integers in [low, high)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            vals = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        bad = [v for v in vals if v < low or (high is not None and v >= high)]
+        if not vals or bad or len(set(vals)) != len(vals):
+            span = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers {span}, got {text!r}")
+        return vals
+
+    return parse
+
+
+def variant_list(text: str) -> list[str]:
+    from .compare import VARIANTS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {','.join(VARIANTS)}, "
+                                         f"got {text!r}")  # fmt: skip
+    return names
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, render, run_compare
+
+    if args.render is not None:
+        print(f"wrote {render(args.render)}")
+        return 0
+    if args.out is None:
+        raise UsageError("--out DIR is required (or --render RESULT.json)")
+    check_output_dir(args.out, "--out")
+    if not args.stem or any(c in args.stem for c in "/\\") or args.stem.startswith("."):
+        raise UsageError(f"--stem: expected a file name stem without path separators, got {args.stem!r}")
+    if args.report_dir is not None:
+        check_output_dir(args.report_dir, "--report-dir")
+    try:
+        cc = CompareConfig(variants=args.variants, folds=args.folds, seeds=args.seeds, minutes1=args.minutes1,
+                           minutes2=args.minutes2, epochs1=args.epochs1, epochs2=args.epochs2, preset=args.config,
+                           samples=args.samples, batch_size=args.batch_size, rater_order=args.rater_order)  # fmt: skip
+        data = _data(args)
+        result = run_compare(data, args.out, cc, data_label=args.data or "synthetic", report_dir=args.report_dir,
+                             stem=args.stem, log=lambda line: print(line, flush=True))  # fmt: skip
+    except ValueError as exc:  # a plan that does not fit the options or the directory
+        raise UsageError(str(exc)) from None
+    target = args.report_dir or args.out
+    print(f"wrote {target}/{args.stem}.json and {args.stem}.md ({len(result['variants'])} variants)")
     return 0
 
 
@@ -339,6 +403,11 @@ def _add_train(sub, data: argparse.ArgumentParser) -> None:
     t.add_argument("--no-harmonizer", action="store_true")
     t.add_argument("--no-personalizer", action="store_true")
     t.add_argument("--no-ged-loss", action="store_true")
+    t.add_argument("--no-harmonizer-sharing", action="store_true",
+                   help="each decoder layer gets its own harmonizer tokens and first MLP layer")
+    t.add_argument("--personalizer", choices=PERSONALIZERS, default=PERSONALIZERS[0],
+                   help="phase-2 heads: the paper's frequency prompts, or D-Persona's projection heads "
+                   f"(with D-Persona's bank of {DPERSONA_BANK} prior samples)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -364,6 +433,29 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--batch", type=int_at_least(1), default=16)
     sm.add_argument("--no-progress", action="store_true")
     sm.set_defaults(func=cmd_sample)
+    from .compare.variants import VARIANTS
+
+    cp = sub.add_parser("compare", parents=[data], help="variants x folds x seeds at equal budget: Tables 1-2, "
+                        "GED against K, paired tests (resumable)")  # fmt: skip
+    cp.add_argument("--out", default=None, help="comparison directory (runs, evaluations; continued when it exists)")
+    cp.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                    help=f"comma-separated, from {','.join(VARIANTS)} (default: all; 'full' is always included)")
+    cp.add_argument("--folds", type=int_list(0, 4), default=[0], help="test folds of 4, comma-separated")
+    cp.add_argument("--seeds", type=int_list(0), default=[0], help="training seeds, comma-separated")
+    cp.add_argument("--minutes1", type=positive_float, default=5.0, help="wall-clock budget of every phase-1 run")
+    cp.add_argument("--minutes2", type=positive_float, default=2.0, help="wall-clock budget of every phase-2 run")
+    cp.add_argument("--epochs1", type=int_at_least(1), default=100, help="phase-1 epoch cap (the cosine schedule)")
+    cp.add_argument("--epochs2", type=int_at_least(1), default=150, help="phase-2 epoch cap")
+    cp.add_argument("--config", choices=("small", "paper"), default="small")
+    cp.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K per test image")
+    cp.add_argument("--batch-size", type=int_at_least(1), default=16)
+    cp.add_argument("--rater-order", choices=RATER_ORDERS, default="stored")
+    cp.add_argument("--report-dir", default=None, help="where the report goes (default: --out)")
+    cp.add_argument("--stem", default="compare", help="file name stem of the report")
+    cp.add_argument("--render", default=None, metavar="RESULT.json",
+                    help="only rewrite the markdown next to an aggregated result JSON")  # fmt: skip
+    cp.set_defaults(func=cmd_compare, seed=0)  # seed: of --data synthetic, the same data for every training seed
+
     d = sub.add_parser("demo", help="train and evaluate the small config on synthetic data (a few minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--epochs", type=int_at_least(1), default=24, help="epochs of each phase")

@@ -5,6 +5,7 @@
 - :func:`kl`: KL(q(z | x, A_k) || p(z | x)) of the posterior and prior Gaussians;
 - :func:`harmonizer_penalty`: sum_l ||gamma_l - 1||^2 + ||beta_l||^2 of the Noise Harmonizer;
 - :func:`ged_loss`: Eq. 7 over the K prior samples (the package's op);
+- :func:`dpersona_loss`: D-Persona's stage-2 loss, for its projection heads (:mod:`.model.dpersona`);
 - :func:`phase1_loss` (Eq. 8) and :func:`phase2_loss` (Eq. 6) combine them with the appendix-A weights held in
   the model's config (lambda_KL = 2e-3, lambda_harm = 3e-4, lambda_GED = 1.0).
 """
@@ -29,7 +30,8 @@ def _value(t: Tensor) -> float:
     return float(t.detach())
 
 
-__all__ = ["dice_bce", "ged_loss", "harmonizer_penalty", "kl", "phase1_loss", "phase2_loss", "total_loss"]
+__all__ = ["dice_bce", "dpersona_loss", "ged_loss", "harmonizer_penalty", "kl", "phase1_loss", "phase2_loss",
+           "total_loss"]
 
 
 def dice_bce(logits: Tensor, target: Tensor, *, per_image: bool = False) -> Tensor:
@@ -75,6 +77,22 @@ def _global_sums(*sums: Tensor) -> tuple[Tensor, ...]:
     return tuple(all_reduce(torch.stack(sums)).unbind())
 
 
+GDL_EPS = 1e-6
+
+
+def dpersona_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """D-Persona's stage-2 objective: the generalized Dice loss (Sudre et al. 2017, as in D-Persona's
+    ``GeneralizedDiceLoss``) over the heads ``(B, R, H, W)`` against the raters' masks, one class per rater:
+    1 - mean_i 2 w_i sum(p_i t_i) / max(w_i sum(p_i + t_i), eps), each sum over every pixel of the batch, with
+    w_i = 1 / max((sum t_i)^2, eps). The weight cancels unless a rater's masks are all empty in the batch,
+    where that rater's term is 1 with no gradient. Under DDP the sums are those of the global batch."""
+    p, t = torch.sigmoid(logits), masks.to(logits.dtype)
+    dims = (0, 2, 3)
+    inter, total, area = _global_sums((p * t).sum(dims), (p + t).sum(dims), t.sum(dims))
+    w = 1.0 / (area * area).clamp(min=GDL_EPS)
+    return 1 - (2 * inter * w / (total * w).clamp(min=GDL_EPS)).mean()
+
+
 def kl(out: ModelOutput) -> Tensor:
     """Mean over the batch of KL(posterior || prior)."""
     return kl_divergence(out.posterior, out.prior).mean()
@@ -104,16 +122,20 @@ def phase1_loss(out: ModelOutput, masks: Tensor, config: HarmonizerConfig) -> tu
     return total, parts
 
 
-def phase2_loss(out: ModelOutput, masks: Tensor) -> tuple[Tensor, dict[str, float]]:
+def phase2_loss(out: ModelOutput, masks: Tensor, personalizer: str = "frequency") -> tuple[Tensor, dict[str, float]]:
     """Eq. 6: sum over raters i of L_seg(y_i, A_i), y_i the personalized prediction for rater i, with one
-    Dice per image (see :func:`dice_bce` for why phase 2 differs from phase 1 here)."""
+    Dice per image (see :func:`dice_bce` for why phase 2 differs from phase 1 here). D-Persona's heads
+    (``personalizer="dpersona"``) train on their own recipe's loss, :func:`dpersona_loss`."""
     if out.phase != 2:
         raise ValueError(f"phase2_loss: got the output of a phase-{out.phase} forward")
     logits = out.personalized_logits
+    if personalizer == "dpersona":
+        loss = dpersona_loss(logits, masks)
+        return loss, {"seg": _value(loss), "total": _value(loss)}
     total = sum(dice_bce(logits[:, i], masks[:, i], per_image=True) for i in range(logits.shape[1]))
     return total, {"seg": _value(total), "total": _value(total)}
 
 
 def total_loss(out: ModelOutput, masks: Tensor, config: HarmonizerConfig) -> tuple[Tensor, dict[str, float]]:
     """The objective of the phase ``out`` came from."""
-    return phase1_loss(out, masks, config) if out.phase == 1 else phase2_loss(out, masks)
+    return phase1_loss(out, masks, config) if out.phase == 1 else phase2_loss(out, masks, config.personalizer)

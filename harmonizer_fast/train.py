@@ -55,6 +55,7 @@ __all__ = ["Position", "StepRunner", "TrainConfig", "TrainResult", "Trainer", "T
 # at 2e-2, against 0.755 after 6 epochs at 1.5e-3).
 LEARNING_RATES = {"paper": (1e-4, 5e-5), "small": (3e-3, 1e-2)}
 PHASE2_Z = ("anneal", "sample", "mean")
+BUDGET_CLOCKS = ("wall", "cpu")
 
 
 class TrainingError(RuntimeError):
@@ -82,7 +83,11 @@ class TrainConfig:
     batch_size: int = 16  # global: split over the processes
     grad_clip: float = 1.0
     max_minutes: Optional[float] = None
+    budget_clock: str = "wall"  # what max_minutes counts: "wall" or "cpu" (see _Budget)
     seed: int = 0
+    # The seed of the patient split (folds and validation patients); None: ``seed``. A comparison over seeds
+    # fixes it, so every seed of a fold is scored on the same test patients (paired tests per image).
+    split_seed: Optional[int] = None
     folds: int = 4
     fold: int = 0
     val_fraction: float = 0.15
@@ -102,6 +107,10 @@ class TrainConfig:
     # empty, where samples start from non-empty masks. "anneal" starts like the paper and ends like inference.
     phase2_z: str = "anneal"
 
+    @property
+    def split_seed_or_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
+
     def z_noise_scale(self, progress: float) -> float:
         """The factor on phase 2's prior noise at ``progress`` (the fraction of the stage's epochs done)."""
         return {"sample": 1.0, "mean": 0.0}.get(self.phase2_z, max(0.0, 1.0 - 2.0 * progress))
@@ -117,6 +126,8 @@ class TrainConfig:
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
         need(_is_int(self.folds) and self.folds >= 2, "folds", "an integer >= 2")
         need(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)")
+        ss = self.split_seed
+        need(ss is None or (_is_int(ss) and 0 <= ss < 2**63), "split_seed", "None or an integer in [0, 2**63)")
         need(_is_int(self.fold) and 0 <= self.fold < self.folds, "fold", f"an integer in [0, {self.folds})")
         for name in ("lr_phase1", "lr_phase2", "grad_clip"):
             need(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "a finite number > 0")
@@ -125,6 +136,7 @@ class TrainConfig:
         mm = self.max_minutes
         need(mm is None or (_is_number(mm) and mm > 0), "max_minutes", "None or a finite number > 0")
         need(self.phase in ("1", "2", "both"), "phase", "'1', '2' or 'both'")
+        need(self.budget_clock in BUDGET_CLOCKS, "budget_clock", f"one of {BUDGET_CLOCKS}")
         need(self.phase2_z in PHASE2_Z, "phase2_z", f"one of {PHASE2_Z}")
         need(self.rater_order in RATER_ORDERS, "rater_order", f"one of {RATER_ORDERS}")
         for phase, name in ((1, "select_phase1"), (2, "select_phase2")):
@@ -183,17 +195,27 @@ def _log_line(record: dict[str, Any]) -> str:
 
 
 class _Budget:
-    """The ``max_minutes`` clock of one ``fit`` call."""
+    """The ``max_minutes`` clock of one ``fit`` call: wall-clock time, or ("cpu") this process's CPU time
+    divided by torch's thread count, which on an idle machine runs at most as fast as the wall clock and
+    under load from other processes counts only the time this one computed, so runs that share a machine
+    with other work still get equal compute (what an equal-budget comparison needs)."""
 
-    def __init__(self, minutes: Optional[float]) -> None:
-        self.t0 = time.monotonic()
+    def __init__(self, minutes: Optional[float], clock: str = "wall") -> None:
+        self.clock = clock
+        self.t0, self.wall0 = self._now(), time.monotonic()
         self.limit = None if minutes is None else minutes * 60.0
 
+    def _now(self) -> float:
+        return time.process_time() / max(1, torch.get_num_threads()) if self.clock == "cpu" else time.monotonic()
+
     def minutes(self) -> float:
-        return (time.monotonic() - self.t0) / 60.0
+        return (self._now() - self.t0) / 60.0
+
+    def wall_minutes(self) -> float:
+        return (time.monotonic() - self.wall0) / 60.0
 
     def spent(self) -> bool:
-        return self.limit is not None and time.monotonic() - self.t0 > self.limit
+        return self.limit is not None and self._now() - self.t0 > self.limit
 
 
 class StepRunner:
@@ -279,7 +301,7 @@ class Trainer:
         self._check_fit(data, model_config)
         self.data = prepare(data, model_config, self.tc.rater_order)  # padded, raters in the training order
         self.split = patient_split(self.data.patient_id, folds=self.tc.folds, fold=self.tc.fold,
-                                   val_fraction=self.tc.val_fraction, seed=self.tc.seed)  # fmt: skip
+                                   val_fraction=self.tc.val_fraction, seed=self.tc.split_seed_or_seed)  # fmt: skip
         self.record = DataRecord(data.fingerprint(), len(data), self.tc.rater_order, self.split)
         torch.manual_seed(self.tc.seed)
         self.net = HarmonizerNet(model_config).to(device)
@@ -313,7 +335,7 @@ class Trainer:
         pos = self._begin(resume, init_from)
         if pos is None:
             return self._result("completed")
-        budget = _Budget(self.tc.max_minutes)
+        budget = _Budget(self.tc.max_minutes, self.tc.budget_clock)
         while pos.stage < len(self.stages):
             stopped = self._run_stage(pos, budget)
             if stopped:
@@ -429,6 +451,8 @@ class Trainer:
         record = self._record(pos, phase, sums)
         record.update(self.validate(phase))
         record["minutes"] = budget.minutes()
+        if budget.clock != "wall":
+            record["wall_minutes"] = budget.wall_minutes()
         self.history.append(record)
         pos.epoch, pos.step = pos.epoch + 1, 0
         # scores of the two phases are different metrics: the best restarts with phase 2

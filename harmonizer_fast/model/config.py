@@ -34,12 +34,18 @@ class HarmonizerConfig:
     # Noise Harmonizer (3.1): M artifact tokens of size Dh, MLP width, which decoder stages it modulates
     # (indices into decoder_channels).
     use_harmonizer: bool = True
+    # The paper shares the tokens and the MLP's first layer across decoder layers (a cross-scale regularizer,
+    # section 3.1); False gives every harmonized stage its own (the supplement's sharing ablation).
+    harmonizer_shared: bool = True
     harmonizer_tokens: int = 8
     harmonizer_dim: int = 32
     harmonizer_hidden: int = 96
     harmonized_stages: tuple[int, ...] = (0, 1, 2, 3, 4)
     # Personalizer (3.2): prompt components, their stored size, prior-bank size M_z, attention width.
     use_personalizer: bool = True
+    # Which phase-2 personalizer: "frequency" (the paper's frequency-prompt Personalizer, section 3.2) or
+    # "dpersona" (D-Persona's projection heads, the paper's strongest baseline; model/dpersona.py).
+    personalizer: str = "frequency"
     prompt_components: int = 5
     prompt_size: int = 32
     prior_bank: int = 100
@@ -115,6 +121,7 @@ class HarmonizerConfig:
 
 
 PRESETS = ("paper", "small")
+PERSONALIZERS = ("frequency", "dpersona")
 
 
 def _check(c: HarmonizerConfig) -> None:
@@ -132,5 +139,7 @@ def _check(c: HarmonizerConfig) -> None:
         raise ValueError(f"HarmonizerConfig: harmonized_stages must index decoder_channels, got {c.harmonized_stages}")
     if c.preset not in PRESETS:
         raise ValueError(f"HarmonizerConfig: preset must be one of {PRESETS}, got {c.preset!r}")
-    if c.use_personalizer and c.decoder_channels[-1] % 4:
+    if c.personalizer not in PERSONALIZERS:
+        raise ValueError(f"HarmonizerConfig: personalizer must be one of {PERSONALIZERS}, got {c.personalizer!r}")
+    if c.use_personalizer and c.personalizer == "frequency" and c.decoder_channels[-1] % 4:
         raise ValueError("HarmonizerConfig: the personalizer reduces the last decoder width by 4; it must divide")

@@ -19,6 +19,7 @@ from torch.distributions import Independent
 from .backbone import Backbone
 from .checks import check_images, check_masks
 from .config import HarmonizerConfig
+from .dpersona import DPersonaHeads
 from .fcomb import Fcomb
 from .harmonizer import NoiseHarmonizer
 from .latent import AxisAlignedConvGaussian, reparameterize, with_masks
@@ -40,6 +41,14 @@ class ModelOutput:
     personalized_logits: Optional[Tensor] = None  # (B, R, H, W) (phase 2)
 
 
+def _personalizer(c: HarmonizerConfig) -> nn.Module:
+    """The configured phase-2 module: both map (features, z, bank, raters) to one latent per rater."""
+    if c.personalizer == "dpersona":
+        return DPersonaHeads(c.decoder_channels[-1], c.latent_dim, c.num_raters)
+    return Personalizer(c.decoder_channels[-1], c.latent_dim, c.num_raters, c.prompt_components, c.prompt_size,
+                        c.personalizer_attn_dim, c.personalizer_hidden)  # fmt: skip
+
+
 class HarmonizerNet(nn.Module):
     def __init__(self, config: HarmonizerConfig) -> None:
         super().__init__()
@@ -57,24 +66,13 @@ class HarmonizerNet(nn.Module):
         self.fcomb = Fcomb(c.decoder_channels[-1], c.latent_dim, c.fcomb_channels, c.fcomb_layers)
         self.harmonizer = (
             NoiseHarmonizer(
-                c.decoder_channels, c.harmonized_stages, c.harmonizer_tokens, c.harmonizer_dim, c.harmonizer_hidden
+                c.decoder_channels, c.harmonized_stages, c.harmonizer_tokens, c.harmonizer_dim, c.harmonizer_hidden,
+                shared=c.harmonizer_shared,
             )
             if c.use_harmonizer
             else None
         )
-        self.personalizer = (
-            Personalizer(
-                c.decoder_channels[-1],
-                c.latent_dim,
-                c.num_raters,
-                c.prompt_components,
-                c.prompt_size,
-                c.personalizer_attn_dim,
-                c.personalizer_hidden,
-            )
-            if c.use_personalizer
-            else None
-        )
+        self.personalizer = _personalizer(c) if c.use_personalizer else None
         self.phase = 1
         self.set_phase(1)
 

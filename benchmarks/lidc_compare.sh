@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The committed comparison (issue [science-compare]) on the real LIDC slices (../shared/data/lidc, raters
+# ordered by area, smallest first, as the LIDC readers store them): every variant of harmonizer-fast compare,
+# the small config, patient folds 0 and 1 of 4, seed 0, 5 minutes of compute for every phase-1 training and
+# 2.5 for every phase-2 training (the process's CPU time over its threads), K = 16 prior samples on each
+# fold's held-out test patients. About 85 minutes on 2 cores. Resumable: run it again to continue a killed
+# comparison. Writes benchmarks/results/lidc-compare-small-cpu.{json,md} and its GED-against-K figure.
+#
+#     bash benchmarks/lidc_compare.sh [RUNS_DIR]          (default runs/lidc-compare)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-runs/lidc-compare}
+DATA=${DATA:-../shared/data/lidc}
+PY=${PY:-python3}
+"$PY" -m harmonizer_fast.cli compare --data "$DATA" --out "$RUNS" --folds 0,1 --seeds 0 --minutes1 5 \
+  --minutes2 2.5 --samples 16 --report-dir benchmarks/results --stem lidc-compare-small-cpu
