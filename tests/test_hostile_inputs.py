@@ -30,6 +30,7 @@ from harmonizer_fast import _backend
 from harmonizer_fast import data as hd
 from harmonizer_fast.checkpoint import CheckpointError, load_model, read_manifest, save_checkpoint, verify_checkpoint
 from harmonizer_fast.cli import main as cli
+from harmonizer_fast.compare import CompareConfig, Comparison
 from harmonizer_fast.evaluate import evaluate_model, run_evaluation
 from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
 from harmonizer_fast.ops.fcomb import fcomb_head
@@ -50,6 +51,7 @@ class World:
                          val_samples=2)  # fmt: skip
         self.config = HarmonizerConfig.small(num_raters=2)
         Trainer(self.data, self.config, tc, self.run, progress=False, log=lambda _m: None).fit()
+        Comparison(root / "cmp-plan", CompareConfig(minutes1=1.0), hd.read_npz(self.npz)).check_plan()
         self.a_file = root / "a-file.txt"
         self.a_file.write_text("not a folder")
         self.empty_dir = root / "empty"
@@ -149,6 +151,11 @@ def E(id: str, run: Callable[[World], Any], error: type, fragment: str) -> Row: 
 
 def OK(id: str, run: Callable[[World], Any], check: Callable[[Any, World], None]) -> Row:  # noqa: N802
     return Row(id, run, check=check)
+
+
+def _other_plan(w: World) -> list:
+    """A comparison directory whose plan (made by the World) has other options than the command line's."""
+    return ["compare", "--out", w.path("cmp-plan"), "--data", w.npz]
 
 
 def TRAIN(w: World, *extra) -> list:  # noqa: N802
@@ -454,6 +461,31 @@ ROWS = [
     ),
     C("profile-config-unknown", lambda w: ["profile", "--config", "tiny"], "--config: invalid choice"),
     # ---- demo, bench and the command itself
+    # ---- compare
+    C("compare-folds-out-of-range", lambda w: ["compare", "--out", w.path("cmp"), "--folds", "4"],
+      "--folds: expected distinct comma-separated integers in [0, 4)"),  # fmt: skip
+    C("compare-folds-repeated", lambda w: ["compare", "--out", w.path("cmp"), "--folds", "0,0"],
+      "--folds: expected distinct"),  # fmt: skip
+    C("compare-seeds-text", lambda w: ["compare", "--out", w.path("cmp"), "--seeds", "a"],
+      "--seeds: expected comma-separated integers"),  # fmt: skip
+    C("compare-variants-unknown", lambda w: ["compare", "--out", w.path("cmp"), "--variants", "full,unet"],
+      "--variants: expected distinct comma-separated names from full,"),  # fmt: skip
+    C("compare-minutes-zero", lambda w: ["compare", "--out", w.path("cmp"), "--minutes1", "0"],
+      "--minutes1: expected a finite number > 0"),  # fmt: skip
+    C("compare-stem-path", lambda w: ["compare", "--out", w.path("cmp"), "--stem", "../x"],
+      "--stem: expected a file name stem without path separators"),  # fmt: skip
+    C("compare-no-out", lambda w: ["compare"], "--out DIR is required"),
+    C("compare-out-is-a-file", lambda w: ["compare", "--out", w.a_file], "exists and is not a directory"),
+    C("compare-render-missing", lambda w: ["compare", "--render", w.path("absent.json")], "absent.json"),
+    C("compare-other-plan", lambda w: _other_plan(w), "holds a comparison with another plan (differs in ['minutes1'"),
+    C("train-personalizer-unknown", lambda w: TRAIN(w, "--personalizer", "unet"), "--personalizer: invalid choice"),
+    E("config-personalizer-unknown", lambda w: HarmonizerConfig.small(personalizer="unet"), ValueError,
+      "HarmonizerConfig: personalizer must be one of ('frequency', 'dpersona')"),  # fmt: skip
+    E("trainconfig-budget-clock", lambda w: TrainConfig(budget_clock="gpu"), ValueError, "TrainConfig.budget_clock"),
+    E("trainconfig-split-seed", lambda w: TrainConfig(split_seed=-1), ValueError, "TrainConfig.split_seed"),
+    E("compareconfig-minutes-nan", lambda w: CompareConfig(minutes2=float("nan")), ValueError,
+      "CompareConfig.minutes2"),  # fmt: skip
+    E("compareconfig-fold", lambda w: CompareConfig(folds=[0, 7]), ValueError, "CompareConfig.folds"),
     C("demo-epochs-zero", lambda w: ["demo", "--epochs", "0"], "--epochs: expected an integer >= 1"),
     C("demo-items-few", lambda w: ["demo", "--items", "3"], "--items: expected an integer >= 16"),
     C("demo-out-is-a-file", lambda w: ["demo", "--out", w.a_file], "exists and is not a directory"),
@@ -678,12 +710,14 @@ def _snapshot(paths: list[Path]) -> dict[Path, Optional[str]]:
 def test_the_table_is_large_enough():
     assert len(ROWS) >= 80 and len({r.id for r in ROWS}) == len(ROWS)
     commands = {r.id.split("-")[0] for r in ROWS if r.cli}  # CLI rows are named after their command
-    assert commands >= {"train", "evaluate", "sample", "convert", "profile", "demo", "bench"}, commands
+    assert commands >= {"train", "evaluate", "sample", "convert", "profile", "demo", "bench", "compare"}, commands
 
 
 # Outputs (relative to the world's root) that a row must leave as they were: a refused command writes nothing.
 UNTOUCHED = {
     "train-batch-negative": ("t-out",),
+    "compare-folds-out-of-range": ("cmp",),
+    "compare-other-plan": ("cmp-plan/plan.json",),
     "evaluate-samples-negative": ("e-out",),
     "sample-batch-negative": ("s.npz",),
     "sample-missing-weights": ("s.npz",),

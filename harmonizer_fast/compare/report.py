@@ -6,7 +6,8 @@ image's score averaged over seeds; every image belongs to one test fold). The pa
 per-image scores: the reference (the full model) against each other variant, two-sided Wilcoxon signed-rank
 with the rank-biserial effect (:mod:`harmonizer_fast.stats`). A run whose selected model predicted nothing
 on the validation patients, or whose test predictions are all empty, is **collapsed**: it is counted and
-left out of every number of its variant; a variant whose runs all collapsed has no numbers.
+left out of every number of its variant; a variant whose runs all collapsed has no numbers. A run that
+completed no epoch within its budget has no model to score and is counted the same way ("not scored").
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ LOWER_IS_BETTER = {"ged", "ged_unbiased"}
 
 
 def _collapsed(rec: dict[str, Any]) -> bool:
+    """Collapsed, or not scored at all (no epoch within the budget): either way, not a result."""
+    if rec.get("unscored"):
+        return True
     tables = [rec["table1"]] + ([rec["table2"]] if rec["table2"] is not None else [])
     return any(r["collapsed_on_validation"] for r in rec["runs"]) or any(
         t["mean"]["empty_fraction"] == 1.0 for t in tables
@@ -82,7 +86,7 @@ def aggregate(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
         good = [r for r in recs if not _collapsed(r)]
         v: dict[str, Any] = {"label": VARIANTS[name].label, "heads": recs[0]["heads"],
                              "runs": [{"fold": r["fold"], "seed": r["seed"], "collapsed": _collapsed(r),
-                                       "trainings": r["runs"]} for r in recs],
+                                       "unscored": r.get("unscored"), "trainings": r["runs"]} for r in recs],
                              "collapsed_runs": len(recs) - len(good), "total_runs": len(recs)}  # fmt: skip
         if good:
             v["table1"] = {k: _over(good, f"t1_{k}") for _, k in T1_COLUMNS}
@@ -141,7 +145,12 @@ def _pm(cell: list[float]) -> str:
 
 
 def _row_label(name: str, v: dict[str, Any]) -> str:
-    note = f" (collapsed in {v['collapsed_runs']} of {v['total_runs']} runs, left out)" if v["collapsed_runs"] else ""
+    unscored = sum(1 for r in v["runs"] if r.get("unscored"))
+    note = ""
+    if v["collapsed_runs"] - unscored:
+        note = f" (collapsed in {v['collapsed_runs'] - unscored} of {v['total_runs']} runs, left out)"
+    if unscored:
+        note += f" (not scored in {unscored} of {v['total_runs']} runs: no epoch in the budget)"
     return f"{name}{note}"
 
 

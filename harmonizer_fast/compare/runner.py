@@ -31,7 +31,7 @@ from ..model import HarmonizerConfig
 from ..model.config import PRESETS
 from ..rundir import RunDir
 from ..train import TrainConfig, Trainer
-from .variants import PHASE1, Variant, resolve
+from .variants import PHASE1, VARIANTS, Variant, resolve
 
 SPLIT_SEED = 0  # one patient partition for every seed, so each fold's test images are the same across seeds
 T1_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match", "empty_fraction")
@@ -49,7 +49,7 @@ class CompareConfig:
     """What one comparison runs. Budgets are minutes of compute per training: the process's CPU time over its
     threads (``TrainConfig.budget_clock="cpu"``), so a comparison that shares the machine stays equal."""
 
-    variants: list[str] = field(default_factory=lambda: ["full", "probunet", "dpersona", "no-personalizer"])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     folds: list[int] = field(default_factory=lambda: [0])
     seeds: list[int] = field(default_factory=lambda: [0])
     minutes1: float = 5.0
@@ -194,6 +194,8 @@ class Comparison:
         base = self.p1(v.phase1, fold, seed)
         cfg = self.cc.model_config(v.phase1, self.data)
         run = self.p2(variant, fold, seed)
+        if not base.has("best_phase1"):
+            return False, "skipped: its phase 1 completed no epoch in the budget"
         fresh = self._fit(run, cfg, self.cc.train_config(cfg, "2", fold, seed), base.manifest_path("best_phase1"))
         return not fresh, self._train_facts(run)
 
@@ -205,6 +207,8 @@ class Comparison:
         record = evaluate_variant(self, v, fold, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(record, default=float) + "\n")
+        if record.get("unscored"):
+            return False, f"not scored: {record['unscored']}"
         t1 = record["table1"]["mean"]
         return False, f"GED {t1['ged']:.4f}, Dice_match {t1['dice_match']:.4f}" + (
             f", Dice_mean {record['table2']['mean']['dice_each_mean']:.4f}" if record["table2"] else "")
@@ -229,11 +233,24 @@ def _run_record(run: RunDir, stem: str) -> dict[str, Any]:
             "collapsed_on_validation": chosen is not None and chosen.get(key) == 1.0}  # fmt: skip
 
 
+def _unfinished(run: RunDir) -> dict[str, Any]:
+    log = run.read_log()
+    return {"run": run.path.name, "phase": log[-1]["phase"] if log else 0, "epochs": 0, "minutes": 0.0,
+            "wall_minutes": 0.0, "best_epoch": 0, "stopped": run.state()["stopped"] if run.has("last") else "",
+            "val_empty_fraction": None, "collapsed_on_validation": False}  # fmt: skip
+
+
 @torch.no_grad()
 def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[str, Any]:
     """Tables 1 and 2 of one variant on its fold's held-out test patients, kept per image for the paired
     tests and the fold statistics; GED per image for each K of appendix B."""
     base = cmp.p1(v.phase1, fold, seed)
+    needed = [(base, "best_phase1")] + ([(cmp.p2(v.name, fold, seed), "best")] if v.trains_phase2 else [])
+    missing = [run.path.name for run, stem in needed if not run.has(stem)]
+    if missing:  # a training that validated no epoch within its budget has no model to score
+        return {"variant": v.name, "fold": fold, "seed": seed, "heads": v.heads, "table1": None, "table2": None,
+                "unscored": f"{', '.join(missing)} completed no epoch in the budget",
+                "runs": [_unfinished(run) for run, _ in needed]}  # fmt: skip
     runs = [_run_record(base, "best_phase1")]
     if v.trains_phase2:
         run2 = cmp.p2(v.name, fold, seed)

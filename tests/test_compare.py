@@ -1,0 +1,168 @@
+"""harmonizer-fast compare: every variant trains and is reported, collapse is flagged, the aggregation's fold
+and image statistics match a numpy transcription, and a killed comparison continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from harmonizer_fast import data as hd
+from harmonizer_fast.cli import main as cli
+from harmonizer_fast.compare import VARIANTS, CompareConfig, Comparison, render, run_compare
+from harmonizer_fast.compare.report import aggregate, markdown
+
+TINY = dict(epochs1=1, epochs2=1, samples=2, batch_size=8)
+
+
+def _data(items: int = 48):
+    return hd.make_synthetic(items, size=32, raters=2, seed=0)
+
+
+@pytest.mark.slow
+def test_every_variant_trains_and_the_report_has_every_column(tmp_path):
+    cc = CompareConfig(variants=list(VARIANTS), folds=[0, 1], epochs1=6, epochs2=2, samples=4, batch_size=8)
+    lines: list[str] = []
+    result = run_compare(_data(128), tmp_path / "cmp", cc, log=lines.append)
+    assert len(lines) == len(Comparison(tmp_path / "cmp", cc, _data(128)).units())
+    assert set(result["variants"]) == set(VARIANTS)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    for column in ("GED", "Dice_soft", "Dice_max", "Dice_match", "Dice_A1", "Dice_A2", "Dice_mean", "rank-biserial",
+                   "Wilcoxon p", "epochs in budget", "selected epoch", "budget minutes (wall)"):  # fmt: skip
+        assert column in md, column
+    for what in ("mean ± std over folds", "mean ± std over test images"):
+        assert what in md
+    for name, v in result["variants"].items():
+        assert f"| {name}" in md
+        assert v["total_runs"] == 2
+        for run in v["runs"]:
+            assert all(t["epochs"] >= 1 and t["minutes"] > 0 for t in run["trainings"])
+        if v["collapsed_runs"] < v["total_runs"]:
+            assert "table1" in v and v["table1"]["ged"]["folds"][2] == 2 - v["collapsed_runs"]
+            assert ("table2" in v) == (v["heads"] != "none")
+    assert (tmp_path / "cmp" / "compare-ged-vs-k.png").is_file() or result["figure"] is None
+    # the full model and its identity heads share phase 1: Table 1 is the same run, scored identically
+    full, ident = result["variants"]["full"], result["variants"]["no-personalizer"]
+    if "table1" in full and "table1" in ident:
+        assert full["table1"]["ged"] == ident["table1"]["ged"]
+
+
+def _record(variant, fold, seed, images, t1, t2=None, empty=0.0, val_collapse=False):
+    """A hand-made evaluation record with the per-image scores given."""
+    n = len(images)
+    per = {f"t1_{k}": list(t1) for k in ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match")}
+    per["t1_empty_fraction"] = [empty] * n
+    table = {"n_images": n, "mean": {"empty_fraction": empty}, "std": {}, "per_rater": {}}
+    rec = {"variant": variant, "fold": fold, "seed": seed, "heads": "none" if t2 is None else "personalized",
+           "images": list(images), "per_image": per, "table1": table, "table2": None,
+           "runs": [{"run": f"p1-{variant}-f{fold}-s{seed}", "phase": 1, "epochs": 2, "minutes": 1.0,
+                     "wall_minutes": 1.1, "best_epoch": 2, "stopped": "time budget",
+                     "collapsed_on_validation": val_collapse}],
+           "ged_vs_k": {"1": list(t1), "4": list(t1)}}  # fmt: skip
+    if t2 is not None:
+        per.update({f"t2_{k}": list(t2) for k in ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match",
+                                                   "dice_each_mean")})  # fmt: skip
+        per["t2_empty_fraction"] = [empty] * n
+        per["t2_dice_each"] = [[v, v] for v in t2]
+        rec["table2"] = dict(table)
+    return rec
+
+
+def _meta():
+    return {"compare": CompareConfig().to_dict(), "data": "hand-made", "command": "test",
+            "machine": {"cpu": "x", "cpu_cores": 2, "torch": "t", "torch_threads": 2, "date": "d"}}  # fmt: skip
+
+
+def test_statistics_over_folds_and_images_match_numpy():
+    rng = np.random.default_rng(1)
+    images = {0: [0, 1, 2], 1: [3, 4, 5, 6]}  # fold -> test images
+    scores = {(f, s): rng.random(len(images[f])) for f in images for s in (0, 1)}
+    recs = [_record("full", f, s, images[f], scores[f, s], t2=scores[f, s]) for f, s in scores]
+    other = {(f, s): rng.random(len(images[f])) for f in images for s in (0, 1)}
+    recs += [_record("dpersona", f, s, images[f], other[f, s], t2=other[f, s]) for f, s in other]
+    out = aggregate(recs, _meta())
+    per_image = {f: (scores[f, 0] + scores[f, 1]) / 2 for f in images}  # seeds averaged per image
+    fold_means = [per_image[f].mean() for f in images]
+    ged = out["variants"]["full"]["table1"]["ged"]
+    assert ged["folds"] == pytest.approx([np.mean(fold_means), np.std(fold_means), 2])
+    flat = np.concatenate([per_image[f] for f in images])
+    assert ged["images"] == pytest.approx([flat.mean(), flat.std(), 7])
+    t = out["paired_tests"]["dpersona"]["t1_ged"]
+    mine = np.concatenate([(other[f, 0] + other[f, 1]) / 2 for f in images])
+    assert t["n_images"] == 7 and t["mean_difference"] == pytest.approx((flat - mine).mean())
+    assert out["variants"]["full"]["table2"]["dice_a2"]["images"][0] == pytest.approx(flat.mean())
+    claim = {o["claim"]: o for o in out["orderings"]}["personalized Dice_mean above D-Persona's (Table 2)"]
+    assert claim["holds"] == bool(flat.mean() > mine.mean())
+
+
+def test_a_collapsed_run_is_flagged_and_left_out():
+    good = _record("full", 0, 0, [0, 1], [0.2, 0.3])
+    fold1 = _record("full", 1, 0, [2, 3], [0.9, 0.9], empty=1.0)  # every test prediction empty
+    val = _record("probunet", 0, 0, [0, 1], [0.5, 0.5], val_collapse=True)  # selected model empty on validation
+    out = aggregate([good, fold1, val, _record("probunet", 1, 0, [2, 3], [0.4, 0.6])], _meta())
+    full, base = out["variants"]["full"], out["variants"]["probunet"]
+    assert (full["collapsed_runs"], base["collapsed_runs"]) == (1, 1)
+    assert full["table1"]["ged"]["images"][:2] == pytest.approx([0.25, 0.05])  # fold 1 left out
+    assert [r["collapsed"] for r in full["runs"]] == [False, True]
+    md = markdown(out)
+    assert "full (collapsed in 1 of 2 runs, left out)" in md and "probunet (collapsed in 1 of 2 runs" in md
+    everything = aggregate([fold1], _meta())
+    assert "table1" not in everything["variants"]["full"]
+    assert "| full (collapsed in 1 of 1 runs, left out) | collapsed |" in markdown(everything)
+
+
+def test_render_rewrites_the_same_markdown(tmp_path):
+    recs = [_record("full", 0, 0, [0, 1, 2], [0.2, 0.3, 0.4], t2=[0.5, 0.6, 0.7]),
+            _record("dpersona", 0, 0, [0, 1, 2], [0.3, 0.3, 0.5], t2=[0.4, 0.6, 0.6])]  # fmt: skip
+    from harmonizer_fast.compare.report import write_report
+
+    result = write_report(recs, _meta(), tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    (tmp_path / "compare.md").unlink()
+    render(tmp_path / "compare.json")
+    assert (tmp_path / "compare.md").read_text() == md == markdown(json.loads((tmp_path / "compare.json").read_text()))
+    assert result["figure"] == "compare-ged-vs-k.png"
+
+
+def test_a_killed_comparison_continues_and_a_cut_training_restarts(tmp_path):
+    data, out = _data(), tmp_path / "cmp"
+    cc = CompareConfig(variants=["full", "probunet"], **TINY)
+    cmp = Comparison(out, cc, data, log=lambda _m: None)
+    cmp.run()
+    first = {v: json.loads(cmp.eval_path(v, 0, 0).read_text()) for v in ("full", "probunet")}
+    # the state a kill during the full model's phase 2 leaves: a ``last`` saved at an epoch end of an
+    # unfinished run (stopped ""), and none of the evaluations that come after it
+    last = cmp.p2("full", 0, 0).manifest_path("last")
+    manifest = json.loads(last.read_text())
+    manifest["state"]["stopped"] = ""
+    last.write_text(json.dumps(manifest))
+    for v in ("full", "probunet"):
+        cmp.eval_path(v, 0, 0).unlink()
+    p1_files = sorted(p.name for p in cmp.p1("full", 0, 0).path.iterdir())
+    lines: list[str] = []
+    Comparison(out, cc, data, log=lines.append).run()
+    redone = [ln.split("] ")[1].split(":")[0] for ln in lines if "done before" not in ln]
+    assert redone == ["train2 full fold 0 seed 0", "eval full fold 0 seed 0", "eval probunet fold 0 seed 0"]
+    assert sorted(p.name for p in cmp.p1("full", 0, 0).path.iterdir()) == p1_files  # phase 1 untouched
+    assert json.loads(last.read_text())["state"]["stopped"] == "completed"  # trained again from the start
+    for v in ("full", "probunet"):  # the same models, the same draws: the same scores
+        assert json.loads(cmp.eval_path(v, 0, 0).read_text())["per_image"] == first[v]["per_image"]
+
+
+def test_another_plan_in_the_same_directory_is_refused(tmp_path):
+    data = _data()
+    Comparison(tmp_path, CompareConfig(**TINY), data).check_plan()
+    with pytest.raises(ValueError, match=r"differs in \['samples'\]"):
+        Comparison(tmp_path, CompareConfig(**{**TINY, "samples": 3}), data).check_plan()
+    with pytest.raises(ValueError, match=r"differs in \['data'\]"):
+        Comparison(tmp_path, CompareConfig(**TINY), _data(50)).check_plan()
+
+
+def test_the_cli_runs_a_tiny_comparison(tmp_path, capsys):
+    argv = ["compare", "--out", str(tmp_path / "c"), "--synthetic-items", "24", "--variants", "full,dpersona",
+            "--epochs1", "1", "--epochs2", "1", "--samples", "2", "--batch-size", "8"]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("train1 ") == 2 and "train2 dpersona" in out and "wrote" in out  # full, probunet
+    assert cli(argv) == 0 and capsys.readouterr().out.count("done before") == 6

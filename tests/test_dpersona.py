@@ -1,0 +1,105 @@
+"""D-Persona's projection heads, its stage-2 loss, and the harmonizer's sharing switch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harmonizer_fast import losses
+from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
+from harmonizer_fast.model.dpersona import DPersonaHeads
+
+
+def _net(**kw) -> HarmonizerNet:
+    torch.manual_seed(0)
+    return HarmonizerNet(HarmonizerConfig.small(num_raters=3, personalizer="dpersona", prior_bank=20, **kw))
+
+
+def test_heads_are_softmax_weighted_bank_samples_and_ignore_z():
+    torch.manual_seed(1)
+    heads = DPersonaHeads(16, 6, 3).eval()
+    f, bank = torch.randn(2, 16, 32, 32), torch.randn(2, 20, 6)
+    raters = torch.tensor([2, 0])
+    out = heads(f, torch.randn(2, 6), bank, raters)
+    assert out.shape == (2, 2, 6)
+    assert torch.equal(out, heads(f, torch.randn(2, 6) * 100, bank, raters))  # z unused
+    # numpy transcription of steps 2-4 from the head's pooled query
+    q = np.stack([heads.heads[r](f).mean((2, 3)).detach().numpy() for r in (2, 0)], axis=1)  # (B, R', 6)
+    b = bank.numpy().astype(np.float64)
+    logits = np.einsum("brd,bmd->brm", q, b)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out.detach().numpy(), np.einsum("brm,bmd->brd", w, b), rtol=1e-5, atol=1e-6)
+    assert (q >= 0).all()  # the query ends in a ReLU, as D-Persona's block does
+    same = torch.ones(2, 20, 6) * torch.tensor([0.5, -1, 2, 0, 1, 3])  # a bank of one repeated latent
+    assert torch.allclose(heads(f, None, same, raters), same[:, :2], atol=1e-6)
+
+
+def test_each_rater_has_its_own_head():
+    net = _net()
+    net.set_phase(2)
+    x = torch.rand(2, 1, 32, 32)
+    y = (torch.rand(2, 3, 32, 32) > 0.8).float()
+    out = net(x, y, generator=torch.Generator().manual_seed(0))
+    out.personalized_logits[:, 1].sum().backward()
+    grads = [sum(p.grad.abs().sum() for p in h.parameters() if p.grad is not None) for h in net.personalizer.heads]
+    assert grads[1] > 0 and grads[0] == 0 and grads[2] == 0
+    assert all(p.grad is None for p in net.backbone.parameters())  # frozen in phase 2
+
+
+def test_dpersona_loss_matches_the_generalized_dice_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 8, 8)
+    masks = (torch.rand(3, 4, 8, 8) > 0.6).float()
+    masks[:, 3] = 0  # a rater with nothing drawn in this batch
+    p, t = 1 / (1 + np.exp(-logits.double().numpy())), masks.double().numpy()
+    terms = []
+    for i in range(4):  # D-Persona's GeneralizedDiceLoss, one class per rater, sums over the flattened batch
+        w = 1 / max(t[:, i].sum() ** 2, 1e-6)
+        terms.append(2 * w * (p[:, i] * t[:, i]).sum() / max(w * (p[:, i] + t[:, i]).sum(), 1e-6))
+    assert terms[3] == 0
+    assert float(losses.dpersona_loss(logits, masks)) == pytest.approx(1 - np.mean(terms), rel=1e-5)
+
+
+def test_phase2_trains_the_dpersona_heads_on_their_loss():
+    net = _net()
+    net.set_phase(2)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 32, 32)
+    y = (torch.rand(4, 3, 32, 32) > 0.7).float()
+    noise = net.draw_noise(4, g)
+    first = None
+    for _ in range(15):
+        net.train()
+        out = net(x, y, noise=noise)
+        loss, _ = losses.total_loss(out, y, net.config)
+        assert torch.equal(loss, losses.dpersona_loss(out.personalized_logits, y))  # the recipe's loss, not Eq. 6
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first
+
+
+def test_unshared_harmonizer_gives_each_stage_its_own_core():
+    shared = HarmonizerNet(HarmonizerConfig.small()).harmonizer
+    own = HarmonizerNet(HarmonizerConfig.small(harmonizer_shared=False)).harmonizer
+    stages = len(own.stages)
+    core = shared.tokens.numel() + sum(p.numel() for p in shared.w1.parameters())
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(own) - n(shared) == (stages - 1) * core
+    stage = own.stages[0]
+    x = torch.rand(2, HarmonizerConfig.small().decoder_channels[stage], 8, 8)
+    own.w2[str(stage)].weight.data.normal_()  # leave the identity start, so the core gets a gradient
+    gamma, beta = own.modulation(stage, x)
+    (gamma.sum() + beta.sum()).backward()
+    assert own.stage_tokens[str(stage)].grad.abs().sum() > 0
+    assert all(own.stage_tokens[str(s)].grad is None for s in own.stages[1:])
+
+
+def test_shared_checkpoint_names_are_unchanged():
+    keys = set(HarmonizerNet(HarmonizerConfig.small()).state_dict())
+    assert {"harmonizer.tokens", "harmonizer.w1.weight"} <= keys
+    assert not any("stage_tokens" in k for k in keys)
