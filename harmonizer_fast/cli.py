@@ -188,8 +188,10 @@ def _scoring(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ._alloc import keep_freed_memory
     from .evaluate import report, run_evaluation
 
+    keep_freed_memory()
     check_output_dir(args.out, "--out")
     model, scoring = _scoring(args)
     print(f"evaluating {args.checkpoint} on {scoring.description}, K = {args.samples}, seed {args.seed}")
@@ -206,8 +208,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ._alloc import keep_freed_memory
     from .sampling import stream_samples
 
+    keep_freed_memory()
     check_output_file(args.out, "--out")
     model, scoring = _scoring(args)
     print(f"sampling {scoring.description}")
@@ -255,7 +259,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, render, run_compare
 
     if args.render is not None:
-        print(f"wrote {render(args.render)}")
+        try:
+            print(f"wrote {render(args.render)}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not a comparison's
+            raise UsageError(f"--render {args.render}: not a comparison result JSON ({type(exc).__name__}: "
+                             f"{exc})") from None  # fmt: skip
         return 0
     if args.out is None:
         raise UsageError("--out DIR is required (or --render RESULT.json)")

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import losses, selection
+from ._alloc import keep_freed_memory
 from ._random import generator, seed_of
 from .checkpoint import CheckpointError, load_training_state
 from .data import MultiRaterData, augment, patient_split
@@ -291,6 +292,7 @@ class Trainer:
         log: Callable[[str], None] = print,
     ) -> None:
         self.rank, self.world = rank_and_world()
+        keep_freed_memory()  # a step reuses its large activation blocks instead of page-faulting them (_alloc)
         self.tc = train_config
         self.run = RunDir(run_dir)
         self.log = log if self.rank == 0 else (lambda _msg: None)

@@ -22,10 +22,10 @@ def _data(items: int = 48):
 
 @pytest.mark.slow
 def test_every_variant_trains_and_the_report_has_every_column(tmp_path):
-    cc = CompareConfig(variants=list(VARIANTS), folds=[0, 1], epochs1=6, epochs2=2, samples=4, batch_size=8)
+    cc = CompareConfig(variants=list(VARIANTS), folds=[0, 1], epochs1=2, epochs2=1, samples=4, batch_size=8)
     lines: list[str] = []
-    result = run_compare(_data(128), tmp_path / "cmp", cc, log=lines.append)
-    assert len(lines) == len(Comparison(tmp_path / "cmp", cc, _data(128)).units())
+    result = run_compare(_data(64), tmp_path / "cmp", cc, log=lines.append)
+    assert len(lines) == len(Comparison(tmp_path / "cmp", cc, _data(64)).units())
     assert set(result["variants"]) == set(VARIANTS)
     md = (tmp_path / "cmp" / "compare.md").read_text()
     for column in ("GED", "Dice_soft", "Dice_max", "Dice_match", "Dice_A1", "Dice_A2", "Dice_mean", "rank-biserial",

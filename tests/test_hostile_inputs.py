@@ -476,6 +476,9 @@ ROWS = [
       "--stem: expected a file name stem without path separators"),  # fmt: skip
     C("compare-no-out", lambda w: ["compare"], "--out DIR is required"),
     C("compare-out-is-a-file", lambda w: ["compare", "--out", w.a_file], "exists and is not a directory"),
+    C("compare-render-not-json", lambda w: ["compare", "--render", w.a_file], "not a comparison result JSON"),
+    C("compare-render-other-json", lambda w: ["compare", "--render", w.run / "best.json"],
+      "not a comparison result JSON (KeyError"),  # fmt: skip
     C("compare-render-missing", lambda w: ["compare", "--render", w.path("absent.json")], "absent.json"),
     C("compare-other-plan", lambda w: _other_plan(w), "holds a comparison with another plan (differs in ['minutes1'"),
     C("train-personalizer-unknown", lambda w: TRAIN(w, "--personalizer", "unet"), "--personalizer: invalid choice"),
