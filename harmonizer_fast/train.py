@@ -396,9 +396,12 @@ class Trainer:
             finished = pos.epoch == end and pos.stage + 1 == len(self.stages)
             if pos.epoch == end:
                 pos.stage += 1
-            self._checkpoint(pos, phase, opt, scheduler, "completed" if finished else "")
+            # a budget spent at an epoch's end is a budget stop, and last says so (as after a partial epoch)
+            out_of_time = budget.spent() and not finished
+            why = "completed" if finished else "time budget" if out_of_time else ""
+            self._checkpoint(pos, phase, opt, scheduler, why)
             self.log(_log_line(self.history[-1]))
-            if budget.spent() and not finished:
+            if out_of_time:
                 self.log(f"stopped by the time budget ({self.tc.max_minutes} min) after epoch {pos.epoch}")
                 return "time budget"
         return None

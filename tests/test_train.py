@@ -237,3 +237,52 @@ def test_phase2_step_scales_the_prior_noise_of_z(progress):
         expected[s] = losses.total_loss(out, masks, net.config)[1]["total"]
     assert len(set(expected.values())) == 3  # the noise in z matters to the loss
     np.testing.assert_allclose(got, expected[tc.z_noise_scale(progress)], rtol=1e-6)
+
+
+def test_cpu_budget_clock_ignores_time_the_process_does_not_compute():
+    from harmonizer_fast.train import _Budget
+
+    wall, cpu = _Budget(1.0, "wall"), _Budget(1.0, "cpu")
+    time.sleep(0.3)  # sleeping: wall time passes, this process computes nothing
+    assert wall.minutes() * 60 >= 0.29 and cpu.minutes() * 60 < 0.05
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.2:  # computing on one thread: CPU time over the thread count
+        pass
+    assert cpu.minutes() * 60 >= 0.2 / torch.get_num_threads() * 0.9
+    assert cpu.wall_minutes() >= wall.minutes() - 1e-3 and not cpu.spent()
+    assert _Budget(None, "cpu").spent() is False
+
+
+def test_split_seed_fixes_the_patients_across_training_seeds(tmp_path):
+    data = hd.make_synthetic(40, size=32, raters=2, seed=3)
+    cfg = HarmonizerConfig.small(num_raters=2)
+    splits = [Trainer(data, cfg, TrainConfig(seed=s, split_seed=0, epochs_phase1=1), tmp_path / f"r{s}",
+                      progress=False, log=lambda _m: None).split for s in (0, 1)]  # fmt: skip
+    assert all(np.array_equal(getattr(splits[0], k), getattr(splits[1], k)) for k in ("train", "val", "test"))
+    free = Trainer(data, cfg, TrainConfig(seed=1, epochs_phase1=1), tmp_path / "free", progress=False,
+                   log=lambda _m: None).split  # fmt: skip
+    assert not np.array_equal(free.test, splits[0].test)  # without it, the seed also draws the split
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_trainer_keeps_freed_memory_unless_told_not_to():
+    code = ("import harmonizer_fast._alloc as a; print(a.keep_freed_memory(), a.keep_freed_memory())")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["True", "True"], out.stderr
+    env["HARMONIZER_FAST_MALLOC"] = "system"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_a_budget_spent_at_an_epoch_end_is_recorded_as_a_budget_stop(tmp_path):
+    data = hd.make_synthetic(24, size=32, raters=2, seed=3)  # 16 training images: one step per epoch at 32
+    tc = TrainConfig(phase="1", epochs_phase1=3, batch_size=32, lr_phase1=1e-3, val_samples=2, max_minutes=1e-9)
+    run = tmp_path / "run"
+    result = Trainer(data, HarmonizerConfig.small(num_raters=2), tc, run, progress=False, log=lambda _m: None).fit()
+    state = json.loads((run / "last.json").read_text())["state"]
+    assert result.stopped == "time budget" and result.epochs_done == 1
+    assert state["stopped"] == "time budget" and state["position"] == {"stage": 0, "epoch": 1, "step": 0}
+    tc2 = TrainConfig(phase="1", epochs_phase1=3, batch_size=32, lr_phase1=1e-3, val_samples=2)
+    again = Trainer(data, HarmonizerConfig.small(num_raters=2), tc2, run, progress=False, log=lambda _m: None)
+    assert again.fit(resume=True).stopped == "completed" and len(again.history) == 3
