@@ -80,6 +80,9 @@ def aggregate(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
     """Everything the report shows, from the per-run evaluation records."""
     names = list(dict.fromkeys(r["variant"] for r in records))
     out: dict[str, Any] = {**meta, "variants": {}, "paired_tests": {}}
+    # the rater count from any scored record, so Table 2 keeps its Dice_A(i) columns when every run collapsed
+    out["num_raters"] = next((len(r["per_image"]["t2_dice_each"][0]) for r in records
+                              if r.get("per_image", {}).get("t2_dice_each")), 0)  # fmt: skip
     kept: dict[str, list[dict]] = {}
     for name in names:
         recs = [r for r in records if r["variant"] == name]
@@ -168,6 +171,7 @@ def _table(result: dict[str, Any], table: str, columns: list[tuple[str, str]], o
 def _t2_columns(result: dict[str, Any]) -> list[tuple[str, str]]:
     n = max((sum(1 for k in v.get("table2", {}) if k.startswith("dice_a")) for v in result["variants"].values()),
             default=0)  # fmt: skip
+    n = max(n, result.get("num_raters", 0))
     return [*T1_COLUMNS, *[(f"Dice_A{i + 1}", f"dice_a{i + 1}") for i in range(n)], ("Dice_mean", "dice_mean")]
 
 
