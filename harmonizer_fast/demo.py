@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from scipy.stats import wilcoxon
 
 from ._io import write_atomic
 from .data import make_synthetic
@@ -32,6 +31,7 @@ from .evaluate import K_VALUES, Scores, evaluate_model, run_evaluation, summariz
 from .latent_ceiling import ceiling_summary, latent_ceiling
 from .model import HarmonizerConfig, HarmonizerNet
 from .rundir import RunDir
+from .stats import paired_test
 from .train import TrainConfig, Trainer
 
 SAMPLES = 16
@@ -95,12 +95,8 @@ def _gain(rows: dict[str, Any]) -> dict[str, float]:
 
 
 def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
-    d = a - b
-    p = float(wilcoxon(a, b).pvalue) if np.any(d != 0) else 1.0
-    return {"n_images": int(a.size), "mean_difference": float(d.mean()), "images_better": int((d > 0).sum()),
-            "images_worse": int((d < 0).sum()), "wilcoxon_p": p}  # fmt: skip
+    t = paired_test(a, b)
+    return {k: t[k] for k in ("n_images", "mean_difference", "images_better", "images_worse", "wilcoxon_p")}
 
 
 def paired_tests(personal: Scores, identity: Scores) -> dict[str, dict[str, Any]]:
