@@ -35,7 +35,8 @@ def inputs(b, k, c, h, w, layers, device, dtype, seed=0):
     )
 
 
-SHAPES = [(2, 3, 16, 9, 13, 2), (1, 5, 8, 16, 16, 1), (2, 2, 12, 7, 5, 0), (1, 1, 32, 4, 20, 3)]
+# (2, 3, 16, 33, 37, 2): 1221 pixels, several CPU tasks of 512 pixels and a ragged last tile in each build
+SHAPES = [(2, 3, 16, 9, 13, 2), (1, 5, 8, 16, 16, 1), (2, 2, 12, 7, 5, 0), (1, 1, 32, 4, 20, 3), (2, 3, 16, 33, 37, 2)]
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
