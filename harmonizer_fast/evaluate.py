@@ -71,10 +71,7 @@ def _heads_kind(model: HarmonizerNet, heads: str) -> str:
 def _predict(model: HarmonizerNet, x: torch.Tensor, k: int, gens: tuple[torch.Generator, torch.Generator], kind: str):
     """K prior samples and the maps Table 2 scores (personalized heads, or the prior mean per rater). The
     samples and the heads' bank draw from separate streams, so Table 1 is the same whatever Table 2 scores."""
-    probs, heads = model.predict(x, k, heads=kind == "personalized", generator=gens[0], bank_generator=gens[1])
-    if kind == "identity":
-        mean = model.prior(x).mean
-        heads = model.sample(x, z=mean[:, None].expand(-1, model.config.num_raters, -1))
+    probs, heads = model.predict(x, k, heads=kind, generator=gens[0], bank_generator=gens[1])
     return probs.float(), None if heads is None else heads.float()
 
 

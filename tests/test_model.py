@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import BACKEND_CASES, case_id
 from torch.utils.flop_counter import FlopCounterMode
 
 from harmonizer_fast import losses
@@ -266,3 +267,36 @@ def test_dice_bce_is_batch_dice_plus_bce():
     each = (2 * (p * y).sum((1, 2)) + 1) / (p.sum((1, 2)) + y.sum((1, 2)) + 1)  # phase 2: one Dice per image
     got = float(losses.dice_bce(logits, target, per_image=True))
     np.testing.assert_allclose(got, 1 - each.mean() + bce, rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=case_id)
+def test_predict_is_sample_then_personalize_from_one_backbone_pass(case, use_backend):
+    """predict() equals sample() then personalize() bit for bit on the same generator state, on every backend
+    (each runs its own fused head), with one backbone pass; its identity heads are the prior mean's maps."""
+    device = use_backend(*case)
+    torch.manual_seed(0)
+    model = HarmonizerNet(HarmonizerConfig.small(num_raters=3)).to(device).eval()
+    x = torch.rand(2, 1, 32, 32, device=device)
+    probs, heads = model.predict(x, 5, generator=torch.Generator().manual_seed(3), allow_untrained=True)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(probs, model.sample(x, 5, generator=g))
+    assert torch.equal(heads, model.personalize(x, generator=g, allow_untrained=True))
+    _, some = model.predict(x, 5, raters=[2, 0], generator=torch.Generator().manual_seed(3), allow_untrained=True)
+    g = torch.Generator().manual_seed(3)
+    model.sample(x, 5, generator=g)
+    assert torch.equal(some, model.personalize(x, [2, 0], generator=g, allow_untrained=True))
+    same, ident = model.predict(x, 5, heads="identity", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(same, probs)  # the heads draw nothing: the samples do not depend on them
+    mean = model.prior(x).mean
+    assert torch.equal(ident, model.sample(x, z=mean[:, None].expand(-1, 3, -1).contiguous()))
+    assert model.predict(x, 5, heads="none")[1] is None and model.predict(x, 5, heads=False)[1] is None
+    calls = []
+    handle = model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    for kind in (True, "identity", False):
+        model.predict(x, 5, heads=kind, allow_untrained=True)
+    handle.remove()
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="heads must be True, False or one of"):
+        model.predict(x, 5, heads="all")
+    with pytest.raises(ValueError, match=r"raters must be indices in \[0, 3\)"):
+        model.predict(x, 5, heads="identity", raters=[3])

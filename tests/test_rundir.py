@@ -3,10 +3,9 @@ patients only on the run's own dataset, never its indices applied to another dat
 
 import numpy as np
 import pytest
-import torch
 
 from harmonizer_fast import data as hd
-from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
+from harmonizer_fast.model import HarmonizerConfig
 from harmonizer_fast.rundir import RunDir
 from harmonizer_fast.train import TrainConfig, Trainer
 
@@ -58,18 +57,3 @@ def test_fingerprint_sees_any_change():
     assert changed.fingerprint() != d.fingerprint()
     renamed = hd.MultiRaterData(d.images, d.masks, np.array([f"p{i}" for i in range(8)]))
     assert renamed.fingerprint() != d.fingerprint()
-
-
-def test_predict_is_sample_then_personalize_from_one_backbone_pass():
-    torch.manual_seed(0)
-    model = HarmonizerNet(HarmonizerConfig.small(num_raters=3)).eval()
-    x = torch.rand(2, 1, 32, 32)
-    probs, heads = model.predict(x, 5, generator=torch.Generator().manual_seed(3), allow_untrained=True)
-    g = torch.Generator().manual_seed(3)
-    torch.testing.assert_close(probs, model.sample(x, 5, generator=g), rtol=0, atol=0)
-    torch.testing.assert_close(heads, model.personalize(x, generator=g, allow_untrained=True), rtol=0, atol=0)
-    calls = []
-    handle = model.backbone.register_forward_hook(lambda *a: calls.append(1))
-    model.predict(x, 5, allow_untrained=True)
-    handle.remove()
-    assert len(calls) == 1

@@ -145,6 +145,12 @@ def test_ddp_two_processes_match_one(tmp_path, npz):
     A real fault (a wrong batch slice, unsynchronized batch norm, summed instead of averaged gradients)
     moves both by orders of magnitude more. Before SyncBatchNorm2d accumulated in float64 (as ATen's CPU
     batch norm does), the two-process loss was 10x outside this bound on an AMD EPYC.
+
+    The thread count reorders fewer sums than two processes do (not the batch-norm statistics, the Dice
+    sums or the gradient all-reduce), and how many depends on the CPU: on an AVX-512 Xeon it moved the
+    weights by 1.7% of their motion and two processes by 10%, 6x that. So the weights may also differ by a
+    quarter of their motion: a fault in the batch structure is far outside either bound (the same epoch at
+    half the batch size ends 165% of the motion away on that Xeon).
     """
     args = ("train", "--data", str(npz), "--config", "small", "--epochs", "1", "--phase", "1", "--batch-size", "8",
             "--no-progress")  # fmt: skip
@@ -173,7 +179,7 @@ def test_ddp_two_processes_match_one(tmp_path, npz):
     torch.manual_seed(0)  # the trainer's initialization (seed 0)
     init = HarmonizerNet(HarmonizerConfig.small(num_raters=3)).state_dict()
     moved = distance(w[one], init)
-    assert distance(w[one], w[two]) <= 4 * distance(w[one], w[reordered]) + 1e-6 * moved
+    assert distance(w[one], w[two]) <= max(4 * distance(w[one], w[reordered]), 0.25 * moved)
     assert distance(w[one], w[reordered]) < 0.1 * moved  # the measured spread is noise, not a second solution
 
 

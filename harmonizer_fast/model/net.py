@@ -49,6 +49,19 @@ def _personalizer(c: HarmonizerConfig) -> nn.Module:
                         c.personalizer_attn_dim, c.personalizer_hidden)  # fmt: skip
 
 
+PREDICT_HEADS = ("personalized", "identity", "none")
+
+
+def _heads_kind(heads: object) -> str:
+    if heads is True:
+        return "personalized"
+    if heads is False:
+        return "none"
+    if heads not in PREDICT_HEADS:
+        raise ValueError(f"predict: heads must be True, False or one of {PREDICT_HEADS}, got {heads!r}")
+    return str(heads)
+
+
 class HarmonizerNet(nn.Module):
     def __init__(self, config: HarmonizerConfig) -> None:
         super().__init__()
@@ -224,25 +237,42 @@ class HarmonizerNet(nn.Module):
         images: Tensor,
         num_samples: int = 16,
         *,
-        heads: bool = True,
+        heads: Union[bool, str] = True,
         raters: Optional[Union[int, list[int], Tensor]] = None,
         generator=None,
         bank_generator=None,
         allow_untrained: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """``num_samples`` prior samples ``(B, K, H, W)`` and, with ``heads``, the personalized maps
-        ``(B, R', H, W)`` of :meth:`personalize`, from one backbone and prior pass. The K sample latents are
-        drawn first, then the bank, so the results equal :meth:`sample` followed by :meth:`personalize` on
-        one generator; ``bank_generator`` draws the bank from its own stream instead (so the samples do not
-        depend on whether heads are computed)."""
+        """``num_samples`` prior samples ``(B, K, H, W)`` and one map per rater ``(B, R', H, W)``, from one
+        backbone and prior pass (what :meth:`sample` and :meth:`personalize` would compute in two).
+
+        ``heads``: True or ``"personalized"``: the personalized heads of :meth:`personalize`; ``"identity"``:
+        every rater gets the prior mean's prediction (z'_i = z, the heads of a model without a
+        personalizer); False or ``"none"``: no heads (None). The K sample latents are drawn first, then the
+        bank, so the results equal :meth:`sample` followed by :meth:`personalize` on one generator;
+        ``bank_generator`` draws the bank from its own stream instead (so the samples do not depend on
+        whether heads are computed)."""
+        kind = _heads_kind(heads)
         images = self._check_images(images, finite=True)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
-        idx = self._rater_indices(raters, allow_untrained) if heads else None
+        idx = self._rater_indices(raters, allow_untrained) if kind == "personalized" else None
         f, _ = self.features(images)
         prior = self.prior(images)
         probs = self.fcomb.probabilities(f, reparameterize(prior, self._draws(images, num_samples, generator)))
-        return probs, (self._heads(f, prior, idx, bank_generator or generator) if heads else None)
+        if kind == "personalized":
+            return probs, self._heads(f, prior, idx, bank_generator or generator)
+        if kind == "identity":
+            r = self._identity_raters(raters)
+            return probs, self.fcomb.probabilities(f, prior.mean[:, None].expand(-1, r, -1))
+        return probs, None
+
+    def _identity_raters(self, raters: Optional[Union[int, list[int], Tensor]]) -> int:
+        r = self.config.num_raters
+        idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:
+            raise ValueError(f"predict: raters must be indices in [0, {r}), got {idx.tolist()}")
+        return idx.numel()
 
     @torch.no_grad()
     def sample(self, images: Tensor, num_samples: int = 16, *, generator=None, z: Optional[Tensor] = None) -> Tensor:

@@ -44,6 +44,14 @@ from ..ops.haar import haar_dwt2d, haar_idwt2d
 RMS_EPS = 1e-6  # keeps the RMS pooling's gradient finite for an all-zero feature
 
 
+def _nhwc(x: Tensor) -> Tensor:
+    """x in channels-last memory order (same values and shape). oneDNN's depthwise, dilated and narrow
+    (12-32 channel) convolutions are several times faster on it than on NCHW: on 2 Xeon cores, at the
+    paper config's B R = 64 maps of 12 x 64 x 64, the 7x7 dilation-3 depthwise conv takes 15 ms instead
+    of 51 (forward + backward 53 instead of 184) and the 3x3 16 -> 32 conv 16 instead of 26."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class LargeKernelAttention(nn.Module):
     """LKA (Guo et al., Visual Attention Network): 5x5 depthwise, 7x7 depthwise dilated 3, 1x1; the result
     gates the input. Here the attention is computed from the bands plus the prompt and gates the bands."""
@@ -55,7 +63,7 @@ class LargeKernelAttention(nn.Module):
         self.pw = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, prompt: Tensor) -> Tensor:
-        return x * self.pw(self.dw_dilated(self.dw(x + prompt)))
+        return x * self.pw(self.dw_dilated(self.dw(_nhwc(x + prompt))))
 
 
 class Personalizer(nn.Module):
@@ -98,14 +106,14 @@ class Personalizer(nn.Module):
         mix = torch.softmax(self.pwc(high).mean((2, 3)), dim=1)  # w: (B, N)
         comps = F.interpolate(self.prompts, size=high.shape[-2:], mode="bilinear", align_corners=False)
         coeff = mix[:, None, :] * self.rater_weights[raters][None]  # (B, R', N): w * c_i
-        prompt = self.prompt_conv(torch.einsum("brn,nchw->brchw", coeff, comps).flatten(0, 1))
+        prompt = self.prompt_conv(_nhwc(torch.einsum("brn,nchw->brchw", coeff, comps).flatten(0, 1)))
         return self.post(self.attention(high.repeat_interleave(raters.numel(), dim=0), prompt))
 
     def latent(self, low: Tensor, refined: Tensor, z: Tensor, bank: Tensor, raters: Tensor) -> Tensor:
         """z'_i ``(B, R', latent)`` from X_LL, the refined bands X'_H of every rater, z and the bank (4-7)."""
         r = raters.numel()
         low_r = low.repeat_interleave(r, dim=0)
-        local = F.relu(self.local(torch.cat([refined, low_r], dim=1)))  # X_d
+        local = F.relu(self.local(_nhwc(torch.cat([refined, low_r], dim=1))))  # X_d
         token = self.rater_tokens[raters].repeat(low.shape[0], 1)  # (B R', A), image-major like everything here
         q = self.q(local.mean((2, 3))) + token
         bank_r = bank.repeat_interleave(r, dim=0)
