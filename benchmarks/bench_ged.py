@@ -38,13 +38,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    ISA_ENV,
     check_targets,
     device_slug,
     forced_backend,
     interleaved_medians,
     machine_header,
     machine_info,
-    pin_allocator,
+    pin_environment,
+    run_per_isa,
     targets_table,
     timed_backends,
     write_results,
@@ -257,8 +259,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--numpy-images", type=int, default=None, help="images the numpy peer is timed on "
                    "(default: the whole batch, 2 with --quick; 0 skips it)")  # fmt: skip
+    p.add_argument("--isa", choices=("auto", "all", *ISA_ENV), default="auto",
+                   help="instruction-set build (benchmarks/common.py ISA_ENV); all: each one in turn")
     args = p.parse_args(argv)
-    pin_allocator("fresh")
+    if args.isa == "all":
+        return run_per_isa("ged", list(argv), args)
+    pin_environment("fresh", args.isa)
     device = torch.device(args.device)
     numpy_images = args.numpy_images if args.numpy_images is not None else (2 if args.quick else 32)
     t0 = time.perf_counter()
@@ -273,7 +279,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     payload["targets"] = targets(rows, device)
     payload["wall_s"] = time.perf_counter() - t0
     md = report(payload)
-    stem = f"ged-{device_slug(device)}" + ("-quick" if args.quick else "")
+    stem = f"ged-{device_slug(device)}" + ("" if args.isa == "auto" else f"-{args.isa}")
+    stem += "-quick" if args.quick else ""
     json_path, md_path = write_results(stem, payload, md, args.out)
     print(md)
     print(f"wrote {json_path} and {md_path} in {payload['wall_s']:.0f} s", file=sys.stderr)

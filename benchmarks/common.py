@@ -72,7 +72,39 @@ def machine_info() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "isa": isa_info(),
     }
+
+
+# How each instruction-set build is run: our C++ CPU kernels' clone (HARMONIZER_FAST_CPU_ISA), and the
+# same cap for oneDNN (the convolutions) and for ATen's vectorized kernels, so that one AVX-512 machine
+# measures what an AVX2-only CPU (or a pre-AVX2 one) would execute. Caches, clocks and memory stay this
+# machine's: an emulated figure says which build ran, not which CPU. Both caps must be set before torch
+# initializes, hence the re-execution in pin_environment.
+_ISA_CAPS = {"avx512": ("AVX512_CORE", "avx512"), "avx2": ("AVX2", "avx2"), "baseline": ("SSE41", "default")}
+ISA_ENV = {
+    isa: {"HARMONIZER_FAST_CPU_ISA": isa, "ONEDNN_MAX_CPU_ISA": onednn, "ATEN_CPU_CAPABILITY": aten}
+    for isa, (onednn, aten) in _ISA_CAPS.items()
+}
+
+
+def isa_info() -> dict[str, Any]:
+    """Which builds ran: this CPU's, our kernels', ATen's, and oneDNN's cap (from the environment)."""
+    import harmonizer_fast as hf
+
+    return {
+        "cpu_supports": list(hf.supported_cpu_isas()),
+        "kernels": hf.cpu_isa(),
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max": os.environ.get("ONEDNN_MAX_CPU_ISA", "(all)"),
+    }
+
+
+def isa_label(info: dict[str, Any]) -> str:
+    """One line for a report: the builds that ran, and that it is an emulation where it is."""
+    best = info["cpu_supports"][-1] if info["cpu_supports"] else None
+    emulated = "" if info["kernels"] == best else f", emulated on a CPU that executes {best}"
+    return f"ISA {info['kernels']} (ATen {info['aten']}, oneDNN {info['onednn_max']}{emulated})"
 
 
 def _sync(device: torch.device) -> None:
@@ -177,10 +209,17 @@ ALLOCATOR_POLICIES = {
 }
 
 
-def pin_allocator(policy: str) -> None:
-    """Re-execute this script with the glibc allocator policy set (no-op when it already is)."""
-    env = ALLOCATOR_POLICIES[policy]
-    if sys.platform != "linux" or all(os.environ.get(k) == v for k, v in env.items()):
+def pin_environment(policy: str, isa: str = "auto") -> None:
+    """Re-execute this script with the glibc allocator policy and the instruction-set build (``ISA_ENV``;
+    "auto": the machine's best) set, before torch starts work (no-op when they already are)."""
+    env = dict(ALLOCATOR_POLICIES[policy]) if sys.platform == "linux" else {}
+    if isa != "auto":
+        import harmonizer_fast as hf
+
+        if isa not in hf.supported_cpu_isas():
+            raise SystemExit(f"--isa {isa}: this CPU ({cpu_model()}) executes {list(hf.supported_cpu_isas())}")
+        env.update(ISA_ENV[isa])
+    if all(os.environ.get(k) == v for k, v in env.items()):
         return
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
@@ -215,9 +254,10 @@ def machine_header(payload: dict[str, Any]) -> str:
     """The sentence that opens every benchmark report: the command, when, the device, CPU, GPU and versions."""
     m = payload["machine"]
     gpu = m["gpu"]["name"] if m["gpu"] else "none"
+    isa = f" {isa_label(m['isa'])}." if "isa" in m else ""
     return (f"`{' '.join(m['argv'])}` on {m['date']}. Device: **{payload['device']}**. CPU: {m['cpu']} "
             f"({m['cpu_cores']} cores, torch threads {m['torch_threads']}); GPU: {gpu}. torch {m['torch']}, "
-            f"triton {m['triton']}, Python {m['python']}.")  # fmt: skip
+            f"triton {m['triton']}, Python {m['python']}.{isa}")  # fmt: skip
 
 
 def report_markdown(title: str, payload: dict[str, Any], ops: Sequence[str]) -> str:
@@ -273,6 +313,7 @@ def bench_main(
     argv: Optional[list[str]] = None,
     render: Optional[Callable[[dict[str, Any]], str]] = None,
     quick_help: str = "fewer interleaved rounds (a third of the full run)",
+    default_allocator: str = "fresh",
 ) -> int:
     """Command line shared by the benchmarks: parse, pin the allocator, run, write JSON + markdown
     (``render(payload)``, by default the variants x ops tables of :func:`report_markdown`)."""
@@ -285,12 +326,19 @@ def bench_main(
     p.add_argument(
         "--allocator",
         choices=sorted(ALLOCATOR_POLICIES),
-        default="fresh",
-        help="glibc malloc policy for CPU buffers: fresh pages for every large tensor (default), recycled "
-        "heap (kernel time without page faults), or glibc's adaptive default (order-dependent)",
+        default=default_allocator,
+        help="glibc malloc policy for CPU buffers: fresh pages for every large tensor, recycled heap (kernel "
+        "time without page faults), or glibc's adaptive default (order-dependent); default: %(default)s",
     )
-    args = p.parse_args(argv)
-    pin_allocator(args.allocator)
+    p.set_defaults(default_allocator=default_allocator)
+    p.add_argument("--isa", choices=("auto", "all", *ISA_ENV), default="auto",
+                   help="instruction-set build to run (ISA_ENV: our kernels, ATen and oneDNN capped alike); all: "
+                   "each one this CPU executes, in turn, plus a file that puts their targets side by side")  # fmt: skip
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw)
+    if args.isa == "all":
+        return run_per_isa(name, raw, args)
+    pin_environment(args.allocator, args.isa)
     device = torch.device(args.device)
     t0 = time.perf_counter()
     payload = {
@@ -303,9 +351,67 @@ def bench_main(
     payload.update(run(device, args.quick))
     payload["wall_s"] = time.perf_counter() - t0
     md = render(payload) if render is not None else report_markdown(title, payload, ops)
-    stem = f"{name}-{device_slug(device)}" + ("" if args.allocator == "fresh" else f"-{args.allocator}")
+    stem = f"{name}-{device_slug(device)}" + ("" if args.allocator == default_allocator else f"-{args.allocator}")
+    stem += "" if args.isa == "auto" else f"-{args.isa}"
     stem += "-quick" if args.quick else ""
     json_path, md_path = write_results(stem, payload, md, args.out)
     print(md)
     print(f"wrote {json_path} and {md_path} in {payload['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def run_per_isa(name: str, argv: list[str], args: Any) -> int:
+    """``--isa all``: this benchmark once per build the CPU executes (each in its own process), then
+    ``<name>-<device>-isas[-quick].json`` and ``.md`` with every build's targets side by side."""
+    import subprocess
+
+    import harmonizer_fast as hf
+
+    script = Path(sys.argv[0]).resolve()
+    base = _without_option(_without_option(argv, "--isa"), "--out")
+    payloads: dict[str, Any] = {}
+    markdowns: dict[str, str] = {}
+    for isa in hf.supported_cpu_isas():
+        print(f"[{name}] --isa {isa} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, str(script), *base, "--isa", isa, "--out", str(args.out)], check=True)
+        stem = f"{name}-{device_slug(torch.device(args.device))}"
+        allocator = getattr(args, "allocator", "fresh")
+        stem += ("" if allocator == getattr(args, "default_allocator", "fresh") else f"-{allocator}") + f"-{isa}"
+        stem += "-quick" if args.quick else ""
+        payloads[isa] = json.loads((args.out / f"{stem}.json").read_text())
+        markdowns[isa] = (args.out / f"{stem}.md").read_text()
+    combined = {"benchmark": f"{name}-isas", "device": args.device, "quick": args.quick, "machine": machine_info(),
+                "per_isa": payloads}  # fmt: skip
+    isas = list(payloads)
+    lines = [f"# {name}: every instruction-set build this CPU executes", "",
+             f"`{' '.join([Path(sys.argv[0]).name, *argv])}` on {combined['machine']['date']}; CPU "
+             f"{combined['machine']['cpu']}. Each build ran in its own process with our kernels, ATen and oneDNN "
+             "capped to it (benchmarks/common.py ISA_ENV): a build below the CPU's best is an emulation "
+             "(this machine's caches and clocks), which shows what that build costs, not another CPU.", "",
+             "| target | " + " | ".join(isas) + " |", "|---|" + "---|" * len(isas)]  # fmt: skip
+    targets = [t["target"] for t in payloads[isas[0]].get("targets", [])]
+    for target in targets:
+        cells = []
+        for isa in isas:
+            t = next((t for t in payloads[isa].get("targets", []) if t["target"] == target), None)
+            cells.append("-" if t is None else f"{t['value']:.3g} ({'ok' if t['ok'] else 'NO'})")
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    for isa in isas:
+        body = markdowns[isa].splitlines()
+        lines += ["", f"## {isa}", "", *("#" + ln if ln.startswith("#") else ln for ln in body[1:])]
+    stem = f"{name}-{device_slug(torch.device(args.device))}-isas" + ("-quick" if args.quick else "")
+    json_path, md_path = write_results(stem, combined, "\n".join(lines).rstrip() + "\n", args.out)
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0

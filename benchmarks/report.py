@@ -3,8 +3,13 @@
 The op benchmarks, the end-to-end sampling benchmark and the profiler go into one markdown file with bar
 charts of the speedups and the machine they ran on.
 
-    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,film,ged,sampling]
+    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,film,ged,sampling,inference]
+                          [--isa auto|all|baseline|avx2|avx512]
     python benchmarks/report.py [same options]
+
+``--isa`` runs everything under one instruction-set build (our C++ kernels, ATen and oneDNN capped alike,
+benchmarks/common.py ISA_ENV; the report is then ``bench-<device>-<isa>[-quick]``); ``--isa all`` makes
+one report per build this CPU executes.
 
 Each benchmark runs in its own process (each pins its allocator policy and measures its own peak memory)
 and writes into a fresh scratch folder; the report is built only from those files, so every figure in it
@@ -29,13 +34,14 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS_DIR, device_slug, machine_info, write_results
+from common import ISA_ENV, RESULTS_DIR, device_slug, isa_label, machine_info, write_results
 
 BENCHMARKS = {
     "haar": "Haar DWT / IDWT (forward, inverse, backward)",
     "film": "Noise Harmonizer ops: FiLM and token attention pooling",
     "ged": "GED of a batch of K samples against N raters",
     "sampling": "End-to-end sampling, HarmonizerNet paper config",
+    "inference": "Inference cost per build: K samples, heads, the CLI sampler, FiLM",
 }
 OURS_PREFIXES = ("harmonizer_fast (auto", "sample (ours)")
 FLOOR_PREFIXES = ("copy floor", "bf16 bmm ceiling")  # hardware floors, not peers: in the tables, not the charts
@@ -140,6 +146,9 @@ def render(report: dict[str, Any], stem: str, markdowns: dict[str, str]) -> str:
         "",
         "Backends available: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["backends"].items()) + ".",
         "",
+        "Instruction-set build (--isa " + report.get("isa", "auto") + "): "
+        + (isa_label(report["isa_info"]) if report.get("isa_info") else "not recorded") + ".",
+        "",
         "## Targets",
         "",
         "| benchmark | target | measured | ok |",
@@ -166,9 +175,10 @@ def _shown(path: Path) -> str:
         return str(path.resolve())
 
 
-def _run(cmd: list[str], log: Path) -> int:
+def _run(cmd: list[str], log: Path, env: Optional[dict[str, str]] = None) -> int:
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent,
+                              env=None if env is None else {**os.environ, **env})  # fmt: skip
     return proc.returncode
 
 
@@ -186,8 +196,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="leave the profiler out of the report")
     p.add_argument("--numpy-images", type=int_at_least(1), default=None,
                    help="passed to bench_ged.py: images its slow numpy peer is timed on")  # fmt: skip
+    p.add_argument("--isa", choices=("auto", "all", *ISA_ENV), default="auto",
+                   help="instruction-set build for every benchmark (ISA_ENV); all: one report per build")
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(raw_argv)
+    if args.isa == "all":
+        import harmonizer_fast as hf
+
+        rest = [a for i, a in enumerate(raw_argv) if a != "--isa" and (i == 0 or raw_argv[i - 1] != "--isa")]
+        rest = [a for a in rest if not a.startswith("--isa=")]
+        return max(main([*rest, "--isa", isa]) for isa in hf.supported_cpu_isas())
+    if args.isa != "auto":
+        import harmonizer_fast as hf
+
+        if args.isa not in hf.supported_cpu_isas():
+            p.error(f"--isa {args.isa}: this CPU executes {list(hf.supported_cpu_isas())}")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:
@@ -199,7 +222,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OutputPathError as exc:
         p.error(str(exc))
     device = torch.device(args.device)
-    stem = f"bench-{device_slug(device)}" + ("-quick" if args.quick else "")
+    isa_args = [] if args.isa == "auto" else ["--isa", args.isa]
+    isa_env = ISA_ENV.get(args.isa)
+    stem = f"bench-{device_slug(device)}" + ("" if args.isa == "auto" else f"-{args.isa}")
+    stem += "-quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=".bench-", dir=args.out))
@@ -210,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name in names:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, _shown(HERE / f"bench_{name}.py"), "--device", args.device, "--out", _shown(scratch)]
-            cmd += ["--quick"] if args.quick else []
+            cmd += (["--quick"] if args.quick else []) + isa_args
             if name == "ged" and args.numpy_images is not None:
                 cmd += ["--numpy-images", str(args.numpy_images)]
             rc = _run(cmd, scratch / f"{name}.log")
@@ -227,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("[bench] profile ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, "-m", "harmonizer_fast.cli", "profile", "--config", "paper", "--samples", "50",
                    "--device", args.device, "--json", str(scratch / "profile.json")]  # fmt: skip
-            if _run(cmd, scratch / "profile.log") == 0:
+            if _run(cmd, scratch / "profile.log", isa_env) == 0:
                 profile = json.loads((scratch / "profile.json").read_text())
                 from harmonizer_fast.profiler import markdown as profile_markdown
 
@@ -249,6 +275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "device": str(device),
             "quick": args.quick,
             "machine": machine_info(),
+            "isa": args.isa,
+            "isa_info": next((pl["machine"].get("isa") for pl in payloads.values()), None),
             "benchmarks": payloads,
             "profile": profile,
             "targets": targets,

@@ -164,3 +164,50 @@ def test_model_conv_macs_match_module_hooks():
     work = profiler.count_work(lambda: model.sample(x, 3))
     assert work["aten.convolution"].flops == 2 * (sum(hooked) + split)
     assert work["aten.convolution"].calls == len(hooked) + 1
+
+
+ISA_PROBE = '''
+import sys
+sys.path.insert(0, {bench!r})
+import torch
+import harmonizer_fast as hf
+from common import bench_main
+
+def run(device, quick):
+    value = float(hf.supported_cpu_isas().index(hf.cpu_isa()))
+    return {{"rows": [], "seen": {{"kernels": hf.cpu_isa(), "aten": torch.backends.cpu.get_cpu_capability()}},
+            "targets": [{{"target": "build index", "value": value, "ok": True}}]}}
+
+sys.exit(bench_main("probe", "probe", "probe", (), run, render=lambda p: "# probe\\n"))
+'''
+
+
+def test_benchmarks_run_under_each_cpu_build(tmp_path):
+    """``--isa all`` runs a benchmark once per build this CPU executes, each in a process where our kernels
+    and ATen's vectorized kernels are capped to it (benchmarks/common.py ISA_ENV), and puts the targets side
+    by side; every JSON records the builds that ran."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    supported = hf.supported_cpu_isas()
+    if not supported:
+        pytest.skip("the C++ CPU kernels are not built here")
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = tmp_path / "bench_probe.py"
+    script.write_text(ISA_PROBE.format(bench=str(bench)))
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, str(script), "--isa", "all", "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    combined = json.loads((out / "probe-cpu-isas.json").read_text())
+    assert list(combined["per_isa"]) == list(supported)
+    aten = {"baseline": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
+    for isa, payload in combined["per_isa"].items():
+        assert payload["seen"] == {"kernels": isa, "aten": aten[isa]}
+        assert payload["machine"]["isa"]["kernels"] == isa
+        assert payload["machine"]["isa"]["onednn_max"] != "(all)"
+        assert json.loads((out / f"probe-cpu-{isa}.json").read_text()) == payload
+    md = (out / "probe-cpu-isas.md").read_text()
+    assert "| build index | " + " | ".join(f"{i:.3g} (ok)" for i in range(len(supported))) + " |" in md
