@@ -445,3 +445,36 @@ def test_gpu_ged_and_loss(case, dtype, convention, use_backend):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert abs(loss.item() - ref_loss.item()) <= tol
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
+
+
+def test_convention_table_is_regenerated_from_the_code():
+    """docs/ged-conventions.md is the output of harmonizer_fast.conventions, and its values are each published
+    convention's formula, transcribed here in numpy pair by pair."""
+    from pathlib import Path
+
+    from harmonizer_fast import conventions
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "ged-conventions.md"
+    assert doc.read_text() == conventions.table_markdown(), "regenerate: python -m harmonizer_fast.conventions"
+
+    samples, raters = (t[0].numpy() > 0.5 for t in conventions.example())
+
+    def dist(a, b, eps, empty):
+        union = np.logical_or(a, b).sum()
+        if union == 0:
+            return 1.0 - empty
+        return 1.0 - np.logical_and(a, b).sum() / (union + eps)
+
+    def mean(xs, ys, eps, empty, offdiag):
+        d = [dist(x, y, eps, empty) for i, x in enumerate(xs) for j, y in enumerate(ys) if not (offdiag and i == j)]
+        return float(np.mean(d))
+
+    published = {"dpersona": (1e-8, 0.0, False), "phiseg": (0.0, 1.0, False), "unbiased": (0.0, 1.0, True)}
+    got = conventions.values()
+    assert set(got) == set(published)
+    for name, (eps, empty, offdiag) in published.items():
+        cross = mean(samples, raters, eps, empty, False)
+        ss, yy = mean(samples, samples, eps, empty, offdiag), mean(raters, raters, eps, empty, offdiag)
+        assert got[name]["ged"] == pytest.approx(2 * cross - ss - yy, abs=1e-6), name  # float32 IoU
+        assert got[name]["cross"] == pytest.approx(cross, abs=1e-6)
+    assert len({round(v["ged"], 6) for v in got.values()}) == 3  # the example tells the three apart
