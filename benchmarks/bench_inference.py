@@ -154,11 +154,48 @@ def report(payload: dict[str, Any]) -> str:
     return "\n".join([*lines, "", *notes, *([""] if notes else []), *targets_table(payload["targets"], 3)]) + "\n"
 
 
+def isa_summary(per_isa: dict[str, dict[str, Any]]) -> list[str]:
+    """The measures across builds, for ``--isa all`` (the README quotes this table)."""
+    isas = list(per_isa)
+
+    def ms(isa: str, variant: str, b: int, k: int) -> Optional[float]:
+        return next((r["median_ms"] for r in per_isa[isa]["rows"] if (r["variant"], r["B"], r["K"]) == (variant, b, k)),
+                    None)  # fmt: skip
+
+    def cell(isa: str, variant: str, b: int, k: int, ref: Optional[tuple[str, int, int]] = None) -> str:
+        v = ms(isa, variant, b, k)
+        if v is None:
+            return "failed"
+        return f"{v:.0f} ms" + (f" ({v / ms(isa, *ref):.2f}x)" if ref else "")
+
+    def film(isa: str) -> str:
+        parts = [ms(isa, f"FiLM fwd+bwd: {v}", *FILM_SHAPE[:2]) for v in
+                 ("harmonizer_fast", "eager composite", "torch.compile(reference)")]  # fmt: skip
+        return " / ".join("failed" if p is None else f"{p:.1f}" for p in parts) + " ms"
+
+    def stream(isa: str) -> str:
+        return f"{next(r['images_per_s'] for r in per_isa[isa]['rows'] if 'images_per_s' in r):.1f} images/s"
+
+    rows = [
+        ("`sample(K=1)`, B = 16", lambda i: cell(i, "sample", 16, 1)),
+        ("`sample(K=50)`, B = 16 (x K = 1)", lambda i: cell(i, "sample", 16, 50, ("sample", 16, 1))),
+        ("`predict(K=16)` + 4 heads, B = 16", lambda i: cell(i, "predict + heads", 16, 16)),
+        ("`sample(K=16)` then `personalize`, B = 16 (x predict)",
+         lambda i: cell(i, "sample, then personalize", 16, 16, ("predict + heads", 16, 16))),
+        ("`predict(K=50)` + 4 heads, one image", lambda i: cell(i, "predict + heads", 1, 50)),
+        ("`harmonizer-fast sample` path, K = 16 + heads, B = 16", stream),
+        ("FiLM fwd+bwd (16, 64, 128, 128): ours / eager / torch.compile", film),
+    ]  # fmt: skip
+    return ["| measure | " + " | ".join(isas) + " |", "|---|" + "---|" * len(isas),
+            *(f"| {name} | " + " | ".join(f(i) for i in isas) + " |" for name, f in rows)]  # fmt: skip
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     # Recycled heap by default: harmonizer-fast sample and the trainer keep freed memory (harmonizer_fast._alloc),
     # so inference is timed as they run it, not with a page fault on every activation of a B = 16 batch.
     return bench_main("inference", "", __doc__.splitlines()[0], (), run, argv, render=report,
-                      quick_help="two interleaved rounds instead of five", default_allocator="reuse")  # fmt: skip
+                      quick_help="two interleaved rounds instead of five", default_allocator="reuse",
+                      isa_summary=isa_summary)  # fmt: skip
 
 
 if __name__ == "__main__":

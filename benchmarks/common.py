@@ -314,6 +314,7 @@ def bench_main(
     render: Optional[Callable[[dict[str, Any]], str]] = None,
     quick_help: str = "fewer interleaved rounds (a third of the full run)",
     default_allocator: str = "fresh",
+    isa_summary: Optional[Callable[[dict[str, Any]], list[str]]] = None,
 ) -> int:
     """Command line shared by the benchmarks: parse, pin the allocator, run, write JSON + markdown
     (``render(payload)``, by default the variants x ops tables of :func:`report_markdown`)."""
@@ -337,7 +338,7 @@ def bench_main(
     raw = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(raw)
     if args.isa == "all":
-        return run_per_isa(name, raw, args)
+        return run_per_isa(name, raw, args, isa_summary)
     pin_environment(args.allocator, args.isa)
     device = torch.device(args.device)
     t0 = time.perf_counter()
@@ -372,9 +373,12 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return out
 
 
-def run_per_isa(name: str, argv: list[str], args: Any) -> int:
+def run_per_isa(
+    name: str, argv: list[str], args: Any, summary: Optional[Callable[[dict[str, Any]], list[str]]] = None
+) -> int:
     """``--isa all``: this benchmark once per build the CPU executes (each in its own process), then
-    ``<name>-<device>-isas[-quick].json`` and ``.md`` with every build's targets side by side."""
+    ``<name>-<device>-isas[-quick].json`` and ``.md`` with every build's targets side by side, and
+    ``summary({isa: payload})``'s markdown lines (a benchmark's own table across builds) after them."""
     import subprocess
 
     import harmonizer_fast as hf
@@ -408,6 +412,8 @@ def run_per_isa(name: str, argv: list[str], args: Any) -> int:
             t = next((t for t in payloads[isa].get("targets", []) if t["target"] == target), None)
             cells.append("-" if t is None else f"{t['value']:.3g} ({'ok' if t['ok'] else 'NO'})")
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    if summary is not None:
+        lines += ["", *summary(payloads)]
     for isa in isas:
         body = markdowns[isa].splitlines()
         lines += ["", f"## {isa}", "", *("#" + ln if ln.startswith("#") else ln for ln in body[1:])]
