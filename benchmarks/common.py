@@ -361,7 +361,8 @@ def bench_main(
     return 0
 
 
-def _without_option(argv: list[str], option: str) -> list[str]:
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--opt value`` or ``--opt=value``)."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -384,7 +385,7 @@ def run_per_isa(
     import harmonizer_fast as hf
 
     script = Path(sys.argv[0]).resolve()
-    base = _without_option(_without_option(argv, "--isa"), "--out")
+    base = without_option(without_option(argv, "--isa"), "--out")
     payloads: dict[str, Any] = {}
     markdowns: dict[str, str] = {}
     for isa in hf.supported_cpu_isas():

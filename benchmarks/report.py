@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ISA_ENV, RESULTS_DIR, device_slug, isa_label, machine_info, write_results
+from common import ISA_ENV, RESULTS_DIR, device_slug, isa_label, machine_info, without_option, write_results
 
 BENCHMARKS = {
     "haar": "Haar DWT / IDWT (forward, inverse, backward)",
@@ -203,8 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.isa == "all":
         import harmonizer_fast as hf
 
-        rest = [a for i, a in enumerate(raw_argv) if a != "--isa" and (i == 0 or raw_argv[i - 1] != "--isa")]
-        rest = [a for a in rest if not a.startswith("--isa=")]
+        rest = without_option(raw_argv, "--isa")
         return max(main([*rest, "--isa", isa]) for isa in hf.supported_cpu_isas())
     if args.isa != "auto":
         import harmonizer_fast as hf

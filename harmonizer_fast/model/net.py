@@ -212,17 +212,20 @@ class HarmonizerNet(nn.Module):
         """Whether phase 2 has trained the personalizer (at least one optimizer step)."""
         return self.personalizer is not None and int(self.personalizer.trained_steps) > 0
 
+    def _raters(self, raters: Optional[Union[int, list[int], Tensor]], op: str) -> Tensor:
+        r = self.config.num_raters
+        idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:
+            raise ValueError(f"{op}: raters must be indices in [0, {r}), got {idx.tolist()}")
+        return idx
+
     def _rater_indices(self, raters: Optional[Union[int, list[int], Tensor]], allow_untrained: bool) -> Tensor:
         if self.personalizer is None:
             raise ValueError("personalize: this model has no personalizer (config.use_personalizer=False)")
         if not allow_untrained and not self.personalizer_trained:
             raise ValueError("personalize: this model's personalizer was never trained (phase 2 did not run); "
                              "train phase 2, or pass allow_untrained=True for the untrained heads")  # fmt: skip
-        r = self.config.num_raters
-        idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
-        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:
-            raise ValueError(f"personalize: raters must be indices in [0, {r}), got {idx.tolist()}")
-        return idx
+        return self._raters(raters, "personalize")
 
     def _draws(self, images: Tensor, count: int, generator) -> Tensor:
         return torch.randn((images.shape[0], count, self.config.latent_dim), generator=generator)
@@ -263,16 +266,9 @@ class HarmonizerNet(nn.Module):
         if kind == "personalized":
             return probs, self._heads(f, prior, idx, bank_generator or generator)
         if kind == "identity":
-            r = self._identity_raters(raters)
+            r = self._raters(raters, "predict").numel()  # every head is the prior mean's map
             return probs, self.fcomb.probabilities(f, prior.mean[:, None].expand(-1, r, -1))
         return probs, None
-
-    def _identity_raters(self, raters: Optional[Union[int, list[int], Tensor]]) -> int:
-        r = self.config.num_raters
-        idx = torch.arange(r) if raters is None else torch.as_tensor(raters, dtype=torch.long).reshape(-1)
-        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= r:
-            raise ValueError(f"predict: raters must be indices in [0, {r}), got {idx.tolist()}")
-        return idx.numel()
 
     @torch.no_grad()
     def sample(self, images: Tensor, num_samples: int = 16, *, generator=None, z: Optional[Tensor] = None) -> Tensor:
