@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -257,7 +256,7 @@ void fcomb_head_cpu(const at::Tensor& base, const at::Tensor& bias, const at::Te
     const T lb = last_b.const_data_ptr<T>()[0];
     T* op = out.mutable_data_ptr<T>();
     at::parallel_for(0, a.b * tasks_per_image, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> scratch(static_cast<size_t>(2 * a.c * kLanes));
+      std::vector<T> scratch;  // the generic path's tiles, allocated only if that path runs
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bi = t / tasks_per_image;
         const int64_t p0 = (t % tasks_per_image) * kTaskPixels, p1 = std::min(a.pixels, p0 + kTaskPixels);
@@ -265,6 +264,7 @@ void fcomb_head_cpu(const at::Tensor& base, const at::Tensor& bias, const at::Te
         const T* bias_i = zp + bi * a.k * a.c;
         T* out_i = op + bi * a.k * a.pixels;
         if (run_fast(img, a.pixels, p0, p1, a.k, bias_i, hw, hb, lw, lb, a.c, a.layers, out_i)) continue;
+        if (scratch.empty()) scratch.resize(static_cast<size_t>(2 * a.c * kLanes));
         run_generic(img, a.pixels, p0, p1, a.k, bias_i, hw, hb, lw, lb, a.c, a.layers, scratch.data(), out_i);
       }
     });
