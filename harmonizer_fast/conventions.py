@@ -22,6 +22,8 @@ SOURCES = {
     "full matrices, diagonal included",
     "unbiased": "the unbiased energy-distance estimator: two empty masks at distance 0, within-set means "
     "without the diagonal",
+    "kohl": "the probabilistic U-Net's public evaluation code (SimonKohl/probabilistic_unet): two empty masks "
+    "have no IoU (NaN), which makes E d(S, Y) and E d(S, S') NaN; E d(Y, Y') skips those pairs (nanmean)",
 }
 
 # 4 x 4 masks: three samples (one empty) and four raters (two empty). With as many empty masks in each set
@@ -51,13 +53,15 @@ def example() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def values() -> dict[str, dict[str, float]]:
-    """Per convention: GED and its three terms on :func:`example`."""
+    """Per convention: GED and its three terms on :func:`example`, and GED without the empty sample
+    (``ged_nonempty_samples``: samples 1-2 only), where the kohl convention is defined."""
     samples, raters = example()
     out = {}
     for name in CONVENTIONS:
         t = ged_terms(samples, raters, convention=name)
+        nonempty = ged_terms(samples[:, :2], raters, convention=name).ged[0]
         out[name] = {"ged": float(t.ged[0]), "cross": float(t.cross[0]), "within_samples": float(t.within_samples[0]),
-                     "within_raters": float(t.within_raters[0])}  # fmt: skip
+                     "within_raters": float(t.within_raters[0]), "ged_nonempty_samples": float(nonempty)}  # fmt: skip
     return out
 
 
@@ -77,11 +81,11 @@ def table_markdown() -> str:
     for kind, rows in _EXAMPLE_ROWS.items():
         cells = ["<br>".join(f"`{r}`" for r in m) for m in rows] + [""] * (4 - len(rows))
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    lines += ["", "| convention | GED | E d(S, Y) | E d(S, S') | E d(Y, Y') | who uses it |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| convention | GED | E d(S, Y) | E d(S, S') | E d(Y, Y') | GED, samples 1-2 | who uses it |",
+              "|---|---|---|---|---|---|---|"]
     for name, v in values().items():
         lines.append(f"| `{name}` | {v['ged']:.4f} | {v['cross']:.4f} | {v['within_samples']:.4f} | "
-                     f"{v['within_raters']:.4f} | {SOURCES[name]} |")  # fmt: skip
+                     f"{v['within_raters']:.4f} | {v['ged_nonempty_samples']:.4f} | {SOURCES[name]} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

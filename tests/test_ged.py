@@ -201,7 +201,9 @@ def test_ged_large_k_against_reference(case, use_backend):
     """K beyond one tile in every direction, compared with the torch reference (numpy pairs would be slow)."""
     device = use_backend(*case)
     samples, raters = make_case(b=2, k=70, n=4, h=16, w=20, seed=9)
-    for convention, (eps, empty_iou, offdiag) in ged_mod.CONVENTIONS.items():
+    for convention, (eps, empty_iou, offdiag, undefined_empty) in ged_mod.CONVENTIONS.items():
+        if undefined_empty:  # kohl: NaN pairs, not the fused sums (test_convention_table_is_regenerated_from_the_code)
+            continue
         got = hf.ged_terms(samples.float().to(device), raters.float().to(device), convention=convention)
         sums = ged_mod.ged_sums_reference(ged_mod._flat(samples), ged_mod._flat(raters), 0.5, eps, empty_iou, offdiag)
         pairs = 70 * 69 if offdiag else 70 * 70
@@ -465,16 +467,26 @@ def test_convention_table_is_regenerated_from_the_code():
             return 1.0 - empty
         return 1.0 - np.logical_and(a, b).sum() / (union + eps)
 
-    def mean(xs, ys, eps, empty, offdiag):
+    def mean(xs, ys, eps, empty, offdiag, skip_nan=False):
         d = [dist(x, y, eps, empty) for i, x in enumerate(xs) for j, y in enumerate(ys) if not (offdiag and i == j)]
-        return float(np.mean(d))
+        return float(np.nanmean(d) if skip_nan else np.mean(d))
 
-    published = {"dpersona": (1e-8, 0.0, False), "phiseg": (0.0, 1.0, False), "unbiased": (0.0, 1.0, True)}
+    def ged(s, eps, empty, offdiag, kohl=False):
+        cross = mean(s, raters, eps, empty, False)
+        return 2 * cross - mean(s, s, eps, empty, offdiag) - mean(raters, raters, eps, empty, offdiag, kohl), cross
+
+    # kohl: calc_energy_distances of SimonKohl/probabilistic_unet, one class: IoU NaN for two empty masks,
+    # np.mean over d(Y, S) and d(S, S'), np.nanmean over d(Y, Y').
+    published = {"dpersona": (1e-8, 0.0, False), "phiseg": (0.0, 1.0, False), "unbiased": (0.0, 1.0, True),
+                 "kohl": (0.0, np.nan, False)}  # fmt: skip
     got = conventions.values()
     assert set(got) == set(published)
     for name, (eps, empty, offdiag) in published.items():
-        cross = mean(samples, raters, eps, empty, False)
-        ss, yy = mean(samples, samples, eps, empty, offdiag), mean(raters, raters, eps, empty, offdiag)
-        assert got[name]["ged"] == pytest.approx(2 * cross - ss - yy, abs=1e-6), name  # float32 IoU
-        assert got[name]["cross"] == pytest.approx(cross, abs=1e-6)
-    assert len({round(v["ged"], 6) for v in got.values()}) == 3  # the example tells the three apart
+        want, cross = ged(samples, eps, empty, offdiag, name == "kohl")
+        assert got[name]["ged"] == pytest.approx(want, abs=1e-6, nan_ok=True), name  # float32 IoU
+        assert got[name]["cross"] == pytest.approx(cross, abs=1e-6, nan_ok=True)
+        want2, _ = ged(samples[:2], eps, empty, offdiag, name == "kohl")
+        assert got[name]["ged_nonempty_samples"] == pytest.approx(want2, abs=1e-6), name
+    assert np.isnan(got["kohl"]["ged"]) and not np.isnan(got["kohl"]["within_raters"])
+    assert len({round(v["ged"], 6) for v in got.values() if not np.isnan(v["ged"])}) == 3  # tells them apart
+    assert len({round(v["ged_nonempty_samples"], 6) for v in got.values()}) == 4

@@ -138,8 +138,13 @@ def test_accumulator_pools_the_dataset():
     assert s["n_images"] == 9
     per_image = [np_image_metrics(p.float().double().numpy(), y.numpy()) for probs, raters in batches
                  for p, y in zip(probs, raters)]  # fmt: skip
+    # the set-level metrics have their transcriptions in tests/test_set_metrics.py
+    sets = [metrics.set_level_metrics(probs.float(), raters) for probs, raters in batches]
     for key in metrics.PER_IMAGE_KEYS:
-        col = np.array([r[key] for r in per_image])
+        if key in metrics.SET_LEVEL_KEYS:
+            col = torch.cat([m[key] for m in sets]).numpy()
+        else:
+            col = np.array([r[key] for r in per_image])
         np.testing.assert_allclose(s["mean"][key], col.mean(), rtol=1e-5, atol=1e-7, err_msg=key)
         np.testing.assert_allclose(s["std"][key], col.std(ddof=1), rtol=1e-4, atol=1e-7, err_msg=key)
     # pooled ECE over every pixel of the dataset, rater 1 (the sample mean against rater 1's masks)

@@ -1,4 +1,4 @@
-"""Set-level metrics (harmonizer_fast.set_metrics, re-exported by harmonizer_fast.metrics) against numpy
+"""Set-level metrics (harmonizer_fast.metrics.set_level, re-exported by harmonizer_fast.metrics) against numpy
 transcriptions of their defining papers' formulas, written pair by pair in float64, on random and
 adversarial cases: all-empty raters, all-empty samples, K = 1, N = 1, K != N, N = 7."""
 
@@ -84,7 +84,10 @@ def test_sample_diversity(case):
     np.testing.assert_allclose(metrics.sample_diversity(samples).numpy(), want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("convention", sorted(metrics.CONVENTIONS))
+WEIGHTED = sorted(c for c, conv in metrics.CONVENTIONS.items() if not conv.undefined_empty)
+
+
+@pytest.mark.parametrize("convention", WEIGHTED)
 def test_weighted_ged(case, convention):
     """Against the weighted energy distance written out; uniform weights equal the fused plain GED."""
     samples, raters, s, r = case
@@ -130,6 +133,56 @@ def test_ncc(case):
     np.testing.assert_allclose(metrics.ncc(samples, raters).numpy(), want, rtol=1e-9, atol=1e-12)
 
 
+def _variance_range(masks, self_pairs):
+    """Rahman et al.'s V_max, V_min: numpy's variance over pixels of A_i - A_j, for every pair."""
+    m = len(masks)
+    v = [np.var(masks[i].astype(int) - masks[j].astype(int)) for i in range(m) for j in range(m)
+         if self_pairs or i != j]  # fmt: skip
+    return (max(v), min(v)) if v else (0.0, 0.0)
+
+
+def _d_a(si, ri, self_pairs):
+    (ymax, ymin), (smax, smin) = _variance_range(ri, self_pairs), _variance_range(si, self_pairs)
+    return 1 - (abs(ymax - smax) + abs(ymin - smin)) / 2
+
+
+@pytest.mark.parametrize("self_pairs", [False, True])
+def test_diversity_agreement_and_ci_score(case, self_pairs):
+    samples, raters, s, r = case
+    d_a = [_d_a(si, ri, self_pairs) for si, ri in zip(s, r)]
+    got = metrics.diversity_agreement(samples, raters, include_self_pairs=self_pairs)
+    np.testing.assert_allclose(got.numpy(), d_a, rtol=1e-12, atol=1e-14)
+    ci = []
+    for si, ri, da in zip(s, r, d_a):
+        us, ur = si.any(0), ri.any(0)
+        sc = 1.0 if ur.sum() == 0 else np.logical_and(us, ur).sum() / ur.sum()
+        dm = np.mean([max(_dice(a, b) for a in si) for b in ri])
+        ci.append(0.0 if sc + dm + da == 0 else 3 * sc * dm * da / (sc + dm + da))
+    got = metrics.ci_score(samples, raters, include_self_pairs=self_pairs)
+    np.testing.assert_allclose(got.numpy(), ci, rtol=1e-12, atol=1e-14)
+
+
+def test_diversity_agreement_rewards_matching_spread():
+    """Samples that are the raters score D_a = 1 (and CI = 1 with S_c = D_max = 1); identical samples against
+    diverse raters score lower; one sample or one rater has no pair and counts as no diversity."""
+    raters = torch.zeros(1, 3, H, W)
+    raters[0, 0, 2:6, 2:6] = 1
+    raters[0, 1, 2:9, 2:9] = 1
+    raters[0, 2, 5:11, 0:4] = 1
+    assert metrics.diversity_agreement(raters, raters).item() == 1.0 and metrics.ci_score(raters, raters).item() == 1.0
+    same = raters[:, :1].repeat(1, 3, 1, 1)
+    assert metrics.diversity_agreement(same, raters).item() < 1.0
+    assert metrics.diversity_agreement(same, raters[:, :1]).item() == 1.0
+
+
+def test_kohl_convention_has_no_weighted_form():
+    samples, raters = _case("random", 4, 3, seed=1)
+    with pytest.raises(ValueError, match="convention 'kohl' has no weighted form"):
+        metrics.ged(samples, raters, sample_weights=torch.ones(4), convention="kohl")
+    plain = hf.ged(samples, raters, convention="kohl")
+    torch.testing.assert_close(metrics.ged(samples, raters, convention="kohl"), plain)
+
+
 def test_known_values():
     """Hand-checkable cases: samples that copy the raters reach hm_iou = D_max = S_c = 1; all-empty samples
     against non-empty raters reach 0; bad weights are refused with the argument's name."""
@@ -163,3 +216,17 @@ def test_dice_soft_curve_sweeps_any_thresholds():
     np.testing.assert_allclose(metrics.dice_soft(samples, raters).numpy(), five, rtol=1e-12)
     with pytest.raises(ValueError, match=r"thresholds must be a non-empty list of values in \[0, 1\)"):
         metrics.dice_soft(samples, raters, thresholds=[0.5, 1.0])
+
+
+def test_set_level_metrics_share_counts_and_equal_each_function(case):
+    """The batch entry point (three kernel calls) gives each metric's own value, and evaluate_batch carries it."""
+    samples, raters, _, _ = case
+    got = metrics.set_level_metrics(samples, raters)
+    assert tuple(got) == metrics.SET_LEVEL_KEYS
+    for key, value in got.items():
+        fn = getattr(metrics, key)
+        want = fn(samples) if key == "sample_diversity" else fn(samples, raters)
+        torch.testing.assert_close(value, want.double(), rtol=0, atol=1e-12, msg=key)
+    batch = metrics.evaluate_batch(samples, raters)
+    for key in metrics.SET_LEVEL_KEYS:
+        np.testing.assert_array_equal(batch[key], got[key].numpy())

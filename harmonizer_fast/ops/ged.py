@@ -14,6 +14,12 @@ GED conventions (``convention=``), all on masks thresholded at ``threshold`` (st
 ``unbiased``
     distance 0 for two empty masks, and the within-set means skip the diagonal, 1/(K(K-1)) sum_{k != k'}.
     A set of one mask has no pairs; its within-set term is then 0.
+``kohl`` (the probabilistic U-Net's public evaluation, SimonKohl/probabilistic_unet
+    ``evaluation/eval_cityscapes.py``, ``calc_energy_distances`` without probability weights, one class)
+    two empty masks have no IoU (NaN); mean d(S, Y) and mean d(S, S') are plain means there, so one such
+    pair makes them (and GED) NaN, while mean d(Y, Y') is a nanmean that skips the undefined rater pairs.
+    Full matrices, diagonal included. Computed from the intersection kernel's K x N, K x K and N x N
+    counts (the fused sums cannot skip pairs), so its memory grows with K^2.
 
 Implementations: the ``*_reference`` functions here (torch), ``harmonizer_fast.kernels.ged`` (Triton),
 ``csrc/cuda/ged.cu`` (CUDA) and ``csrc/cpu/ged.cpp`` (CPU: bit-packed masks and popcounts; ATen's BLAS for
@@ -44,6 +50,9 @@ class Convention(NamedTuple):
     eps: float
     empty_iou: float
     offdiag: bool
+    # Two empty masks have no IoU (empty_iou is NaN): NaN propagates through the cross and sample terms and
+    # is skipped in the rater term (the kohl convention). The fused sums kernel cannot skip pairs.
+    undefined_empty: bool = False
 
     def pairs(self, m: int) -> int:
         """Pairs a within-set mean of m masks averages over (0: the term is absent)."""
@@ -62,6 +71,7 @@ CONVENTIONS: dict[str, Convention] = {
     "dpersona": Convention(eps=1e-8, empty_iou=0.0, offdiag=False),
     "phiseg": Convention(eps=0.0, empty_iou=1.0, offdiag=False),
     "unbiased": Convention(eps=0.0, empty_iou=1.0, offdiag=True),
+    "kohl": Convention(eps=0.0, empty_iou=float("nan"), offdiag=False, undefined_empty=True),
 }
 DEFAULT_CONVENTION = "dpersona"
 # The loss's soft IoU is smoothed, (I + s) / (U + s) with s = LOSS_SMOOTH pixels, as soft Dice/Jaccard losses
@@ -380,10 +390,27 @@ def ged_terms(
     _check_masks(samples, op, "samples")
     _check_masks(raters, op, "raters")
     _check_pair(samples, raters, op, "samples", "raters")
-    sums = _ged_sums_op(_binary(samples), _binary(raters), float(threshold), conv.eps, conv.empty_iou, conv.offdiag)
-    cross, ws, wr = conv.means(sums, samples.shape[1], raters.shape[1])
+    if conv.undefined_empty:
+        cross, ws, wr = _terms_skipping_undefined(_binary(samples), _binary(raters), float(threshold))
+    else:
+        sums = _ged_sums_op(_binary(samples), _binary(raters), float(threshold), conv.eps, conv.empty_iou, conv.offdiag)
+        cross, ws, wr = conv.means(sums, samples.shape[1], raters.shape[1])
     ged_value = 2.0 * cross - ws - wr
     return GEDTerms(*(t.to(torch.float32) for t in (ged_value, cross, ws, wr)))
+
+
+def _terms_skipping_undefined(samples: Tensor, raters: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The kohl convention's three means from exact pair counts, float64: NaN IoU for two empty masks, plain
+    means for the cross and sample terms (NaN propagates), a nanmean for the rater term."""
+    s = (samples > threshold).to(torch.uint8)
+    y = (raters > 0.5).to(torch.uint8)
+
+    def distances(a: Tensor, b: Tensor) -> Tensor:
+        inter = _overlap_op(a, b, 0.5, False, 0.0, 0.0, OverlapMode.GRAM).double()
+        areas = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
+        return 1.0 - iou_from_counts(inter, *areas, 0.0, float("nan"))
+
+    return distances(s, y).mean((1, 2)), distances(s, s).mean((1, 2)), distances(y, y).nanmean((1, 2))
 
 
 def ged(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION) -> Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import rank_and_world
+from ..distributed import rank_and_world
 
 
 def active(group: Optional[dist.ProcessGroup] = None) -> bool:

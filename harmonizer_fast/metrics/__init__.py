@@ -28,9 +28,13 @@ Every metric is computed per image, then averaged over images (mean and standard
 - Dice by lesion size (appendix D): the consensus mask (rater mean > 0.5) against the sample mean > 0.5, per
   image, grouped by tercile of the consensus area over the dataset (images without a lesion are left out).
 - Volumes (NPC-style): :func:`evaluate_volume` stacks a case's slices into one image first.
-- Set-level metrics from :mod:`harmonizer_fast.set_metrics`, each ``(B,)``: :func:`hm_iou` (Hungarian-matched
-  IoU), :func:`d_max` and :func:`combined_sensitivity` (Rahman et al. 2023), :func:`sample_diversity`,
-  :func:`ncc` (PHiSeg's S_NCC) and :func:`ged` with optional per-sample and per-rater weights.
+- Set-level metrics from :mod:`harmonizer_fast.metrics.set_level`, each ``(B,)``, also in every
+  :func:`evaluate_batch` (keys :data:`SET_LEVEL_KEYS`): :func:`hm_iou` (Hungarian-matched IoU), :func:`d_max`,
+  :func:`combined_sensitivity`, :func:`diversity_agreement` and :func:`ci_score` (Rahman et al. 2023),
+  :func:`sample_diversity`, :func:`ncc` (PHiSeg's S_NCC), and :func:`ged` with optional per-sample and
+  per-rater weights (every convention of ``CONVENTIONS`` by name; docs/ged-conventions.md compares them).
+- Framework adapters, imported only on request: :mod:`harmonizer_fast.metrics.torchmetrics` and
+  :mod:`harmonizer_fast.metrics.monai`.
 """
 
 from __future__ import annotations
@@ -45,12 +49,25 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from . import _metric_sync
-from .ops.ged import pairwise_intersection
+from ..ops.ged import pairwise_intersection
+from . import _sync
 
 # Set-level metrics of ambiguous segmentation, importable from here as users expect (hf.metrics.hm_iou);
 # ged is the weighted form, equal to harmonizer_fast.ged without weights.
-from .set_metrics import CONVENTIONS, combined_sensitivity, d_max, ged, hm_iou, ncc, sample_diversity  # noqa: F401
+from .set_level import (  # noqa: F401
+    CONVENTIONS,
+    SET_LEVEL_KEYS,
+    ci_score,
+    combined_sensitivity,
+    d_max,
+    diversity_agreement,
+    ged,
+    hm_iou,
+    ncc,
+    pair_variances,
+    sample_diversity,
+    set_level_metrics,
+)
 
 DICE_SMOOTH = 1e-8
 SOFT_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -59,7 +76,7 @@ ENTROPY_BINS = 4096
 CORRECTNESS = ("TP", "FP", "FN", "TN")
 AGREEMENT = ("agree", "somewhat", "disagree")
 PER_IMAGE_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_max_reverse", "dice_max_mean", "dice_match",
-                  "dice_each_mean", "empty_fraction")  # fmt: skip
+                  "dice_each_mean", "empty_fraction", *SET_LEVEL_KEYS)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,7 +228,9 @@ def evaluate_batch(
     """Every per-image metric of a batch, as float64 numpy arrays.
 
     Keys (length-B arrays unless noted): ``ged``, ``ged_unbiased``, ``dice_soft``, ``dice_max``, ``dice_max_reverse``,
-    ``dice_max_mean``, ``dice_match``, ``dice_each`` (B, N), ``dice_each_mean``, ``empty_fraction`` (the
+    ``dice_max_mean``, ``dice_match``, ``dice_each`` (B, N), ``dice_each_mean``, the set-level metrics
+    (:data:`SET_LEVEL_KEYS`: ``hm_iou``, ``d_max``, ``combined_sensitivity``, ``diversity_agreement``,
+    ``ci_score``, ``sample_diversity``, ``ncc``), ``empty_fraction`` (the
     share of the K predictions with no pixel above 0.5: 1 on every image is a collapsed model, whose Dice
     and GED are not results), ``ece`` (B, N), ``brier`` (B, N), ``lesion_size``, ``dice_consensus``, and the
     raw material the accumulator pools: ``_calibration`` (B, N, 10, 3), ``_entropy_correctness`` and
@@ -231,6 +250,7 @@ def evaluate_batch(
         matched = [hungarian_match(m) for m in d]
         out["dice_match"] = np.array([m[0] for m in matched])
         out["empty_fraction"] = (probs <= 0.5).flatten(2).all(-1).double().mean(1).cpu().numpy()
+        out.update({k: v.cpu().numpy() for k, v in set_level_metrics(probs, raters).items()})
         if personalized is None:
             out["dice_each"] = np.stack([m[1] for m in matched])
             maps = probs.double().mean(1, keepdim=True).expand(-1, n, -1, -1)
@@ -338,10 +358,10 @@ class MetricAccumulator:
         """This accumulator, or under torch.distributed (world > 1) a new one holding every rank's batches:
         per-image rows gathered in rank order (rank 0's images first), histograms summed. ``device``: where
         the collectives' tensors live (CPU for gloo; the current CUDA device for NCCL)."""
-        if not _metric_sync.active(group):
+        if not _sync.active(group):
             return self
         device = device or torch.device("cpu")
-        n = _metric_sync.max_int(-1 if self._calibration is None else self._calibration.shape[0], group, device)
+        n = _sync.max_int(-1 if self._calibration is None else self._calibration.shape[0], group, device)
         if n < 0:
             raise ValueError("MetricAccumulator.compute: no process added a batch")
         if self._calibration is not None and self._calibration.shape[0] != n:
@@ -350,13 +370,13 @@ class MetricAccumulator:
         out = MetricAccumulator(agreement_tol=self.agreement_tol)
         for key in _ROW_KEYS:
             local = self.per_image(key) if self.rows else np.zeros((0, n) if key in _PER_RATER_ROWS else (0,))
-            out.rows[key] = [_metric_sync.gather_rows(local, group, device)]
+            out.rows[key] = [_sync.gather_rows(local, group, device)]
         cal = self._calibration if self._calibration is not None else np.zeros((n, ECE_BINS, 3))
-        out._calibration = _metric_sync.sum_array(cal, group, device)
+        out._calibration = _sync.sum_array(cal, group, device)
         for family, groups in (("_entropy_correctness", CORRECTNESS), ("_entropy_agreement", AGREEMENT)):
             mine = self._entropy.get(family, {})
             out._entropy[family] = {
-                g: _metric_sync.sum_array(mine.get(g, np.zeros(ENTROPY_BINS, np.int64)), group, device) for g in groups
+                g: _sync.sum_array(mine.get(g, np.zeros(ENTROPY_BINS, np.int64)), group, device) for g in groups
             }
         return out
 
@@ -427,6 +447,11 @@ class MetricAccumulator:
         lines = [f"### {title} ({s['n_images']} images)", "", "| " + " | ".join(c[0] for c in cols) + " |",
                  "|" + "---|" * len(cols)]  # fmt: skip
         lines.append("| " + " | ".join(f"{s['mean'][k] * f:.4g} ± {s['std'][k] * f:.3g}" for _, k, f in cols) + " |")
+        sets = (("HM-IoU", "hm_iou"), ("D_max", "d_max"), ("S_c", "combined_sensitivity"),
+                ("D_a", "diversity_agreement"), ("CI", "ci_score"), ("diversity", "sample_diversity"),
+                ("S_NCC", "ncc"))  # fmt: skip
+        lines += ["", "| " + " | ".join(c[0] for c in sets) + " |", "|" + "---|" * len(sets),
+                  "| " + " | ".join(f"{s['mean'][k]:.4g} ± {s['std'][k]:.3g}" for _, k in sets) + " |"]  # fmt: skip
         lines += ["", "| rater | Dice | ECE (pooled) | Brier |", "|---|---|---|---|"]
         for i, (name, r) in enumerate(s["per_rater"].items()):
             lines.append(f"| {name} | {r['dice'][0] * 100:.2f} ± {r['dice'][1] * 100:.2f} | "
