@@ -2,9 +2,9 @@
 
 Re-exported by :mod:`harmonizer_fast.metrics`; :func:`set_level_metrics` computes all of them for a batch.
 Inputs: ``samples (B, K, H, W)`` probabilities (thresholded with ``> threshold``, default 0.5) or binary
-masks, ``raters (B, N, H, W)`` binary masks. Every K x N or K x K comparison is one call of the package's pairwise-intersection kernel
-(:func:`~harmonizer_fast.ops.ged.pairwise_intersection`, exact pixel counts, held by :class:`PairCounts`);
-only the Hungarian matching loops, once per image.
+masks, ``raters (B, N, H, W)`` binary masks. Every K x N or K x K comparison is one call of the package's
+pairwise-intersection kernel (:func:`~harmonizer_fast.ops.ged.pairwise_intersection`, exact pixel counts,
+held by :class:`PairCounts`); only the Hungarian matching loops, once per image.
 
 Empty masks are where published code disagrees; each function names its convention and takes it as an
 argument where the literature varies.
