@@ -42,6 +42,7 @@ BENCHMARKS = {
     "ged": "GED of a batch of K samples against N raters",
     "sampling": "End-to-end sampling, HarmonizerNet paper config",
     "inference": "Inference cost per build: K samples, heads, the CLI sampler, FiLM",
+    "metrics": "Multi-rater metric suite (GED, HM-IoU, D_max, S_c, D_a, CI, diversity, S_NCC)",
 }
 OURS_PREFIXES = ("harmonizer_fast (auto", "sample (ours)")
 FLOOR_PREFIXES = ("copy floor", "bf16 bmm ceiling")  # hardware floors, not peers: in the tables, not the charts

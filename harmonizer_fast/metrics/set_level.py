@@ -12,7 +12,6 @@ argument where the literature varies.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -23,17 +22,28 @@ from torch import Tensor
 from ..ops.ged import CONVENTIONS, DEFAULT_CONVENTION, _convention, pairwise_intersection
 from ..ops.ged import ged as _plain_ged
 
-# PHiSeg's cross-entropy takes the log of a binary sample, so it adds an epsilon inside the log (as its
-# evaluation code does): a pixel where target and sample disagree costs -log(1e-8) = 18.4 nats.
-NCC_EPS = 1e-8
-
 
 def _binary(x: Tensor, threshold: float) -> Tensor:
     return x > threshold if x.dtype != torch.bool else x
 
 
 def _areas(x: Tensor, threshold: float) -> Tensor:
-    return _binary(x, threshold).sum((2, 3), dtype=torch.float64)
+    """Pixels above ``threshold`` per mask, ``(B, M)`` float64. The intersection kernel against one all-ones
+    mask counts them 15-20x faster than torch's reduction of the thresholded tensor (B = 32, K = 50, 128 x 128:
+    4 vs 85 ms on 2 cores): it thresholds and counts in one pass without a bool copy."""
+    if x.dtype == torch.bool or not 0.0 <= threshold < 1.0:  # the all-ones mask must pass the threshold
+        return _binary(x, threshold).sum((2, 3), dtype=torch.float64)
+    ones = torch.ones(x.shape[0], 1, *x.shape[2:], dtype=x.dtype, device=x.device)
+    return pairwise_intersection(x, ones, threshold=threshold)[:, :, 0].double()
+
+
+def _pixel_counts(x: Tensor, threshold: float) -> Tensor:
+    """How many of the M masks cover each pixel, ``(B, H, W)`` int32: a loop over the (few dozen) masks, which
+    is 3-5x faster than a reduction over dim 1 of a (B, M, H, W) bool tensor."""
+    count = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.int32, device=x.device)
+    for m in range(x.shape[1]):
+        count += _binary(x[:, m], threshold)
+    return count
 
 
 class PairCounts(NamedTuple):
@@ -48,6 +58,9 @@ class PairCounts(NamedTuple):
     @classmethod
     def of(cls, a: Tensor, b: Tensor, threshold: float) -> PairCounts:
         inter = pairwise_intersection(a, b, threshold=threshold).double()
+        if a is b:  # the diagonal holds the areas
+            area = torch.diagonal(inter, dim1=1, dim2=2).contiguous()
+            return cls(inter, area, area, a.shape[-2] * a.shape[-1])
         return cls(inter, _areas(a, threshold), _areas(b, threshold), a.shape[-2] * a.shape[-1])
 
     def iou(self, empty_iou: float, eps: float = 0.0) -> Tensor:
@@ -113,8 +126,11 @@ def d_max(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, empty_dice
 def combined_sensitivity(samples: Tensor, raters: Tensor, *, threshold: float = 0.5) -> Tensor:
     """S_c of Rahman et al. (CVPR 2023): TP / (TP + FN) of the union of the samples against the union of the
     raters. When no rater marks anything there is nothing to miss, and S_c is 1."""
-    s = _binary(samples, threshold).any(1)
-    r = _binary(raters, threshold).any(1)
+    return _combined_sensitivity(_pixel_counts(samples, threshold) > 0, _pixel_counts(raters, threshold) > 0)
+
+
+def _combined_sensitivity(s: Tensor, r: Tensor) -> Tensor:
+    """S_c from the two unions ``(B, H, W)`` bool."""
     tp = (s & r).sum((1, 2), dtype=torch.float64)
     positives = r.sum((1, 2), dtype=torch.float64)
     return torch.where(positives > 0, tp / positives.clamp_min(1), torch.ones_like(tp))
@@ -220,16 +236,20 @@ def ncc(samples: Tensor, raters: Tensor, *, threshold: float = 0.5) -> Tensor:
     Binary samples make both K-means closed forms in s_bar alone (a sample pixel is 0 or 1, so CE takes two
     values, log(1 + eps) and log(eps)): ``mean_k CE(s_bar, s_k) = -(s_bar^2 + (1 - s_bar)^2) log(1 + eps) -
     2 s_bar (1 - s_bar) log(eps)`` and ``mean_k CE(A, s_k) = -(1 - m) log(1 + eps) - m log(eps)`` with m =
-    A (1 - s_bar) + (1 - A) s_bar the share of samples that disagree with A. One pass over the pixels, no
-    K x N x H x W intermediate (PHiSeg's code builds it).
+    A (1 - s_bar) + (1 - A) s_bar the share of samples that disagree with A. Both are increasing affine maps
+    of ``q = s_bar (1 - s_bar)`` and of m (log(1 + eps) > log(eps)), and NCC is invariant to those, so
+    ``S_NCC = mean_i NCC(q, m_i)`` exactly, for any eps: no K x N x H x W intermediate (PHiSeg's code builds
+    it) and no log.
     """
-    s_bar = _binary(samples, threshold).double().mean(1)  # (B, H, W)
+    return _ncc_from_mean(_pixel_counts(samples, threshold).double() / samples.shape[1], raters, threshold)
+
+
+def _ncc_from_mean(s_bar: Tensor, raters: Tensor, threshold: float) -> Tensor:
+    """S_NCC from the samples' pixelwise mean ``(B, H, W)`` (see :func:`ncc`)."""
     r = _binary(raters, threshold).double()  # (B, N, H, W)
-    log_one, log_eps = math.log1p(NCC_EPS), math.log(NCC_EPS)
-    e_ss = -(s_bar.square() + (1 - s_bar).square()) * log_one - 2 * s_bar * (1 - s_bar) * log_eps
-    disagree = r * (1 - s_bar[:, None]) + (1 - r) * s_bar[:, None]
-    e_sy = -(1 - disagree) * log_one - disagree * log_eps
-    return _ncc(e_ss[:, None], e_sy).mean(1)
+    q = s_bar * (1 - s_bar)
+    disagree = s_bar[:, None] + r * (1 - 2 * s_bar[:, None])  # A (1 - s_bar) + (1 - A) s_bar
+    return _ncc(q[:, None], disagree).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,16 +325,18 @@ SET_LEVEL_KEYS = ("hm_iou", "d_max", "combined_sensitivity", "diversity_agreemen
 
 def set_level_metrics(samples: Tensor, raters: Tensor, *, threshold: float = 0.5) -> dict[str, Tensor]:
     """Every set-level metric of a batch (:data:`SET_LEVEL_KEYS`, each ``(B,)`` float64, default arguments)
-    from three intersection-kernel calls (samples x raters, samples x samples, raters x raters) shared by all,
-    where the functions one by one would make seven."""
-    sr = PairCounts.of(samples, raters, threshold)
+    from three intersection-kernel calls (samples x raters, samples x samples, raters x raters; the areas are
+    the self-pairs' diagonals) and one per-pixel count of each set, shared by all."""
     ss = PairCounts.of(samples, samples, threshold)
     rr = PairCounts.of(raters, raters, threshold)
+    inter = pairwise_intersection(samples, raters, threshold=threshold).double()
+    sr = PairCounts(inter, ss.area_a, rr.area_a, ss.pixels)  # the areas are the self-pairs' diagonals
+    count_s, count_r = _pixel_counts(samples, threshold), _pixel_counts(raters, threshold)
     out = {"hm_iou": _hungarian_mean(sr.iou(1.0)), "d_max": sr.dice(1.0).amax(1).mean(1),
-           "combined_sensitivity": combined_sensitivity(samples, raters, threshold=threshold),
+           "combined_sensitivity": _combined_sensitivity(count_s > 0, count_r > 0),
            "diversity_agreement": _diversity_agreement(ss.variance(), rr.variance(), False),
            "sample_diversity": _offdiag_mean(1 - ss.iou(1.0)),
-           "ncc": ncc(samples, raters, threshold=threshold)}  # fmt: skip
+           "ncc": _ncc_from_mean(count_s.double() / samples.shape[1], raters, threshold)}  # fmt: skip
     out["ci_score"] = _ci(out["combined_sensitivity"], out["d_max"], out["diversity_agreement"])
     return {k: out[k] for k in SET_LEVEL_KEYS}
 
