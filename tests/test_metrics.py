@@ -47,19 +47,24 @@ def np_image_metrics(p, y, heads=None):
     out["dice_each"] = each
     out["dice_each_mean"] = np.nanmean(each)
     maps = [mp] * n if heads is None else list(heads)
-    eces, briers = [], []
-    for m, lab in zip(maps, y):
-        ece = 0.0
-        flat_p, flat_y = m.ravel(), lab.ravel()
-        for bin_ in range(10):
-            lo, hi = bin_ / 10, (bin_ + 1) / 10
-            sel = (flat_p >= lo) & ((flat_p < hi) if bin_ < 9 else (flat_p <= hi))
-            if sel.any():
-                ece += sel.sum() / flat_p.size * abs(flat_y[sel].mean() - flat_p[sel].mean())
-        eces.append(ece)
-        briers.append(np.mean((flat_p - flat_y) ** 2))
-    out["ece"], out["brier"] = np.array(eces), np.array(briers)
+    out["ece"] = np.array([np_reliability(m, lab, np.arange(11) / 10)[3] for m, lab in zip(maps, y)])
+    out["brier"] = np.array([np.mean((m - lab) ** 2) for m, lab in zip(maps, y)])
     return out
+
+
+def np_reliability(p, y, edges):
+    """Paper Eq. 9 bin by bin: bin i holds edges[i] <= p < edges[i + 1] (the last bin also p = 1). Returns
+    (count, mean confidence, foreground share, ECE) with NaN for an empty bin."""
+    flat_p, flat_y = p.ravel(), y.ravel()
+    count, conf, freq, ece = [], [], [], 0.0
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        sel = (flat_p >= lo) & ((flat_p < hi) if i < len(edges) - 2 else (flat_p <= hi))
+        count.append(sel.sum())
+        conf.append(flat_p[sel].mean() if sel.any() else np.nan)
+        freq.append(flat_y[sel].mean() if sel.any() else np.nan)
+        if sel.any():
+            ece += sel.sum() / flat_p.size * abs(freq[-1] - conf[-1])
+    return np.array(count), np.array(conf), np.array(freq), ece
 
 
 def np_entropy(p):
@@ -164,6 +169,51 @@ def test_accumulator_pools_the_dataset():
     assert "Dice_match" in text and "rater_4" in text
     with pytest.raises(ValueError, match="one rater count"):
         acc.update(*make_case(b=1, k=4, n=3, h=12, w=12, seed=9))
+
+
+@pytest.mark.parametrize("bins", [4, (0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 1.0), (0.0, 1.0)])
+@pytest.mark.parametrize("personalized", [False, True])
+def test_calibration_over_any_bins(bins, personalized):
+    """ECE and the pooled reliability curve over a bin count or the user's own edges, against the bin-by-bin
+    transcription; the accumulator pools with the same bins, and refuses a batch binned otherwise."""
+    probs, raters = make_case(b=3, k=4, n=2, h=10, w=9, seed=12)
+    probs = probs.float()
+    probs[0, :, 0, :3] = torch.tensor([0.0, 1.0, 0.05])  # values on the edges
+    heads = torch.rand(raters.shape, generator=torch.Generator().manual_seed(3)) if personalized else None
+    edges = np.linspace(0, 1, bins + 1) if isinstance(bins, int) else np.array(bins)
+    p64 = probs.double().numpy()
+    maps = heads.double().numpy() if personalized else np.repeat(p64.mean(1, keepdims=True), 2, axis=1)
+    y = raters.numpy().astype(float)
+    want = np.array([[np_reliability(maps[b, i], y[b, i], edges)[3] for i in range(2)] for b in range(3)])
+    np.testing.assert_allclose(metrics.ece(probs, raters, heads, bins=bins).numpy(), want, rtol=1e-9, atol=1e-12)
+    curve = metrics.reliability_curve(probs, raters, heads, bins=bins)
+    np.testing.assert_array_equal(curve["edges"].numpy(), edges)
+    for i in range(2):
+        count, conf, freq, ece = np_reliability(maps[:, i], y[:, i], edges)
+        np.testing.assert_array_equal(curve["count"][i].numpy(), count)
+        np.testing.assert_allclose(curve["confidence"][i].numpy(), conf, rtol=1e-12)
+        np.testing.assert_allclose(curve["frequency"][i].numpy(), freq, rtol=1e-12)
+        np.testing.assert_allclose(curve["ece"][i].item(), ece, rtol=1e-9)
+    acc = metrics.MetricAccumulator(calibration=bins)
+    acc.update(probs, raters, heads)
+    s = acc.summary()["calibration"]
+    np.testing.assert_allclose(s["ece_pooled"], curve["ece"].numpy(), rtol=1e-12)
+    assert s["edges"] == edges.tolist() and np.asarray(s["reliability"]).shape == (2, len(edges) - 1, 3)
+    other = 3 if bins != 3 else 5
+    with pytest.raises(ValueError, match="one calibration binning"):
+        acc.add(metrics.evaluate_batch(probs, raters, heads, calibration=other))
+
+
+@pytest.mark.parametrize(
+    "bins,exc,msg",
+    [(0, ValueError, "at least 1"), (True, TypeError, "bin count or a list of edges"),
+     ("10", TypeError, "bin count or a list"), ((0.0, 0.5), ValueError, "increase strictly from 0 to 1"),
+     ((0.0, 0.6, 0.5, 1.0), ValueError, "increase strictly"), ((0.0, float("nan"), 1.0), ValueError, "increase")],
+)  # fmt: skip
+def test_calibration_bins_refused(bins, exc, msg):
+    probs, raters = make_case(b=1, k=2, n=2, h=6, w=6, seed=13)
+    with pytest.raises(exc, match=msg):
+        metrics.ece(probs.float(), raters, bins=bins)
 
 
 def test_evaluate_volume_stacks_slices():

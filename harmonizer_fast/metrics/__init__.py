@@ -17,9 +17,10 @@ Every metric is computed per image, then averaged over images (mean and standard
 - ``ged``: :func:`harmonizer_fast.ged` with the ``dpersona`` convention (the paper's tables);
   ``ged_unbiased``: the ``unbiased`` convention (two empty masks at distance 0, within-set means without the
   diagonal), which an all-empty prediction cannot win: the default model-selection score.
-- Calibration per rater (paper appendix F): ECE with 10 equal-width bins (Eq. 9) and the Brier score (Eq. 10)
-  of rater i's map (the personalized head, or the sample mean without heads) against rater i's mask; the
-  accumulator also pools every pixel of the dataset as the paper does.
+- Calibration per rater (paper appendix F): ECE (Eq. 9, 10 equal-width bins unless ``bins`` / ``calibration``
+  gives another count or the user's own edges: :func:`ece`, :func:`reliability_curve`) and the Brier score
+  (Eq. 10) of rater i's map (the personalized head, or the sample mean without heads) against rater i's mask;
+  the accumulator also pools every pixel of the dataset as the paper does.
 - Uncertainty (appendices C and E): the normalized binary entropy of the sample mean,
   ``H = -p log2 p - (1 - p) log2 (1 - p)`` in [0, 1]. Its medians by correctness (TP/FP/FN/TN of the mean
   thresholded at 0.5, over pixels where every rater agrees) and by rater agreement (``agree``: rater mean 0
@@ -40,6 +41,7 @@ Every metric is computed per image, then averaged over images (mean and standard
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -162,22 +164,97 @@ def entropy_map(probs: Tensor) -> Tensor:
     return -(torch.where(p > 0, p * torch.log2(p), 0.0) + torch.where(q > 0, q * torch.log2(q), 0.0))
 
 
-def calibration_bins(p: Tensor, y: Tensor, bins: int = ECE_BINS) -> Tensor:
-    """Per (B, N) map: ``(B, N, bins, 3)`` float64 of (pixel count, sum of confidences, sum of labels)."""
+def _is_count(bins: Any) -> bool:
+    return isinstance(bins, numbers.Integral) and not isinstance(bins, bool)
+
+
+def calibration_edges(bins: int | Sequence[float] = ECE_BINS) -> Tensor:
+    """Bin edges ``(T + 1,)`` float64 of a reliability diagram: ``bins`` equal-width bins, or the user's own
+    increasing edges from 0 to 1 (a threshold list such as ``(0, 0.05, 0.1, 0.5, 1)`` for a sweep finer where
+    the probabilities crowd)."""
+    if _is_count(bins):
+        if bins < 1:
+            raise ValueError(f"calibration: bins must be at least 1, got {bins}")
+        return torch.linspace(0.0, 1.0, int(bins) + 1, dtype=torch.float64)
+    if not isinstance(bins, (Sequence, Tensor, np.ndarray)) or isinstance(bins, str):
+        raise TypeError(f"calibration: bins must be a bin count or a list of edges, got {type(bins).__name__}")
+    edges = torch.as_tensor([float(b) for b in bins], dtype=torch.float64)
+    if edges.numel() < 2 or edges[0] != 0.0 or edges[-1] != 1.0 or not bool((edges[1:] > edges[:-1]).all()):
+        raise ValueError(f"calibration: bins as edges must increase strictly from 0 to 1, got {list(bins)!r}")
+    return edges
+
+
+def calibration_bins(p: Tensor, y: Tensor, bins: int | Sequence[float] = ECE_BINS) -> Tensor:
+    """Per (B, N) map: ``(B, N, T, 3)`` float64 of (pixel count, sum of confidences, sum of labels) per bin.
+
+    ``bins``: a count of equal-width bins (bin ``floor(p T)``, p = 1 in the last, as the paper's Eq. 9), or
+    increasing edges from 0 to 1 (bin i holds ``edges[i] <= p < edges[i + 1]``, p = 1 in the last). The
+    counts are sums, so they add over images and over processes (:class:`MetricAccumulator`)."""
     b, n = p.shape[:2]
     pf = p.double().clamp(0.0, 1.0).reshape(b * n, -1)
-    idx = (pf * bins).floor().clamp(max=bins - 1).long() + torch.arange(b * n, device=p.device)[:, None] * bins
-    out = torch.zeros((b * n * bins, 3), dtype=torch.float64, device=p.device)
+    if _is_count(bins):
+        t = calibration_edges(bins).numel() - 1  # validates the count
+        idx = (pf * t).floor().clamp(max=t - 1).long()
+    else:
+        edges = calibration_edges(bins).to(p.device)
+        t = edges.numel() - 1
+        idx = torch.bucketize(pf, edges[1:-1], right=True)
+    idx = idx + torch.arange(b * n, device=p.device)[:, None] * t
+    out = torch.zeros((b * n * t, 3), dtype=torch.float64, device=p.device)
     out[:, 0].index_add_(0, idx.flatten(), torch.ones_like(pf).flatten())
     out[:, 1].index_add_(0, idx.flatten(), pf.flatten())
     out[:, 2].index_add_(0, idx.flatten(), y.double().reshape(b * n, -1).flatten())
-    return out.reshape(b, n, bins, 3)
+    return out.reshape(b, n, t, 3)
 
 
 def ece_from_bins(counts: Tensor) -> Tensor:
     """ECE (paper Eq. 9) from :func:`calibration_bins` counts: sum_k |B_k|/N |acc_k - conf_k|."""
     total = counts[..., 0].sum(-1)
     return (counts[..., 2] - counts[..., 1]).abs().sum(-1) / total
+
+
+def _rater_maps(probs: Tensor, raters: Tensor, personalized: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """What each rater's calibration is measured on: head i (personalized), or the sample mean for every
+    rater; and the raters' binary labels. Both ``(B, N, H, W)`` float64."""
+    n = raters.shape[1]
+    maps = probs.double().mean(1, keepdim=True).expand(-1, n, -1, -1) if personalized is None else personalized.double()
+    return maps, (raters > 0.5).double()
+
+
+def ece(
+    probs: Tensor,
+    raters: Tensor,
+    personalized: Optional[Tensor] = None,
+    *,
+    bins: int | Sequence[float] = ECE_BINS,
+) -> Tensor:
+    """``(B, N)`` float64: the expected calibration error (paper Eq. 9) of rater i's map (head i of
+    ``personalized``, or the mean of the K samples) against rater i's mask, over ``bins`` (a count of
+    equal-width bins or a list of edges, :func:`calibration_edges`)."""
+    _check_inputs(probs, raters, personalized)
+    maps, y = _rater_maps(probs.detach(), raters, None if personalized is None else personalized.detach())
+    return ece_from_bins(calibration_bins(maps, y, bins))
+
+
+def reliability_curve(
+    probs: Tensor,
+    raters: Tensor,
+    personalized: Optional[Tensor] = None,
+    *,
+    bins: int | Sequence[float] = ECE_BINS,
+) -> dict[str, Tensor]:
+    """The reliability diagram over a batch, every pixel pooled, per rater: ``edges (T + 1,)``, ``count (N,
+    T)``, ``confidence (N, T)`` and ``frequency (N, T)`` (mean probability and foreground share per bin, NaN
+    in an empty bin), and ``ece (N,)`` of the pooled pixels."""
+    _check_inputs(probs, raters, personalized)
+    maps, y = _rater_maps(probs.detach(), raters, None if personalized is None else personalized.detach())
+    cal = calibration_bins(maps, y, bins).sum(0)  # (N, T, 3)
+    count = cal[..., 0]
+    safe = torch.where(count > 0, count, torch.ones_like(count))
+    nan = torch.full_like(count, math.nan)
+    return {"edges": calibration_edges(bins), "count": count,
+            "confidence": torch.where(count > 0, cal[..., 1] / safe, nan),
+            "frequency": torch.where(count > 0, cal[..., 2] / safe, nan), "ece": ece_from_bins(cal)}  # fmt: skip
 
 
 def brier(p: Tensor, y: Tensor) -> Tensor:
@@ -223,7 +300,12 @@ def agreement_groups(raters: Tensor, tol: float = 0.1) -> dict[str, Tensor]:
 
 
 def evaluate_batch(
-    probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None, *, agreement_tol: float = 0.1
+    probs: Tensor,
+    raters: Tensor,
+    personalized: Optional[Tensor] = None,
+    *,
+    agreement_tol: float = 0.1,
+    calibration: int | Sequence[float] = ECE_BINS,
 ) -> dict[str, Any]:
     """Every per-image metric of a batch, as float64 numpy arrays.
 
@@ -232,14 +314,14 @@ def evaluate_batch(
     (:data:`SET_LEVEL_KEYS`: ``hm_iou``, ``d_max``, ``combined_sensitivity``, ``diversity_agreement``,
     ``ci_score``, ``sample_diversity``, ``ncc``), ``empty_fraction`` (the
     share of the K predictions with no pixel above 0.5: 1 on every image is a collapsed model, whose Dice
-    and GED are not results), ``ece`` (B, N), ``brier`` (B, N), ``lesion_size``, ``dice_consensus``, and the
-    raw material the accumulator pools: ``_calibration`` (B, N, 10, 3), ``_entropy_correctness`` and
-    ``_entropy_agreement`` (histograms per group).
+    and GED are not results), ``ece`` (B, N) over the ``calibration`` bins (a count or edges,
+    :func:`calibration_edges`), ``brier`` (B, N), ``lesion_size``, ``dice_consensus``, and the raw material the
+    accumulator pools: ``_calibration`` (B, N, T, 3), ``_entropy_correctness`` and ``_entropy_agreement``
+    (histograms per group).
     """
     _check_inputs(probs, raters, personalized)
     with torch.no_grad():
         probs = probs.detach()
-        n = raters.shape[1]
         out: dict[str, Any] = {"ged": ged(probs, raters).double().cpu().numpy()}
         out["ged_unbiased"] = ged(probs, raters, convention="unbiased").double().cpu().numpy()
         out["dice_soft"] = dice_soft(probs, raters).cpu().numpy()
@@ -251,17 +333,15 @@ def evaluate_batch(
         out["dice_match"] = np.array([m[0] for m in matched])
         out["empty_fraction"] = (probs <= 0.5).flatten(2).all(-1).double().mean(1).cpu().numpy()
         out.update({k: v.cpu().numpy() for k, v in set_level_metrics(probs, raters).items()})
-        if personalized is None:
+        heads = None if personalized is None else personalized.detach()
+        if heads is None:
             out["dice_each"] = np.stack([m[1] for m in matched])
-            maps = probs.double().mean(1, keepdim=True).expand(-1, n, -1, -1)
         else:
-            heads = personalized.detach()
             out["dice_each"] = dice_binary(heads > 0.5, raters > 0.5).cpu().numpy()
-            maps = heads.double()
         with np.errstate(invalid="ignore"):
             out["dice_each_mean"] = np.nanmean(out["dice_each"], axis=1)
-        y = (raters > 0.5).double()
-        bins = calibration_bins(maps, y)
+        maps, y = _rater_maps(probs, raters, heads)
+        bins = calibration_bins(maps, y, calibration)
         out["ece"] = ece_from_bins(bins).cpu().numpy()
         out["brier"] = brier(maps, y).cpu().numpy()
         out["_calibration"] = bins.cpu().numpy()
@@ -318,25 +398,31 @@ class MetricAccumulator:
     """
 
     agreement_tol: float = 0.1
+    calibration: int | Sequence[float] = ECE_BINS  # reliability bins: a count, or edges from 0 to 1
     rows: dict[str, list] = field(default_factory=dict)
     _calibration: Optional[np.ndarray] = None
     _entropy: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def update(self, probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None) -> dict[str, Any]:
-        batch = evaluate_batch(probs, raters, personalized, agreement_tol=self.agreement_tol)
+        batch = evaluate_batch(
+            probs, raters, personalized, agreement_tol=self.agreement_tol, calibration=self.calibration
+        )
         self.add(batch)
         return batch
 
     def update_volume(self, probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None) -> dict[str, Any]:
-        batch = evaluate_volume(probs, raters, personalized, agreement_tol=self.agreement_tol)
+        batch = evaluate_volume(
+            probs, raters, personalized, agreement_tol=self.agreement_tol, calibration=self.calibration
+        )
         self.add(batch)
         return batch
 
     def add(self, batch: Mapping[str, Any]) -> None:
-        n = batch["dice_each"].shape[1]
-        if self._calibration is not None and self._calibration.shape[0] != n:
-            raise ValueError(f"MetricAccumulator: batches must have one rater count, got {n} after "
-                             f"{self._calibration.shape[0]}")  # fmt: skip
+        n, bins = batch["dice_each"].shape[1], batch["_calibration"].shape[2]
+        if self._calibration is not None and self._calibration.shape[:2] != (n, bins):
+            raise ValueError(f"MetricAccumulator: batches must have one rater count and one calibration binning, "
+                             f"got {n} raters x {bins} bins after {self._calibration.shape[0]} x "
+                             f"{self._calibration.shape[1]}")  # fmt: skip
         for key in _ROW_KEYS:
             self.rows.setdefault(key, []).append(np.asarray(batch[key]))
         cal = batch["_calibration"].sum(0)
@@ -367,11 +453,12 @@ class MetricAccumulator:
         if self._calibration is not None and self._calibration.shape[0] != n:
             raise ValueError(f"MetricAccumulator.compute: processes disagree on the rater count "
                              f"({self._calibration.shape[0]} here, {n} elsewhere)")  # fmt: skip
-        out = MetricAccumulator(agreement_tol=self.agreement_tol)
+        out = MetricAccumulator(agreement_tol=self.agreement_tol, calibration=self.calibration)
         for key in _ROW_KEYS:
             local = self.per_image(key) if self.rows else np.zeros((0, n) if key in _PER_RATER_ROWS else (0,))
             out.rows[key] = [_sync.gather_rows(local, group, device)]
-        cal = self._calibration if self._calibration is not None else np.zeros((n, ECE_BINS, 3))
+        bins = calibration_edges(self.calibration).numel() - 1
+        cal = self._calibration if self._calibration is not None else np.zeros((n, bins, 3))
         out._calibration = _sync.sum_array(cal, group, device)
         for family, groups in (("_entropy_correctness", CORRECTNESS), ("_entropy_agreement", AGREEMENT)):
             mine = self._entropy.get(family, {})
@@ -402,7 +489,8 @@ class MetricAccumulator:
         }
         cal = self._calibration
         pooled_ece = (np.abs(cal[..., 2] - cal[..., 1]).sum(-1) / cal[..., 0].sum(-1)).tolist()
-        calibration = {"ece_pooled": pooled_ece, "reliability": cal.tolist()}
+        calibration = {"ece_pooled": pooled_ece, "reliability": cal.tolist(),
+                       "edges": calibration_edges(self.calibration).tolist()}  # fmt: skip
         medians = {
             "correctness": {g: histogram_median(self._entropy["_entropy_correctness"][g]) for g in CORRECTNESS},
             "agreement": {g: histogram_median(self._entropy["_entropy_agreement"][g]) for g in AGREEMENT},

@@ -103,7 +103,7 @@ def _hungarian_mean(iou: Tensor) -> Tensor:
     for m in iou.cpu().numpy():
         rows, cols = linear_sum_assignment(m, maximize=True)
         out.append(m[rows, cols].mean())
-    return torch.tensor(np.asarray(out), dtype=torch.float64)
+    return torch.tensor(np.asarray(out), dtype=torch.float64, device=iou.device)
 
 
 def hm_iou(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, empty_iou: float = 1.0) -> Tensor:
@@ -139,7 +139,7 @@ def _combined_sensitivity(s: Tensor, r: Tensor) -> Tensor:
 def _offdiag_mean(d: Tensor) -> Tensor:
     k = d.shape[1]
     if k < 2:
-        return torch.zeros(d.shape[0], dtype=torch.float64)
+        return torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
     return (d.sum((1, 2)) - torch.diagonal(d, dim1=1, dim2=2).sum(1)) / (k * (k - 1))
 
 
@@ -149,10 +149,10 @@ def sample_diversity(samples: Tensor, *, threshold: float = 0.5, empty_iou: floa
     return _offdiag_mean(1 - iou_pairs(samples, samples, threshold=threshold, empty_iou=empty_iou))
 
 
-def _weights(w: Optional[Tensor], b: int, m: int, name: str) -> Tensor:
+def _weights(w: Optional[Tensor], b: int, m: int, name: str, device: torch.device) -> Tensor:
     if w is None:
-        return torch.full((b, m), 1.0 / m, dtype=torch.float64)
-    w = torch.as_tensor(w, dtype=torch.float64)
+        return torch.full((b, m), 1.0 / m, dtype=torch.float64, device=device)
+    w = torch.as_tensor(w, dtype=torch.float64, device=device)
     if w.dim() == 1:
         w = w.expand(b, -1)
     if w.shape != (b, m):
@@ -168,7 +168,7 @@ def _weights(w: Optional[Tensor], b: int, m: int, name: str) -> Tensor:
 def _weighted_mean(d: Tensor, wa: Tensor, wb: Tensor, offdiag: bool) -> Tensor:
     ww = wa[:, :, None] * wb[:, None, :]
     if offdiag:
-        ww = ww * (1 - torch.eye(d.shape[1], dtype=ww.dtype))
+        ww = ww * (1 - torch.eye(d.shape[1], dtype=ww.dtype, device=ww.device))
     total = ww.sum((1, 2))
     return torch.where(total > 0, (ww * d).sum((1, 2)) / total.clamp_min(1e-300), torch.zeros_like(total))
 
@@ -199,8 +199,8 @@ def ged(
         raise ValueError(f"ged: convention {convention!r} has no weighted form (its pairs can be undefined); "
                          "pass sample_weights=None and rater_weights=None, or another convention")  # fmt: skip
     b, k, n = samples.shape[0], samples.shape[1], raters.shape[1]
-    w = _weights(sample_weights, b, k, "sample_weights")
-    v = _weights(rater_weights, b, n, "rater_weights")
+    w = _weights(sample_weights, b, k, "sample_weights", samples.device)
+    v = _weights(rater_weights, b, n, "rater_weights", samples.device)
 
     def dist(a: Tensor, c: Tensor) -> Tensor:
         return 1 - iou_pairs(a, c, threshold=threshold, empty_iou=conv.empty_iou, eps=conv.eps)
@@ -262,9 +262,9 @@ def _variance_range(v: Tensor, include_self_pairs: bool) -> tuple[Tensor, Tensor
     m = v.shape[1]
     if not include_self_pairs:
         if m < 2:  # one mask has no pair: no diversity to measure
-            zero = torch.zeros(v.shape[0], dtype=torch.float64)
+            zero = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
             return zero, zero
-        v = v[:, ~torch.eye(m, dtype=torch.bool)]
+        v = v[:, ~torch.eye(m, dtype=torch.bool, device=v.device)]
     v = v.flatten(1)
     return v.amax(1), v.amin(1)
 
