@@ -315,13 +315,18 @@ def bench_main(
     quick_help: str = "fewer interleaved rounds (a third of the full run)",
     default_allocator: str = "fresh",
     isa_summary: Optional[Callable[[dict[str, Any]], list[str]]] = None,
+    flags: Optional[Mapping[str, str]] = None,
 ) -> int:
     """Command line shared by the benchmarks: parse, pin the allocator, run, write JSON + markdown
-    (``render(payload)``, by default the variants x ops tables of :func:`report_markdown`)."""
+    (``render(payload)``, by default the variants x ops tables of :func:`report_markdown`). ``flags``: the
+    benchmark's own on/off options (name -> help), which it reads before calling this and which ``--isa all``
+    passes on to every build's run."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help=quick_help)
+    for flag, help_text in (flags or {}).items():
+        p.add_argument(flag, action="store_true", help=help_text)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON and markdown files")
     p.add_argument(

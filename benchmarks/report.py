@@ -3,7 +3,7 @@
 The op benchmarks, the end-to-end sampling benchmark and the profiler go into one markdown file with bar
 charts of the speedups and the machine they ran on.
 
-    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,film,ged,sampling,inference]
+    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,haar3d,film,ged,...]
                           [--isa auto|all|baseline|avx2|avx512]
     python benchmarks/report.py [same options]
 
@@ -38,12 +38,15 @@ from common import ISA_ENV, RESULTS_DIR, device_slug, isa_label, machine_info, w
 
 BENCHMARKS = {
     "haar": "Haar DWT / IDWT (forward, inverse, backward)",
+    "haar3d": "3-D (volumetric) Haar DWT / IDWT against ptwt and PyWavelets",
     "film": "Noise Harmonizer ops: FiLM and token attention pooling",
     "ged": "GED of a batch of K samples against N raters",
     "sampling": "End-to-end sampling, HarmonizerNet paper config",
     "inference": "Inference cost per build: K samples, heads, the CLI sampler, FiLM",
     "metrics": "Multi-rater metric suite (GED, HM-IoU, D_max, S_c, D_a, CI, diversity, S_NCC)",
 }
+# Benchmarks that are a mode of another script: name -> (script's name, its extra arguments).
+MODES = {"haar3d": ("haar", ["--3d"])}
 OURS_PREFIXES = ("harmonizer_fast (auto", "sample (ours)")
 FLOOR_PREFIXES = ("copy floor", "bf16 bmm ceiling")  # hardware floors, not peers: in the tables, not the charts
 CASE_KEYS = ("shape", "op", "B", "K")
@@ -235,7 +238,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed: dict[str, str] = {}
         for name in names:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, _shown(HERE / f"bench_{name}.py"), "--device", args.device, "--out", _shown(scratch)]
+            script, extra = MODES.get(name, (name, []))
+            cmd = [sys.executable, _shown(HERE / f"bench_{script}.py"), *extra, "--device", args.device,
+                   "--out", _shown(scratch)]  # fmt: skip
             cmd += (["--quick"] if args.quick else []) + isa_args
             if name == "ged" and args.numpy_images is not None:
                 cmd += ["--numpy-images", str(args.numpy_images)]

@@ -6,6 +6,7 @@ Ops (layer 1), each with a pure-PyTorch reference and faster backends picked per
 instruction-set build):
 
 - :func:`haar_dwt2d` / :func:`haar_idwt2d`: single-level 2-D Haar DWT and inverse (pywt convention);
+- :func:`haar_dwt3d` / :func:`haar_idwt3d`: the volumetric (3-D) pair, ``pywt.dwtn`` over the last three axes;
 - :class:`DWTForward` / :class:`DWTInverse`, :func:`dwt2` / :func:`idwt2`: drop-ins for pytorch_wavelets
   and PyWavelets (Haar, zero mode);
 - :func:`film`: the Noise Harmonizer's FiLM modulation (paper Eq. 3) with a fused deterministic backward;
@@ -42,7 +43,9 @@ from .ops import (
     ged_loss,
     ged_terms,
     haar_dwt2d,
+    haar_dwt3d,
     haar_idwt2d,
+    haar_idwt3d,
     pairwise_iou,
     token_attention_pool,
 )
@@ -86,7 +89,9 @@ __all__ = [
     "ged_loss",
     "ged_terms",
     "haar_dwt2d",
+    "haar_dwt3d",
     "haar_idwt2d",
+    "haar_idwt3d",
     "idwt2",
     "pairwise_iou",
     "set_cpu_isa",

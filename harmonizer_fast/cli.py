@@ -15,7 +15,7 @@
     harmonizer-fast convert SRC OUT.npz [--format F]
     harmonizer-fast profile [--config paper|small] [--batch B] [--samples K] [--size S] [--device cpu|cuda]
                             [--json PATH]
-    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,film,ged,sampling]
+    harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,haar3d,film,ged,...]
     harmonizer-fast info
 
 ``--data synthetic`` (or no ``--data``) trains on the embedded synthetic generator. User mistakes (a missing

@@ -11,8 +11,9 @@ for an explicit ``GPUTarget`` and reads, per plan and target: registers per thre
 those allow, and the tensor-core instructions in the SASS (``cuobjdump -sass`` of the cubin).
 
 Failing conditions (exit status 1, and tests/test_gpucheck.py): a plan that does not compile; shared
-memory over the limit; any spill in the Haar, FiLM, fcomb, attention-pool or binary GED kernels; the binary GED kernel
-without tensor-core instructions; the soft GED path using TF32 (it must stay IEEE fp32).
+memory over the limit; any spill in the Haar (2-D and 3-D), FiLM, fcomb, attention-pool or binary GED
+kernels; the binary GED kernel without tensor-core instructions; the soft GED path using TF32 (it must stay
+IEEE fp32).
 
 Results are cached under ``build/gpucheck`` keyed by the kernel's source hash, the plan, the target and
 the triton version, so an unchanged kernel is not compiled twice. The check skips (exit 0, with the reason)
@@ -40,8 +41,9 @@ from typing import Any
 from .gpu_targets import TARGETS, occupancy
 
 CHECK_VERSION = 2  # bump when the recorded columns change
-FAMILIES = ("haar", "film", "attention_pool", "fcomb", "ged")
-NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_film_forward_kernel", "_film_backward_kernel",
+FAMILIES = ("haar", "haar3d", "film", "attention_pool", "fcomb", "ged")
+NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_haar_dwt3d_kernel", "_haar_idwt3d_kernel",
+            "_film_forward_kernel", "_film_backward_kernel",
             "_fcomb_head_kernel", "_forward_kernel", "_backward_kernel")  # fmt: skip  (the last two: attention)
 DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
 _TENSOR_CORE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|WGMMA)\S*)")

@@ -100,6 +100,16 @@ def _haar_idwt_split_flops(lo_shape, hi_shape, *args, out_shape=None, **kwargs) 
     return 4 * (_numel(lo_shape) + _numel(hi_shape))
 
 
+@register_flop_formula(_hf.haar_dwt3d)
+def _haar3d_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 4 * _numel(x_shape)  # each coefficient: three butterfly additions and one scaling
+
+
+@register_flop_formula(_hf.haar_idwt3d)
+def _haar_idwt3d_flops(y_shape, *args, out_shape=None, **kwargs) -> int:
+    return 4 * _numel(y_shape)
+
+
 @register_flop_formula(_hf.fcomb_head)
 def _fcomb_head_flops(base_shape, bias_shape, hw_shape, *args, out_shape=None, **kwargs) -> int:
     b, c, p = base_shape

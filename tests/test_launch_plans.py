@@ -12,7 +12,7 @@ import harmonizer_fast as hf
 from harmonizer_fast import _backend
 
 kernels = pytest.importorskip("harmonizer_fast.kernels", reason="triton is not installed")
-from harmonizer_fast.kernels import _plan, attention_pool, fcomb, film, ged, haar  # noqa: E402
+from harmonizer_fast.kernels import _plan, attention_pool, fcomb, film, ged, haar, haar3d  # noqa: E402
 
 INT32_MAX = 2**31 - 1
 
@@ -48,6 +48,17 @@ def test_haar_grids_for_a_million_planes_and_2_to_the_32_elements(launches):
     haar.haar_dwt2d_into(big, _meta(1, 1, 32768, 32768), _meta(1, 1, 3, 32768, 32768))
     _within_limits(launches)
     assert launches[0][1][0] == 10**6  # the planes are on grid x
+
+
+def test_haar3d_grids_for_a_million_volumes_and_2_to_the_33_elements(launches):
+    x = _meta(1000, 1000, 2, 4, 4)  # 10^6 volumes of one band slab each
+    haar3d.haar_dwt3d_into(x, _meta(1000, 1000, 8, 1, 2, 2))
+    haar3d.haar_idwt3d(_meta(1000, 1000, 8, 1, 2, 2), 2, 4, 4)
+    big = _meta(1, 1, 2048, 2048, 2048)  # 2^33 elements in one volume
+    haar3d.haar_dwt3d_into(big, _meta(1, 1, 8, 1024, 1024, 1024))
+    haar3d.haar_idwt3d(_meta(1, 1, 8, 1024, 1024, 1024), 2048, 2048, 2048)
+    _within_limits(launches)
+    assert launches[0][1][0] == 10**6  # the (volume, band-slice) slabs are on grid x
 
 
 def test_film_grids_for_a_million_planes(launches):

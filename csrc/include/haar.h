@@ -37,6 +37,27 @@ HF_HOST_DEVICE void haar_inverse_block(T ca, T ch, T cv, T cd, T& a, T& b, T& c,
   d = (s1 - d1) * half;
 }
 
+// 3-D Haar (PyWavelets, pywt.dwtn(x, "haar", mode="zero", axes=(-3, -2, -1))): the 2x2x2 block v[c] with
+// corner c = 4 dz + 2 dy + dx (depth, row, column offsets) gives eight sub-bands y[b], b = 4 bz + 2 by + bx,
+// bit 1 meaning the detail filter along that axis (pywt's key order aaa, aad, ada, add, daa, dad, dda, ddd):
+//     y[b] = sum_c (-1)^popcount(b & c) v[c] / (2 sqrt 2)
+// a Hadamard matrix over 2 sqrt 2: orthonormal and symmetric, so it is its own inverse and one butterfly
+// serves both directions. Three radix-2 stages (columns, rows, depth): 24 additions and 8 scalings.
+template <typename T>
+HF_HOST_DEVICE void haar3d_butterfly(const T (&in)[8], T (&out)[8]) {
+  T a[8], b[8];
+HF_UNROLL
+  for (int i = 0; i < 8; i += 2) {  // along W (bit 0)
+    a[i] = in[i] + in[i + 1];
+    a[i + 1] = in[i] - in[i + 1];
+  }
+HF_UNROLL
+  for (int i = 0; i < 8; ++i) b[i] = (i & 2) ? a[i - 2] - a[i] : a[i] + a[i + 2];  // along H (bit 1)
+  const T scale = T(0.35355339059327376220042218105242452);  // 1 / (2 sqrt 2)
+HF_UNROLL
+  for (int i = 0; i < 8; ++i) out[i] = ((i & 4) ? b[i - 4] - b[i] : b[i] + b[i + 4]) * scale;  // along D (bit 2)
+}
+
 // Geometry of one call, shared by the CPU and CUDA launchers. Strides are in elements. Inputs may be any
 // strided view; outputs have unit stride along W. The low band (cA) and the three high bands
 // (cH, cV, cD) have separate bases and strides, so one kernel writes either the combined (N, C, 4, h, w)
@@ -56,6 +77,16 @@ struct HaarIdwtArgs {
   int64_t h, w;                                  // contiguous output, 2*hi-1 <= h <= 2*hi (crop for odd sizes)
 };
 
+// 3-D geometry: input (N, C, D, H, W) of any strides, sub-bands y (N, C, 8, d, h, w) of any strides with
+// unit stride along w on the forward side; the inverse reads y of any strides and writes a contiguous x
+// with 2d - 1 <= D <= 2d (likewise H, W: the zero-padded end is cropped).
+struct Haar3dArgs {
+  int64_t n, c, d, h, w;                    // signal (N, C, D, H, W)
+  int64_t sn, sc, sd, sh, sw;               // signal strides (forward input; the inverse writes contiguously)
+  int64_t bd, bh, bw;                       // sub-band size: ceil(D/2), ceil(H/2), ceil(W/2)
+  int64_t y_sn, y_sc, y_sb, y_sd, y_sh, y_sw;  // sub-band strides, y_sb between bands
+};
+
 }  // namespace harmonizer_fast
 
 namespace harmonizer_fast {
@@ -66,5 +97,7 @@ int haar_dwt2d_cuda_launch(const void* x, void* lo, void* hi, DType dtype, const
                            void* stream);
 int haar_idwt2d_cuda_launch(const void* lo, const void* hi, void* x, DType dtype, const HaarIdwtArgs& a,
                             void* stream);
+int haar_dwt3d_cuda_launch(const void* x, void* y, DType dtype, const Haar3dArgs& a, void* stream);
+int haar_idwt3d_cuda_launch(const void* y, void* x, DType dtype, const Haar3dArgs& a, void* stream);
 
 }  // namespace harmonizer_fast

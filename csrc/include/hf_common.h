@@ -10,6 +10,16 @@
 #define HF_HOST_DEVICE inline
 #endif
 
+// Full unrolling of a short fixed-trip loop: nvcc's pragma in device code, GCC's in the CPU kernels. The host
+// pass of nvcc gets neither (its front end rejects GCC's pragma and its host compiler nvcc's).
+#if defined(__CUDA_ARCH__)
+#define HF_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define HF_UNROLL _Pragma("GCC unroll 8")
+#else
+#define HF_UNROLL
+#endif
+
 namespace harmonizer_fast {
 
 // Element types understood by the raw-pointer CUDA launchers. The torch-side wrapper in ops.cpp maps

@@ -11,6 +11,7 @@ from .haar import (
     haar_idwt2d_reference,
     haar_idwt2d_split,
 )
+from .haar3d import haar_dwt3d, haar_dwt3d_reference, haar_idwt3d, haar_idwt3d_reference
 
 __all__ = [
     "GEDTerms",
@@ -23,9 +24,13 @@ __all__ = [
     "haar_dwt2d",
     "haar_dwt2d_reference",
     "haar_dwt2d_split",
+    "haar_dwt3d",
+    "haar_dwt3d_reference",
     "haar_idwt2d",
     "haar_idwt2d_reference",
     "haar_idwt2d_split",
+    "haar_idwt3d",
+    "haar_idwt3d_reference",
     "pairwise_intersection",
     "pairwise_iou",
     "soft_gram",
