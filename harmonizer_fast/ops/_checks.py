@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _autocast
+
 
 def check_float_tensor(t: object, op: str, name: str, ndim: int, layout: str) -> torch.Tensor:
     """Require a non-empty floating tensor of rank ``ndim``; ``layout`` names the dims, e.g. "(N, C, H, W)"."""
@@ -25,7 +27,8 @@ def check_float_tensor(t: object, op: str, name: str, ndim: int, layout: str) ->
 
 
 def check_same_device_dtype(ref: torch.Tensor, t: torch.Tensor, op: str, ref_name: str, name: str) -> None:
-    if t.device != ref.device or t.dtype != ref.dtype:
+    """One device and one dtype; under autocast, half and single precision may mix (ops/_autocast.py)."""
+    if t.device != ref.device or (t.dtype != ref.dtype and not _autocast.mixable(ref, t)):
         raise ValueError(
             f"{op}: {name} must have the device and dtype of {ref_name} ({ref.device}, {ref.dtype}), "
             f"got ({t.device}, {t.dtype})"

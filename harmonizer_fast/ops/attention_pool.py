@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _autocast
 from ._checks import check_float_tensor, check_same_device_dtype
 
 
@@ -143,8 +144,11 @@ def _backward(ctx, dz: Tensor, dlse: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 _core_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register(_core_op, "float32")  # a softmax over positions: float32 in and out (ops/_autocast.py)
+_autocast.register(_core_backward_op, "float32")
 
 
+@_autocast.float32  # a softmax over positions: float32 throughout under autocast, projections included
 def token_attention_pool(
     x: Tensor, queries: Tensor, w_k: Tensor, w_v: Tensor, *, scale: Optional[float] = None
 ) -> Tensor:

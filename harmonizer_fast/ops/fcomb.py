@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _autocast
 
 REFERENCE_CHUNK = 1 << 22  # elements of one (B, k, C, H, W) temporary in the reference
 
@@ -72,6 +73,10 @@ def _fcomb_head_op(
 @_fcomb_head_op.register_fake
 def _(base: Tensor, bias: Tensor, hidden_w: Tensor, hidden_b: Tensor, last_w: Tensor, last_b: Tensor) -> Tensor:
     return base.new_empty((base.shape[0], bias.shape[1], base.shape[2]))
+
+
+# Probabilities thresholded at 0.5 downstream: float32 out, even under autocast (ops/_autocast.py).
+_autocast.register(_fcomb_head_op, "float32")
 
 
 def fcomb_head(

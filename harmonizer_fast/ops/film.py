@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _autocast
 from ._checks import check_float_tensor, check_same_device_dtype
 
 
@@ -93,6 +94,8 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 _film_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register(_film_op, "promote")  # float32 inside, the widest input dtype out (ops/_autocast.py)
+_autocast.register(_film_backward_op, "promote")
 
 
 def _as_batch_param(p: object, x: Tensor, name: str) -> Tensor:

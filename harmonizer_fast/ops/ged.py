@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _autocast
 
 
 class OverlapMode(IntEnum):
@@ -266,6 +267,11 @@ def _(samples: Tensor, raters: Tensor, threshold: float, eps: float, empty_iou: 
     return samples.new_empty((samples.shape[0], 3), dtype=torch.float64)
 
 
+# Metrics and the GED loss: float32 in and out under autocast (ops/_autocast.py).
+_autocast.register(_overlap_op, "float32")
+_autocast.register(_ged_sums_op, "float32")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation and the public API.
 
@@ -324,6 +330,7 @@ def _check_probabilities(x: Tensor, op: str, name: str) -> None:
         raise ValueError(f"{op}: {name} must hold probabilities in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
 
+@_autocast.float32  # under autocast: float32 throughout, sums of the soft IoU included
 def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float = 0.0, threshold: float = 0.5) -> Tensor:
     """IoU of every pair of masks: a ``(B, Ka, H, W)``, b ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)`` float32.
 
@@ -428,6 +435,7 @@ def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor, smooth: f
     return (inter + smooth) / (area_a[:, :, None] + area_b[:, None, :] - inter + smooth)
 
 
+@_autocast.float32  # a loss: float32 throughout under autocast
 def ged_loss_per_image(
     probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_values: bool = True
 ) -> Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from . import _autocast
 from ._checks import check_float_tensor, check_same_device_dtype, check_shape
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,6 +194,8 @@ _dwt_op.register_autograd(_dwt_backward, setup_context=_save_input_size)
 _dwt_split_op.register_autograd(_dwt_split_backward, setup_context=_save_input_size)
 _idwt_op.register_autograd(_idwt_backward, setup_context=lambda ctx, inputs, output: None)
 _idwt_split_op.register_autograd(_idwt_split_backward, setup_context=lambda ctx, inputs, output: None)
+for _op in (_dwt_op, _idwt_op, _dwt_split_op, _idwt_split_op):
+    _autocast.register(_op, "promote")  # float32 inside, the input's dtype out (ops/_autocast.py)
 
 
 # ---------------------------------------------------------------------------------------------------

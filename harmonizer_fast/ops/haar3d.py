@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from . import _autocast
 from ._checks import check_float_tensor
 
 KEYS = ("aaa", "aad", "ada", "add", "daa", "dad", "dda", "ddd")
@@ -148,6 +149,8 @@ def _idwt_backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
 
 _dwt_op.register_autograd(_dwt_backward, setup_context=_save_input_size)
 _idwt_op.register_autograd(_idwt_backward, setup_context=lambda ctx, inputs, output: None)
+_autocast.register(_dwt_op, "promote")  # float32 inside, the input's dtype out (ops/_autocast.py)
+_autocast.register(_idwt_op, "promote")
 
 # What torch.export's run_decompositions turns each op into (harmonizer_fast.export): the references.
 DECOMPOSITIONS = {
