@@ -8,6 +8,8 @@
     harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--samples K] [--seed S]
                              [--split test|all] [--robustness]
     harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K] [--split test|all]
+    harmonizer-fast export --checkpoint RUN_DIR_OR_FILE --format onnx|pt2 --out FILE [--samples K]
+                           [--heads auto|personalized|identity|none] [--size H W]
     harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,...] [--folds 0,1]
                             [--seeds 0] [--minutes1 M] [--minutes2 M] [--report-dir DIR] [--stem NAME]
     harmonizer-fast compare --render RESULT.json
@@ -358,6 +360,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .export import ExportError, export_model
+
+    check_output_file(args.out, "--out")
+    model, _ = load_model(args.checkpoint)
+    print(f"exporting {args.checkpoint} as {args.format}: K = {args.samples}, heads {args.heads}, traced at "
+          f"{args.size[0]} x {args.size[1]} (batch, H and W stay dynamic)")  # fmt: skip
+    try:
+        meta = export_model(model, args.out, args.format, samples=args.samples, heads=args.heads,
+                            size=tuple(args.size), source=str(args.checkpoint))  # fmt: skip
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB; heads: {meta['heads']}; inputs: "
+          f"{', '.join(meta['inputs'])}) and {args.out}.json")  # fmt: skip
+    return 0
+
+
 def _data_options() -> argparse.ArgumentParser:
     """--data and its companions, shared by train, evaluate and sample."""
     g = argparse.ArgumentParser(add_help=False)
@@ -463,6 +483,21 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--render", default=None, metavar="RESULT.json",
                     help="only rewrite the markdown next to an aggregated result JSON")  # fmt: skip
     cp.set_defaults(func=cmd_compare, seed=0)  # seed: of --data synthetic, the same data for every training seed
+
+    from .export import FORMATS, HEADS
+
+    ex = sub.add_parser("export", help="the inference model (K samples and the rater heads, noise as inputs) as ONNX "
+                        "or a torch.export .pt2, with no custom op left")  # fmt: skip
+    ex.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a checkpoint manifest")
+    ex.add_argument("--format", choices=FORMATS, required=True)
+    ex.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")
+    ex.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K (fixed in the export)")
+    ex.add_argument("--heads", choices=HEADS, default="auto",
+                    help="rater heads: auto (personalized when phase 2 trained them, else none), personalized, "
+                    "identity (the prior mean for every rater) or none")  # fmt: skip
+    ex.add_argument("--size", type=image_size, nargs=2, default=[128, 128], metavar=("H", "W"),
+                    help="image size to trace at (the exported program takes any multiple of 32 from 64)")  # fmt: skip
+    ex.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="train and evaluate the small config on synthetic data (a few minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")

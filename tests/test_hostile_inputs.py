@@ -172,6 +172,10 @@ def SAMPLE(w: World, *extra, checkpoint=None, out=None) -> list:  # noqa: N802
             "--no-progress", *extra]  # fmt: skip
 
 
+def EXPORT(w: World, *extra, checkpoint=None, out=None, fmt="pt2") -> list:  # noqa: N802
+    return ["export", "--checkpoint", checkpoint or w.run, "--format", fmt, "--out", out or w.path("m.pt2"), *extra]
+
+
 def _drop(key: str) -> Callable[[dict], None]:
     return lambda m: m.pop(key)
 
@@ -438,6 +442,20 @@ ROWS = [
     C("sample-out-under-a-file", lambda w: SAMPLE(w, out=w.a_file / "s.npz"), "is a file, not a directory"),
     C("sample-checkpoint-foreign", lambda w: SAMPLE(w, checkpoint=_foreign_run(w)), "not a harmonizer-fast"),
     C("sample-split-unknown", lambda w: SAMPLE(w, "--split", "train"), "--split: invalid choice"),
+    C("export-format-unknown", lambda w: EXPORT(w, fmt="tflite"), "--format: invalid choice: 'tflite'"),
+    C("export-size-not-a-multiple", lambda w: EXPORT(w, "--size", "100", "128"), "--size: expected a multiple of 32"),
+    C("export-size-too-small", lambda w: EXPORT(w, "--size", "32", "64"),
+      "size must be multiples of 32 of at least 64, got (32, 64)"),
+    C("export-size-one-value", lambda w: EXPORT(w, "--size", "64"), "--size: expected 2 arguments"),
+    C("export-samples-zero", lambda w: EXPORT(w, "--samples", "0"), "--samples: expected an integer >= 1"),
+    C("export-heads-unknown", lambda w: EXPORT(w, "--heads", "all"), "--heads: invalid choice"),
+    C("export-heads-never-trained", lambda w: EXPORT(w, "--heads", "personalized", checkpoint=w.other_config),
+      "personalizer was never trained"),
+    C("export-out-is-a-directory", lambda w: EXPORT(w, out=w.empty_dir), "is a directory; expected a file name"),
+    C("export-out-under-a-file", lambda w: EXPORT(w, out=w.a_file / "m.pt2"), "is a file, not a directory"),
+    C("export-checkpoint-foreign", lambda w: EXPORT(w, checkpoint=_foreign_run(w)), "not a harmonizer-fast"),
+    C("export-checkpoint-missing-weights", lambda w: EXPORT(w, checkpoint=w.damaged_weights("ex-del", "delete")),
+      "weights"),
     C(
         "sample-missing-weights",
         lambda w: SAMPLE(w, checkpoint=w.damaged_weights("mw-s", "delete")),
@@ -713,7 +731,8 @@ def _snapshot(paths: list[Path]) -> dict[Path, Optional[str]]:
 def test_the_table_is_large_enough():
     assert len(ROWS) >= 80 and len({r.id for r in ROWS}) == len(ROWS)
     commands = {r.id.split("-")[0] for r in ROWS if r.cli}  # CLI rows are named after their command
-    assert commands >= {"train", "evaluate", "sample", "convert", "profile", "demo", "bench", "compare"}, commands
+    every = {"train", "evaluate", "sample", "convert", "profile", "demo", "bench", "compare", "export"}
+    assert commands >= every, every - commands
 
 
 # Outputs (relative to the world's root) that a row must leave as they were: a refused command writes nothing.
@@ -724,6 +743,8 @@ UNTOUCHED = {
     "evaluate-samples-negative": ("e-out",),
     "sample-batch-negative": ("s.npz",),
     "sample-missing-weights": ("s.npz",),
+    "export-heads-never-trained": ("m.pt2", "m.pt2.json"),
+    "export-size-too-small": ("m.pt2", "m.pt2.json"),
     "convert-src-missing": ("c.npz",),
     "convert-src-crc-damaged": ("c.npz",),
     "stream-samples-batch-negative": ("st.npz",),

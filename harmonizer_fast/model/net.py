@@ -230,8 +230,35 @@ class HarmonizerNet(nn.Module):
     def _draws(self, images: Tensor, count: int, generator) -> Tensor:
         return torch.randn((images.shape[0], count, self.config.latent_dim), generator=generator)
 
-    def _heads(self, f: Tensor, prior: Independent, idx: Tensor, generator) -> Tensor:
-        bank = reparameterize(prior, self._draws(f, self.config.prior_bank, generator))  # M_z prior samples
+    def decode_draws(
+        self,
+        images: Tensor,
+        sample_noise: Tensor,
+        bank_noise: Optional[Tensor] = None,
+        *,
+        heads: Union[bool, str] = False,
+        raters: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """What :meth:`predict` computes once its standard-normal draws are made: ``sample_noise (B, K,
+        latent)`` for the K prior samples, ``bank_noise (B, M_z, latent)`` for the personalizer's bank of prior
+        samples (personalized heads only), ``raters`` the head indices (default: all). No input checks and no
+        data-dependent branch: the traceable core that ``torch.export`` captures (:mod:`harmonizer_fast.export`);
+        call :meth:`predict` for checked inputs."""
+        kind = _heads_kind(heads)
+        f, _ = self.features(images)
+        prior = self.prior(images)
+        probs = self.fcomb.probabilities(f, reparameterize(prior, sample_noise))
+        if kind == "none":
+            return probs, None
+        idx = torch.arange(self.config.num_raters) if raters is None else raters
+        if kind == "identity":  # every head is the prior mean's map
+            return probs, self.fcomb.probabilities(f, prior.mean[:, None].expand(-1, idx.numel(), -1))
+        if bank_noise is None:
+            raise ValueError("decode_draws: personalized heads need bank_noise (B, M_z, latent)")
+        return probs, self._heads(f, prior, bank_noise, idx)
+
+    def _heads(self, f: Tensor, prior: Independent, bank_noise: Tensor, idx: Tensor) -> Tensor:
+        bank = reparameterize(prior, bank_noise)  # M_z prior samples
         return self.fcomb.probabilities(f, self.personalizer(f, prior.mean, bank, idx.to(f.device)))
 
     @torch.no_grad()
@@ -259,16 +286,15 @@ class HarmonizerNet(nn.Module):
         images = self._check_images(images, finite=True)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
-        idx = self._rater_indices(raters, allow_untrained) if kind == "personalized" else None
-        f, _ = self.features(images)
-        prior = self.prior(images)
-        probs = self.fcomb.probabilities(f, reparameterize(prior, self._draws(images, num_samples, generator)))
         if kind == "personalized":
-            return probs, self._heads(f, prior, idx, bank_generator or generator)
-        if kind == "identity":
-            r = self._raters(raters, "predict").numel()  # every head is the prior mean's map
-            return probs, self.fcomb.probabilities(f, prior.mean[:, None].expand(-1, r, -1))
-        return probs, None
+            idx = self._rater_indices(raters, allow_untrained)
+        else:
+            idx = self._raters(raters, "predict") if kind == "identity" else None
+        noise = self._draws(images, num_samples, generator)  # the samples' draws first, then the bank's
+        bank = None
+        if kind == "personalized":
+            bank = self._draws(images, self.config.prior_bank, bank_generator or generator)
+        return self.decode_draws(images, noise, bank, heads=kind, raters=idx)
 
     @torch.no_grad()
     def sample(self, images: Tensor, num_samples: int = 16, *, generator=None, z: Optional[Tensor] = None) -> Tensor:
@@ -298,4 +324,4 @@ class HarmonizerNet(nn.Module):
         idx = self._rater_indices(raters, allow_untrained)
         images = self._check_images(images, finite=True)
         f, _ = self.features(images)
-        return self._heads(f, self.prior(images), idx, generator)
+        return self._heads(f, self.prior(images), self._draws(images, self.config.prior_bank, generator), idx)

@@ -13,8 +13,21 @@ from .haar import (
 )
 from .haar3d import haar_dwt3d, haar_dwt3d_reference, haar_idwt3d, haar_idwt3d_reference
 
+
+def decompositions() -> dict:
+    """Every custom op of ``torch.ops.harmonizer_fast`` mapped to its pure-torch reference: the table that
+    ``torch.export``'s ``run_decompositions`` takes to turn a program into standard ATen ops (for ONNX, or a
+    runtime without this package)."""
+    import importlib
+
+    table = {}
+    for name in ("haar", "haar3d", "film", "attention_pool", "fcomb", "ged"):
+        table.update(importlib.import_module(f"{__name__}.{name}").DECOMPOSITIONS)
+    return table
+
 __all__ = [
     "GEDTerms",
+    "decompositions",
     "film",
     "film_reference",
     "ged",

@@ -147,6 +147,12 @@ _core_op.register_autograd(_backward, setup_context=_setup_context)
 _autocast.register(_core_op, "float32")  # a softmax over positions: float32 in and out (ops/_autocast.py)
 _autocast.register(_core_backward_op, "float32")
 
+# What torch.export's run_decompositions turns each op into (harmonizer_fast.export): the references.
+DECOMPOSITIONS = {
+    torch.ops.harmonizer_fast.attention_pool.default: _core_reference,
+    torch.ops.harmonizer_fast.attention_pool_backward.default: _core_backward_reference,
+}
+
 
 @_autocast.float32  # a softmax over positions: float32 throughout under autocast, projections included
 def token_attention_pool(

@@ -28,15 +28,15 @@ def fcomb_head_reference(
     b, c, p = base.shape
     k = bias.shape[1]
     acc = _backend.compute_dtype(base.dtype)
-    out = torch.empty((b, k, p), dtype=base.dtype, device=base.device)
     step = max(1, REFERENCE_CHUNK // max(1, b * c * p))
+    chunks = []
     for k0 in range(0, k, step):
         h = torch.relu(base.to(acc)[:, None] + bias[:, k0 : k0 + step].to(acc)[..., None])  # (B, k, C, P)
         for w, bb in zip(hidden_w.to(acc), hidden_b.to(acc)):
             h = torch.relu(torch.einsum("oc,bkcp->bkop", w, h) + bb[:, None])
         logit = torch.einsum("c,bkcp->bkp", last_w.to(acc).flatten(), h) + last_b.to(acc).flatten()
-        out[:, k0 : k0 + step] = torch.sigmoid(logit).to(base.dtype)
-    return out
+        chunks.append(torch.sigmoid(logit).to(base.dtype))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
 
 def _triton(*args: Tensor) -> Tensor:
@@ -77,6 +77,23 @@ def _(base: Tensor, bias: Tensor, hidden_w: Tensor, hidden_b: Tensor, last_w: Te
 
 # Probabilities thresholded at 0.5 downstream: float32 out, even under autocast (ops/_autocast.py).
 _autocast.register(_fcomb_head_op, "float32")
+
+
+def _fcomb_head_decomposition(
+    base: Tensor, bias: Tensor, hidden_w: Tensor, hidden_b: Tensor, last_w: Tensor, last_b: Tensor
+) -> Tensor:
+    """The reference in one pass: its chunk count is Python arithmetic on the sizes, which torch.export would
+    freeze into the program (every dynamic size specialized to the traced one)."""
+    acc = _backend.compute_dtype(base.dtype)
+    h = torch.relu(base.to(acc)[:, None] + bias.to(acc)[..., None])  # (B, K, C, P)
+    for w, bb in zip(hidden_w.to(acc), hidden_b.to(acc)):
+        h = torch.relu(torch.einsum("oc,bkcp->bkop", w, h) + bb[:, None])
+    logit = torch.einsum("c,bkcp->bkp", last_w.to(acc).flatten(), h) + last_b.to(acc).flatten()
+    return torch.sigmoid(logit).to(base.dtype)
+
+
+# What torch.export's run_decompositions turns the op into (harmonizer_fast.export).
+DECOMPOSITIONS = {torch.ops.harmonizer_fast.fcomb_head.default: _fcomb_head_decomposition}
 
 
 def fcomb_head(

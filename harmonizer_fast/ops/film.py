@@ -97,15 +97,22 @@ _film_op.register_autograd(_backward, setup_context=_setup_context)
 _autocast.register(_film_op, "promote")  # float32 inside, the widest input dtype out (ops/_autocast.py)
 _autocast.register(_film_backward_op, "promote")
 
+# What torch.export's run_decompositions turns each op into (harmonizer_fast.export): the references.
+DECOMPOSITIONS = {
+    torch.ops.harmonizer_fast.film.default: film_reference,
+    torch.ops.harmonizer_fast.film_backward.default: _film_backward_reference,
+}
+
 
 def _as_batch_param(p: object, x: Tensor, name: str) -> Tensor:
     b, c = x.shape[:2]
     if not isinstance(p, Tensor):
         raise TypeError(f"film: {name} must be a torch.Tensor of shape (B, C) or (C,), got {type(p).__name__}")
     check_same_device_dtype(x, p, "film", "x", name)
-    if p.shape == (c,):
+    # Rank first: comparing a (B, C) shape with (C,) element by element would make torch.export guard B != C.
+    if p.dim() == 1 and p.shape[0] == c:
         return p.expand(b, c)  # stride-0 view: no copy, autograd sums the gradient over the batch
-    if p.shape == (b, c):
+    if p.dim() == 2 and p.shape[0] == b and p.shape[1] == c:
         return p
     raise ValueError(f"film: {name} must have shape (B, C) = ({b}, {c}) or (C,) = ({c},), got {tuple(p.shape)}")
 

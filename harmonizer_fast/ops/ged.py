@@ -271,6 +271,12 @@ def _(samples: Tensor, raters: Tensor, threshold: float, eps: float, empty_iou: 
 _autocast.register(_overlap_op, "float32")
 _autocast.register(_ged_sums_op, "float32")
 
+# What torch.export's run_decompositions turns each op into (harmonizer_fast.export): the references.
+DECOMPOSITIONS = {
+    torch.ops.harmonizer_fast.pairwise_overlap.default: pairwise_overlap_reference,
+    torch.ops.harmonizer_fast.ged_sums.default: ged_sums_reference,
+}
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation and the public API.

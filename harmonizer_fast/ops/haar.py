@@ -198,9 +198,34 @@ for _op in (_dwt_op, _idwt_op, _dwt_split_op, _idwt_split_op):
     _autocast.register(_op, "promote")  # float32 inside, the input's dtype out (ops/_autocast.py)
 
 
+def _idwt_reference_sized(y: Tensor, height: int, width: int) -> Tensor:
+    # The sizes as given: validating them (int() on each) would freeze torch.export's symbolic sizes.
+    return _haar_idwt2d_reference_split(y[:, :, 0], y[:, :, 1:], height, width)
+
+
+def _split_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    y = haar_dwt2d_reference(x)
+    return y[:, :, 0].contiguous(), y[:, :, 1:].contiguous()
+
+
+# What torch.export's run_decompositions turns each op into (harmonizer_fast.export): the references.
+DECOMPOSITIONS = {
+    torch.ops.harmonizer_fast.haar_dwt2d.default: haar_dwt2d_reference,
+    torch.ops.harmonizer_fast.haar_idwt2d.default: _idwt_reference_sized,
+    torch.ops.harmonizer_fast.haar_dwt2d_split.default: _split_reference,
+    torch.ops.harmonizer_fast.haar_idwt2d_split.default: _haar_idwt2d_reference_split,
+}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------
+
+
+def _as_size(v: object) -> int:
+    """An int from a size entry; a symbolic size (torch.export, torch.compile) stays symbolic: int() on it would
+    freeze the traced program to the example's size."""
+    return v if isinstance(v, torch.SymInt) else int(v)  # type: ignore[return-value]
 
 
 def _output_size(h: int, w: int, size: Optional[Sequence[int]], op: str) -> tuple[int, int]:
@@ -211,7 +236,7 @@ def _output_size(h: int, w: int, size: Optional[Sequence[int]], op: str) -> tupl
         size = tuple(size)
     if not (isinstance(size, Sequence) and len(size) == 2):
         raise ValueError(f"{op}: size must be a pair (H, W), got {size!r}")
-    height, width = int(size[0]), int(size[1])
+    height, width = _as_size(size[0]), _as_size(size[1])
     if not (2 * h - 1 <= height <= 2 * h and 2 * w - 1 <= width <= 2 * w):
         raise ValueError(
             f"{op}: size must be (H, W) with H in ({2 * h - 1}, {2 * h}) and W in ({2 * w - 1}, {2 * w}) for "

@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import _backend
 from . import _autocast
 from ._checks import check_float_tensor
+from .haar import _as_size
 
 KEYS = ("aaa", "aad", "ada", "add", "daa", "dad", "dda", "ddd")
 _SCALE = 1.0 / (2.0 * math.sqrt(2.0))
@@ -55,7 +56,12 @@ def haar_dwt3d_reference(x: Tensor) -> Tensor:
 
 def haar_idwt3d_reference(y: Tensor, size: Optional[Sequence[int]] = None) -> Tensor:
     """Eager formulation of :func:`haar_idwt3d`."""
-    depth, height, width = _output_size(y.shape[-3:], size, "haar_idwt3d_reference")
+    return _torch_idwt(y, *_output_size(y.shape[-3:], size, "haar_idwt3d_reference"))
+
+
+def _torch_idwt(y: Tensor, depth: int, height: int, width: int) -> Tensor:
+    """The reference inverse for a validated output size (also the op's decomposition for torch.export, where
+    the sizes are symbolic and must not go through int())."""
     corners = _butterfly(y.to(_backend.compute_dtype(y.dtype)))  # (N, C, 8, d, h, w), corner-major
     n, c, _, d, h, w = corners.shape
     x = corners.reshape(n, c, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(n, c, 2 * d, 2 * h, 2 * w)
@@ -89,10 +95,6 @@ def _ext_dwt_into(x: Tensor, y: Tensor) -> None:
 
 def _ext_idwt(y: Tensor, depth: int, height: int, width: int) -> Tensor:
     return torch.ops.harmonizer_fast_C.haar_idwt3d(y, depth, height, width)
-
-
-def _torch_idwt(y: Tensor, depth: int, height: int, width: int) -> Tensor:
-    return haar_idwt3d_reference(y, (depth, height, width))
 
 
 _DWT_IMPLS = {"torch": _torch_dwt_into, "triton": _triton_dwt_into, "cuda": _ext_dwt_into, "cpu": _ext_dwt_into}
@@ -167,14 +169,14 @@ DECOMPOSITIONS = {
 def _output_size(bands: Sequence[int], size: Optional[Sequence[int]], op: str) -> tuple[int, int, int]:
     """Output (D, H, W) of the inverse for sub-bands (d, h, w): twice each, or ``size``, which may drop the
     zero-padded last slice, row or column."""
-    full = tuple(2 * int(b) for b in bands)
+    full = tuple(2 * _as_size(b) for b in bands)
     if size is None:
         return full  # type: ignore[return-value]
     if isinstance(size, torch.Size):
         size = tuple(size)
     if not (isinstance(size, Sequence) and len(size) == 3):
         raise ValueError(f"{op}: size must be a triple (D, H, W), got {size!r}")
-    out = tuple(int(s) for s in size)
+    out = tuple(_as_size(s) for s in size)
     if not all(f - 1 <= s <= f for s, f in zip(out, full)):
         ranges = ", ".join(f"{name} in ({f - 1}, {f})" for name, f in zip("DHW", full))
         raise ValueError(f"{op}: size must be (D, H, W) with {ranges} for sub-bands of size "

@@ -1,0 +1,255 @@
+"""Export the inference model for deployment: ``torch.export`` (a ``.pt2`` archive) or ONNX, custom ops removed.
+
+    harmonizer-fast export --checkpoint RUN --format onnx|pt2 --out FILE [--samples K] [--heads auto|...]
+
+What is exported is :meth:`HarmonizerNet.decode_draws`, the computation of ``predict`` once its draws are made:
+
+    images (B, C, H, W), sample_noise (B, K, latent) [, bank_noise (B, M_z, latent)]
+        -> samples (B, K, H, W) [, heads (B, R, H, W)]      (probabilities, float32)
+
+The standard-normal draws are inputs, so the program is deterministic and a deployment draws them with its
+own generator (``sample_noise`` gives the K prior samples; ``bank_noise`` the personalizer's bank of M_z prior
+samples, personalized heads only); with the draws ``predict`` makes from one generator (the samples' first,
+then the bank's), the exported program returns ``predict``'s outputs. The batch B is dynamic; H and W are
+dynamic multiples of the network's size multiple (32), at least twice it (64: at 32 the deepest stage is one
+pixel and is traced as a special case). K is fixed at export.
+
+The package's custom ops (Haar, FiLM, attention pooling, the fused head) are replaced by their pure-torch
+references (:func:`harmonizer_fast.ops.decompositions`) with ``ExportedProgram.run_decompositions``, so the
+``.pt2`` runs on stock PyTorch (``torch.export.load(path).module()``) and the ONNX file on onnxruntime, neither
+needing this package. A JSON file beside the output (``FILE.json``) records the inputs, outputs, K, the heads,
+the model config and the checkpoint. Both files are written atomically. ONNX needs the optional extra
+``harmonizer-fast[export]`` (onnx, onnxscript; onnxruntime to run the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._io import PathLike, fsync_dir, write_atomic
+from .model import HarmonizerNet
+from .model.net import PREDICT_HEADS
+
+FORMATS = ("onnx", "pt2")
+HEADS = ("auto", *PREDICT_HEADS)
+MIN_SIZE_MULTIPLES = 2  # H and W of at least 2 x config.size_multiple (see the module docstring)
+
+
+class ExportError(ValueError):
+    """An export the model or this installation cannot make (reported as a usage error by the CLI)."""
+
+
+class InferenceModel(nn.Module):
+    """``HarmonizerNet.decode_draws`` as a module whose inputs are all tensors (what ``torch.export`` captures)."""
+
+    def __init__(self, model: HarmonizerNet, heads: str) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.heads = heads
+
+    def forward(self, images: Tensor, sample_noise: Tensor, bank_noise: Optional[Tensor] = None):
+        samples, heads = self.model.decode_draws(images, sample_noise, bank_noise, heads=self.heads)
+        return samples if heads is None else (samples, heads)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What one export holds: K samples, the heads' kind, the example input size (H, W) it was traced at."""
+
+    samples: int
+    heads: str
+    size: tuple[int, int]
+
+    def input_names(self) -> list[str]:
+        return ["images", "sample_noise"] + (["bank_noise"] if self.heads == "personalized" else [])
+
+    def output_names(self) -> list[str]:
+        return ["samples"] + ([] if self.heads == "none" else ["heads"])
+
+
+def resolve_heads(model: HarmonizerNet, heads: str) -> str:
+    """``auto``: the personalized heads when phase 2 trained them, else no heads. An explicit request the model
+    cannot serve raises :class:`ExportError`."""
+    if heads not in HEADS:
+        raise ExportError(f"heads must be one of {HEADS}, got {heads!r}")
+    if heads == "auto":
+        return "personalized" if model.personalizer_trained else "none"
+    if heads == "personalized" and not model.personalizer_trained:
+        raise ExportError("this model's personalizer was never trained (or it has none): export --heads identity or "
+                          "none, or train phase 2")  # fmt: skip
+    return heads
+
+
+def example_inputs(model: HarmonizerNet, spec: ExportSpec, batch: int = 2) -> tuple[Tensor, ...]:
+    """Seeded inputs of the exported program's shapes (batch 2: a batch of 1 would be traced as a constant)."""
+    g = torch.Generator().manual_seed(0)
+    c = model.config
+    out = [torch.randn((batch, c.in_channels, *spec.size), generator=g),
+           torch.randn((batch, spec.samples, c.latent_dim), generator=g)]  # fmt: skip
+    if spec.heads == "personalized":
+        out.append(torch.randn((batch, c.prior_bank, c.latent_dim), generator=g))
+    return tuple(out)
+
+
+def _dynamic_shapes(model: HarmonizerNet, spec: ExportSpec) -> dict[str, Any]:
+    from torch.export import Dim
+
+    m = model.config.size_multiple
+    batch = Dim("batch", min=1, max=2**20)
+    h, w = Dim("h", min=MIN_SIZE_MULTIPLES, max=2**16 // m), Dim("w", min=MIN_SIZE_MULTIPLES, max=2**16 // m)
+    shapes: dict[str, Any] = {"images": {0: batch, 2: m * h, 3: m * w}, "sample_noise": {0: batch}}
+    if spec.heads == "personalized":
+        shapes["bank_noise"] = {0: batch}
+    return shapes
+
+
+def check_spec(model: HarmonizerNet, spec: ExportSpec) -> None:
+    m = model.config.size_multiple
+    if spec.samples < 1:
+        raise ExportError(f"samples must be at least 1, got {spec.samples}")
+    if any(s % m or s < MIN_SIZE_MULTIPLES * m for s in spec.size):
+        raise ExportError(f"size must be multiples of {m} of at least {MIN_SIZE_MULTIPLES * m}, got {spec.size}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Torch's own noise during an export, which says nothing about the user's model: its pytree deprecation
+    warning (torch 2.13) and the ONNX registry's notes on torchvision ops this model does not use."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
+
+
+def export_program(model: HarmonizerNet, spec: ExportSpec) -> torch.export.ExportedProgram:
+    """The inference program of ``model`` with the custom ops decomposed to standard ATen ops."""
+    from .ops import decompositions
+
+    check_spec(model, spec)
+    module = InferenceModel(model.cpu().eval(), spec.heads)
+    with torch.no_grad(), _quiet():  # inference: no grad-mode regions traced as higher-order ops
+        program = torch.export.export(module, example_inputs(model, spec), dynamic_shapes=_dynamic_shapes(model, spec))
+        return program.run_decompositions(decompositions())
+
+
+def _replace_atomically(write: Any, path: Path) -> None:
+    """``write(tmp)`` then rename into place: a reader sees the old file or the new, never a part. The
+    temporary name keeps the suffix (torch.export.save expects .pt2)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
+def onnx_unavailable() -> str:
+    """Why ONNX export cannot run here ("" when it can)."""
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"ONNX export needs {' and '.join(missing)}: pip install 'harmonizer-fast[export]'"
+    return ""
+
+
+def save(program: torch.export.ExportedProgram, spec: ExportSpec, path: PathLike, fmt: str) -> Path:
+    """Write ``program`` as ``fmt`` (``onnx`` or ``pt2``) to ``path`` atomically."""
+    path = Path(path)
+    if fmt == "pt2":
+        _replace_atomically(lambda tmp: torch.export.save(program, tmp), path)
+    elif fmt == "onnx":
+        why = onnx_unavailable()
+        if why:
+            raise ExportError(why)
+
+        def write(tmp: Path) -> None:
+            args, _ = program.example_inputs  # the dynamic shapes come with the program
+            names = dict(input_names=spec.input_names(), output_names=spec.output_names())
+            with _quiet():
+                onnx_program = torch.onnx.export(program, args, dynamo=True, verbose=False, **names)
+            onnx_program.save(str(tmp))
+
+        _replace_atomically(write, path)
+    else:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    return path
+
+
+def metadata(model: HarmonizerNet, spec: ExportSpec, fmt: str, source: str) -> dict[str, Any]:
+    c = model.config
+    return {
+        "format": fmt,
+        "source": source,
+        "torch": torch.__version__,
+        "samples": spec.samples,
+        "heads": spec.heads,
+        "raters": list(range(c.num_raters)) if spec.heads != "none" else [],
+        "inputs": {
+            "images": ["B", c.in_channels, "H", "W"],
+            "sample_noise": ["B", spec.samples, c.latent_dim],
+            **({"bank_noise": ["B", c.prior_bank, c.latent_dim]} if spec.heads == "personalized" else {}),
+        },
+        "outputs": {"samples": ["B", spec.samples, "H", "W"],
+                    **({"heads": ["B", c.num_raters, "H", "W"]} if spec.heads != "none" else {})},  # fmt: skip
+        "noise": "standard normal draws; predict() draws sample_noise first, then bank_noise, from one generator",
+        "size": {"traced_at": list(spec.size), "multiple_of": c.size_multiple,
+                 "at_least": MIN_SIZE_MULTIPLES * c.size_multiple},  # fmt: skip
+        "config": c.to_dict(),
+    }
+
+
+def export_model(
+    model: HarmonizerNet,
+    path: PathLike,
+    fmt: str,
+    *,
+    samples: int = 16,
+    heads: str = "auto",
+    size: tuple[int, int] = (128, 128),
+    source: str = "",
+) -> dict[str, Any]:
+    """Export ``model``'s inference (K = ``samples``, ``heads`` as in :func:`resolve_heads`) to ``path`` in
+    ``fmt``, and its metadata to ``path`` + ``.json``; returns the metadata."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "onnx" and onnx_unavailable():
+        raise ExportError(onnx_unavailable())  # before the minutes of tracing
+    spec = ExportSpec(int(samples), resolve_heads(model, heads), (int(size[0]), int(size[1])))
+    program = export_program(model, spec)
+    out = save(program, spec, path, fmt)
+    meta = metadata(model, spec, fmt, source)
+    meta["bytes"] = out.stat().st_size
+    write_atomic(Path(f"{out}.json"), json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def export_checkpoint(checkpoint: PathLike, path: PathLike, fmt: str, **kwargs: Any) -> dict[str, Any]:
+    """:func:`export_model` of a checkpoint (a run directory's best, or a manifest)."""
+    from .checkpoint import load_model
+
+    model, _ = load_model(checkpoint)
+    return export_model(model, path, fmt, source=str(checkpoint), **kwargs)
+
+
+__all__ = ["FORMATS", "HEADS", "ExportError", "ExportSpec", "InferenceModel", "export_checkpoint", "export_model",
+           "export_program", "resolve_heads", "save"]  # fmt: skip

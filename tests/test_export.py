@@ -1,0 +1,204 @@
+"""Export (harmonizer_fast.export, ``harmonizer-fast export``): every custom op's decomposition equals the op; the
+exported .pt2 and, with onnxruntime installed, the ONNX file give the eager model's outputs on the same latent
+draws, at other batch and image sizes than the traced ones, with no custom op left in the program."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import rand
+
+import harmonizer_fast as hf
+from harmonizer_fast import export as ex
+from harmonizer_fast.cli import main as cli
+from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
+from harmonizer_fast.ops import decompositions
+from harmonizer_fast.ops.ged import OverlapMode
+
+K = 3
+TRACED = (64, 96)
+
+
+def _op_cases():
+    """One argument tuple per op of torch.ops.harmonizer_fast, float64 so that the comparison is tight."""
+    g = torch.Generator().manual_seed(0)
+    x4, y5 = rand((2, 3, 7, 9), seed=1), rand((2, 3, 4, 4, 5), seed=2)
+    x5, y6 = rand((1, 2, 3, 5, 6), seed=3), rand((1, 2, 8, 2, 3, 3), seed=4)
+    fx, gamma, beta = rand((2, 3, 4, 5), seed=5), rand((2, 3), seed=6), rand((2, 3), seed=7)
+    ax, a = rand((2, 6, 5, 7), seed=8), rand((2, 3, 6), seed=9) * 0.3
+    z, lse = torch.ops.harmonizer_fast.attention_pool(ax, a)
+    probs = torch.rand(2, 4, 30, generator=g, dtype=torch.float64)
+    masks = (torch.rand(2, 3, 30, generator=g) > 0.6).double()
+    return {
+        "haar_dwt2d": (x4,),
+        "haar_idwt2d": (y5, 7, 9),
+        "haar_dwt2d_split": (x4,),
+        "haar_idwt2d_split": (y5[:, :, 0].contiguous(), y5[:, :, 1:].contiguous(), 8, 9),
+        "haar_dwt3d": (x5,),
+        "haar_idwt3d": (y6, 3, 5, 6),
+        "film": (fx, gamma, beta),
+        "film_backward": (rand((2, 3, 4, 5), seed=10), fx, gamma),
+        "attention_pool": (ax, a),
+        "attention_pool_backward": (rand((2, 3, 6), seed=11), ax, a, z, lse),
+        "fcomb_head": (rand((2, 8, 30), seed=12), rand((2, 3, 8), seed=13), rand((2, 8, 8), seed=14) * 0.3,
+                       rand((2, 8), seed=15), rand((8,), seed=16), rand((1,), seed=17)),  # fmt: skip
+        "pairwise_overlap": (probs, masks, 0.5, False, 1e-8, 0.0, int(OverlapMode.IOU)),
+        "ged_sums": (probs, masks, 0.5, 1e-8, 0.0, True),
+    }
+
+
+def test_every_op_decomposes_to_its_reference():
+    """The table that torch.export's run_decompositions takes covers every op of the namespace, and each entry
+    computes what the op computes (the op runs the C++ kernels here), so an export keeps the model's values."""
+    names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("harmonizer_fast::")}
+    table = {op.name().split("::")[1].split(".")[0]: fn for op, fn in decompositions().items()}
+    cases = _op_cases()
+    assert set(table) == names == set(cases)
+    for name, args in cases.items():
+        want = getattr(torch.ops.harmonizer_fast, name)(*args)
+        got = table[name](*args)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    soft = (cases["pairwise_overlap"][0], cases["pairwise_overlap"][0], 0.0, True, 0.0, 0.0, int(OverlapMode.GRAM))
+    torch.testing.assert_close(table["pairwise_overlap"](*soft), torch.ops.harmonizer_fast.pairwise_overlap(*soft))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = HarmonizerNet(HarmonizerConfig.small(num_raters=3)).eval()
+    m.personalizer.trained_steps += 1  # random weights, but heads that predict() serves
+    return m
+
+
+@pytest.fixture(scope="module")
+def program(model):
+    spec = ex.ExportSpec(K, "personalized", TRACED)
+    return ex.export_program(model, spec), spec
+
+
+def _draws(model, batch, seed):
+    """The draws predict() makes from one generator: the samples' first, then the bank's."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    return torch.randn(batch, K, c.latent_dim, generator=g), torch.randn(batch, c.prior_bank, c.latent_dim, generator=g)
+
+
+CALLS = [(3, (64, 64)), (1, (96, 128)), (2, TRACED)]  # batch and size other than the traced ones included
+
+
+def test_pt2_round_trip_equals_eager_predict(model, program, tmp_path):
+    ep, spec = program
+    assert not [n for n in ep.graph.nodes if n.op == "call_function" and "harmonizer_fast" in str(n.target)]
+    path = ex.save(ep, spec, tmp_path / "m.pt2", "pt2")
+    loaded = torch.export.load(path).module()
+    for i, (b, size) in enumerate(CALLS):
+        images = rand((b, 1, *size), dtype=torch.float32, seed=20 + i)
+        want = model.predict(images, K, generator=torch.Generator().manual_seed(i))
+        got = loaded(images, *_draws(model, b, i))
+        for w, o in zip(want, got):
+            torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_round_trip_equals_eager_predict(model, program, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (harmonizer-fast[export])")
+    if ex.onnx_unavailable():
+        pytest.skip(ex.onnx_unavailable())
+    ep, spec = program
+    path = ex.save(ep, spec, tmp_path / "m.onnx", "onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == spec.input_names()
+    assert [o.name for o in session.get_outputs()] == spec.output_names()
+    for i, (b, size) in enumerate(CALLS):
+        images = rand((b, 1, *size), dtype=torch.float32, seed=30 + i)
+        want = model.predict(images, K, generator=torch.Generator().manual_seed(i))
+        noise, bank = _draws(model, b, i)
+        got = session.run(None, {"images": images.numpy(), "sample_noise": noise.numpy(), "bank_noise": bank.numpy()})
+        for w, o in zip(want, got):
+            np.testing.assert_allclose(o, w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_identity_heads_and_no_heads(model):
+    """The other head kinds: identity heads are the prior mean's map for every rater; 'none' returns samples."""
+    images = rand((2, 1, 64, 64), dtype=torch.float32, seed=40)
+    noise, _ = _draws(model, 2, 0)
+    for heads in ("identity", "none"):
+        ep = ex.export_program(model, ex.ExportSpec(K, heads, (64, 64)))
+        want = model.predict(images, K, heads=heads, generator=torch.Generator().manual_seed(0))
+        got = ep.module()(images, noise)
+        got = got if isinstance(got, tuple) else (got,)
+        assert len(got) == (2 if heads == "identity" else 1)
+        for w, o in zip(want, got):
+            torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6)
+
+
+def test_volumetric_haar_exports_to_aten_and_onnx(tmp_path):
+    """The 3-D pair decomposes too (for volumetric models): a shrinkage of the detail bands, exported with a
+    dynamic batch and depth, against the eager ops; through onnxruntime when it is installed."""
+
+    class Shrink(torch.nn.Module):
+        def forward(self, x):
+            y = hf.haar_dwt3d(x)
+            y = torch.cat([y[:, :, :1], 0.5 * y[:, :, 1:]], dim=2)
+            return hf.haar_idwt3d(y, x.shape[-3:])
+
+    x = rand((2, 3, 6, 8, 10), dtype=torch.float32, seed=41)
+    dim = torch.export.Dim
+    program = torch.export.export(Shrink(), (x,), dynamic_shapes={"x": {0: dim("b"), 2: 2 * dim("d")}})
+    program = program.run_decompositions(decompositions())
+    assert not [n for n in program.graph.nodes if n.op == "call_function" and "harmonizer_fast" in str(n.target)]
+    other = rand((1, 3, 4, 8, 10), dtype=torch.float32, seed=42)
+    torch.testing.assert_close(program.module()(other), Shrink()(other), rtol=1e-6, atol=1e-6)
+    if importlib.util.find_spec("onnxruntime") is None or ex.onnx_unavailable():
+        return
+    import onnxruntime as ort
+
+    onnx_program = torch.onnx.export(program, (x,), dynamo=True, verbose=False)
+    onnx_program.save(str(tmp_path / "shrink.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "shrink.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    np.testing.assert_allclose(got, Shrink()(other).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_export_of_a_trained_run(tmp_path, capsys):
+    """harmonizer-fast export on a two-phase run: the file, its metadata, and the checkpoint's predictions."""
+    from harmonizer_fast import data as hd
+    from harmonizer_fast.checkpoint import load_model
+
+    npz = tmp_path / "d.npz"
+    hd.write_npz(hd.make_synthetic(24, size=32, raters=2, seed=2), npz)
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(npz), "--out", str(run), "--epochs", "1", "--batch-size", "8",
+                "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "exported" / "model.pt2"
+    assert cli(["export", "--checkpoint", str(run), "--format", "pt2", "--out", str(out), "--samples", "4",
+                "--size", "64", "64"]) == 0  # fmt: skip
+    assert f"wrote {out}" in capsys.readouterr().out
+    meta = json.loads(out.with_name("model.pt2.json").read_text())
+    assert meta["heads"] == "personalized" and meta["samples"] == 4 and meta["bytes"] == out.stat().st_size
+    assert list(meta["inputs"]) == ["images", "sample_noise", "bank_noise"] and meta["raters"] == [0, 1]
+    model, _ = load_model(run)
+    images = rand((2, 1, 64, 96), dtype=torch.float32, seed=50)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(2, 4, model.config.latent_dim, generator=g)
+    bank = torch.randn(2, model.config.prior_bank, model.config.latent_dim, generator=g)
+    want = model.predict(images, 4, generator=torch.Generator().manual_seed(5))
+    got = torch.export.load(out).module()(images, noise, bank)
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6)
+
+
+def test_export_refuses_what_it_cannot_make(model, tmp_path, monkeypatch):
+    untrained = HarmonizerNet(HarmonizerConfig.small(num_raters=3))
+    with pytest.raises(ex.ExportError, match="personalizer was never trained"):
+        ex.export_model(untrained, tmp_path / "m.pt2", "pt2", heads="personalized")
+    assert ex.resolve_heads(untrained, "auto") == "none" and ex.resolve_heads(model, "auto") == "personalized"
+    with pytest.raises(ex.ExportError, match="format must be one of"):
+        ex.export_model(model, tmp_path / "m.tflite", "tflite")
+    with pytest.raises(ex.ExportError, match="size must be multiples of 32 of at least 64"):
+        ex.export_model(model, tmp_path / "m.pt2", "pt2", size=(32, 64))
+    monkeypatch.setattr(ex.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ex.ExportError, match=r"pip install 'harmonizer-fast\[export\]'"):
+        ex.export_model(model, tmp_path / "m.onnx", "onnx")
+    assert not list(tmp_path.iterdir())  # nothing written, not even a part
