@@ -55,10 +55,51 @@ class Variant:
     numpy: bool = False  # takes numpy arrays
 
 
+def _ours(op: str, impls: Any, support: Any, fwd: Callable, inv: Callable, device: torch.device) -> list[Variant]:
+    """Our op under the automatic backend choice, then each other backend worth timing here."""
+    auto, others = timed_backends(op, impls, support, device)
+    out = [Variant(f"{OURS} (auto: {auto})", fwd, inv)]
+    return out + [Variant(f"{OURS} [{b}]", fwd, inv, backend=b) for b in others]
+
+
+def _peers(device: torch.device, dims: int, ref_fwd: Callable, ref_inv: Callable) -> list[Variant]:
+    """The peers both families share: ptwt (when installed), PyWavelets (CPU), our eager reference and
+    torch.compile of it; ``dims`` 2 or 3 picks each library's transform of that rank."""
+    out = []
+    try:
+        import ptwt
+
+        dec, rec = (ptwt.wavedec2, ptwt.waverec2) if dims == 2 else (ptwt.wavedec3, ptwt.waverec3)
+        out.append(Variant("ptwt", lambda x: dec(x, "haar", mode="zero", level=1), lambda c: rec(c, "haar")))
+    except ImportError as exc:
+        print(f"skipping ptwt: {exc}", file=sys.stderr)
+    if device.type == "cpu":
+        import pywt
+
+        fwd, inv = (pywt.dwt2, pywt.idwt2) if dims == 2 else (pywt.dwtn, pywt.idwtn)
+        axes = {} if dims == 2 else {"axes": (-3, -2, -1)}
+        out.append(
+            Variant(
+                "PyWavelets (numpy)",
+                lambda x: fwd(x, "haar", mode="zero", **axes),
+                lambda c: inv(c, "haar", mode="zero", **axes),
+                autograd=False,
+                numpy=True,
+            )
+        )
+    out.append(Variant("eager slicing (torch reference)", ref_fwd, ref_inv))
+    out.append(
+        Variant(
+            "torch.compile(reference)",
+            torch.compile(ref_fwd, fullgraph=True, dynamic=False),
+            torch.compile(ref_inv, fullgraph=True, dynamic=False),
+        )
+    )
+    return out
+
+
 def variants(device: torch.device) -> list[Variant]:
-    auto, others = timed_backends("haar_dwt2d", IMPLS["haar_dwt2d"], SUPPORT, device)
-    out = [Variant(f"{OURS} (auto: {auto})", hf.haar_dwt2d, hf.haar_idwt2d)]
-    out += [Variant(f"{OURS} [{b}]", hf.haar_dwt2d, hf.haar_idwt2d, backend=b) for b in others]
+    out = _ours("haar_dwt2d", IMPLS["haar_dwt2d"], SUPPORT, hf.haar_dwt2d, hf.haar_idwt2d, device)
     out.append(Variant(f"{OURS} DWTForward/DWTInverse", hf.DWTForward().to(device), hf.DWTInverse().to(device)))
     try:
         with warnings.catch_warnings():
@@ -68,79 +109,13 @@ def variants(device: torch.device) -> list[Variant]:
         out.append(Variant("pytorch_wavelets", fwd, ptw.DWTInverse(wave="haar", mode="zero").to(device)))
     except ImportError as exc:
         print(f"skipping pytorch_wavelets: {exc}", file=sys.stderr)
-    try:
-        import ptwt
-
-        out.append(
-            Variant(
-                "ptwt",
-                lambda x: ptwt.wavedec2(x, "haar", mode="zero", level=1),
-                lambda c: ptwt.waverec2(c, "haar"),
-            )
-        )
-    except ImportError as exc:
-        print(f"skipping ptwt: {exc}", file=sys.stderr)
-    if device.type == "cpu":
-        import pywt
-
-        out.append(
-            Variant(
-                "PyWavelets (numpy)",
-                lambda x: pywt.dwt2(x, "haar", mode="zero"),
-                lambda c: pywt.idwt2(c, "haar", mode="zero"),
-                autograd=False,
-                numpy=True,
-            )
-        )
-    out.append(Variant("eager slicing (torch reference)", haar_dwt2d_reference, haar_idwt2d_reference))
-    out.append(
-        Variant(
-            "torch.compile(reference)",
-            torch.compile(haar_dwt2d_reference, fullgraph=True, dynamic=False),
-            torch.compile(haar_idwt2d_reference, fullgraph=True, dynamic=False),
-        )
-    )
-    return out
+    return out + _peers(device, 2, haar_dwt2d_reference, haar_idwt2d_reference)
 
 
 def variants_3d(device: torch.device) -> list[Variant]:
-    auto, others = timed_backends("haar_dwt3d", haar3d.IMPLS["haar_dwt3d"], haar3d.SUPPORT, device)
-    out = [Variant(f"{OURS} (auto: {auto})", hf.haar_dwt3d, hf.haar_idwt3d)]
-    out += [Variant(f"{OURS} [{b}]", hf.haar_dwt3d, hf.haar_idwt3d, backend=b) for b in others]
-    try:
-        import ptwt
-
-        out.append(
-            Variant(
-                "ptwt",
-                lambda x: ptwt.wavedec3(x, "haar", mode="zero", level=1),
-                lambda c: ptwt.waverec3(c, "haar"),
-            )
-        )
-    except ImportError as exc:
-        print(f"skipping ptwt: {exc}", file=sys.stderr)
-    if device.type == "cpu":
-        import pywt
-
-        out.append(
-            Variant(
-                "PyWavelets (numpy)",
-                lambda x: pywt.dwtn(x, "haar", mode="zero", axes=(-3, -2, -1)),
-                lambda c: pywt.idwtn(c, "haar", mode="zero", axes=(-3, -2, -1)),
-                autograd=False,
-                numpy=True,
-            )
-        )
-    ref_inv = haar3d.haar_idwt3d_reference
-    out.append(Variant("eager slicing (torch reference)", haar3d.haar_dwt3d_reference, ref_inv))
-    out.append(
-        Variant(
-            "torch.compile(reference)",
-            torch.compile(haar3d.haar_dwt3d_reference, fullgraph=True, dynamic=False),
-            torch.compile(ref_inv, fullgraph=True, dynamic=False),
-        )
-    )
-    return out
+    impls = haar3d.IMPLS["haar_dwt3d"]
+    out = _ours("haar_dwt3d", impls, haar3d.SUPPORT, hf.haar_dwt3d, hf.haar_idwt3d, device)
+    return out + _peers(device, 3, haar3d.haar_dwt3d_reference, haar3d.haar_idwt3d_reference)
 
 
 def variant_cases(v: Variant, x: torch.Tensor) -> dict[str, Callable[[], Any]]:

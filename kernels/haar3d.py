@@ -31,6 +31,25 @@ def _bfly(p, q):
 
 
 @triton.jit
+def _hadamard8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """The unscaled 8-point butterfly of csrc/include/haar.h (haar3d_butterfly): along W, then H, then D over
+    the index 4 d + 2 h + w. Its own inverse up to the scale, so both kernels call it."""
+    a0, a1 = _bfly(v0, v1)
+    a2, a3 = _bfly(v2, v3)
+    a4, a5 = _bfly(v4, v5)
+    a6, a7 = _bfly(v6, v7)
+    b0, b2 = _bfly(a0, a2)
+    b1, b3 = _bfly(a1, a3)
+    b4, b6 = _bfly(a4, a6)
+    b5, b7 = _bfly(a5, a7)
+    c0, c4 = _bfly(b0, b4)
+    c1, c5 = _bfly(b1, b5)
+    c2, c6 = _bfly(b2, b6)
+    c3, c7 = _bfly(b3, b7)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
 def _haar_dwt3d_kernel(
     x_ptr, y_ptr,
     C, D, H, W, BD, BH, BW,
@@ -63,19 +82,7 @@ def _haar_dwt3d_kernel(
     v2, v3 = tl.split(tl.reshape(r01.to(acc), (BLOCK_H, BLOCK_W, 2)))
     v4, v5 = tl.split(tl.reshape(r10.to(acc), (BLOCK_H, BLOCK_W, 2)))
     v6, v7 = tl.split(tl.reshape(r11.to(acc), (BLOCK_H, BLOCK_W, 2)))
-    # The butterfly in the order of csrc/include/haar.h: W, H, D (corner/band index 4 d + 2 h + w).
-    a0, a1 = _bfly(v0, v1)
-    a2, a3 = _bfly(v2, v3)
-    a4, a5 = _bfly(v4, v5)
-    a6, a7 = _bfly(v6, v7)
-    b0, b2 = _bfly(a0, a2)
-    b1, b3 = _bfly(a1, a3)
-    b4, b6 = _bfly(a4, a6)
-    b5, b7 = _bfly(a5, a7)
-    y0, y4 = _bfly(b0, b4)
-    y1, y5 = _bfly(b1, b5)
-    y2, y6 = _bfly(b2, b6)
-    y3, y7 = _bfly(b3, b7)
+    y0, y1, y2, y3, y4, y5, y6, y7 = _hadamard8(v0, v1, v2, v3, v4, v5, v6, v7)
 
     k = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
     out_ok = (j[:, None] < BH) & (k[None, :] < BW)
@@ -119,18 +126,7 @@ def _haar_idwt3d_kernel(
     v5 = tl.load(yb + 5 * sb, mask=in_ok, other=0.0).to(acc)
     v6 = tl.load(yb + 6 * sb, mask=in_ok, other=0.0).to(acc)
     v7 = tl.load(yb + 7 * sb, mask=in_ok, other=0.0).to(acc)
-    a0, a1 = _bfly(v0, v1)
-    a2, a3 = _bfly(v2, v3)
-    a4, a5 = _bfly(v4, v5)
-    a6, a7 = _bfly(v6, v7)
-    b0, b2 = _bfly(a0, a2)
-    b1, b3 = _bfly(a1, a3)
-    b4, b6 = _bfly(a4, a6)
-    b5, b7 = _bfly(a5, a7)
-    x0, x4 = _bfly(b0, b4)  # corner 4 dz + 2 dy + dx
-    x1, x5 = _bfly(b1, b5)
-    x2, x6 = _bfly(b2, b6)
-    x3, x7 = _bfly(b3, b7)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _hadamard8(v0, v1, v2, v3, v4, v5, v6, v7)  # corner 4 dz + 2 dy + dx
     out_ty = x_ptr.dtype.element_ty
     scale = tl.full((BLOCK_H, BLOCK_W), SCALE, acc)
     r00 = tl.reshape(tl.join(x0 * scale, x1 * scale), (BLOCK_H, 2 * BLOCK_W)).to(out_ty)
