@@ -73,6 +73,17 @@ def test_haar_promotes_and_matches_float32(amp, transform):
     _close_to_rounded(gx, inv(g.float(), x.shape[2:]), dtype)  # the adjoint, in float32, rounded once
 
 
+@pytest.mark.parametrize(
+    "dtypes", [(torch.bfloat16,), (torch.float16,), (torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32)]
+)
+def test_promote_follows_torch_type_promotion(dtypes):
+    """The promote rule's output dtype is torch's promotion of the inputs (float16 with bfloat16: float32)."""
+    lo, hi = rand((1, 2, 3, 4), dtype=dtypes[0]), rand((1, 2, 3, 3, 4), dtype=dtypes[-1], seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = haar_idwt2d_split(lo, hi)
+    assert out.dtype == torch.promote_types(dtypes[0], dtypes[-1])
+
+
 def test_haar_split_layout_promotes(amp):
     device, dtype = amp
     x = rand((1, 2, 7, 8), device, dtype, seed=3)

@@ -82,10 +82,9 @@ def float32(fn: F) -> F:
 
 
 def _widest(args: tuple[object, ...]) -> torch.dtype:
-    dtypes = [a.dtype for a in args if isinstance(a, Tensor) and a.dtype in _ELIGIBLE]
-    if torch.float32 in dtypes or not dtypes:
-        return torch.float32
-    return torch.float16 if torch.float16 in dtypes and torch.bfloat16 not in dtypes else torch.bfloat16
+    """torch's promotion of the half/single-precision tensor arguments: float16 with bfloat16 gives float32."""
+    dtypes = {a.dtype for a in args if isinstance(a, Tensor) and a.dtype in _ELIGIBLE}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def _cast_outputs(out: object, dtype: torch.dtype) -> object:
@@ -101,7 +100,7 @@ def register(op: object, policy: str) -> None:
     CPU and CUDA autocast with ``policy`` (see the module docstring)."""
     if policy not in POLICIES:
         raise ValueError(f"autocast policy must be one of {POLICIES}, got {policy!r}")
-    qualname = op._qualname if hasattr(op, "_qualname") else str(op)
+    qualname = op._qualname if hasattr(op, "_qualname") else str(op)  # CustomOpDef has no public name
     namespace, name = qualname.split("::")
     if namespace != "harmonizer_fast":
         raise ValueError(f"register: {qualname} is not an op of harmonizer_fast")
