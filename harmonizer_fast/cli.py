@@ -361,16 +361,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .export import ExportError, export_model
+    from .export import ExportError, export_checkpoint
 
     check_output_file(args.out, "--out")
-    model, _ = load_model(args.checkpoint)
     print(f"exporting {args.checkpoint} as {args.format}: K = {args.samples}, heads {args.heads}, traced at "
           f"{args.size[0]} x {args.size[1]} (batch, H and W stay dynamic)")  # fmt: skip
     try:
-        meta = export_model(model, args.out, args.format, samples=args.samples, heads=args.heads,
-                            size=tuple(args.size), source=str(args.checkpoint))  # fmt: skip
+        meta = export_checkpoint(args.checkpoint, args.out, args.format, samples=args.samples, heads=args.heads,
+                                 size=tuple(args.size))  # fmt: skip
     except ExportError as exc:
         raise UsageError(str(exc)) from None
     print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB; heads: {meta['heads']}; inputs: "

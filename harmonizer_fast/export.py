@@ -25,6 +25,7 @@ the model config and the checkpoint. Both files are written atomically. ONNX nee
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import logging
@@ -142,7 +143,8 @@ def export_program(model: HarmonizerNet, spec: ExportSpec) -> torch.export.Expor
     from .ops import decompositions
 
     check_spec(model, spec)
-    module = InferenceModel(model.cpu().eval(), spec.heads)
+    # A CPU copy: the caller's model keeps its device and mode, and the program holds no device constants.
+    module = InferenceModel(copy.deepcopy(model).cpu().eval(), spec.heads)
     with torch.no_grad(), _quiet():  # inference: no grad-mode regions traced as higher-order ops
         program = torch.export.export(module, example_inputs(model, spec), dynamic_shapes=_dynamic_shapes(model, spec))
         return program.run_decompositions(decompositions())

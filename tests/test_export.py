@@ -194,6 +194,9 @@ def test_export_refuses_what_it_cannot_make(model, tmp_path, monkeypatch):
     with pytest.raises(ex.ExportError, match="personalizer was never trained"):
         ex.export_model(untrained, tmp_path / "m.pt2", "pt2", heads="personalized")
     assert ex.resolve_heads(untrained, "auto") == "none" and ex.resolve_heads(model, "auto") == "personalized"
+    untrained.train()
+    ex.export_program(untrained, ex.ExportSpec(1, "none", (64, 64)))
+    assert untrained.training  # the export traced a copy: the caller's model keeps its mode (and device)
     with pytest.raises(ex.ExportError, match="format must be one of"):
         ex.export_model(model, tmp_path / "m.tflite", "tflite")
     with pytest.raises(ex.ExportError, match="size must be multiples of 32 of at least 64"):
