@@ -65,6 +65,11 @@ class BackendUnavailableError(RuntimeError):
     """A backend forced through ``HARMONIZER_FAST_BACKEND`` cannot run the requested call."""
 
 
+class InvalidInputError(ValueError):
+    """A kernel (or the check before it) found the user's values invalid, e.g. NaN samples or raters that are not
+    0/1 masks: the user's error, raised as it is, never a reason to fall back to another backend."""
+
+
 @dataclass(frozen=True)
 class BackendStatus:
     """Availability of one backend on this machine; ``reason`` says why when it is not available."""
@@ -294,17 +299,20 @@ def dispatch(
     """Run ``impls[backend](*args)`` for the backend chosen for input ``t``.
 
     ``check(backend, *args)`` validates the input's values for that backend (a backend may check them
-    itself, at no extra cost) and runs before any kernel: its error is the user's, never a reason to fall
-    back. Only a failing Triton kernel (compile or launch) moves the call on to the next backend.
+    itself, at no extra cost) and runs before each backend is tried: its error is the user's, never a reason
+    to fall back, and so is an :class:`InvalidInputError` from a kernel that checks while it computes. Only a
+    failing Triton kernel (compile or launch) moves the call on to the next backend.
     """
     plan = _plan(op, t, impls, support)
-    if check is not None:
-        check(plan[0], *args)
     for backend in plan[:-1]:
+        if check is not None:
+            check(backend, *args)
         if backend != "triton":
             return impls[backend](*args)
         try:
             return impls[backend](*args)
+        except InvalidInputError:  # the user's values, found by the kernel itself
+            raise
         except Exception as exc:  # compile or launch failure on this GPU: fall back, and say so once
             key = getattr(exc, "plan_key", op)
             if key not in _TRITON_FAILED:
@@ -314,6 +322,8 @@ def dispatch(
                     TritonFallbackWarning,
                     stacklevel=3,
                 )
+    if check is not None:  # the next backend may check what the failed one would have checked in its kernel
+        check(plan[-1], *args)
     return impls[plan[-1]](*args)
 
 

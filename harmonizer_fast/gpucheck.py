@@ -42,9 +42,10 @@ from .gpu_targets import TARGETS, occupancy
 
 CHECK_VERSION = 2  # bump when the recorded columns change
 FAMILIES = ("haar", "haar3d", "film", "attention_pool", "fcomb", "ged")
+# Kernels that must not spill (the last two: attention pooling's).
 NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_haar_dwt3d_kernel", "_haar_idwt3d_kernel",
-            "_film_forward_kernel", "_film_backward_kernel",
-            "_fcomb_head_kernel", "_forward_kernel", "_backward_kernel")  # fmt: skip  (the last two: attention)
+            "_film_forward_kernel", "_film_backward_kernel", "_fcomb_head_kernel", "_binarize_kernel",
+            "_forward_kernel", "_backward_kernel")  # fmt: skip
 DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
 _TENSOR_CORE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|WGMMA)\S*)")
 

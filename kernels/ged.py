@@ -8,7 +8,9 @@ registers: it stores the intersections or the IoU tile, or, for GED, reduces the
 fixed order (deterministic, no atomics). Within-set terms compute only tiles on or
 above the diagonal and count those above it twice.
 
-Binary masks are thresholded once into float16 0/1 values (exact, half the bytes of float32), so the dot
+Binary masks are thresholded once into float16 0/1 values (exact, half the bytes of float32) by
+_binarize_kernel, which checks the values in the same pass (NaN samples, raters that are not 0/1) and raises
+a flag instead of costing a pass and a host sync per check; the dot
 runs on tensor cores with float32 accumulation and counts below 2^24 are exact; soft masks use float32
 operands with IEEE precision (FMAs, never TF32: the soft Gram feeds the GED loss's gradient, and TF32's
 10-bit mantissa would move it by 1e-3). Tiles follow the set sizes (gpu_blocks). Images go through in
@@ -30,6 +32,29 @@ _INTERPRETER_BLOCKS = (32, 32, 128, 4)
 _MAX_CHUNK_BYTES = 256 << 20  # the float16 copy of the binary masks, per chunk of images
 
 MODE_GRAM, MODE_IOU, MODE_SUM = 0, 1, 2
+CHECK_NONE, CHECK_NAN, CHECK_BINARY = 0, 1, 2  # what _binarize_kernel checks while it thresholds
+BINARIZE_BLOCK = 2048
+
+
+@triton.jit
+def _binarize_kernel(x_ptr, thr_ptr, out_ptr, flag_ptr, N, CHECK: tl.constexpr, BLOCK: tl.constexpr):
+    """out = (x > threshold) as float16 0/1, compared as torch compares a tensor with a Python float: in x's
+    own floating dtype (float64 samples within float32 rounding of 0.3 must not flip), in float32 for uint8
+    masks; ``thr_ptr`` holds the threshold in that compare dtype. CHECK_NAN / CHECK_BINARY also set
+    ``*flag_ptr`` to 1 when a value is NaN / not 0 or 1: one atomic per program that finds one, none
+    otherwise (no contention on clean data)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(x_ptr + offs, mask=ok, other=0)
+    thr = tl.load(thr_ptr)
+    tl.store(out_ptr + offs, (x.to(thr.dtype) > thr).to(tl.float16), mask=ok)
+    if CHECK != 0:
+        if CHECK == 1:
+            bad = ok & (x != x)
+        else:
+            bad = ok & (x != 0) & (x != 1)
+        if tl.max(bad.to(tl.int32), axis=0) > 0:
+            tl.atomic_max(flag_ptr, 1)
 
 
 @triton.jit
@@ -82,6 +107,28 @@ def _overlap_kernel(
             if SYM and tj > ti:
                 total = total * 2.0
             tl.store(out_ptr + bi * tl.num_programs(1) * n_tj + ti * n_tj + tj, total)
+
+
+def _compare_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def plan_binarize(dtype: torch.dtype, check: int) -> LaunchPlan:
+    """The binarization plan for masks of ``dtype`` (bool masks are read as uint8)."""
+    consts = dict(CHECK=check, BLOCK=BINARIZE_BLOCK)
+    pointers = dict(x_ptr=dtype, thr_ptr=_compare_dtype(dtype), out_ptr=torch.float16, flag_ptr=torch.int32)
+    return make_plan(_binarize_kernel, pointers, consts, num_warps=8, op="binarize")  # 4 warps spilled 8 B (sm_86)
+
+
+def binarize(x: torch.Tensor, threshold: float, check: int, flag: torch.Tensor) -> torch.Tensor:
+    """``(x > threshold)`` as float16 0/1 values (x contiguous, any dtype the plans take), raising ``flag``
+    (an int32 element on x's device) where ``check`` finds a bad value."""
+    out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    if x.numel() == 0:
+        return out
+    thr = torch.full((1,), threshold, dtype=_compare_dtype(x.dtype), device=x.device)
+    plan_binarize(x.dtype, check).launch((triton.cdiv(x.numel(), BINARIZE_BLOCK),), x, thr, out, flag, x.numel())
+    return out
 
 
 def _side(k: int, cap: int) -> int:
@@ -149,6 +196,11 @@ def gpu_plans(
             plan_overlap(k, n, MODE_IOU, False, False, True, torch.float16),
         ]
         plans += [plan_overlap(k, n, m, False, False, False, d) for d in soft_dtypes for m in (MODE_GRAM, MODE_IOU)]
+    # the binarization pass: samples of every floating dtype, float64 included (NaN check) or uint8/bool
+    # (nothing to check), raters of every dtype (binary check)
+    for d in dict.fromkeys((*soft_dtypes, torch.float64)):
+        plans += [plan_binarize(d, CHECK_NAN), plan_binarize(d, CHECK_BINARY)]
+    plans += [plan_binarize(torch.uint8, CHECK_NONE), plan_binarize(torch.uint8, CHECK_BINARY)]
     return list(dict.fromkeys(plans))
 
 
@@ -203,27 +255,33 @@ def _tile_counts(ka: int, kb: int, sym: bool, device_type: str) -> tuple[int, in
     return triton.cdiv(ka, consts["BLOCK_M"]), triton.cdiv(kb, consts["BLOCK_N"])
 
 
-def _binarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    return (x > threshold).to(torch.float16)
-
-
 def _chunks(batch: int, rows: int, pixels: int) -> tuple[range, int]:
     per_image = max(1, rows * pixels * 2)
     step = max(1, _MAX_CHUNK_BYTES // per_image)
     return range(0, batch, step), step
 
 
+def _nan_check(x: torch.Tensor) -> int:
+    return CHECK_NAN if x.is_floating_point() else CHECK_NONE
+
+
 def pairwise_overlap(
     a: torch.Tensor, b: torch.Tensor, threshold: float, soft: bool, eps: float, empty_iou: float, mode: int
-) -> torch.Tensor:
-    """Intersections (mode 0) or IoU (mode 1) of every pair, ``(B, Ka, Kb)`` float32; a, b ``(B, K, pixels)``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersections (mode 0) or IoU (mode 1) of every pair, ``(B, Ka, Kb)`` float32; a, b ``(B, K, pixels)``.
+    Also the int32 flags ``(2,)``: a / b held NaN (binary mode; the caller reads them once, one host sync)."""
     batch, ka, p = a.shape
     kb = b.shape[1]
     out = torch.empty((batch, ka, kb), dtype=torch.float32, device=a.device)
+    flags = torch.zeros(2, dtype=torch.int32, device=a.device)
     starts, step = _chunks(batch, ka + kb, p)
     for s in starts:
         e = min(batch, s + step)
-        x, y = (a[s:e], b[s:e]) if soft else (_binarize(a[s:e], threshold), _binarize(b[s:e], threshold))
+        if soft:
+            x, y = a[s:e], b[s:e]
+        else:
+            x = binarize(a[s:e].contiguous(), threshold, _nan_check(a), flags[0:1])
+            y = binarize(b[s:e].contiguous(), threshold, _nan_check(b), flags[1:2])
         x, y = x.contiguous(), y.contiguous()
         splits = _split_count(e - s, ka, kb, p, False, not soft, a.device)
         if splits == 1:
@@ -231,20 +289,23 @@ def pairwise_overlap(
         else:
             inter = _split_intersections(x, y, splits, not soft)
             out[s:e] = inter if mode == MODE_GRAM else _iou(inter, x.float(), y.float(), eps, empty_iou)
-    return out
+    return out, flags
 
 
 def ged_sums(
     samples: torch.Tensor, raters: torch.Tensor, threshold: float, eps: float, empty_iou: float, offdiag: bool
-) -> torch.Tensor:
-    """``(B, 3)`` float64 distance sums: cross, within samples, within raters (see csrc/include/ged.h)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 3)`` float64 distance sums: cross, within samples, within raters (see csrc/include/ged.h); and the
+    int32 flags ``(2,)``: samples held NaN, raters held a value other than 0 and 1 (read once by the caller)."""
     batch, k, p = samples.shape
     n = raters.shape[1]
     sums = torch.empty((batch, 3), dtype=torch.float64, device=samples.device)
+    flags = torch.zeros(2, dtype=torch.int32, device=samples.device)
     starts, step = _chunks(batch, k + n, p)
     for s in starts:
         e = min(batch, s + step)
-        x, y = _binarize(samples[s:e], threshold), _binarize(raters[s:e], 0.5)
+        x = binarize(samples[s:e].contiguous(), threshold, _nan_check(samples), flags[0:1])
+        y = binarize(raters[s:e].contiguous(), 0.5, CHECK_BINARY, flags[1:2])
         for term, (u, v, sym) in enumerate(((x, y, False), (x, x, True), (y, y, True))):
             splits = _split_count(e - s, u.shape[1], v.shape[1], p, sym, True, samples.device)
             if splits > 1:
@@ -257,4 +318,4 @@ def ged_sums(
             partials = torch.empty((e - s, ti, tj), dtype=torch.float32, device=samples.device)
             _launch(u, v, partials, MODE_SUM, sym, offdiag and sym, eps, empty_iou, True)
             sums[s:e, term] = partials.flatten(1).to(torch.float64).sum(-1)
-    return sums
+    return sums, flags

@@ -5,6 +5,8 @@ The grid tests run the real Triton launchers on meta tensors (no memory, no data
 launch, so they see exactly the grid and arguments production would launch with.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -145,12 +147,95 @@ def test_pixel_splits_give_the_unsplit_results(monkeypatch, offdiag):
     samples = torch.rand(2, 5, 1000, generator=g)
     raters = (torch.rand(2, 3, 1000, generator=g) > 0.6).float()
     raters[0, 1] = 0  # an empty rater: the empty-union branch
-    whole = ged.ged_sums(samples, raters, 0.5, 1e-7, 1.0, offdiag)
-    iou = ged.pairwise_overlap(samples, raters, 0.5, False, 1e-7, 1.0, ged.MODE_IOU)
-    gram = ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_GRAM)
-    soft_iou = ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_IOU)
+    def run():  # the results without the value flags
+        return (ged.ged_sums(samples, raters, 0.5, 1e-7, 1.0, offdiag)[0],
+                *(ged.pairwise_overlap(samples, raters, 0.5, soft, 1e-7, 1.0, mode)[0]
+                  for soft, mode in ((False, ged.MODE_IOU), (True, ged.MODE_GRAM), (True, ged.MODE_IOU))))  # fmt: skip
+
+    whole = run()
     monkeypatch.setattr(ged, "_split_count", lambda *args: 3)  # 1000 px -> 3 ranges of 384 (BLOCK_P 128)
-    torch.testing.assert_close(ged.ged_sums(samples, raters, 0.5, 1e-7, 1.0, offdiag), whole, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ged.pairwise_overlap(samples, raters, 0.5, False, 1e-7, 1.0, ged.MODE_IOU), iou)
-    torch.testing.assert_close(ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_GRAM), gram)
-    torch.testing.assert_close(ged.pairwise_overlap(samples, raters, 0.5, True, 1e-7, 1.0, ged.MODE_IOU), soft_iou)
+    split = run()
+    torch.testing.assert_close(split[0], whole[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(split[1:], whole[1:]):
+        torch.testing.assert_close(a, b)
+
+
+def test_binarize_flags_bad_values_in_the_same_pass():
+    """The GPU GED's value checks: the thresholding kernel raises an int32 flag for NaN samples or raters that
+    are not 0/1 (no extra pass, no host sync of its own), under the interpreter."""
+    if _backend._unavailable("triton", "cpu"):
+        pytest.skip("needs the Triton interpreter")
+    x = torch.tensor([0.2, 0.7, 0.5, 1.0] * 600)  # 2400 values: two programs
+    for check, bad_value, index in ((ged.CHECK_NAN, float("nan"), 2300), (ged.CHECK_BINARY, 0.5, 7)):
+        flag = torch.zeros(1, dtype=torch.int32)
+        out = ged.binarize(x, 0.5, check, flag)
+        torch.testing.assert_close(out, (x > 0.5).half())
+        want = 1 if check == ged.CHECK_BINARY else 0  # x itself is not binary
+        assert int(flag) == want, check
+        y = (x > 0.5).float() if check == ged.CHECK_BINARY else x.clone()
+        y[index] = bad_value
+        flag.zero_()
+        ged.binarize(y, 0.5, check, flag)
+        assert int(flag) == 1, check
+    masks = torch.tensor([True, False] * 40)
+    flag = torch.zeros(1, dtype=torch.int32)
+    torch.testing.assert_close(ged.binarize(masks.view(torch.uint8), 0.5, ged.CHECK_BINARY, flag), masks.half())
+    assert int(flag) == 0
+    # thresholds compare as torch compares: in float64 for float64, in float32 for uint8 (negative too)
+    x64 = torch.tensor([0.3 + 1e-9, 0.3, 0.29], dtype=torch.float64)
+    torch.testing.assert_close(ged.binarize(x64, 0.3, ged.CHECK_NONE, flag), (x64 > 0.3).half())
+    u8 = torch.tensor([0, 1, 2, 255], dtype=torch.uint8)
+    for t in (-0.5, 0.5, 1.0, 1.5):
+        torch.testing.assert_close(ged.binarize(u8, t, ged.CHECK_NONE, flag), (u8 > t).half())
+
+
+def test_the_triton_ged_checks_values_in_its_kernels_not_before(monkeypatch):
+    """On the Triton backend the host-side passes are gone (they cost a pass and a sync each on a GPU): bad
+    values are still refused with the same message, from the kernels' flags, and never fall back."""
+    if _backend._unavailable("triton", "cpu"):
+        pytest.skip("needs the Triton interpreter")
+    ged_ops = importlib.import_module("harmonizer_fast.ops.ged")  # the module (hf.ops.ged is the function)
+
+    def forbidden(*args):
+        raise AssertionError("a host-side value check ran on the Triton path")
+
+    monkeypatch.setattr(ged_ops, "_check_no_nan", forbidden)
+    monkeypatch.setattr(ged_ops, "_check_binary", forbidden)
+    monkeypatch.setenv(_backend.ENV_BACKEND, "triton")
+    g = torch.Generator().manual_seed(4)
+    samples, raters = torch.rand(2, 3, 6, 6, generator=g), (torch.rand(2, 2, 6, 6, generator=g) > 0.5).float()
+    hf.ged(samples, raters)  # valid input: no check called, no error
+    hf.pairwise_iou(samples, raters)
+    with pytest.raises(_backend.InvalidInputError, match="ged: samples contains NaN"):
+        hf.ged(samples.index_fill(2, torch.tensor([1]), float("nan")), raters)
+    with pytest.raises(_backend.InvalidInputError, match=r"ged: raters must be binary masks \(values 0 and 1"):
+        hf.ged(samples, raters * 0.5)
+    with pytest.raises(_backend.InvalidInputError, match="pairwise_iou: b contains NaN"):
+        hf.pairwise_iou(samples, raters.index_fill(3, torch.tensor([0]), float("nan")))
+
+
+def test_invalid_input_from_a_kernel_never_falls_back(monkeypatch):
+    """A kernel that finds the user's values invalid raises at once; only kernel failures move to the next
+    backend (with a TritonFallbackWarning)."""
+    monkeypatch.setattr(_backend, "_TRITON_FAILED", {})
+    monkeypatch.setattr(_backend, "_plan", lambda *args: ["triton", "torch"])
+    checked = []
+
+    def invalid(x):
+        raise _backend.InvalidInputError("op: x contains NaN")
+
+    def check(backend, x):
+        checked.append(backend)
+
+    impls = {"triton": invalid, "torch": lambda x: "reference"}
+    with pytest.raises(_backend.InvalidInputError, match="contains NaN"):
+        _backend.dispatch("op", torch.zeros(1), impls, {}, torch.zeros(1), check=check)
+    assert checked == ["triton"]
+
+    def broken(x):
+        raise RuntimeError("no kernel image for this GPU")
+
+    checked.clear()
+    with pytest.warns(_backend.TritonFallbackWarning, match="no kernel image"):
+        out = _backend.dispatch("op", torch.zeros(1), {**impls, "triton": broken}, {}, torch.zeros(1), check=check)
+    assert out == "reference" and checked == ["triton", "torch"]  # the fallback checks what it must check

@@ -155,47 +155,66 @@ def ged_sums_reference(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backends. Value checks (NaN, non-binary raters) cost a pass over the data, so the C++ CPU kernels make
-# them while packing the masks; for every other backend they run here, before dispatch, so that a user's
-# bad input is never mistaken for a kernel failure (dispatch falls back only from a failing Triton kernel).
+# Backends. Value checks (NaN, non-binary raters) cost a pass over the data (and on a GPU a host sync each),
+# so the C++ CPU kernels make them while packing the masks and the Triton kernels while thresholding them
+# (one int32 flag per input, read in one sync: _raise_flagged); for the CUDA C++ kernels and the reference
+# they run here, before dispatch. Either way a user's bad input raises InvalidInputError, which dispatch
+# never mistakes for a kernel failure (it falls back only from a failing Triton kernel).
+
+
+_CHECKED_IN_KERNEL = ("cpu", "triton")
+_NAN = "{op}: {name} contains NaN"
+_NOT_BINARY = "{op}: {name} must be binary masks (values 0 and 1 only)"
 
 
 def _check_no_nan(x: Tensor, op: str, name: str) -> None:
     if x.is_floating_point() and bool(torch.isnan(x).any()):
-        raise ValueError(f"{op}: {name} contains NaN")
+        raise _backend.InvalidInputError(_NAN.format(op=op, name=name))
 
 
 def _check_binary(x: Tensor, op: str, name: str) -> None:
     if x.dtype != torch.bool and not bool(((x == 0) | (x == 1)).all()):
-        raise ValueError(f"{op}: {name} must be binary masks (values 0 and 1 only)")
+        raise _backend.InvalidInputError(_NOT_BINARY.format(op=op, name=name))
 
 
 def _check_overlap_values(backend: str, a: Tensor, b: Tensor, threshold, soft: bool, *_) -> None:
-    if backend == "cpu" or soft:  # the soft Gram product is plain arithmetic (the public API checks its range)
+    if backend in _CHECKED_IN_KERNEL or soft:  # the soft Gram product is plain arithmetic (the API checks its range)
         return
     _check_no_nan(a, "pairwise_iou", "a")
     _check_no_nan(b, "pairwise_iou", "b")
 
 
 def _check_ged_values(backend: str, samples: Tensor, raters: Tensor, *_) -> None:
-    if backend == "cpu":
+    if backend in _CHECKED_IN_KERNEL:
         return
     _check_no_nan(samples, "ged", "samples")
     _check_binary(raters, "ged", "raters")
+
+
+def _raise_flagged(flags: Tensor, messages: tuple[str, ...]) -> None:
+    """Raise the first message whose flag a Triton kernel set: all flags come to the host in one sync."""
+    for raised, message in zip(flags.tolist(), messages):
+        if raised:
+            raise _backend.InvalidInputError(message)
 
 
 def _triton_overlap(a: Tensor, b: Tensor, *args) -> Tensor:
     from ..kernels.ged import pairwise_overlap
 
     soft = args[1]
-    out = pairwise_overlap(a, b, *args)
-    return out.to(_soft_dtype(a.dtype)) if soft else out
+    out, flags = pairwise_overlap(a, b, *args)
+    if soft:
+        return out.to(_soft_dtype(a.dtype))
+    _raise_flagged(flags, (_NAN.format(op="pairwise_iou", name="a"), _NAN.format(op="pairwise_iou", name="b")))
+    return out
 
 
 def _triton_ged_sums(*args) -> Tensor:
     from ..kernels.ged import ged_sums
 
-    return ged_sums(*args)
+    sums, flags = ged_sums(*args)
+    _raise_flagged(flags, (_NAN.format(op="ged", name="samples"), _NOT_BINARY.format(op="ged", name="raters")))
+    return sums
 
 
 def _ext_overlap(*args) -> Tensor:
