@@ -15,7 +15,35 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .gpu_targets import TARGETS
+from .gpu_targets import TARGETS, occupancy
+
+# How each CUDA C++ kernel is launched (csrc/cuda/*.cu), which the cubin does not record: the most threads per
+# block its launcher uses (threads_for_row grows to 256 with the row; kThreads, kPackWarps * 32 and
+# kGedTile x kGedTile are 256) and the dynamic shared memory per block, as a function of the accumulator's size
+# in bytes (attention pooling: M queries x 32-position tiles, with the paper config's M = 8).
+# tests/test_gpucheck.py checks that every __global__ kernel of csrc/cuda has an entry.
+_PAPER_TOKENS = 8
+CUDA_LAUNCH: dict[str, tuple[int, Any]] = {
+    "haar_dwt2d_kernel": (256, 0), "haar_idwt2d_kernel": (256, 0),
+    "haar_dwt3d_kernel": (256, 0), "haar_idwt3d_kernel": (256, 0),
+    "film_forward_kernel": (256, 0), "film_backward_kernel": (256, 0),
+    "forward_kernel": (256, lambda acc: (_PAPER_TOKENS * 32 + 3 * _PAPER_TOKENS) * acc),
+    "backward_kernel": (256, lambda acc: 2 * _PAPER_TOKENS * 32 * acc),
+    "pack_kernel": (256, 0), "overlap_binary_kernel": (256, 0), "overlap_soft_kernel": (256, 0),
+    "distance_sum_kernel": (256, 0), "row_sum_kernel": (256, 0), "sum_partials_kernel": (32, 0),
+}  # fmt: skip
+
+
+def cuda_launch(function: str) -> tuple[int, int] | None:
+    """(threads per block, dynamic shared bytes) of a demangled kernel name such as
+    ``void forward_kernel<double>(...)`` (the accumulator is double for double kernels, float otherwise), or
+    None for a name it does not know (a mangled one, without c++filt)."""
+    name = re.search(r"(\w+)(?:<[^>]*>)?\(", function)
+    if name is None or name.group(1) not in CUDA_LAUNCH:
+        return None
+    threads, shared = CUDA_LAUNCH[name.group(1)]
+    acc = 8 if "<double>" in function else 4
+    return threads, shared(acc) if callable(shared) else shared
 
 
 def summary(records: list[dict]) -> str:
@@ -59,9 +87,15 @@ def cuda_objects(directory: str) -> list[dict]:
                 fn = re.sub(r"harmonizer_fast::\(anonymous namespace\)::", "", m.group(1))
             m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
             if m and arch:
-                rows.append({"source": obj.stem, "function": fn, "target": arch, "registers": int(m.group(1)),
-                             "stack_bytes": int(m.group(2)), "static_shared_bytes": int(m.group(3)),
-                             "local_bytes": int(m.group(4))})  # fmt: skip
+                row = {"source": obj.stem, "function": fn, "target": arch, "registers": int(m.group(1)),
+                       "stack_bytes": int(m.group(2)), "static_shared_bytes": int(m.group(3)),
+                       "local_bytes": int(m.group(4))}  # fmt: skip
+                launch = cuda_launch(fn)
+                if launch is not None and arch in TARGETS:
+                    row["threads"], row["dynamic_shared_bytes"] = launch
+                    shared = row["static_shared_bytes"] + launch[1]
+                    row.update(occupancy(TARGETS[arch], row["registers"], shared, launch[0] // 32))
+                rows.append(row)
         tc = sorted(set(re.findall(r"\b((?:HMMA|HGMMA|IMMA|DMMA)\S*)", sass)))
         for r in rows:
             if r["source"] == obj.stem:
@@ -177,12 +211,16 @@ def markdown(data: dict) -> str:
         )
     lines += ["", "## CUDA C++ kernels (csrc/cuda, nvcc objects of csrc/compile_check.sh)", ""]
     if data["cuda_cpp"]:
-        lines += ["| source | kernel | target | regs | local B | static shared B | tensor cores |"]
-        lines += ["|---|---|---|---|---|---|---|"]
+        lines += ["Occupancy at the most threads per block the kernel's launcher uses and its dynamic shared memory "
+                  "(`gpucheck_report.CUDA_LAUNCH`; attention pooling at the paper config's 8 queries).", ""]
+        lines += ["| source | kernel | target | regs | local B | shared B (static + dynamic) | threads | warps/SM "
+                  "(occupancy, limit) | tensor cores |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in data["cuda_cpp"]:
+            occ = f"{r['warps_per_sm']} ({r['occupancy_pct']}%, {r['limited_by']})" if "warps_per_sm" in r else "-"
             lines.append(
                 f"| {r['source']} | `{r['function'][:60]}` | {r['target']} | {r['registers']} | {r['local_bytes']} | "
-                f"{r['static_shared_bytes']} | {', '.join(r.get('tensor_core', [])) or '-'} |"
+                f"{r['static_shared_bytes']} + {r.get('dynamic_shared_bytes', 0)} | {r.get('threads', '-')} | {occ} | "
+                f"{', '.join(r.get('tensor_core', [])) or '-'} |"
             )
     else:
         lines.append("Not available: run `bash csrc/compile_check.sh` first (needs nvcc).")

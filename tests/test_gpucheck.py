@@ -174,3 +174,21 @@ def test_the_check_rejects_kernels_the_interpreter_accepts(tmp_path):
     # triton 3.9 compiles an 8 x 8 tl.dot (padded onto a TF32 MMA), so only the shared case must fail
     assert found["dot8"]["error"] is None and found["dot8"]["tensor_core"], found
     assert any("shared memory" in p for p in found["shared"]["problems"]), found
+
+
+def test_every_cuda_kernel_has_a_launch_configuration():
+    """The CUDA C++ rows' occupancy needs each kernel's block size and dynamic shared memory, which the cubin
+    does not record: every __global__ kernel of csrc/cuda is in gpucheck_report.CUDA_LAUNCH, and a demangled
+    name resolves to its entry (doubles double the attention pool's shared memory)."""
+    import re
+    from pathlib import Path
+
+    from harmonizer_fast import gpucheck_report as rep
+
+    sources = Path(__file__).resolve().parents[1].glob("csrc/cuda/*.cu")
+    kernels = {k for f in sources for k in re.findall(r"__global__ void (\w+)", f.read_text())}
+    assert kernels and kernels == set(rep.CUDA_LAUNCH), kernels ^ set(rep.CUDA_LAUNCH)
+    assert rep.cuda_launch("void forward_kernel<float>(float const*, float const*)") == (256, (8 * 32 + 24) * 4)
+    assert rep.cuda_launch("void forward_kernel<double>(double const*, double const*)") == (256, (8 * 32 + 24) * 8)
+    assert rep.cuda_launch("distance_sum_kernel(unsigned int const*, float const*)") == (256, 0)
+    assert rep.cuda_launch("_Z13mangled_kernelPf") is None
