@@ -13,7 +13,9 @@ those allow, and the tensor-core instructions in the SASS (``cuobjdump -sass`` o
 Failing conditions (exit status 1, and tests/test_gpucheck.py): a plan that does not compile; shared
 memory over the limit; any spill in the Haar (2-D and 3-D), FiLM, fcomb, attention-pool or binary GED
 kernels; the binary GED kernel without tensor-core instructions; the soft GED path using TF32 (it must stay
-IEEE fp32).
+IEEE fp32); an int32 multiplication of an index or size by a runtime integer argument (a stride, a size) or
+by the grid's x index in the kernel's TTIR (:func:`int32_size_products`): an offset that overflows at 2^31
+elements, which no test on this machine's memory could reach.
 
 Results are cached under ``build/gpucheck`` keyed by the kernel's source hash, the plan, the target and
 the triton version, so an unchanged kernel is not compiled twice. The check skips (exit 0, with the reason)
@@ -40,7 +42,7 @@ from typing import Any
 
 from .gpu_targets import TARGETS, occupancy
 
-CHECK_VERSION = 2  # bump when the recorded columns change
+CHECK_VERSION = 3  # bump when the recorded columns change
 FAMILIES = ("haar", "haar3d", "film", "attention_pool", "fcomb", "ged")
 # Kernels that must not spill (the last two: attention pooling's).
 NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_haar_dwt3d_kernel", "_haar_idwt3d_kernel",
@@ -48,6 +50,41 @@ NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_haar_dwt3d_kernel", "
             "_forward_kernel", "_backward_kernel")  # fmt: skip
 DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
 _TENSOR_CORE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|WGMMA)\S*)")
+
+
+_TTIR_OP = re.compile(r"^\s*(%[\w.#]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
+# Ops whose result carries an operand's magnitude: a value built from a runtime size stays "runtime-sized".
+_TTIR_CARRY = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "arith.addi", "arith.subi",
+               "arith.muli", "arith.divsi", "arith.remsi", "arith.maxsi", "arith.minsi", "arith.select")  # fmt: skip
+
+
+def int32_size_products(ttir: str, bounded: tuple[str, ...] = ()) -> list[str]:
+    """The int32 products in a kernel's TTIR that involve a runtime integer argument (strides and sizes arrive
+    as i32 when they fit) or the grid's x index (up to 2^31 - 1), by the names Triton keeps from the source:
+    ``row * stride`` in int32 wraps once a plane or a view spans 2^31 elements. Products in int64 (an operand
+    cast with ``.to(tl.int64)`` first) and products of constexprs and bounded grid indices (y, z <= 65,535)
+    pass, and so do the ``bounded`` arguments (LaunchPlan.bounded: the launcher keeps their products below
+    2^31 by a routing rule). A dataflow over the TTIR text: values derived from such a source through the
+    carrying ops stay tainted."""
+    sig = re.search(r"tt\.func public @\w+\((.*?)\)\s*attributes", ttir, re.S)
+    tainted = set(re.findall(r"(%\w+): i32", sig.group(1))) if sig else set()
+    tainted -= {f"%{name}" for name in bounded}
+    found = []
+    for line in ttir.splitlines():
+        m = _TTIR_OP.match(line)
+        if not m:
+            continue
+        result, op, rest = m.groups()
+        body = rest.split(" loc(")[0]
+        operands = re.findall(r"%[\w.#]+", body.split(":")[0])
+        if op == "tt.get_program_id" and body.strip().startswith("x"):
+            tainted.add(result)
+        elif op in _TTIR_CARRY and any(o in tainted for o in operands):
+            tainted.add(result)
+            result_type = body.rsplit(":", 1)[-1].strip()
+            if op == "arith.muli" and (result_type == "i32" or result_type.endswith("xi32>")):
+                found.append(f"{re.sub(r'_[0-9]+$', '', result.lstrip('%'))} = {' * '.join(operands)}")
+    return found
 
 
 def _dtypes(names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -131,7 +168,7 @@ def compile_one(plan: Any, target_name: str, cache_dir: str, family: str = "") -
     src = ASTSource(plan.kernel, sig, constexprs=dict(plan.constexprs), attrs=attrs)
     options = {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
     key = hashlib.sha256(
-        json.dumps([CHECK_VERSION, src.hash(), target_name, options, triton.__version__]).encode()
+        json.dumps([CHECK_VERSION, src.hash(), target_name, options, triton.__version__, list(plan.bounded)]).encode()
     ).hexdigest()
     cached = Path(cache_dir) / f"{key}.json"
     if cached.exists():
@@ -153,6 +190,7 @@ def compile_one(plan: Any, target_name: str, cache_dir: str, family: str = "") -
         record["error"] = "no ptxas -v log captured (was the compile served from a triton cache?)"
         return record
     record["shared_bytes"] = int(compiled.metadata.shared)
+    record["int32_size_products"] = int32_size_products(compiled.asm["ttir"], plan.bounded)
     record["shared_limit"] = target.shared_per_block
     # Disassembling costs more than compiling a small kernel (0.4 s), so only kernels with a tl.dot, the
     # only source of tensor-core instructions, are disassembled.
@@ -187,6 +225,9 @@ def problems(record: dict) -> list[str]:
         out.append(f"{where}: spills {record['spill_store_bytes']} B stored / {record['spill_load_bytes']} B loaded")
     if binary_ged and not record["tensor_core"]:
         out.append(f"{where}: the binary GED kernel has no tensor-core instruction")
+    if record.get("int32_size_products"):
+        out.append(f"{where}: int32 products of a runtime size or stride, which overflow at 2^31 elements: "
+                   f"{'; '.join(record['int32_size_products'])} (cast one side with .to(tl.int64))")  # fmt: skip
     if record["kernel"] == "_overlap_kernel" and "IEEE=True" in record["plan"]:
         tf32 = [i for i in record["tensor_core"] if "TF32" in i]
         if tf32:

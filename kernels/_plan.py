@@ -63,6 +63,9 @@ class LaunchPlan:
 
     ``pointers`` gives the element type of every pointer argument, ``floats`` names the scalar arguments
     passed as float32 (every other scalar is an integer), ``constexprs`` the compile-time constants.
+    ``bounded`` names integer arguments whose products with in-range indices the launcher keeps below
+    2^31 by a routing rule (a bigger input goes to another backend): the compile check's int32-offset rule
+    (``gpucheck.int32_size_products``) trusts them.
     """
 
     kernel: Any  # a triton JITFunction
@@ -71,6 +74,7 @@ class LaunchPlan:
     num_warps: int = 4
     num_stages: int = 3
     floats: tuple[str, ...] = ()
+    bounded: tuple[str, ...] = ()
     op: str = field(default="", compare=False)
 
     @property

@@ -52,7 +52,10 @@ def _scores(q_rows, x_cols, m_ok, n_ok, C, sxc, FP64: tl.constexpr, ACC: tl.cons
 @triton.jit
 def _program_geometry(C, N, M, SPLITS, CHUNK, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's task (batch item x position chunk), batch item, position range [n0, n1), query rows
-    and output channels (the channel chunk on grid axis 1) with their masks."""
+    and output channels (the channel chunk on grid axis 1) with their masks. Offsets within one batch item
+    stay int32 (int64 channel or query offsets made the fp16/bf16 kernels spill 8-16 B on sm_80-90): the
+    launchers leave items that int32 cannot address to the other backends (:func:`fits`), so the plans declare
+    C, N and sxc bounded, and every offset from the batch item on is int64."""
     task = tl.program_id(0).to(tl.int64)
     bi = task // SPLITS
     n0 = (task % SPLITS) * CHUNK
@@ -133,6 +136,15 @@ def _geometry(x: torch.Tensor, a: torch.Tensor) -> tuple[int, int, int, int, int
 
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ITEM_LIMIT = 2**31  # offsets within one batch item are int32
+
+
+def fits(x: torch.Tensor, m: int) -> bool:
+    """Whether the kernels' int32 offsets within a batch item cover x (B, C, H, W) with m queries: C times
+    the largest of the channel stride, H W and the query tile (the (M, C) rows of a, dz and da) below
+    2^31. A bigger item takes the other backends, by rule (ops/attention_pool.py)."""
+    c, n = x.shape[1], x.shape[2] * x.shape[3]
+    return c * max(x.stride(1), n, max(16, triton.next_power_of_2(m))) < ITEM_LIMIT
 
 
 def _blocks(m: int, c: int, backward: bool) -> tuple[int, int, int]:
@@ -150,7 +162,8 @@ def _plan(kernel: Any, ptrs: dict[str, torch.dtype], m: int, c: int, dtype: torc
     block_m, block_c, block_n = _blocks(m, c, kernel is _backward_kernel)
     fp64 = dtype == torch.float64
     consts = dict(FP64=fp64, ACC=tl.float64 if fp64 else tl.float32, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_N=block_n)
-    return make_plan(kernel, ptrs, consts, num_warps=8, num_stages=2, op=op)
+    # C, N, sxc: one batch item's sizes and channel stride, which fits() keeps within int32 offsets
+    return make_plan(kernel, ptrs, consts, num_warps=8, num_stages=2, op=op, bounded=("C", "N", "sxc"))
 
 
 def plan_forward(m: int, c: int, dtype: torch.dtype) -> LaunchPlan:
@@ -175,6 +188,8 @@ def attention_pool_forward(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tens
     """``(z, lse)`` for x (B, C, H, W) with contiguous planes and a contiguous (B, M, C)."""
     assert x.stride(3) == 1 and x.stride(2) == x.shape[3] and a.is_contiguous()
     b, c, n, m, splits, chunk = _geometry(x, a)
+    if not fits(x, m):
+        raise ValueError(f"attention_pool: a batch item of {c} x {n} exceeds the kernels' int32 offsets")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part_m = torch.empty((b, splits, m), dtype=acc, device=x.device)
     part_l = torch.empty_like(part_m)
@@ -194,6 +209,8 @@ def attention_pool_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, da)`` of :func:`attention_pool_forward`, recomputing the probabilities from ``lse``."""
     b, c, n, m, splits, chunk = _geometry(x, a)
+    if not fits(x, m):
+        raise ValueError(f"attention_pool: a batch item of {c} x {n} exceeds the kernels' int32 offsets")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     d = (dz.to(acc) * z.to(acc)).sum(-1).contiguous()
     dx = torch.empty((b, c, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device)

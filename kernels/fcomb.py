@@ -32,6 +32,7 @@ def _fcomb_head_kernel(
     ch = tl.arange(0, CP).to(tl.int64)  # ch * P exceeds 2^31 for images over 2^31 / C pixels
     pm = px < P
     cm = ch < C
+    ch_c = C.to(tl.int64)  # C is at most MAX_CHANNELS, but every size meets another in int64 (gpucheck)
     acc_ty = tl.float64 if FP64 else tl.float32
     base = tl.load(base_ptr + bi * C * P + ch[:, None] * P + px[None, :], mask=cm[:, None] & pm[None, :], other=0.0)
     base = base.to(acc_ty)
@@ -44,9 +45,9 @@ def _fcomb_head_kernel(
         h = tl.maximum(base + bias[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
         for layer in tl.static_range(LAYERS):
             w = tl.load(
-                hw_ptr + layer * C * C + ch[:, None] * C + ch[None, :], mask=cm[:, None] & cm[None, :], other=0.0
+                hw_ptr + ch_c * C * layer + ch[:, None] * C + ch[None, :], mask=cm[:, None] & cm[None, :], other=0.0
             )
-            b = tl.load(hb_ptr + layer * C + ch, mask=cm, other=0.0).to(acc_ty)
+            b = tl.load(hb_ptr + ch_c * layer + ch, mask=cm, other=0.0).to(acc_ty)
             g = tl.dot(w.to(acc_ty), h, input_precision="ieee")
             h = tl.maximum(g + b[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
         logit = tl.sum(lw[:, None] * h, axis=0) + lb

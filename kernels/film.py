@@ -29,14 +29,15 @@ def _film_forward_kernel(
     i = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
     ok = (i[:, None] < H) & (j[None, :] < W)
-    x = tl.load(x_ptr + n * sxb + c * sxc + i[:, None] * sxh + j[None, :] * sxw, mask=ok, other=0.0)
+    i64, j64 = i[:, None].to(tl.int64), j[None, :].to(tl.int64)  # a plane or view may span 2^31 elements
+    x = tl.load(x_ptr + n * sxb + c * sxc + i64 * sxh + j64 * sxw, mask=ok, other=0.0)
     g = tl.load(g_ptr + n * sgb + c * sgc)
     b = tl.load(b_ptr + n * sbb + c * sbc)
     if FP64:
         y = g.to(tl.float64) * x.to(tl.float64) + b.to(tl.float64)
     else:
         y = g.to(tl.float32) * x.to(tl.float32) + b.to(tl.float32)
-    tl.store(y_ptr + pid * H * W + i[:, None] * W + j[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + pid * H * W + i64 * W + j[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -54,21 +55,22 @@ def _film_backward_kernel(
     g = tl.load(g_ptr + n * sgb + c * sgc).to(acc_ty)
     sum_dyx = tl.zeros((BLOCK_H, BLOCK_W), dtype=acc_ty)
     sum_dy = tl.zeros((BLOCK_H, BLOCK_W), dtype=acc_ty)
-    row0 = chunk * ROWS_PER_CHUNK
+    row0 = chunk.to(tl.int64) * ROWS_PER_CHUNK  # int64 from here: every row index meets a stride
     for r in range(row0, row0 + ROWS_PER_CHUNK, BLOCK_H):
         i = r + tl.arange(0, BLOCK_H)
         row_ok = (i[:, None] < H) & (i[:, None] < row0 + ROWS_PER_CHUNK)
         for col in range(0, W, BLOCK_W):
             j = col + tl.arange(0, BLOCK_W)
             ok = row_ok & (j[None, :] < W)
-            dy = tl.load(dy_ptr + n * sdb + c * sdc + i[:, None] * sdh + j[None, :] * sdw, mask=ok, other=0.0)
-            x = tl.load(x_ptr + n * sxb + c * sxc + i[:, None] * sxh + j[None, :] * sxw, mask=ok, other=0.0)
+            j64 = j[None, :].to(tl.int64)
+            dy = tl.load(dy_ptr + n * sdb + c * sdc + i[:, None] * sdh + j64 * sdw, mask=ok, other=0.0)
+            x = tl.load(x_ptr + n * sxb + c * sxc + i[:, None] * sxh + j64 * sxw, mask=ok, other=0.0)
             dy = dy.to(acc_ty)
             tl.store(dx_ptr + pid * H * W + i[:, None] * W + j[None, :], (g * dy).to(dx_ptr.dtype.element_ty), mask=ok)
             sum_dyx += dy * x.to(acc_ty)
             sum_dy += dy
     tl.store(part_ptr + pid * CHUNKS + chunk, tl.sum(tl.sum(sum_dyx, axis=1), axis=0))
-    tl.store(part_ptr + BC * CHUNKS + pid * CHUNKS + chunk, tl.sum(tl.sum(sum_dy, axis=1), axis=0))
+    tl.store(part_ptr + BC.to(tl.int64) * CHUNKS + pid * CHUNKS + chunk, tl.sum(tl.sum(sum_dy, axis=1), axis=0))
 
 
 # Tiles of 2048 elements chosen by the plane's width only, so two plans per kernel and dtype cover every

@@ -74,7 +74,7 @@ def _overlap_kernel(
     rows = ti * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tj * BLOCK_N + tl.arange(0, BLOCK_N)
     if SYM and tj < ti:  # below the diagonal: the tile above it stands for both
-        tl.store(out_ptr + bi * tl.num_programs(1) * n_tj + ti * n_tj + tj, 0.0)
+        tl.store(out_ptr + bi * tl.num_programs(1) * n_tj + ti.to(tl.int64) * n_tj + tj, 0.0)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         area_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -96,17 +96,18 @@ def _overlap_kernel(
         uni = area_a[:, None] + area_b[None, :] - acc
         iou = tl.where(uni > 0, acc / tl.where(uni > 0, uni + eps, 1.0), empty_iou)  # no 0/0 in the dead branch
         ok = (rows[:, None] < KA) & (cols[None, :] < KB)
+        pair = rows[:, None].to(tl.int64) * KB + cols[None, :]  # Ka x Kb passes 2^31 at K = 46,341
         if MODE == 0:  # one Gram per (image, pixel split)
-            tl.store(out_ptr + pid0 * KA * KB + rows[:, None] * KB + cols[None, :], acc, mask=ok)
+            tl.store(out_ptr + pid0 * KA * KB + pair, acc, mask=ok)
         elif MODE == 1:
-            tl.store(out_ptr + bi * KA * KB + rows[:, None] * KB + cols[None, :], iou, mask=ok)
+            tl.store(out_ptr + bi * KA * KB + pair, iou, mask=ok)
         else:
             if OFFDIAG:
                 ok = ok & (rows[:, None] != cols[None, :])
             total = tl.sum(tl.sum(tl.where(ok, 1.0 - iou, 0.0), axis=1), axis=0)
             if SYM and tj > ti:
                 total = total * 2.0
-            tl.store(out_ptr + bi * tl.num_programs(1) * n_tj + ti * n_tj + tj, total)
+            tl.store(out_ptr + bi * tl.num_programs(1) * n_tj + ti.to(tl.int64) * n_tj + tj, total)
 
 
 def _compare_dtype(dtype: torch.dtype) -> torch.dtype:

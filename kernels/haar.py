@@ -35,9 +35,11 @@ def _haar_dwt2d_kernel(
     cols = tl.program_id(2) * (2 * BLOCK_W) + tl.arange(0, 2 * BLOCK_W)  # input columns
     row0 = 2 * i
     col_ok = cols[None, :] < W
-    x_base = x_ptr + n * sxn + c * sxc + cols[None, :] * sxw
-    top = tl.load(x_base + row0[:, None] * sxh, mask=(row0[:, None] < H) & col_ok, other=0.0)
-    bot = tl.load(x_base + (row0[:, None] + 1) * sxh, mask=(row0[:, None] + 1 < H) & col_ok, other=0.0)
+    # Every index meets its stride in int64: a plane (or a strided view) may span more than 2^31 elements.
+    x_base = x_ptr + n * sxn + c * sxc + cols[None, :].to(tl.int64) * sxw
+    rows = row0[:, None].to(tl.int64) * sxh
+    top = tl.load(x_base + rows, mask=(row0[:, None] < H) & col_ok, other=0.0)
+    bot = tl.load(x_base + rows + sxh, mask=(row0[:, None] + 1 < H) & col_ok, other=0.0)
     if FP64:
         top = top.to(tl.float64)
         bot = bot.to(tl.float64)
@@ -54,12 +56,14 @@ def _haar_dwt2d_kernel(
     j = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
     out_ok = (i[:, None] < HO) & (j[None, :] < WO)
     out_ty = lo_ptr.dtype.element_ty
-    lo = lo_ptr + n * slon + c * sloc + i[:, None] * sloh + j[None, :]
+    i64 = i[:, None].to(tl.int64)
+    lo = lo_ptr + n * slon + c * sloc + i64 * sloh + j[None, :]
     tl.store(lo, ((s0 + s1) * 0.5).to(out_ty), mask=out_ok)
-    hi = hi_ptr + n * shin + c * shic + i[:, None] * shih + j[None, :]
+    hi = hi_ptr + n * shin + c * shic + i64 * shih + j[None, :]
+    band = shib.to(tl.int64)
     tl.store(hi, ((s0 - s1) * 0.5).to(out_ty), mask=out_ok)
-    tl.store(hi + shib, ((d0 + d1) * 0.5).to(out_ty), mask=out_ok)
-    tl.store(hi + 2 * shib, ((d0 - d1) * 0.5).to(out_ty), mask=out_ok)
+    tl.store(hi + band, ((d0 + d1) * 0.5).to(out_ty), mask=out_ok)
+    tl.store(hi + 2 * band, ((d0 - d1) * 0.5).to(out_ty), mask=out_ok)
 
 
 @triton.jit
@@ -76,12 +80,14 @@ def _haar_idwt2d_kernel(
     i = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
     in_ok = (i[:, None] < HI) & (j[None, :] < WI)
-    lo = lo_ptr + n * slon + c * sloc + i[:, None] * sloh + j[None, :] * slow
-    hi = hi_ptr + n * shin + c * shic + i[:, None] * shih + j[None, :] * shiw
+    i64, j64 = i[:, None].to(tl.int64), j[None, :].to(tl.int64)  # strided views may span 2^31 elements
+    lo = lo_ptr + n * slon + c * sloc + i64 * sloh + j64 * slow
+    hi = hi_ptr + n * shin + c * shic + i64 * shih + j64 * shiw
+    band = shib.to(tl.int64)
     ca = tl.load(lo, mask=in_ok, other=0.0)
     ch = tl.load(hi, mask=in_ok, other=0.0)
-    cv = tl.load(hi + shib, mask=in_ok, other=0.0)
-    cd = tl.load(hi + 2 * shib, mask=in_ok, other=0.0)
+    cv = tl.load(hi + band, mask=in_ok, other=0.0)
+    cd = tl.load(hi + 2 * band, mask=in_ok, other=0.0)
     if FP64:
         ca, ch, cv, cd = ca.to(tl.float64), ch.to(tl.float64), cv.to(tl.float64), cd.to(tl.float64)
     else:
@@ -98,8 +104,9 @@ def _haar_idwt2d_kernel(
     cols = tl.program_id(2) * (2 * BLOCK_W) + tl.arange(0, 2 * BLOCK_W)
     col_ok = cols[None, :] < W
     x = x_ptr + pid_nc * H * W + cols[None, :]
-    tl.store(x + row0[:, None] * W, top, mask=(row0[:, None] < H) & col_ok)
-    tl.store(x + (row0[:, None] + 1) * W, bot, mask=(row0[:, None] + 1 < H) & col_ok)
+    row = row0[:, None].to(tl.int64) * W
+    tl.store(x + row, top, mask=(row0[:, None] < H) & col_ok)
+    tl.store(x + row + W, bot, mask=(row0[:, None] + 1 < H) & col_ok)
 
 
 # Tiles of output coefficients, 1024 per program, chosen by the plane's width only: two plans per kernel

@@ -134,9 +134,21 @@ def _big_shared(a_ptr, o_ptr, N, BLOCK: tl.constexpr, STEP: tl.constexpr):
         acc = tl.dot(a, b, acc)
     tl.store(o_ptr + r[:, None] * BLOCK + r[None, :], acc.to(tl.float16))
 
+@triton.jit
+def _strided_i32(a_ptr, o_ptr, S, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(o_ptr + r, tl.load(a_ptr + r * S))  # row * stride in int32: wraps past 2^31 elements
+
+@triton.jit
+def _strided_i64(a_ptr, o_ptr, S, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(o_ptr + r, tl.load(a_ptr + r * S))
+
 out = {{}}
 cases = (("dot8", _tiny_dot, dict(BLOCK=8), torch.float32),
-         ("shared", _big_shared, dict(BLOCK=256, STEP=128), torch.float16))
+         ("shared", _big_shared, dict(BLOCK=256, STEP=128), torch.float16),
+         ("i32", _strided_i32, dict(BLOCK=128), torch.float32),
+         ("i64", _strided_i64, dict(BLOCK=128), torch.float32))
 for name, kern, consts, dt in cases:
     plan = make_plan(kern, dict(a_ptr=dt, o_ptr=dt), consts, num_warps=8)
     rec = gpucheck.compile_one(plan, "sm_86", {cache!r})
@@ -149,8 +161,10 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_the_check_rejects_kernels_the_interpreter_accepts(tmp_path):
     """The proof the check can fail: a 256 x 256 fp16 dot pipelined over 128-wide steps, whose stages need
-    128 KiB of shared memory (over sm_86's 99 KiB per block). A tl.dot on 8 x 8 blocks runs under the
-    interpreter and, in triton 3.9, compiles too (padded onto a TF32 MMA).
+    128 KiB of shared memory (over sm_86's 99 KiB per block); a strided copy whose row x stride product is
+    int32 (it would wrap past 2^31 elements, which no test here can allocate), while the same copy in int64
+    passes. A tl.dot on 8 x 8 blocks runs under the interpreter and, in triton 3.9, compiles too (padded onto
+    a TF32 MMA).
     """
     import triton
     import triton.language as tl
@@ -174,6 +188,8 @@ def test_the_check_rejects_kernels_the_interpreter_accepts(tmp_path):
     # triton 3.9 compiles an 8 x 8 tl.dot (padded onto a TF32 MMA), so only the shared case must fail
     assert found["dot8"]["error"] is None and found["dot8"]["tensor_core"], found
     assert any("shared memory" in p for p in found["shared"]["problems"]), found
+    assert any("int32 products of a runtime size or stride" in p for p in found["i32"]["problems"]), found
+    assert found["i64"]["problems"] == [] and found["i64"]["error"] is None, found
 
 
 def test_every_cuda_kernel_has_a_launch_configuration():

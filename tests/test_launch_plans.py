@@ -79,7 +79,7 @@ def test_fcomb_grid_for_images_over_8_million_pixels(launches):
 
 def test_attention_pool_grids_for_large_batches_and_maps(launches):
     attention_pool.attention_pool_forward(_meta(70000, 256, 4, 4), _meta(70000, 8, 256))
-    attention_pool.attention_pool_forward(_meta(1, 512, 2048, 2048), _meta(1, 8, 512))
+    attention_pool.attention_pool_forward(_meta(1, 256, 2048, 2048), _meta(1, 8, 256))  # 2^30: the int32 rule's edge
     _within_limits(launches)
 
 
@@ -88,6 +88,24 @@ def test_ged_grids_for_70000_samples(launches):
     ged.ged_sums(s, r, 0.5, 1e-7, 1.0, True)
     ged.pairwise_overlap(s, r, 0.5, False, 1e-7, 1.0, ged.MODE_IOU)
     _within_limits(launches)
+
+
+def test_attention_pool_leaves_items_beyond_int32_offsets_to_other_backends():
+    """The attention kernels address one batch item in int32 (their plans declare C, N and sxc bounded for the
+    compile check's int32 rule): the rule that keeps that true, and the routing it drives."""
+    import importlib
+
+    ops_ap = importlib.import_module("harmonizer_fast.ops.attention_pool")
+    small, big = _meta(2, 64, 512, 512), _meta(1, 64, 8192, 4096)  # 2^24 and 2^31 elements per item
+    assert attention_pool.fits(small, 8) and not attention_pool.fits(big, 8)
+    wide = torch.empty_strided((1, 2, 4, 4), (2**31, 2**30, 4, 1), device="meta")  # a strided channel step
+    assert not attention_pool.fits(wide, 8)
+    if not _backend._unavailable("triton", "cpu"):  # the rule applies where Triton is a candidate
+        op, impls = ops_ap._route("attention_pool", big, 8, ops_ap._FORWARD)
+        assert "triton" not in impls and "int32" in op
+        assert "triton" in ops_ap._route("attention_pool", small, 8, ops_ap._FORWARD)[1]
+    with pytest.raises(ValueError, match="int32 offsets"):
+        attention_pool.attention_pool_forward(big, _meta(1, 8, 64))
 
 
 def test_check_grid_rejects_what_cuda_cannot_launch():

@@ -97,6 +97,17 @@ _BACKWARD = {
 }
 SUPPORT = _backend.DEFAULT_SUPPORT
 IMPLS = {"attention_pool": _FORWARD, "attention_pool_backward": _BACKWARD}
+_BEYOND_INT32 = " (a batch item beyond the Triton kernels' int32 offsets)"
+
+
+def _route(op: str, x: Tensor, m: int, impls: dict) -> tuple[str, dict]:
+    """The Triton kernels address one batch item with int32 offsets (kernels/attention_pool.py ``fits``): a
+    bigger item runs on the other backends by rule, not by a failure and a fallback warning."""
+    if _backend._unavailable("triton", x.device.type):
+        return op, impls
+    from ..kernels.attention_pool import fits
+
+    return (op, impls) if fits(x, m) else (op + _BEYOND_INT32, {k: v for k, v in impls.items() if k != "triton"})
 
 
 def _flat_plane(x: Tensor) -> Tensor:
@@ -108,7 +119,8 @@ def _flat_plane(x: Tensor) -> Tensor:
 @torch.library.custom_op("harmonizer_fast::attention_pool", mutates_args=())
 def _core_op(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     x = _flat_plane(x)
-    z, lse = _backend.dispatch("attention_pool", x, _FORWARD, SUPPORT, x, a.contiguous())
+    op, impls = _route("attention_pool", x, a.shape[1], _FORWARD)
+    z, lse = _backend.dispatch(op, x, impls, SUPPORT, x, a.contiguous())
     return z, lse
 
 
@@ -116,7 +128,8 @@ def _core_op(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 def _core_backward_op(dz: Tensor, x: Tensor, a: Tensor, z: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     x = _flat_plane(x)
     dz, a, z, lse = dz.contiguous(), a.contiguous(), z.contiguous(), lse.contiguous()  # all (B, M[, C]): tiny
-    dx, da = _backend.dispatch("attention_pool_backward", x, _BACKWARD, SUPPORT, dz, x, a, z, lse)
+    op, impls = _route("attention_pool_backward", x, a.shape[1], _BACKWARD)
+    dx, da = _backend.dispatch(op, x, impls, SUPPORT, dz, x, a, z, lse)
     return dx, da
 
 
