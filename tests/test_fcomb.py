@@ -67,6 +67,22 @@ def test_matches_transcription(case, shape, dtype, use_backend):
     torch.testing.assert_close(got.double().cpu(), expected(*args), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+def test_saturating_logits(case, use_backend):
+    """Logits around and past the ends of exp's float range (|logit| near or over 88) give 0 and 1 as the
+    float64 transcription does, in the builds whose sigmoid runs on whole vectors (csrc/include/cpu_math.h
+    exp_vec) as in the others."""
+    device = use_backend(*case)
+    base, bias, hw, hb, lw, _ = inputs(2, 4, 16, 6, 11, 2, device, torch.float32, seed=3)
+    for lb in (-150.0, -89.0, -86.0, -20.0, 20.0, 86.0, 89.0, 150.0):  # the logits spread a few units around lb
+        args = (base, bias, hw, hb, lw, torch.tensor([lb], device=device))
+        got = fcomb_head(*args).double().cpu()
+        want = expected(*args)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+        if abs(lb) > 100:
+            assert torch.equal(got, (want > 0.5).double())
+
+
 def test_reference_chunks_over_samples(monkeypatch, use_backend):
     use_backend("torch", "cpu")
     args = inputs(2, 7, 16, 6, 6, 2, "cpu", torch.float32)
