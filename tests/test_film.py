@@ -46,6 +46,29 @@ def test_matches_reference_with_gradients(case, shape, per_channel, dtype, use_b
         torch.testing.assert_close(got.double().cpu(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
 
 
+# float32 outputs of 16 MiB or more are written with streaming stores (csrc/cpu/film.cpp, kStreamBytes):
+# 257 columns put every row's start at a different offset in its cache line, so each row has an ordinary
+# head, streamed lines and an ordinary tail; (B, C) = (2, 33) gives 66 planes over the threads.
+STREAMED_SHAPE = (2, 33, 250, 257)  # 4.24 M floats: 16.2 MiB
+
+
+@pytest.mark.parametrize("case", [c for c in CPU_CASES if c[0] == "cpu"], ids=case_id)
+def test_streamed_outputs_match_reference(case, use_backend):
+    device = use_backend(*case)
+    x = rand(STREAMED_SHAPE, device, torch.float32, 21).requires_grad_()
+    assert x.numel() * 4 >= 16 << 20
+    gamma = rand((2, 33), device, torch.float32, 22).requires_grad_()
+    beta = rand((33,), device, torch.float32, 23).requires_grad_()
+    dy = rand(STREAMED_SHAPE, device, torch.float32, 24)
+    y = hf.film(x, gamma, beta)
+    grads = torch.autograd.grad(y, (x, gamma, beta), dy)
+    y_ref, grads_ref = expected(x, gamma, beta, dy)
+    torch.testing.assert_close(y.double(), y_ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grads[0].double(), grads_ref[0], rtol=2e-6, atol=2e-6)
+    for got, ref in zip(grads[1:], grads_ref[1:]):  # sums of 64 k products, accumulated in double
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
 def test_strided_inputs(case, use_backend):
     device = use_backend(*case)
