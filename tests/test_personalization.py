@@ -194,3 +194,29 @@ def test_latent_ceiling_bounds_the_heads_and_dice_match(demo):
     assert c["ceiling_minus_heads"] > 0 and c["ceiling_minus_phase1_dice_match"] > 0, c
     assert all(v > h for v, h in zip(c["per_rater"], c["heads_per_rater"])), c
     np.testing.assert_allclose(c["heads_dice_mean"], demo[0]["personalization_gain"]["dice_mean"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 64, 64), (1, 3, 10, 17), (3, 4, 2, 7)], ids=str)
+@pytest.mark.parametrize("dilation", [2, 3])
+def test_dilated_depthwise_as_polyphase_convs_equals_the_dilated_conv(shape, dilation):
+    """The LKA's dilated depthwise conv runs as undilated convs on the polyphase components (oneDNN is
+    slow on dilated depthwise convs under AVX2): values and all three gradients equal torch's dilated conv,
+    in float64, also where H and W are not multiples of the dilation or smaller than the kernel's reach."""
+    from harmonizer_fast.model.personalizer import _dilated_depthwise
+
+    c = shape[1]
+    g = torch.Generator().manual_seed(7)
+    conv = torch.nn.Conv2d(c, c, 7, padding=3 * dilation, dilation=dilation, groups=c).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+        conv.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    x = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    ours = _dilated_depthwise(conv, x)
+    ref = conv(x)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(ours, (x, conv.weight, conv.bias), dy)
+    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
