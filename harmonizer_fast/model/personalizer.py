@@ -60,7 +60,13 @@ def _dilated_depthwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     zero padding. Same values (each output sums the same k^2 products); why: oneDNN has no fast kernel for
     dilated depthwise convs on AVX2. At the paper config's 64 maps of 12 x 64 x 64 on 2 Zen 4 cores, the
     7x7 dilation-3 conv took 62 ms forward and 436 ms forward + backward under the AVX2 build (20 and 75
-    ms under AVX-512); as components it takes 11 and 48 ms (7 and 55 under AVX-512)."""
+    ms under AVX-512); as components it takes 11 and 48 ms (7 and 55 under AVX-512).
+
+    Under torch.compile and torch.export the dilated conv itself is traced: the padding to a multiple of d
+    puts a ceil-division of a dynamic size into the graph, which export cannot prove, and a compiled or
+    exported graph (ONNX included) is better served by the one standard op."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return conv(x)
     d, k = conv.dilation[0], conv.kernel_size[0]
     n, c, h, w = x.shape
     hq, wq = -(-h // d), -(-w // d)
