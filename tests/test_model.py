@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import BACKEND_CASES, case_id
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -300,3 +301,23 @@ def test_predict_is_sample_then_personalize_from_one_backbone_pass(case, use_bac
         model.predict(x, 5, heads="all")
     with pytest.raises(ValueError, match=r"raters must be indices in \[0, 3\)"):
         model.predict(x, 5, heads="identity", raters=[3])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 2, 9, 7), (1, 1, 1, 2), (2, 4, 33, 64)], ids=str)
+def test_stem_max_pool_equals_the_pool(shape):
+    """The stem's pool without autograd (separable maxima over strided slices) equals F.max_pool2d(3, 2, 1)
+    bit for bit, NaN and -inf included, for even and odd sizes; with autograd it is the pool, gradients
+    (one argmax per window, ties included) equal."""
+    from harmonizer_fast.model.backbone import stem_max_pool
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(shape, generator=g))  # many ties at 0, as after the stem's ReLU
+    x.view(-1)[:: max(1, x.numel() // 5)] = float("nan")
+    x.view(-1)[1 :: max(2, x.numel() // 3)] = float("-inf")
+    with torch.no_grad():
+        torch.testing.assert_close(stem_max_pool(x), F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0, equal_nan=True)
+    xg = torch.relu(torch.randn(shape, generator=g)).requires_grad_()
+    dy = torch.randn(F.max_pool2d(xg, 3, 2, 1).shape, generator=g)
+    got = torch.autograd.grad(stem_max_pool(xg), xg, dy)[0]
+    want = torch.autograd.grad(F.max_pool2d(xg, 3, 2, 1), xg, dy)[0]
+    assert torch.equal(got, want)
