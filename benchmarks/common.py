@@ -411,7 +411,8 @@ def run_per_isa(
              "capped to it (benchmarks/common.py ISA_ENV): a build below the CPU's best is an emulation "
              "(this machine's caches and clocks), which shows what that build costs, not another CPU.", "",
              "| target | " + " | ".join(isas) + " |", "|---|" + "---|" * len(isas)]  # fmt: skip
-    targets = [t["target"] for t in payloads[isas[0]].get("targets", [])]
+    # Every build's targets, in first-seen order: a build may lack one (a peer that failed under it).
+    targets = list(dict.fromkeys(t["target"] for isa in isas for t in payloads[isa].get("targets", [])))
     for target in targets:
         cells = []
         for isa in isas:
