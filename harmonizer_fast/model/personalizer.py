@@ -57,11 +57,11 @@ def _dilated_depthwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     d x d polyphase components of x (space-to-batch, as atrous convolution is usually implemented): output
     pixel (q d + r, p d + s) only reads input pixels of the same residues (r, s), so each component is an
     ordinary k x k depthwise conv of its own, and the zeros padded to a multiple of d stand for the conv's
-    zero padding. The same k^2 products per output (their float sum may round differently: 0 to 1e-5 here),
-    the same weights; why: oneDNN has no fast kernel for
-    dilated depthwise convs on AVX2. At the paper config's 64 maps of 12 x 64 x 64 on 2 Zen 4 cores, the
-    7x7 dilation-3 conv took 62 ms forward and 436 ms forward + backward under the AVX2 build (20 and 75
-    ms under AVX-512); as components it takes 11 and 48 ms (7 and 55 under AVX-512).
+    zero padding. The same weights and the same k^2 products per output (their float sum may round
+    differently: 0 to 1e-5 here). Why: oneDNN has no fast kernel for dilated depthwise convs on AVX2. At
+    the paper config's 64 maps of 12 x 64 x 64 on 2 Zen 4 cores, the 7x7 dilation-3 conv took 62 ms forward
+    and 436 ms forward + backward under the AVX2 build (20 and 75 ms under AVX-512, 68 and 454 under
+    SSE4.1); as components it takes 11 and 48 ms (7 and 55 under AVX-512, 15 and 91 under SSE4.1).
 
     Under torch.compile and torch.export the dilated conv itself is traced: the padding to a multiple of d
     puts a ceil-division of a dynamic size into the graph, which export cannot prove, and a compiled or
