@@ -22,17 +22,26 @@ inline float pow2i(int32_t e) {  // 2^e for -126 <= e <= 127
   return f;
 }
 
-inline float exp_vectorizable(float v) {
-  const float x = std::min(std::max(v, -87.3f), 88.72f);
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest via 1.5 * 2^23
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;      // ln2 split in two for accuracy
-  float p = 1.0f / 720.0f;
+// The shared core: n = round(x / ln2) and the polynomial of e^r, r = x - n ln2, for a float or a GCC
+// vector of floats (the same operations in the same order, lane by lane).
+template <typename V>
+inline V exp_core(V x, V& n) {
+  n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest via 1.5 * 2^23
+  const V r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split in two for accuracy
+  V p = V{} + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+  return p;
+}
+
+inline float exp_vectorizable(float v) {
+  const float x = std::min(std::max(v, -87.3f), 88.72f);
+  float n;
+  const float p = exp_core(x, n);
   const int32_t ni = static_cast<int32_t>(n), half = ni >> 1;
   const float out = p * pow2i(half) * pow2i(ni - half);
   return v < -87.3f ? 0.0f : (v > 88.72f ? std::numeric_limits<float>::infinity() : out);
@@ -49,15 +58,8 @@ __attribute__((always_inline)) inline vec exp_vec(vec v) {
   const vec lo = vec{} - 87.3f, hi = vec{} + 88.72f;
   vec x = v < lo ? lo : v;
   x = x > hi ? hi : x;
-  const vec n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const vec r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  vec p = vec{} + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  vec n;
+  const vec p = exp_core(x, n);
   const ivec ni = __builtin_convertvector(n, ivec), half = ni >> 1;
   // 2^half and 2^(ni - half) built in the exponent bits; a vector cast of equal size reinterprets the bits.
   const vec out = p * reinterpret_cast<vec>((half + 127) << 23) * reinterpret_cast<vec>((ni - half + 127) << 23);
