@@ -1,12 +1,12 @@
-"""``harmonizer-fast sample`` against an earlier commit on the same machine ([cpu-speed] item 4).
+"""``harmonizer-fast sample`` against earlier commits on the same machine ([cpu-speed] item 4).
 
 The path the command times (``cmd_sample``): the glibc policy it sets (``keep_freed_memory``), then
 ``stream_samples`` (one backbone pass per batch for the K prior samples and the 4 raters' heads, float16
 conversion, the streamed npz writer), paper config, 128 x 128, K = 16, B = 16, heads included, over
-160 synthetic images. Each version runs in its own process, the two alternating round by round so that
-a noisy neighbour slows both alike; one warm-up batch per process is not timed. The earlier commit is
+160 synthetic images. Each version runs in its own process, the versions alternating round by round so
+that a noisy neighbour slows all alike; one warm-up batch per process is not timed. Each earlier commit is
 checked out into ``build/history/<commit>`` (a git worktree) and its extension built there, in place.
-``--isa`` runs both versions under one instruction-set build (our kernels, ATen and oneDNN capped alike,
+``--isa`` runs every version under one instruction-set build (our kernels, ATen and oneDNN capped alike,
 benchmarks/common.py ISA_ENV), or under each build this CPU executes (``all``, the default): the issue's
 machine had AVX2 only, and a build below this CPU's best is an emulation on this machine.
 
