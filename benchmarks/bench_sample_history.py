@@ -87,7 +87,7 @@ def run_once(tree: Path, images: int, isa: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HARMONIZER_FAST_", "MALLOC_"))}
     env.pop("ATEN_CPU_CAPABILITY", None)
     env.pop("ONEDNN_MAX_CPU_ISA", None)
-    env.update(ISA_ENV.get(isa, {}), PYTHONPATH=str(tree))
+    env.update(ISA_ENV[isa], PYTHONPATH=str(tree))
     args = [str(a) for a in (images, SAMPLES, BATCH, SIZE, RATERS, tree)]
     out = subprocess.run([sys.executable, "-c", WORKER, *args], cwd=tree, env=env, check=True, capture_output=True,
                          text=True).stdout  # fmt: skip

@@ -91,34 +91,29 @@ inline void film_row_impl(const T* __restrict__ xr, T* __restrict__ yr, int64_t 
 HF_ISA_CLONES(film_row, film_row_impl)
 
 // One contiguous row of the backward: dx = g dy, and the row's sums of dy x and dy added to sums[0..1].
+// dx is written first (streamed or stored), then the sums read dy and x from the lines just cached.
 template <typename T>
 inline void film_backward_row_impl(const T* __restrict__ dyr, const T* __restrict__ xr, T* __restrict__ dxr,
                                    int64_t w, T g, double* __restrict__ sums, bool stream) {
-  double row_dyx = 0.0, row_dy = 0.0;
-  bool dx_done = false;
+  bool streamed = false;
 #if HF_FILM_STREAM
   if constexpr (std::is_same_v<T, float>) {
-    if (stream) {  // dx streamed first; the sums below then read dy and x from lines this just cached
+    if (stream) {
       stream_row(dyr, dxr, w, [g](auto d) { return splat<decltype(d)>(g) * d; });
-      dx_done = true;
+      streamed = true;
     }
   }
 #endif
-  if (dx_done) {
+  if (!streamed) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) dxr[j] = g * dyr[j];
+  }
+  double row_dyx = 0.0, row_dy = 0.0;
 #pragma omp simd reduction(+ : row_dyx, row_dy)
-    for (int64_t j = 0; j < w; ++j) {
-      const T d = dyr[j];
-      row_dyx += static_cast<double>(d * xr[j]);
-      row_dy += static_cast<double>(d);
-    }
-  } else {
-#pragma omp simd reduction(+ : row_dyx, row_dy)
-    for (int64_t j = 0; j < w; ++j) {
-      const T d = dyr[j];
-      dxr[j] = g * d;
-      row_dyx += static_cast<double>(d * xr[j]);
-      row_dy += static_cast<double>(d);
-    }
+  for (int64_t j = 0; j < w; ++j) {
+    const T d = dyr[j];
+    row_dyx += static_cast<double>(d * xr[j]);
+    row_dy += static_cast<double>(d);
   }
   sums[0] += row_dyx;
   sums[1] += row_dy;

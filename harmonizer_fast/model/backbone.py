@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cpu_paths import eager_cpu
+
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -49,9 +51,7 @@ def stem_max_pool(x: Tensor) -> Tensor:
     slices' gradient would split ties (frequent after a ReLU) where the pool routes it to one argmax; under
     torch.compile and torch.export too, so that their graphs (ONNX included) hold the one standard op; and on
     a GPU, where it was not measured."""
-    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-        return F.max_pool2d(x, 3, 2, 1)
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not eager_cpu(x) or (torch.is_grad_enabled() and x.requires_grad):
         return F.max_pool2d(x, 3, 2, 1)
     xp = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
     w = torch.maximum(torch.maximum(xp[..., :-2:2], xp[..., 1:-1:2]), xp[..., 2::2])

@@ -9,17 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
+from .cpu_paths import channels_last_pays
+
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
-
-
-def _channels_last_pays(x: Tensor) -> bool:
-    """Whether the encoder's activations go channels-last: on the CPU with AVX2 or AVX-512 (ATen's capability,
-    which ``ATEN_CPU_CAPABILITY`` caps as the benchmarks' ``--isa`` does) oneDNN runs these narrow (16-64
-    channel) 3x3 convs faster on NHWC: the paper config's prior at B = 16 on 2 Zen 4 cores, forward 100-117
-    -> 81-94 ms, forward + backward 306 -> ~270 ms (AVX2) and 278 -> ~234 ms (AVX-512). Its SSE4.1 kernels
-    are slower on NHWC (237-277 -> 355-401 ms), and on GPUs it was not measured: NCHW there. The layout is
-    set on the first conv's output because a 1-2 channel input's NCHW and NHWC strides coincide."""
-    return x.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
 class AxisAlignedConvGaussian(nn.Module):
@@ -44,8 +36,9 @@ class AxisAlignedConvGaussian(nn.Module):
         nn.init.zeros_(self.to_params.bias)
 
     def forward(self, x: Tensor) -> Independent:
+        # The layout is set on the first conv's output: a 1-2 channel input's NCHW and NHWC strides coincide.
         h = self.encoder[0](x)
-        if _channels_last_pays(h):
+        if channels_last_pays(h):
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.encoder[1:](h).mean((2, 3), keepdim=True)
         mu, log_sigma = self.to_params(h).flatten(1).chunk(2, dim=1)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.haar import haar_dwt2d, haar_idwt2d
+from .cpu_paths import eager_cpu
 
 RMS_EPS = 1e-6  # keeps the RMS pooling's gradient finite for an all-zero feature
 
@@ -67,7 +68,7 @@ def _dilated_depthwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
     puts a ceil-division of a dynamic size into the graph, which export cannot prove, and a compiled or
     exported graph (ONNX included) is better served by the one standard op. On a GPU (not measured) the
     dilated conv runs too."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not eager_cpu(x):
         return conv(x)
     d, k = conv.dilation[0], conv.kernel_size[0]
     n, c, h, w = x.shape
