@@ -66,9 +66,8 @@ def main() -> int:
         print("gpu_plan_resources: no CUDA device; nothing to record")
         return 0
     os.environ["HARMONIZER_FAST_BACKEND"] = "triton"  # every call on the Triton path, or an error
-    from harmonizer_fast.kernels import attention_pool, fcomb, film, ged, haar
-
     from harmonizer_fast import _backend
+    from harmonizer_fast.kernels import attention_pool, fcomb, film, ged, haar
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         _exercise(dtype)

@@ -1,5 +1,5 @@
 // Torch-side fused sampling head: the op schema, argument checks and the CPU registration of the kernel
-// (cpu/fcomb.cpp). GPUs run the Triton kernel (kernels/fcomb.py) or the torch reference; there is no CUDA
+// (cpu/fcomb.cpp). GPUs run the Triton kernel (harmonizer_fast/kernels/fcomb.py) or the torch reference; there is no CUDA
 // C++ variant of this op.
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ._extras import MissingExtraError, check_available
 from ._io import PathLike, fsync_dir, write_atomic
 from .model import HarmonizerNet
 from .model.net import PREDICT_HEADS
@@ -168,9 +168,10 @@ def _replace_atomically(write: Any, path: Path) -> None:
 
 def onnx_unavailable() -> str:
     """Why ONNX export cannot run here ("" when it can)."""
-    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"ONNX export needs {' and '.join(missing)}: pip install 'harmonizer-fast[export]'"
+    try:
+        check_available("ONNX export", "onnx", "onnxscript")
+    except MissingExtraError as exc:
+        return str(exc)
     return ""
 
 

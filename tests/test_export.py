@@ -201,7 +201,43 @@ def test_export_refuses_what_it_cannot_make(model, tmp_path, monkeypatch):
         ex.export_model(model, tmp_path / "m.tflite", "tflite")
     with pytest.raises(ex.ExportError, match="size must be multiples of 32 of at least 64"):
         ex.export_model(model, tmp_path / "m.pt2", "pt2", size=(32, 64))
-    monkeypatch.setattr(ex.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ex.ExportError, match=r"pip install 'harmonizer-fast\[export\]'"):
         ex.export_model(model, tmp_path / "m.onnx", "onnx")
     assert not list(tmp_path.iterdir())  # nothing written, not even a part
+
+
+def test_a_users_model_exports_with_plain_onnx_export():
+    """A user's module that calls the public ops exports with ``torch.onnx.export(model, args, dynamo=True)``, no
+    decomposition table passed: importing harmonizer_fast registers the references where torch's ONNX exporter
+    looks (torch._decomp's table). Every op family a model calls directly, against the eager module."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (harmonizer-fast[export])")
+    if ex.onnx_unavailable():
+        pytest.skip(ex.onnx_unavailable())
+
+    class Users(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dwt, self.idwt = hf.DWTForward(J=2, wave="haar"), hf.DWTInverse(wave="haar")
+            self.tokens = torch.nn.Parameter(torch.randn(4, 8))
+            self.w_k, self.w_v = torch.nn.Parameter(torch.randn(8, 3) / 3), torch.nn.Parameter(torch.randn(8, 3) / 3)
+
+        def forward(self, x, v):
+            bands = hf.haar_dwt2d(x)
+            back = hf.haar_idwt2d(bands * 0.5, size=x.shape[-2:])
+            yl, yh = self.dwt(x)
+            pooled = hf.token_attention_pool(x, self.tokens, self.w_k, self.w_v)  # (B, 4, 8)
+            gamma = pooled.mean(-1)[:, :3]
+            modulated = hf.film(self.idwt((yl, yh)) + back, gamma, -gamma)
+            vol = hf.haar_idwt3d(hf.haar_dwt3d(v) * 2, size=v.shape[-3:])
+            return modulated, pooled, vol
+
+    torch.manual_seed(0)
+    model, x, v = Users().eval(), torch.randn(2, 3, 32, 40), torch.randn(1, 2, 4, 6, 8)
+    program = torch.onnx.export(model, (x, v), dynamo=True, verbose=False)
+    assert not [n for n in program.model_proto.graph.node if "harmonizer" in n.domain]
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {names[0]: x.numpy(), names[1]: v.numpy()})
+    for g, w in zip(got, model(x, v)):
+        np.testing.assert_allclose(g, w.detach().numpy(), rtol=1e-4, atol=1e-5)

@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .._extras import require
 from .._io import write_atomic
 from .dataset import DataError, MultiRaterData, normalize_images
 
@@ -283,11 +284,7 @@ NPC_MODALITIES = ("t1", "t1c", "t2")
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise DataError("reading HDF5 needs h5py: pip install 'harmonizer-fast[h5]'") from None
-    return h5py
+    return require("h5py", "reading HDF5")
 
 
 def _read_h5_file(f: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -22,12 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._extras import missing_extra
+
 try:
     from monai.metrics import CumulativeIterationMetric
     from monai.metrics.utils import do_metric_reduction
     from monai.utils import MetricReduction
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("harmonizer_fast.metrics.monai needs MONAI: pip install 'harmonizer-fast[adapters]'") from e
+    raise missing_extra("monai", "harmonizer_fast.metrics.monai") from e
 
 from ._adapters import SPECS, per_image, split_options
 

@@ -22,12 +22,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .._extras import missing_extra
+
 try:
     from torchmetrics import Metric, MetricCollection
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "harmonizer_fast.metrics.torchmetrics needs torchmetrics: pip install 'harmonizer-fast[adapters]'"
-    ) from e
+    raise missing_extra("torchmetrics", "harmonizer_fast.metrics.torchmetrics") from e
 
 from ._adapters import SPECS, per_image, split_options
 

@@ -25,6 +25,24 @@ def decompositions() -> dict:
         table.update(importlib.import_module(f"{__name__}.{name}").DECOMPOSITIONS)
     return table
 
+
+def _register_decompositions() -> None:
+    """Put :func:`decompositions` into torch's global decomposition table.
+
+    ``torch.onnx.export(..., dynamo=True)`` builds its table from ``torch._decomp.decomposition_table`` (the
+    ATen decompositions without an ONNX function), so a user's model that calls these ops exports to ONNX with
+    no extra step: the exporter replaces each op by its reference. Nothing else reads the table by default
+    (eager calls, torch.compile and fake tensors dispatch to the registered kernels); torch's own export
+    patches register into it the same way.
+    """
+    from torch._decomp import decomposition_table
+
+    for op, fn in decompositions().items():
+        decomposition_table.setdefault(op, fn)
+
+
+_register_decompositions()
+
 __all__ = [
     "GEDTerms",
     "decompositions",
