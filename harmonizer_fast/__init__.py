@@ -35,6 +35,7 @@ from ._backend import (
     set_cpu_isa,
     supported_cpu_isas,
 )
+from ._version import __version__
 from .model import HarmonizerConfig, HarmonizerNet
 from .ops import (
     GEDTerms,
@@ -51,24 +52,28 @@ from .ops import (
 )
 from .wavelets import DWTForward, DWTInverse, dwt2, idwt2
 
-__version__ = "0.1.0"
-
 # Submodules reachable as attributes without an explicit import (PEP 562): users write hf.losses.total_loss
 # as they write torch.nn.functional.
 _LAZY_SUBMODULES = frozenset(
-    {"checkpoint", "data", "demo", "distributed", "evaluate", "figures", "losses", "metrics", "profiler",
-     "rundir", "sampling", "selection", "train"}
+    {"checkpoint", "data", "demo", "distributed", "evaluate", "figures", "losses", "metrics", "predict",
+     "preprocessing", "pretrained", "profiler", "rundir", "sampling", "selection", "train"}
 )  # fmt: skip
+
+
+# Public names whose modules load on first use (prediction pulls in the image readers).
+_LAZY_ATTRIBUTES = {"Predictor": "predict", "load_pretrained": "pretrained", "Preprocessing": "preprocessing"}
 
 
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY_SUBMODULES)
+    return sorted(set(globals()) | _LAZY_SUBMODULES | set(_LAZY_ATTRIBUTES))
 
 
 __all__ = [

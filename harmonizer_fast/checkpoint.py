@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 
 from ._io import remove, write_atomic
 from .model import HarmonizerConfig, HarmonizerNet
+from .preprocessing import Preprocessing
 
 FORMAT = "harmonizer-fast-checkpoint"
 VERSION = 1
@@ -112,9 +113,11 @@ def save_checkpoint(
     *,
     optimizer: Optional[torch.optim.Optimizer] = None,
     state: Optional[dict[str, Any]] = None,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> Path:
     """Save ``model`` (and ``optimizer``) as checkpoint ``stem`` of ``run_dir`` (see the module docstring for
-    the commit protocol); returns the manifest's path."""
+    the commit protocol); returns the manifest's path. ``preprocessing`` is the recipe the model's inputs were
+    prepared with (default: the readers' own, :class:`~harmonizer_fast.preprocessing.Preprocessing`)."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     net = getattr(model, "module", model)  # DDP wraps the model
@@ -124,6 +127,7 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "model_config": net.config.to_dict(),
+        "preprocessing": (preprocessing or Preprocessing()).to_dict(),
         "files": {"weights": name},
         "sha256": {"weights": sha},
         "state": state or {},
@@ -186,7 +190,16 @@ def _check_manifest(p: Path, manifest: Any) -> dict[str, Any]:
     for key in ("model_config", "state"):
         if not isinstance(manifest.get(key), dict):
             raise CheckpointError(f"{p}: damaged manifest: '{key}' must be an object")
+    try:
+        Preprocessing.from_dict(manifest.get("preprocessing"))
+    except ValueError as exc:
+        raise CheckpointError(f"{p}: damaged manifest: {exc}") from None
     return manifest
+
+
+def preprocessing_of(manifest: dict[str, Any]) -> Preprocessing:
+    """The recipe a checked manifest records (the default for checkpoints older than the field)."""
+    return Preprocessing.from_dict(manifest.get("preprocessing"))
 
 
 def read_manifest(path: PathLike) -> tuple[Path, dict[str, Any]]:

@@ -36,9 +36,12 @@ import math
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
+from ._extras import MissingExtraError
 from ._io import OutputPathError, check_output_dir, check_output_file
+from ._version import __version__
 from .checkpoint import CheckpointError
 from .data import DataError
 from .data.dataset import RATER_ORDERS
@@ -49,14 +52,40 @@ from .train import PHASE2_Z
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+EXIT_CASES_FAILED = 3  # predict finished, but some cases failed (their rows in summary.csv say why)
 
 
 class UsageError(Exception):
     """A command-line argument the command cannot use (reported in one line, exit status 2)."""
 
 
+# One example per subcommand, printed at the end of its --help.
+EXAMPLES = {
+    "train": "harmonizer-fast train --data ../shared/data/lidc --config small --out runs/lidc --epochs 20",
+    "convert": "harmonizer-fast convert ../shared/data/lidc lidc.npz",
+    "evaluate": "harmonizer-fast evaluate --checkpoint runs/lidc --data ../shared/data/lidc --out eval/lidc",
+    "predict": "harmonizer-fast predict -i scans/ -o predictions/ --model lidc-small --report",
+    "sample": "harmonizer-fast sample --checkpoint runs/lidc --data ../shared/data/lidc --out samples.npz --samples 16",
+    "compare": "harmonizer-fast compare --data ../shared/data/lidc --out runs/cmp --folds 0,1,2 --minutes1 6",
+    "export": "harmonizer-fast export --checkpoint runs/lidc --format onnx --out lidc.onnx --samples 16",
+    "demo": "harmonizer-fast demo --out runs/demo",
+    "profile": "harmonizer-fast profile --config paper --json profile.json",
+    "bench": "harmonizer-fast bench --quick --only haar,ged",
+    "info": "harmonizer-fast info",
+}
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with the CLI's error contract: one line on stderr, exit status 2 (no usage block)."""
+    """argparse with the CLI's error contract: one line on stderr, exit status 2 (no usage block).
+
+    A subcommand's parser (prog "harmonizer-fast NAME") ends its --help with NAME's line of :data:`EXAMPLES`.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        example = EXAMPLES.get(str(kwargs.get("prog", "")).split(" ")[-1])
+        if example is not None:
+            kwargs.update(epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -71,6 +100,18 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
         if v < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An integer in [low, high] (the bound is in the message)."""
+
+    def parse(text: str) -> int:
+        v = int_at_least(low)(text)
+        if v > high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {v}")
         return v
 
     return parse
@@ -180,13 +221,73 @@ def _scoring(args: argparse.Namespace):
     from .checkpoint import load_model, read_manifest
     from .rundir import RunDir
 
-    model, _ = load_model(args.checkpoint)
+    device = _device(args.device)
+    model, _ = load_model(args.checkpoint, map_location=device)
     data = _data(args)
     if data.num_raters != model.config.num_raters or data.in_channels != model.config.in_channels:
         raise DataError(f"the data has {data.num_raters} raters and {data.in_channels} channel(s); the checkpoint "
                         f"expects {model.config.num_raters} and {model.config.in_channels}")  # fmt: skip
     manifest_path, _ = read_manifest(args.checkpoint)
     return model, RunDir(manifest_path.parent).scoring_set(data, model.config, args.split)
+
+
+def _device(text: str):
+    """--device as a torch.device, or the one-line usage error."""
+    from .predict import resolve_device
+
+    try:
+        return resolve_device(text)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import time
+
+    from ._alloc import keep_freed_memory
+    from .predict import CaseError, Predictor
+    from .predict.runner import check_not_inside
+    from .preprocessing import Preprocessing
+
+    keep_freed_memory()
+    check_output_dir(args.output, "-o/--output")
+    if not os.path.exists(args.input):
+        raise UsageError(f"-i/--input: {args.input}: no such file or directory")
+    if args.part_id >= args.num_parts:
+        raise UsageError(f"--part-id: expected an integer in [0, --num-parts={args.num_parts}), got {args.part_id}")
+    try:
+        check_not_inside(Path(args.input), Path(args.output))
+    except ValueError as exc:
+        raise UsageError(f"-o/--output: {exc}") from None
+    device = _device(args.device)
+    try:
+        window = Preprocessing.ct_window(*args.window) if args.window is not None else None
+    except ValueError as exc:
+        raise UsageError(f"--window: {exc}") from None
+    try:
+        predictor = Predictor(args.model, num_samples=args.num_samples, seed=args.seed, device=device,
+                              batch_size=args.batch, heads=args.heads, preprocessing=window)  # fmt: skip
+    except CheckpointError as exc:
+        raise UsageError(f"--model {args.model}: {exc}") from None
+    except ValueError as exc:  # the messages name the argument (heads, device, ...)
+        raise UsageError(str(exc)) from None
+    t0 = time.perf_counter()
+    try:
+        record = predictor.run(args.input, args.output, overwrite=args.overwrite, num_parts=args.num_parts,
+                               part_id=args.part_id, save_samples=args.save_samples, slice_axis=args.slice_axis,
+                               report=args.report, progress=not args.no_progress)  # fmt: skip
+    except CaseError as exc:
+        raise UsageError(str(exc)) from None
+    c = record["this_part"]
+    dt = time.perf_counter() - t0
+    print(f"{c['done']} case(s) predicted, {c['skipped']} already done, {c['failed']} failed in {dt:.1f} s "
+          f"({c['done'] / dt:.2f} cases/s on {record['device']}, K = {record['num_samples']}, heads "
+          f"{record['heads']}); {args.output}/summary.csv")  # fmt: skip
+    if c["failed"]:
+        print(f"harmonizer-fast predict: {c['failed']} case(s) failed; their errors are in "
+              f"{args.output}/summary.csv", file=sys.stderr)  # fmt: skip
+        return EXIT_CASES_FAILED
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -326,6 +427,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     candidates = [Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
     script = next((c / "report.py" for c in candidates if (c / "report.py").is_file()), None)
+    if script is None and {"-h", "--help"} & set(args.bench_args):
+        print(f"usage: harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only OPS] [--isa ISA]\n\n"
+              f"Runs every benchmark of a source checkout (benchmarks/report.py) and writes one report with charts;\n"
+              f"its --help there lists every option.\n\nexample:\n  {EXAMPLES['bench']}")  # fmt: skip
+        return 0
     if script is None:
         raise UsageError("the benchmarks live in a source checkout (benchmarks/report.py), found neither next to "
                          "the package nor in the current directory; run it from a clone of the repository")  # fmt: skip
@@ -392,6 +498,7 @@ def _inference_options() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a checkpoint manifest")
     g.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K per image")
     g.add_argument("--seed", type=seed, default=0)
+    g.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu, cuda or cuda:<index>")
     g.add_argument("--split", choices=("test", "all"), default="test",
                    help="test: the run's held-out test patients when --data is the run's dataset (all images of "
                    "any other dataset); all: every image, the run's training patients included")  # fmt: skip
@@ -438,9 +545,39 @@ def _add_train(sub, data: argparse.ArgumentParser) -> None:
     t.set_defaults(func=cmd_train)
 
 
+def _add_predict(sub) -> None:
+    pd = sub.add_parser("predict", help="run a trained or bundled model on PNG/TIFF/JPEG, NumPy, NIfTI or DICOM "
+                        "inputs: rater masks, probability and uncertainty maps in the input's geometry")  # fmt: skip
+    pd.add_argument("-i", "--input", required=True, help="a file, or a folder of files (nnU-Net channel naming "
+                    "NAME_0000, NAME_0001 for several channels) and DICOM series folders")  # fmt: skip
+    pd.add_argument("-o", "--output", required=True, help="output folder (one folder per case, summary.csv, "
+                    "predict.json)")  # fmt: skip
+    pd.add_argument("-m", "--model", required=True, help="a bundled model name (lidc-small), a run directory or a "
+                    "checkpoint manifest")  # fmt: skip
+    pd.add_argument("-k", "--num-samples", "--samples", dest="num_samples", type=int_in(1, 4096), default=16,
+                    help="prior samples K per slice")  # fmt: skip
+    pd.add_argument("--seed", type=seed, default=0)
+    pd.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu, cuda or cuda:<index>")
+    pd.add_argument("--batch", type=int_in(1, 4096), default=16, help="slices per forward pass")
+    pd.add_argument("--heads", choices=("auto", "personalized", "identity", "none"), default="auto",
+                    help="rater heads: auto (personalized when phase 2 trained them, else none)")  # fmt: skip
+    pd.add_argument("--num-parts", type=int_in(1, 1 << 20), default=1, help="split the cases into this many parts")
+    pd.add_argument("--part-id", type=int_in(0, 1 << 20), default=0, help="the part this process runs")
+    pd.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist (default: skip them)")
+    pd.add_argument("--save-samples", action="store_true", help="also write the K samples (samples.npy, float16)")
+    pd.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=None,
+                    help="voxel axis to slice volumes along (default: the head-foot axis of the NIfTI affine)")
+    pd.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                    help="intensity window instead of the model's recorded normalisation (CT: e.g. -1350 150)")
+    pd.add_argument("--report", action="store_true", help="also write report.html, the least certain cases first")
+    pd.add_argument("--no-progress", action="store_true")
+    pd.set_defaults(func=cmd_predict)
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="harmonizer-fast", description="The Harmonizer Network for multi-rater medical image "
                "segmentation (arXiv 2605.08210).")  # fmt: skip
+    p.add_argument("--version", action="version", version=f"harmonizer-fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     data, inference = _data_options(), _inference_options()
     _add_train(sub, data)
@@ -459,6 +596,7 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--batch", type=int_at_least(1), default=16)
     sm.add_argument("--no-progress", action="store_true")
     sm.set_defaults(func=cmd_sample)
+    _add_predict(sub)
     from .compare.variants import VARIANTS
 
     cp = sub.add_parser("compare", parents=[data], help="variants x folds x seeds at equal budget: Tables 1-2, "
@@ -540,7 +678,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .train import TrainingError
 
     expected = (UsageError, DataError, CheckpointError, TrainingError, OutputPathError, BackendUnavailableError,
-                OSError)  # fmt: skip
+                MissingExtraError, OSError)  # fmt: skip
     try:
         return args.func(args)
     except expected as exc:

@@ -41,6 +41,7 @@ from ._extras import MissingExtraError, check_available
 from ._io import PathLike, fsync_dir, write_atomic
 from .model import HarmonizerNet
 from .model.net import PREDICT_HEADS
+from .preprocessing import Preprocessing
 
 FORMATS = ("onnx", "pt2")
 HEADS = ("auto", *PREDICT_HEADS)
@@ -198,8 +199,12 @@ def save(program: torch.export.ExportedProgram, spec: ExportSpec, path: PathLike
     return path
 
 
-def metadata(model: HarmonizerNet, spec: ExportSpec, fmt: str, source: str) -> dict[str, Any]:
+def metadata(model: HarmonizerNet, spec: ExportSpec, fmt: str, source: str,
+             preprocessing: Optional[Preprocessing] = None) -> dict[str, Any]:
+    """The sidecar JSON: inputs, outputs, noise, sizes, config, and the preprocessing ``images`` must have had
+    (the checkpoint's recipe, :mod:`harmonizer_fast.preprocessing`)."""
     c = model.config
+    pre = preprocessing or Preprocessing()
     return {
         "format": fmt,
         "source": source,
@@ -217,6 +222,7 @@ def metadata(model: HarmonizerNet, spec: ExportSpec, fmt: str, source: str) -> d
         "noise": "standard normal draws; predict() draws sample_noise first, then bank_noise, from one generator",
         "size": {"traced_at": list(spec.size), "multiple_of": c.size_multiple,
                  "at_least": MIN_SIZE_MULTIPLES * c.size_multiple},  # fmt: skip
+        "preprocessing": {**pre.to_dict(), "description": pre.describe()},
         "config": c.to_dict(),
     }
 
@@ -230,6 +236,7 @@ def export_model(
     heads: str = "auto",
     size: tuple[int, int] = (128, 128),
     source: str = "",
+    preprocessing: Optional[Preprocessing] = None,
 ) -> dict[str, Any]:
     """Export ``model``'s inference (K = ``samples``, ``heads`` as in :func:`resolve_heads`) to ``path`` in
     ``fmt``, and its metadata to ``path`` + ``.json``; returns the metadata."""
@@ -240,7 +247,7 @@ def export_model(
     spec = ExportSpec(int(samples), resolve_heads(model, heads), (int(size[0]), int(size[1])))
     program = export_program(model, spec)
     out = save(program, spec, path, fmt)
-    meta = metadata(model, spec, fmt, source)
+    meta = metadata(model, spec, fmt, source, preprocessing)
     meta["bytes"] = out.stat().st_size
     write_atomic(Path(f"{out}.json"), json.dumps(meta, indent=2) + "\n")
     return meta
@@ -248,10 +255,10 @@ def export_model(
 
 def export_checkpoint(checkpoint: PathLike, path: PathLike, fmt: str, **kwargs: Any) -> dict[str, Any]:
     """:func:`export_model` of a checkpoint (a run directory's best, or a manifest)."""
-    from .checkpoint import load_model
+    from .checkpoint import load_model, preprocessing_of
 
-    model, _ = load_model(checkpoint)
-    return export_model(model, path, fmt, source=str(checkpoint), **kwargs)
+    model, manifest = load_model(checkpoint)
+    return export_model(model, path, fmt, source=str(checkpoint), preprocessing=preprocessing_of(manifest), **kwargs)
 
 
 __all__ = ["FORMATS", "HEADS", "ExportError", "ExportSpec", "InferenceModel", "export_checkpoint", "export_model",

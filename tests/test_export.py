@@ -178,6 +178,7 @@ def test_cli_export_of_a_trained_run(tmp_path, capsys):
     meta = json.loads(out.with_name("model.pt2.json").read_text())
     assert meta["heads"] == "personalized" and meta["samples"] == 4 and meta["bytes"] == out.stat().st_size
     assert list(meta["inputs"]) == ["images", "sample_noise", "bank_noise"] and meta["raters"] == [0, 1]
+    assert meta["preprocessing"]["intensity"] == "auto" and meta["preprocessing"]["size_multiple"] == 32
     model, _ = load_model(run)
     images = rand((2, 1, 64, 96), dtype=torch.float32, seed=50)
     g = torch.Generator().manual_seed(5)

@@ -1,9 +1,10 @@
 """The in-memory multi-rater dataset every reader produces, patient-level splits, rater ordering, padding
 and augmentation (docs/architecture.md, "Data").
 
-Normalization (stated once, applied by every reader): uint8 images are scaled to [0, 1] by 1/255; floating
-images already within [0, 1] are kept as they are (so converted datasets read back unchanged), other floating
-images are min-max scaled to [0, 1] per image and channel (a constant channel becomes 0). Masks are uint8 in
+Normalization (stated once in :mod:`harmonizer_fast.preprocessing`, applied by every reader): uint8 images are
+scaled to [0, 1] by 1/255 and uint16 by 1/65535; floating images already within [0, 1] are kept as they are (so
+converted datasets read back unchanged), other images are min-max scaled to [0, 1] per image and channel (a
+constant channel becomes 0). Masks are uint8 in
 {0, 1}. Images are ``(N, C, H, W)`` float32, masks ``(N, R, H, W)`` uint8, ``patient_id`` one string per item.
 """
 
@@ -25,19 +26,15 @@ RATER_ORDERS = ("stored", "area-asc", "area-desc")
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
-    """``(N, C, H, W)`` uint8 or float -> float32 in [0, 1] (see the module docstring)."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    if not np.issubdtype(images.dtype, np.floating):
-        raise DataError(f"images must be uint8 or floating point, got {images.dtype}")
-    x = images.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError("images contain NaN or Inf")
-    if x.size and x.min() >= 0.0 and x.max() <= 1.0:
-        return x
-    lo = x.min(axis=(2, 3), keepdims=True)
-    span = x.max(axis=(2, 3), keepdims=True) - lo
-    return np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+    """``(N, C, H, W)`` pixels -> float32 in [0, 1]: the default :class:`~harmonizer_fast.preprocessing.
+    Preprocessing` (uint8 / 255, uint16 / 65535, floats in [0, 1] kept, anything else min-max per image and
+    channel), the recipe every checkpoint records, so that prediction prepares images as training did."""
+    from ..preprocessing import Preprocessing
+
+    try:
+        return Preprocessing().normalize(images)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 @dataclass

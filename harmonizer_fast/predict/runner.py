@@ -1,0 +1,529 @@
+"""``Predictor``: a trained model on the images users have, one code path for the API and ``harmonizer-fast predict``.
+
+For each case (:mod:`.inputs`): read the raw pixels, apply the model's recorded preprocessing, draw K prior
+samples and the rater heads slice by slice, crop the padding, and write in the input's format and geometry:
+
+    OUT/<case>/mask.<ext>          the consensus mask: the mean of the K samples >= 0.5 (0/1; PNG 0/255)
+    OUT/<case>/probability.<ext>   the mean of the K sample probabilities (float32; PNG 0-255)
+    OUT/<case>/uncertainty.<ext>   the binary entropy of that mean in bits, in [0, 1] (float32; PNG 0-255)
+    OUT/<case>/rater-<i>.<ext>     head i's mask (personalized heads; i = 1..R), when the model has them
+    OUT/<case>/samples.npy         the K samples (K, S, H, W) float16, with save_samples
+    OUT/<case>/case.json           the case's summary row, its seeds and timing (written last: the case is done)
+    OUT/summary.csv                one row per case of the input (see SUMMARY_FIELDS)
+    OUT/predict.json               model and its SHA-256, K, seed, device, preprocessing, version, parts
+    OUT/report.html                with report=True (:mod:`.report`)
+
+``<ext>`` is ``.png`` for 2-D images, ``.npy`` for NumPy inputs, ``.nii.gz`` for NIfTI and DICOM inputs (the
+latter with the series' geometry as the NIfTI affine). A case's files appear in one step: they are written
+into a hidden folder of OUT that is then renamed to ``OUT/<case>``. A rerun skips cases whose folder exists
+(``overwrite=True`` redoes them); a case that fails (unreadable, NaN pixels, wrong channel count) becomes a
+``failed`` row with its error while the others finish.
+
+Randomness is keyed by the case, never by the run: slice ``j`` of case ``name`` draws its K sample latents
+and then the personalizer's bank from ``torch.Generator().manual_seed(slice_seed(seed, name, j))`` on the
+CPU, exactly as ``model.predict(image[None], K, generator=...)`` would. So the outputs do not depend on the
+order of cases, the sharding over processes (``num_parts``/``part_id``, or torchrun's ranks) or the device's
+draw order. Batches are fixed by the input alone (:func:`work_units`: consecutive 2-D cases share a batch of
+``batch_size``, a volume's slices batch among themselves), and parts take whole units, so sharded and
+resumed runs write the same bytes as one uninterrupted process with the same batch size and thread count
+(another batch size or thread count moves the float maps in their last bits, as oneDNN splits its sums
+differently).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from .._extras import require
+from .._io import PathLike, fsync_dir, write_atomic
+from .._version import __version__
+from ..checkpoint import load_model, preprocessing_of, read_manifest
+from ..model import HarmonizerNet
+from ..preprocessing import Preprocessing
+from .inputs import Case, CaseError, LoadedCase, find_cases, load_case, write_map
+
+HEADS = ("auto", "personalized", "identity", "none")
+STATUS_OK, STATUS_FAILED = "ok", "failed"
+MAX_SAMPLES = 4096
+
+
+def slice_seed(seed: int, case: str, index: int) -> int:
+    """The generator seed of slice ``index`` of case ``case`` (63 bits of SHA-256 of the three)."""
+    digest = hashlib.sha256(f"{seed}\0{case}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``auto`` (CUDA when torch sees one, under torchrun the local rank's), ``cpu``, ``cuda`` or ``cuda:i``."""
+    text = "auto" if device is None else str(device)
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:<index>, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:<index>, got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text}: no CUDA device is visible to torch (a CPU build, or no GPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _binary_entropy(p: np.ndarray) -> np.ndarray:
+    """H(p) in bits, 0 at p = 0 and 1."""
+    p = p.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return np.nan_to_num(h, nan=0.0).astype(np.float32)
+
+
+def mean_pairwise_disagreement(masks: np.ndarray) -> float:
+    """Mean over pairs of ``1 - IoU`` of binary masks ``(N, ...)``, two empty masks agreeing (IoU 1): the
+    diversity of a set of segmentations of one case, in [0, 1] (0 for fewer than two masks)."""
+    n = masks.shape[0]
+    if n < 2:
+        return 0.0
+    flat = torch.from_numpy(masks.reshape(n, -1).astype(np.float64))
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+    off = ~torch.eye(n, dtype=torch.bool)
+    return float((1 - iou)[off].mean())
+
+
+@dataclass
+class CasePrediction:
+    """One case's maps ``(S, H, W)`` at the input's size, and the heads ``(R, S, H, W)`` (None without heads)."""
+
+    probability: np.ndarray
+    uncertainty: np.ndarray
+    heads: Optional[np.ndarray]
+    samples: np.ndarray  # (K, S, H, W) float16
+    image: np.ndarray  # (S, C, H, W) float32: the network's input after preprocessing, padding removed
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.probability >= 0.5
+
+
+SUMMARY_FIELDS = ("case", "status", "error", "kind", "slices", "height", "width", "unit", "area",
+                  "uncertainty", "uncertain_area", "heads_disagreement", "seconds")  # fmt: skip
+
+
+def summary_row(name: str, loaded: LoadedCase, pred: CasePrediction, seconds: float) -> dict[str, Any]:
+    """Areas (mask, each head) in mm^2 (2-D) or mm^3 (volumes) where the input records its spacing, else in
+    pixels or voxels; ``uncertainty``: the K samples' mean pairwise 1 - IoU over the case; ``uncertain_area``:
+    the entropy map summed (bits x area: the area the model is unsure about); ``heads_disagreement``: the
+    heads' mean pairwise 1 - IoU."""
+    g = loaded.geometry
+    if g.spacing is not None:
+        unit, per_pixel = ("mm3", float(np.prod(g.spacing))) if g.volume else ("mm2", g.spacing[1] * g.spacing[2])
+    else:
+        unit, per_pixel = ("voxels", 1.0) if g.volume else ("pixels", 1.0)
+    s, h, w = pred.probability.shape
+    row: dict[str, Any] = {
+        "case": name, "status": STATUS_OK, "error": "", "kind": g.kind, "slices": s, "height": h, "width": w,
+        "unit": unit, "area": float(pred.mask.sum()) * per_pixel,
+        "uncertainty": mean_pairwise_disagreement(pred.samples >= 0.5),
+        "uncertain_area": float(pred.uncertainty.sum(dtype=np.float64)) * per_pixel,
+        "heads_disagreement": "" if pred.heads is None else mean_pairwise_disagreement(pred.heads >= 0.5),
+        "seconds": round(seconds, 3),
+    }  # fmt: skip
+    if pred.heads is not None:
+        for i, head in enumerate(pred.heads >= 0.5):
+            row[f"area_rater{i + 1}"] = float(head.sum()) * per_pixel
+    return row
+
+
+class Predictor:
+    """A model ready to run on raw images: its preprocessing, device, K, seed and heads fixed.
+
+    ``model``: a :class:`~harmonizer_fast.HarmonizerNet`, a run directory or checkpoint manifest, or the name
+    of a bundled model (:func:`harmonizer_fast.pretrained.available`). ``heads``: ``auto`` (the personalized
+    heads when phase 2 trained them, else none), ``personalized``, ``identity`` (the prior mean for every
+    rater) or ``none``. ``batch_size`` slices go through the network together (never from two cases).
+    """
+
+    def __init__(
+        self,
+        model: Union[HarmonizerNet, PathLike],
+        *,
+        num_samples: int = 16,
+        seed: int = 0,
+        device: Union[str, torch.device] = "auto",
+        batch_size: int = 16,
+        heads: str = "auto",
+        preprocessing: Optional[Preprocessing] = None,
+    ) -> None:
+        for name, v, hi in (("num_samples", num_samples, MAX_SAMPLES), ("batch_size", batch_size, 1 << 16)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise ValueError(f"{name}: expected an int in [1, {hi}], got {v!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        if heads not in HEADS:
+            raise ValueError(f"heads: expected one of {HEADS}, got {heads!r}")
+        self.device = resolve_device(device)
+        self.model, self.model_info, recorded = _load(model)
+        self.model.to(self.device).eval()
+        self.preprocessing = preprocessing or recorded
+        if heads == "auto":
+            heads = "personalized" if self.model.personalizer_trained else "none"
+        if heads == "personalized" and not self.model.personalizer_trained:
+            raise ValueError("heads='personalized': this model's personalizer was never trained (phase 2); use "
+                             "heads='identity' or 'none'")  # fmt: skip
+        self.heads, self.num_samples, self.seed, self.batch_size = heads, num_samples, seed, batch_size
+
+    @property
+    def channels(self) -> int:
+        return self.model.config.in_channels
+
+    # -- one case -------------------------------------------------------------------------------------------
+
+    def _draws(self, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The standard-normal draws of the slices ``(case, index)``: each from its own generator, the K sample
+        latents first, then the personalizer's bank, as ``model.predict`` draws them for one image."""
+        c = self.model.config
+        z, bank = [], []
+        for name, j in keys:
+            g = torch.Generator().manual_seed(slice_seed(self.seed, name, j))
+            z.append(torch.randn((1, self.num_samples, c.latent_dim), generator=g))
+            if self.heads == "personalized":
+                bank.append(torch.randn((1, c.prior_bank, c.latent_dim), generator=g))
+        return torch.cat(z), torch.cat(bank) if bank else None
+
+    def _prepare(self, images: np.ndarray, name: str) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            raise CaseError(f"case {name!r}: expected images (S, {self.channels}, H, W), got {images.shape}")
+        try:
+            return self.preprocessing.normalize(images)
+        except ValueError as exc:
+            raise CaseError(f"case {name!r}: {exc}") from None
+
+    def _forward(self, x: np.ndarray, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Normalized slices ``(n, C, H, W)`` of one size -> samples ``(n, K, H, W)`` and heads ``(n, R, H, W)``
+        on the CPU, cropped back to ``H x W``, in batches of ``batch_size``."""
+        h, w = x.shape[2:]
+        padded = self.preprocessing.pad(x)
+        probs, heads = [], []
+        for first in range(0, len(keys), self.batch_size):
+            part = keys[first : first + self.batch_size]
+            batch = torch.from_numpy(np.ascontiguousarray(padded[first : first + len(part)])).to(self.device)
+            z, bank = self._draws(part)
+            p, hd = self.model.decode_draws(batch, z.to(self.device), None if bank is None else bank.to(self.device),
+                                            heads=self.heads)  # fmt: skip
+            probs.append(p[..., :h, :w].float().cpu())
+            if hd is not None:
+                heads.append(hd[..., :h, :w].float().cpu())
+        return torch.cat(probs), torch.cat(heads) if heads else None
+
+    @staticmethod
+    def _result(x: np.ndarray, probs: torch.Tensor, heads: Optional[torch.Tensor]) -> CasePrediction:
+        samples = probs.transpose(0, 1)  # (K, S, H, W)
+        probability = samples.mean(0).numpy()
+        return CasePrediction(probability, _binary_entropy(probability),
+                              None if heads is None else heads.transpose(0, 1).numpy(),
+                              samples.to(torch.float16).numpy(), x)  # fmt: skip
+
+    @torch.no_grad()
+    def predict_images(self, images: np.ndarray, name: str) -> CasePrediction:
+        """Raw images ``(S, C, H, W)`` of the case ``name`` -> its :class:`CasePrediction` (the name keys the
+        random draws, see the module docstring)."""
+        x = self._prepare(images, name)
+        probs, heads = self._forward(x, [(name, j) for j in range(x.shape[0])])
+        return self._result(x, probs, heads)
+
+    @torch.no_grad()
+    def predict_many(self, items: list[tuple[str, np.ndarray]]) -> list[CasePrediction]:
+        """Several single-slice cases ``(name, images (1, C, H, W))`` through the network together (cases of one
+        size share batches): what :meth:`run` does with a group of 2-D images."""
+        xs = [self._prepare(images, name) for name, images in items]
+        out: list[Optional[CasePrediction]] = [None] * len(items)
+        for shape in dict.fromkeys(x.shape for x in xs):
+            idx = [i for i, x in enumerate(xs) if x.shape == shape]
+            probs, heads = self._forward(np.concatenate([xs[i] for i in idx]),
+                                         [(items[i][0], j) for i in idx for j in range(shape[0])])  # fmt: skip
+            s = shape[0]
+            for n, i in enumerate(idx):
+                out[i] = self._result(xs[i], probs[n * s : (n + 1) * s], None if heads is None else
+                                      heads[n * s : (n + 1) * s])  # fmt: skip
+        return out
+
+    def predict_case(self, case: Case, slice_axis: Optional[int] = None) -> tuple[LoadedCase, CasePrediction]:
+        loaded = load_case(case, self.channels, slice_axis)
+        return loaded, self.predict_images(loaded.images, case.name)
+
+    # -- a whole input --------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        input: PathLike,
+        output: PathLike,
+        *,
+        overwrite: bool = False,
+        num_parts: int = 1,
+        part_id: int = 0,
+        save_samples: bool = False,
+        slice_axis: Optional[int] = None,
+        report: bool = False,
+        progress: bool = True,
+        log=print,
+    ) -> dict[str, Any]:
+        """Predict every case of ``input`` (a file or folder) this process's part owns into ``output``; returns
+        the run record (also ``output/predict.json``). See the module docstring for the layout."""
+        from ..distributed import init_distributed
+
+        src, out = Path(input), Path(output)
+        check_not_inside(src, out)
+        rank, world = init_distributed()
+        if not (isinstance(num_parts, int) and isinstance(part_id, int) and 0 <= part_id < num_parts):
+            raise ValueError(f"part_id must lie in [0, num_parts), got part_id={part_id}, num_parts={num_parts}")
+        parts, part = num_parts * world, part_id * world + rank  # torchrun's ranks split each part further
+        cases, unlisted = find_cases(src)
+        if not cases and not unlisted:
+            raise CaseError(f"{src}: no inputs found (PNG/TIFF/JPEG, .npy/.npz, .nii/.nii.gz or DICOM series)")
+        if any(c.kind == "dicom" for c in cases):
+            require("pydicom", "reading DICOM")  # one line naming the extra, before any work
+        units = work_units(cases, self.batch_size)
+        mine = units[part::parts]
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_stale(out)
+        started = time.time()
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(map(len, mine)), desc=f"predict {part + 1}/{parts}" if parts > 1 else "predict",
+                       unit="case", disable=None)  # fmt: skip
+        for unit in mine:
+            pending = [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]
+            counts["skipped"] += len(unit) - len(pending)
+            if pending:
+                for key, n in self._run_unit(out, unit, pending, slice_axis, save_samples, report).items():
+                    counts[key] += n
+            if bar is not None:
+                bar.update(len(unit))
+        if bar is not None:
+            bar.close()
+        for name, error in unlisted if part == 0 else []:
+            _record_failure(out, name, CaseError(error))
+            counts["failed"] += 1
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank's cases are on disk before rank 0 summarises
+        record = self._record(src, out, cases, unlisted, counts, parts, part, started)
+        if rank == 0:
+            rows = write_summary(out, [c.name for c in cases] + [n for n, _ in unlisted])
+            write_atomic(out / "predict.json", json.dumps(record, indent=1) + "\n")
+            if report:
+                from .report import write_report
+
+                write_report(out, rows)
+            record["rows"] = rows
+        return record
+
+    def _run_unit(self, out: Path, unit: list[Case], pending: list[Case], slice_axis, save_samples: bool,
+                  report: bool) -> dict[str, int]:
+        """Predict one work unit and commit its pending cases. The whole unit goes through the network even when
+        some of its cases are done (a resumed run), so every batch holds what it held in an uninterrupted run."""
+        counts = {"done": 0, "failed": 0}
+        t0 = time.perf_counter()
+        loaded: list[LoadedCase] = []
+        for case in unit:
+            try:
+                loaded.append(load_case(case, self.channels, slice_axis))
+            except (CaseError, OSError, MemoryError) as exc:
+                if case in pending:
+                    _record_failure(out, case.name, exc)
+                    counts["failed"] += 1
+        try:
+            if len(unit) == 1 and loaded:
+                preds = [self.predict_images(loaded[0].images, loaded[0].case.name)]
+            else:
+                preds = self.predict_many([(lc.case.name, lc.images) for lc in loaded])
+        except CaseError:
+            if len(loaded) == 1:
+                raise
+            # one bad image (NaN pixels) in a group: the group is predicted case by case, so the others finish
+            preds = []
+            for lc in loaded:
+                try:
+                    preds.append(self.predict_images(lc.images, lc.case.name))
+                except CaseError as exc:
+                    preds.append(exc)
+        seconds = (time.perf_counter() - t0) / max(1, len(unit))
+        for lc, pred in zip(loaded, preds):
+            if lc.case not in pending:
+                continue
+            try:
+                if isinstance(pred, CaseError):
+                    raise pred
+                self._commit(out, lc.case, lc, pred, summary_row(lc.case.name, lc, pred, seconds), save_samples,
+                             report)  # fmt: skip
+                counts["done"] += 1
+            except (CaseError, OSError, MemoryError) as exc:
+                _record_failure(out, lc.case.name, exc)
+                counts["failed"] += 1
+        return counts
+
+    def _commit(self, out: Path, case: Case, loaded: LoadedCase, pred: CasePrediction, row: dict, samples: bool,
+                preview: bool) -> None:
+        """Write the case into a hidden folder of ``out``, then rename it into place (one atomic step)."""
+        tmp = out / f".tmp-{case.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            g = loaded.geometry
+            write_map(tmp, "mask", pred.mask, g, "mask")
+            write_map(tmp, "probability", pred.probability, g, "probability")
+            write_map(tmp, "uncertainty", pred.uncertainty, g, "probability")
+            if pred.heads is not None:
+                for i, head in enumerate(pred.heads >= 0.5):
+                    write_map(tmp, f"rater-{i + 1}", head, g, "mask")
+            if samples:
+                np.save(tmp / "samples.npy", pred.samples)
+            if preview:
+                from .report import render_preview
+
+                heads = None if pred.heads is None else pred.heads >= 0.5
+                image = np.moveaxis(pred.image, 1, 0)
+                (tmp / "preview.png").write_bytes(render_preview(image, pred.mask, pred.uncertainty, heads))
+            seeds = {"seed": self.seed, "slice_seeds": [slice_seed(self.seed, case.name, j) for j in
+                                                        range(pred.probability.shape[0])]}  # fmt: skip
+            record = {"row": row, "sources": [str(p) for p in case.sources], "item": case.item, **seeds}
+            (tmp / "case.json").write_text(json.dumps(record, indent=1) + "\n")
+            for f in tmp.iterdir():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            target = out / case.name
+            old = out / f".old-{case.name}-{os.getpid()}"
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            fsync_dir(out)
+            shutil.rmtree(old, ignore_errors=True)
+            (out / ".failed" / f"{case.name}.json").unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _record(self, src, out, cases, unlisted, counts, parts, part, started) -> dict[str, Any]:
+        return {
+            "harmonizer_fast": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "model": self.model_info, "num_samples": self.num_samples, "seed": self.seed, "heads": self.heads,
+            "batch_size": self.batch_size, "device": str(self.device), "preprocessing": self.preprocessing.to_dict(),
+            "input": str(src), "output": str(out), "cases": len(cases) + len(unlisted), "parts": parts,
+            "part": part, "this_part": counts, "seconds": round(time.time() - started, 3),
+            "seeding": "slice j of case c: torch.Generator().manual_seed(slice_seed(seed, c, j))",
+        }  # fmt: skip
+
+
+def work_units(cases: list[Case], batch_size: int) -> list[list[Case]]:
+    """The input's cases in units of work, fixed by the sorted case list and the batch size alone: consecutive
+    2-D cases (images, NumPy items) in groups of ``batch_size`` (one batch), every other case alone. Parts and
+    ranks take whole units, so a batch holds the same cases whatever the sharding (the network's float sums
+    depend on the batch's composition in their last bits)."""
+    units: list[list[Case]] = []
+    group: list[Case] = []
+    for case in cases:
+        if case.kind in ("image", "numpy"):
+            group.append(case)
+            if len(group) == batch_size:
+                units.append(group)
+                group = []
+            continue
+        if group:
+            units.append(group)
+            group = []
+        units.append([case])
+    if group:
+        units.append(group)
+    return units
+
+
+def _load(model: Union[HarmonizerNet, PathLike]) -> tuple[HarmonizerNet, dict[str, Any], Preprocessing]:
+    if isinstance(model, HarmonizerNet):
+        return model, {"name": "in-memory HarmonizerNet", "sha256": None}, Preprocessing()
+    from .. import pretrained
+
+    if isinstance(model, str) and model in pretrained.available():
+        manifest_path = pretrained.path(model)
+        name = model
+    else:
+        manifest_path, name = read_manifest(model)[0], str(model)
+    net, manifest = load_model(manifest_path)
+    info = {"name": name, "manifest": str(manifest_path), "sha256": manifest["sha256"]["weights"]}
+    return net, info, preprocessing_of(manifest)
+
+
+def check_not_inside(src: Path, out: Path) -> None:
+    """Outputs never land on inputs: ``out`` may be neither the input nor inside an input folder."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or (s.is_dir() and s in o.parents) or (o.exists() and s.exists() and os.path.samefile(s, o)):
+        raise ValueError(f"output {out} is (inside) the input {src}; choose a folder outside it")
+    if o.exists() and not o.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder")
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove the hidden working folders of killed runs (their process is gone; live ones are left alone)."""
+    for d in [*out.glob(".tmp-*"), *out.glob(".old-*")]:
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
+def _record_failure(out: Path, name: str, exc: BaseException) -> None:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    record = {"row": {"case": name, "status": STATUS_FAILED, "error": text}}
+    write_atomic(out / ".failed" / f"{name}.json", json.dumps(record) + "\n")
+
+
+def _row_of(out: Path, name: str) -> dict[str, Any]:
+    for path in (out / name / "case.json", out / ".failed" / f"{name}.json"):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())["row"]
+            except (OSError, ValueError, KeyError):
+                return {"case": name, "status": STATUS_FAILED, "error": f"{path}: unreadable record"}
+    return {"case": name, "status": "pending", "error": "not predicted yet (another part, or an interrupted run)"}
+
+
+def write_summary(out: Path, names: list[str]) -> list[dict[str, Any]]:
+    """``out/summary.csv``: one row per case of the input, from each case's own record on disk."""
+    rows = [_row_of(out, n) for n in sorted(names)]
+    raters = sorted({k for r in rows for k in r if k.startswith("area_rater")}, key=lambda k: int(k[10:]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*SUMMARY_FIELDS, *raters], restval="", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_atomic(out / "summary.csv", buf.getvalue())
+    return rows
