@@ -225,7 +225,7 @@ def test_numpy_stacks_and_in_memory_api(run_dir, tmp_path):
     for f in ("stack.npy", "set.npz"):
         os.replace(tmp_path / f, src / f)
     out = tmp_path / "out"
-    assert _predict("-i", src, "-o", out, "-m", run_dir) == 0
+    assert _predict("-i", src, "-o", out, "-m", run_dir, "--save-samples") == 0
     rows = _rows(out)
     assert sorted(rows) == [f"{s}-{i:05d}" for s in ("set", "stack") for i in range(3)]
     model = _model(1)
@@ -233,7 +233,15 @@ def test_numpy_stacks_and_in_memory_api(run_dir, tmp_path):
     for i in range(3):
         name = f"stack-{i:05d}"
         want, heads_want, samples_want = _expected(model, stack[i][None, None], name)
-        np.testing.assert_allclose(np.load(out / name / "probability.npy"), want[0], atol=2e-6)
+        prob = np.load(out / name / "probability.npy")
+        np.testing.assert_allclose(prob, want[0], atol=2e-6)
+        p = prob.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bits = np.nan_to_num(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
+        np.testing.assert_allclose(np.load(out / name / "uncertainty.npy"), bits, atol=1e-5)
+        saved = np.load(out / name / "samples.npy")
+        assert saved.dtype == np.float16 and saved.shape == samples_want.shape  # (K, S, H, W)
+        np.testing.assert_allclose(saved, samples_want, atol=1e-3)
         pred = predictor.predict_images(stack[i][None, None], name)  # the API: the same numbers
         np.testing.assert_allclose(pred.probability, want, atol=2e-6)
         assert rows[name]["uncertainty"] and abs(float(rows[name]["uncertainty"]) - mean_pairwise_disagreement(

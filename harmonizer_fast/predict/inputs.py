@@ -14,6 +14,8 @@ series handling needs no compiled code). A channel that nnU-Net names ``case_000
 
 from __future__ import annotations
 
+import gzip
+import io
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -361,27 +363,30 @@ def _to_input_layout(arr: np.ndarray, g: Geometry) -> np.ndarray:
     return out
 
 
-def write_map(folder: Path, name: str, arr: np.ndarray, g: Geometry, kind: str) -> Path:
-    """Write one map ``(S, H, W)`` as ``folder/name<suffix>``. ``kind``: ``"mask"`` (0/1; PNG 0/255),
-    ``"probability"`` (float in [0, 1]; PNG 0-255) or ``"float"`` (float; PNG scaled from [0, 1] to 0-255)."""
+def encode_map(name: str, arr: np.ndarray, g: Geometry, kind: str) -> tuple[str, bytes]:
+    """One map ``(S, H, W)`` as ``(file name, bytes)`` in the input's format. ``kind``: ``"mask"`` (0/1; PNG
+    0/255) or ``"probability"`` (float in [0, 1]; PNG 0-255). Encoded in memory, so that the caller writes and
+    syncs each file with one open."""
     out = _to_input_layout(arr, g)
-    path = folder / f"{name}{OUTPUT_SUFFIX[g.kind]}"
+    filename = f"{name}{OUTPUT_SUFFIX[g.kind]}"
+    buf = io.BytesIO()
     if g.kind == "image":
         from PIL import Image
 
         scaled = out.astype(np.uint8) * 255 if kind == "mask" else np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(scaled, mode="L").save(path)
-    elif g.kind == "numpy":
-        np.save(path, out.astype(np.uint8) if kind == "mask" else out.astype(np.float32))
-    else:
-        import nibabel as nib
+        Image.fromarray(scaled, mode="L").save(buf, format="PNG", compress_level=1)  # level 6: 3x the time
+        return filename, buf.getvalue()
+    if g.kind == "numpy":
+        np.save(buf, out.astype(np.uint8) if kind == "mask" else out.astype(np.float32))
+        return filename, buf.getvalue()
+    import nibabel as nib
 
-        data = out.astype(np.uint8) if kind == "mask" else out.astype(np.float32)
-        header = g.header.copy() if g.header is not None else None
-        img = g.extra.get("image_class", nib.Nifti1Image)(data, g.affine, header=header)
-        img.set_data_dtype(data.dtype)
-        img.header.set_slope_inter(1.0, 0.0)
-        if g.kind == "dicom":
-            img.header.set_zooms((g.spacing[2], g.spacing[1], g.spacing[0]))
-        nib.save(img, str(path))
-    return path
+    data = out.astype(np.uint8) if kind == "mask" else out.astype(np.float32)
+    header = g.header.copy() if g.header is not None else None
+    img = g.extra.get("image_class", nib.Nifti1Image)(data, g.affine, header=header)
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    if g.kind == "dicom":
+        img.header.set_zooms((g.spacing[2], g.spacing[1], g.spacing[0]))
+    # mtime 0: the same map gives the same bytes (nibabel would stamp the time); level 1 as nibabel's default
+    return filename, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)

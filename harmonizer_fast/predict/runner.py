@@ -40,6 +40,7 @@ import os
 import platform
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -53,7 +54,7 @@ from .._version import __version__
 from ..checkpoint import load_model, preprocessing_of, read_manifest
 from ..model import HarmonizerNet
 from ..preprocessing import Preprocessing
-from .inputs import Case, CaseError, LoadedCase, find_cases, load_case, write_map
+from .inputs import Case, CaseError, LoadedCase, encode_map, find_cases, load_case
 
 HEADS = ("auto", "personalized", "identity", "none")
 STATUS_OK, STATUS_FAILED = "ok", "failed"
@@ -88,22 +89,25 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 
 
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
-    """H(p) in bits, 0 at p = 0 and 1."""
-    p = p.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-    return np.nan_to_num(h, nan=0.0).astype(np.float32)
+    """H(p) in bits, 0 at p = 0 and 1 (float32, torch's threads)."""
+    t = torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32))
+    h = -(torch.xlogy(t, t) + torch.xlogy(1 - t, 1 - t)) / np.log(2.0)
+    return h.clamp_(0, 1).numpy()
 
 
 def mean_pairwise_disagreement(masks: np.ndarray) -> float:
     """Mean over pairs of ``1 - IoU`` of binary masks ``(N, ...)``, two empty masks agreeing (IoU 1): the
-    diversity of a set of segmentations of one case, in [0, 1] (0 for fewer than two masks)."""
+    diversity of a set of segmentations of one case, in [0, 1] (0 for fewer than two masks). The intersections
+    are exact: float32 products over chunks of 2^20 pixels (exact below 2^24), summed in float64."""
     n = masks.shape[0]
     if n < 2:
         return 0.0
-    flat = torch.from_numpy(masks.reshape(n, -1).astype(np.float64))
-    inter = flat @ flat.T
-    area = flat.sum(1)
+    flat = torch.from_numpy(np.ascontiguousarray(masks).reshape(n, -1))
+    inter = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, flat.shape[1], 1 << 20):
+        x = flat[:, start : start + (1 << 20)].to(torch.float32)
+        inter += (x @ x.T).double()
+    area = inter.diagonal()
     union = area[:, None] + area[None, :] - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
     off = ~torch.eye(n, dtype=torch.bool)
@@ -117,8 +121,9 @@ class CasePrediction:
     probability: np.ndarray
     uncertainty: np.ndarray
     heads: Optional[np.ndarray]
-    samples: np.ndarray  # (K, S, H, W) float16
+    votes: np.ndarray  # (K, S, H, W) bool: each sample thresholded at 0.5
     image: np.ndarray  # (S, C, H, W) float32: the network's input after preprocessing, padding removed
+    samples: Optional[np.ndarray] = None  # (K, S, H, W) float16, when asked for (keep_samples)
 
     @property
     def mask(self) -> np.ndarray:
@@ -143,7 +148,7 @@ def summary_row(name: str, loaded: LoadedCase, pred: CasePrediction, seconds: fl
     row: dict[str, Any] = {
         "case": name, "status": STATUS_OK, "error": "", "kind": g.kind, "slices": s, "height": h, "width": w,
         "unit": unit, "area": float(pred.mask.sum()) * per_pixel,
-        "uncertainty": mean_pairwise_disagreement(pred.samples >= 0.5),
+        "uncertainty": mean_pairwise_disagreement(pred.votes),
         "uncertain_area": float(pred.uncertainty.sum(dtype=np.float64)) * per_pixel,
         "heads_disagreement": "" if pred.heads is None else mean_pairwise_disagreement(pred.heads >= 0.5),
         "seconds": round(seconds, 3),
@@ -219,53 +224,61 @@ class Predictor:
         except ValueError as exc:
             raise CaseError(f"case {name!r}: {exc}") from None
 
-    def _forward(self, x: np.ndarray, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Normalized slices ``(n, C, H, W)`` of one size -> samples ``(n, K, H, W)`` and heads ``(n, R, H, W)``
-        on the CPU, cropped back to ``H x W``, in batches of ``batch_size``."""
+    def _forward(self, x: np.ndarray, keys: list[tuple[str, int]], keep_samples: bool) -> dict[str, torch.Tensor]:
+        """Normalized slices ``(n, C, H, W)`` of one size -> per slice, cropped back to ``H x W`` on the CPU: the
+        sample mean ``probability (n, H, W)``, the thresholded samples ``votes (n, K, H, W)``, ``heads (n, R, H,
+        W)`` and, with ``keep_samples``, ``samples (n, K, H, W)`` float16. Reduced batch by batch (``batch_size``
+        slices), so a volume never holds its K float32 maps at once."""
         h, w = x.shape[2:]
         padded = self.preprocessing.pad(x)
-        probs, heads = [], []
+        parts: dict[str, list[torch.Tensor]] = {"probability": [], "votes": [], "heads": [], "samples": []}
         for first in range(0, len(keys), self.batch_size):
             part = keys[first : first + self.batch_size]
             batch = torch.from_numpy(np.ascontiguousarray(padded[first : first + len(part)])).to(self.device)
             z, bank = self._draws(part)
             p, hd = self.model.decode_draws(batch, z.to(self.device), None if bank is None else bank.to(self.device),
                                             heads=self.heads)  # fmt: skip
-            probs.append(p[..., :h, :w].float().cpu())
+            p = p[..., :h, :w].float()
+            parts["probability"].append(p.mean(1).cpu())
+            parts["votes"].append((p >= 0.5).cpu())
+            if keep_samples:
+                parts["samples"].append(p.to(torch.float16).cpu())
             if hd is not None:
-                heads.append(hd[..., :h, :w].float().cpu())
-        return torch.cat(probs), torch.cat(heads) if heads else None
+                parts["heads"].append(hd[..., :h, :w].float().cpu())
+        return {k: torch.cat(v) for k, v in parts.items() if v}
 
     @staticmethod
-    def _result(x: np.ndarray, probs: torch.Tensor, heads: Optional[torch.Tensor]) -> CasePrediction:
-        samples = probs.transpose(0, 1)  # (K, S, H, W)
-        probability = samples.mean(0).numpy()
-        return CasePrediction(probability, _binary_entropy(probability),
-                              None if heads is None else heads.transpose(0, 1).numpy(),
-                              samples.to(torch.float16).numpy(), x)  # fmt: skip
+    def _result(x: np.ndarray, t: dict[str, torch.Tensor], lo: int, hi: int) -> CasePrediction:
+        """The case made of slices ``lo:hi`` of :meth:`_forward`'s output."""
+
+        def take(key: str) -> Optional[np.ndarray]:
+            return t[key][lo:hi].transpose(0, 1).contiguous().numpy() if key in t else None  # (K or R, S, H, W)
+
+        probability = t["probability"][lo:hi].numpy()
+        return CasePrediction(probability, _binary_entropy(probability), take("heads"), take("votes"), x,
+                              take("samples"))  # fmt: skip
 
     @torch.no_grad()
-    def predict_images(self, images: np.ndarray, name: str) -> CasePrediction:
+    def predict_images(self, images: np.ndarray, name: str, *, keep_samples: bool = False) -> CasePrediction:
         """Raw images ``(S, C, H, W)`` of the case ``name`` -> its :class:`CasePrediction` (the name keys the
-        random draws, see the module docstring)."""
+        random draws, see the module docstring); ``keep_samples`` keeps the K samples as float16."""
         x = self._prepare(images, name)
-        probs, heads = self._forward(x, [(name, j) for j in range(x.shape[0])])
-        return self._result(x, probs, heads)
+        t = self._forward(x, [(name, j) for j in range(x.shape[0])], keep_samples)
+        return self._result(x, t, 0, x.shape[0])
 
     @torch.no_grad()
-    def predict_many(self, items: list[tuple[str, np.ndarray]]) -> list[CasePrediction]:
+    def predict_many(self, items: list[tuple[str, np.ndarray]], *, keep_samples: bool = False) -> list[CasePrediction]:
         """Several single-slice cases ``(name, images (1, C, H, W))`` through the network together (cases of one
         size share batches): what :meth:`run` does with a group of 2-D images."""
         xs = [self._prepare(images, name) for name, images in items]
         out: list[Optional[CasePrediction]] = [None] * len(items)
         for shape in dict.fromkeys(x.shape for x in xs):
             idx = [i for i, x in enumerate(xs) if x.shape == shape]
-            probs, heads = self._forward(np.concatenate([xs[i] for i in idx]),
-                                         [(items[i][0], j) for i in idx for j in range(shape[0])])  # fmt: skip
+            t = self._forward(np.concatenate([xs[i] for i in idx]),
+                              [(items[i][0], j) for i in idx for j in range(shape[0])], keep_samples)  # fmt: skip
             s = shape[0]
             for n, i in enumerate(idx):
-                out[i] = self._result(xs[i], probs[n * s : (n + 1) * s], None if heads is None else
-                                      heads[n * s : (n + 1) * s])  # fmt: skip
+                out[i] = self._result(xs[i], t, n * s, (n + 1) * s)
         return out
 
     def predict_case(self, case: Case, slice_axis: Optional[int] = None) -> tuple[LoadedCase, CasePrediction]:
@@ -315,14 +328,23 @@ class Predictor:
 
             bar = tqdm(total=sum(map(len, mine)), desc=f"predict {part + 1}/{parts}" if parts > 1 else "predict",
                        unit="case", disable=None)  # fmt: skip
-        for unit in mine:
-            pending = [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]
-            counts["skipped"] += len(unit) - len(pending)
-            if pending:
-                for key, n in self._run_unit(out, unit, pending, slice_axis, save_samples, report).items():
-                    counts[key] += n
-            if bar is not None:
-                bar.update(len(unit))
+        # One writer thread commits a unit's cases while the next unit computes (PNG/gzip encoding and fsync
+        # release the GIL); at most one unit waits to be written, which bounds the memory held.
+        writes: list[Future] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer") as writer:
+            for unit in mine:
+                pending = [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]
+                counts["skipped"] += len(unit) - len(pending)
+                if pending:
+                    failed, jobs = self._run_unit(out, unit, pending, slice_axis, save_samples, report, writer)
+                    counts["failed"] += failed
+                    for job in writes:
+                        counts[job.result()] += 1
+                    writes = jobs
+                if bar is not None:
+                    bar.update(len(unit))
+            for job in writes:
+                counts[job.result()] += 1
         if bar is not None:
             bar.close()
         for name, error in unlisted if part == 0 else []:
@@ -344,10 +366,12 @@ class Predictor:
         return record
 
     def _run_unit(self, out: Path, unit: list[Case], pending: list[Case], slice_axis, save_samples: bool,
-                  report: bool) -> dict[str, int]:
-        """Predict one work unit and commit its pending cases. The whole unit goes through the network even when
-        some of its cases are done (a resumed run), so every batch holds what it held in an uninterrupted run."""
-        counts = {"done": 0, "failed": 0}
+                  report: bool, writer: ThreadPoolExecutor) -> tuple[int, list[Future]]:
+        """Predict one work unit and hand its pending cases to ``writer``; returns the cases that failed before
+        writing and the write jobs (each ends "done" or "failed"). The whole unit goes through the network even
+        when some of its cases are done (a resumed run), so every batch holds what an uninterrupted run's held."""
+        counts = {"failed": 0}
+        jobs: list[Future] = []
         t0 = time.perf_counter()
         loaded: list[LoadedCase] = []
         for case in unit:
@@ -359,9 +383,9 @@ class Predictor:
                     counts["failed"] += 1
         try:
             if len(unit) == 1 and loaded:
-                preds = [self.predict_images(loaded[0].images, loaded[0].case.name)]
+                preds = [self.predict_images(loaded[0].images, loaded[0].case.name, keep_samples=save_samples)]
             else:
-                preds = self.predict_many([(lc.case.name, lc.images) for lc in loaded])
+                preds = self.predict_many([(lc.case.name, lc.images) for lc in loaded], keep_samples=save_samples)
         except CaseError:
             if len(loaded) == 1:
                 raise
@@ -369,23 +393,28 @@ class Predictor:
             preds = []
             for lc in loaded:
                 try:
-                    preds.append(self.predict_images(lc.images, lc.case.name))
+                    preds.append(self.predict_images(lc.images, lc.case.name, keep_samples=save_samples))
                 except CaseError as exc:
                     preds.append(exc)
         seconds = (time.perf_counter() - t0) / max(1, len(unit))
         for lc, pred in zip(loaded, preds):
             if lc.case not in pending:
                 continue
-            try:
-                if isinstance(pred, CaseError):
-                    raise pred
-                self._commit(out, lc.case, lc, pred, summary_row(lc.case.name, lc, pred, seconds), save_samples,
-                             report)  # fmt: skip
-                counts["done"] += 1
-            except (CaseError, OSError, MemoryError) as exc:
-                _record_failure(out, lc.case.name, exc)
+            if isinstance(pred, CaseError):
+                _record_failure(out, lc.case.name, pred)
                 counts["failed"] += 1
-        return counts
+                continue
+            row = summary_row(lc.case.name, lc, pred, seconds)
+            jobs.append(writer.submit(self._commit_or_record, out, lc.case, lc, pred, row, save_samples, report))
+        return counts["failed"], jobs
+
+    def _commit_or_record(self, out: Path, case: Case, *args) -> str:
+        try:
+            self._commit(out, case, *args)
+            return "done"
+        except (CaseError, OSError, MemoryError) as exc:
+            _record_failure(out, case.name, exc)
+            return "failed"
 
     def _commit(self, out: Path, case: Case, loaded: LoadedCase, pred: CasePrediction, row: dict, samples: bool,
                 preview: bool) -> None:
@@ -395,27 +424,31 @@ class Predictor:
         tmp.mkdir()
         try:
             g = loaded.geometry
-            write_map(tmp, "mask", pred.mask, g, "mask")
-            write_map(tmp, "probability", pred.probability, g, "probability")
-            write_map(tmp, "uncertainty", pred.uncertainty, g, "probability")
+            maps = [("mask", pred.mask, "mask"), ("probability", pred.probability, "probability"),
+                    ("uncertainty", pred.uncertainty, "probability")]  # fmt: skip
             if pred.heads is not None:
-                for i, head in enumerate(pred.heads >= 0.5):
-                    write_map(tmp, f"rater-{i + 1}", head, g, "mask")
+                maps += [(f"rater-{i + 1}", head, "mask") for i, head in enumerate(pred.heads >= 0.5)]
+            if pred.probability.size >= 1 << 20:  # a volume: its maps are encoded side by side (zlib frees the GIL)
+                with ThreadPoolExecutor(max_workers=min(len(maps), os.cpu_count() or 1)) as pool:
+                    files = list(pool.map(lambda m: encode_map(m[0], m[1], g, m[2]), maps))
+            else:
+                files = [encode_map(name, arr, g, kind) for name, arr, kind in maps]
             if samples:
-                np.save(tmp / "samples.npy", pred.samples)
+                buf = io.BytesIO()
+                np.save(buf, pred.samples)
+                files.append(("samples.npy", buf.getvalue()))
             if preview:
                 from .report import render_preview
 
                 heads = None if pred.heads is None else pred.heads >= 0.5
                 image = np.moveaxis(pred.image, 1, 0)
-                (tmp / "preview.png").write_bytes(render_preview(image, pred.mask, pred.uncertainty, heads))
+                files.append(("preview.png", render_preview(image, pred.mask, pred.uncertainty, heads)))
             seeds = {"seed": self.seed, "slice_seeds": [slice_seed(self.seed, case.name, j) for j in
                                                         range(pred.probability.shape[0])]}  # fmt: skip
             record = {"row": row, "sources": [str(p) for p in case.sources], "item": case.item, **seeds}
-            (tmp / "case.json").write_text(json.dumps(record, indent=1) + "\n")
-            for f in tmp.iterdir():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
+            files.append(("case.json", (json.dumps(record, indent=1) + "\n").encode()))  # last: the case is done
+            for name, data in files:
+                _write_synced(tmp / name, data)
             fsync_dir(tmp)
             target = out / case.name
             old = out / f".old-{case.name}-{os.getpid()}"
@@ -484,6 +517,18 @@ def check_not_inside(src: Path, out: Path) -> None:
         raise ValueError(f"output {out} is (inside) the input {src}; choose a folder outside it")
     if o.exists() and not o.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` and flush it to disk, with one open."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _clean_stale(out: Path) -> None:
