@@ -17,7 +17,7 @@ setup: $(VENV)/.deps $(VENV)/.ext
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" "setuptools>=64,<81" wheel ninja
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" "setuptools>=77,<81" wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]" "torch==$(TORCH_VERSION)"
 	touch $@ $(VENV)/.ext  # the editable install above just built the extension
 

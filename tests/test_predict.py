@@ -95,7 +95,7 @@ def _rows(out: Path) -> dict[str, dict]:
         return {r["case"]: r for r in csv.DictReader(f)}
 
 
-def test_png_of_odd_size_and_16_bit(run_dir, tmp_path):
+def test_png_of_odd_size_16_bit_and_float_tiff(run_dir, tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -103,13 +103,15 @@ def test_png_of_odd_size_and_16_bit(run_dir, tmp_path):
     src.mkdir()
     grey = rng.integers(0, 256, (77, 101), dtype=np.uint8)
     deep = (rng.integers(0, 65536, (64, 50))).astype(np.uint16)
+    hu = rng.normal(-400, 300, (45, 33)).astype(np.float32)  # a float TIFF, min-max scaled
     Image.fromarray(grey).save(src / "odd.png")
     Image.fromarray(deep).save(src / "deep.png")
+    Image.fromarray(hu).save(src / "hu.tif")
     assert np.array_equal(np.asarray(Image.open(src / "deep.png")), deep)  # a real 16-bit PNG
     out = tmp_path / "out"
     assert _predict("-i", src, "-o", out, "-m", run_dir) == 0
     model = _model(1)
-    for name, raw in (("odd", grey), ("deep", deep)):
+    for name, raw in (("odd", grey), ("deep", deep), ("hu", hu)):
         for m in MAPS:
             assert Image.open(out / name / f"{m}.png").size == raw.shape[::-1], (name, m)
         prob_want, heads_want, _ = _expected(model, raw[None, None], name)
@@ -176,15 +178,14 @@ def test_two_channel_nnunet_named_case(run_dir, run_dir2, tmp_path):
 
 
 def test_dicom_series(run_dir, tmp_path):
-    pytest.importorskip("pydicom")
-    nib = pytest.importorskip("nibabel")
+    pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     rng = np.random.default_rng(3)
     series = tmp_path / "in" / "ct1"
     series.mkdir(parents=True)
-    uid, slices = generate_uid(), []
+    uid, study, slices = generate_uid(), generate_uid(), []
     for k in range(4):
         pixels = rng.integers(0, 2000, (48, 40)).astype(np.uint16)
         slices.append(pixels.astype(np.float64) - 1024)
@@ -195,6 +196,7 @@ def test_dicom_series(run_dir, tmp_path):
         ds = FileDataset(str(series / f"{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = meta.MediaStorageSOPClassUID, \
             meta.MediaStorageSOPInstanceUID, uid  # fmt: skip
+        ds.StudyInstanceUID = study
         ds.Modality, ds.Rows, ds.Columns = "CT", 48, 40
         ds.PixelSpacing, ds.SliceThickness = [0.6, 0.9], 2.0
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
@@ -206,12 +208,20 @@ def test_dicom_series(run_dir, tmp_path):
         ds.save_as(str(series / f"{k}.dcm"), enforce_file_format=True)
     out = tmp_path / "out"
     assert _predict("-i", tmp_path / "in", "-o", out, "-m", run_dir) == 0
-    prob = nib.load(str(out / "ct1" / "probability.nii.gz"))
-    assert prob.shape == (40, 48, 4)  # (column, row, slice)
-    np.testing.assert_allclose(prob.header.get_zooms(), (0.9, 0.6, 2.0), atol=1e-6)
     raw = np.stack(slices[::-1])[:, None]  # ordered by position along the normal
-    prob_want, _, _ = _expected(_model(1), raw, "ct1")
-    np.testing.assert_allclose(np.transpose(prob.get_fdata(), (2, 1, 0)), prob_want, atol=2e-6)
+    prob_want, heads_want, _ = _expected(_model(1), raw, "ct1")
+    maps = {}
+    for m in ("probability", "mask", "rater-1"):
+        files = sorted((out / "ct1" / m).glob("*.dcm"))
+        assert len(files) == 4, m
+        derived = [pydicom.dcmread(f) for f in files]
+        assert len({d.SeriesInstanceUID for d in derived}) == 1 and derived[0].SeriesInstanceUID != uid
+        assert {d.StudyInstanceUID for d in derived} == {study}  # overlaid on the scan it came from
+        assert [float(d.ImagePositionPatient[2]) for d in derived] == [0.0, 2.0, 4.0, 6.0]
+        assert all((d.Rows, d.Columns) == (48, 40) and "DERIVED" in d.ImageType for d in derived)
+        maps[m] = np.stack([d.pixel_array * float(d.RescaleSlope) for d in derived])
+    np.testing.assert_allclose(maps["probability"], prob_want, atol=1e-4)  # stored as integers / 10000
+    _assert_close_maps(prob_want, prob_want, maps["mask"] > 0, [maps["rater-1"] > 0], heads_want[:1])
     assert _rows(out)["ct1"]["unit"] == "mm3"
 
 
@@ -350,14 +360,17 @@ def test_mixed_folder_with_bad_cases(run_dir, tmp_path, capsys):
     Image.fromarray(np.stack([np.zeros((20, 20), np.uint8), np.full((20, 20), 9, np.uint8),
                               np.ones((20, 20), np.uint8)], -1)).save(src / "colour.png")  # fmt: skip
     (src / "notes.txt").write_text("ignored")
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(np.full((20, 20, 3), np.nan, np.float32), np.eye(4)), str(src / "void.nii.gz"))
     out = tmp_path / "out"
     assert _predict("-i", src, "-o", out, "-m", run_dir) == 3  # finished, but some cases failed
     rows = _rows(out)
-    assert {n: r["status"] for n, r in rows.items()} == {"img00": "ok", "img01": "ok", "broken": "failed",
-                                                         "nan": "failed", "colour": "failed"}  # fmt: skip
+    status = {"img00": "ok", "img01": "ok", **dict.fromkeys(("broken", "nan", "colour", "void"), "failed")}
+    assert {n: r["status"] for n, r in rows.items()} == status
     assert "cannot decode" in rows["broken"]["error"] and "NaN" in rows["nan"]["error"]
+    assert "NaN" in rows["void"]["error"]  # a volume alone in its unit fails alone too
     assert "channel" in rows["colour"]["error"]
-    assert "3 case(s) failed" in capsys.readouterr().err
+    assert "4 case(s) failed" in capsys.readouterr().err
     # the failed cases are retried by a rerun, the finished ones skipped
     (src / "broken.png").unlink()
     assert _predict("-i", src, "-o", out, "-m", run_dir) == 3

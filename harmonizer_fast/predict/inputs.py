@@ -14,6 +14,7 @@ series handling needs no compiled code). A channel that nnU-Net names ``case_000
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import re
@@ -306,16 +307,15 @@ def _read_dicom(case: Case) -> tuple[np.ndarray, Geometry]:
     order = np.argsort([float(p @ normal) for p in pos], kind="stable")
     slices, pos = [slices[i] for i in order], [pos[i] for i in order]
     rows, cols = (float(v) for v in getattr(ds0, "PixelSpacing", [1.0, 1.0]))
-    step = (pos[-1] - pos[0]) / (len(pos) - 1) if len(pos) > 1 else normal * float(
+    step = float(np.linalg.norm(pos[-1] - pos[0])) / (len(pos) - 1) if len(pos) > 1 else float(
         getattr(ds0, "SliceThickness", 1.0) or 1.0)  # fmt: skip
-    # NIfTI affine of the (column, row, slice) voxel grid: DICOM's LPS patient axes turned to RAS.
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = iop[:3] * cols, iop[3:] * rows, step, pos[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     images = np.stack([p for _, p in slices])[:, None]  # (S, 1, H, W)
-    spacing = (float(np.linalg.norm(step)), rows, cols)
-    shape = (images.shape[3], images.shape[2], images.shape[0])
-    return images, Geometry("dicom", shape, 2, spacing, True, affine, None, {"series": sorted(uids)[0]})
+    headers = []
+    for ds, _ in slices:  # each slice's header without its pixels: the template of the derived series
+        del ds.PixelData
+        headers.append(ds)
+    return images, Geometry("dicom", images.shape[:1] + images.shape[2:], None, (step, rows, cols), True,
+                            extra={"series": sorted(uids)[0], "headers": headers})  # fmt: skip
 
 
 def load_case(case: Case, channels: int, slice_axis: Optional[int] = None) -> LoadedCase:
@@ -347,7 +347,9 @@ def load_case(case: Case, channels: int, slice_axis: Optional[int] = None) -> Lo
 # ---------------------------------------------------------------------------------------------------------
 # Writing: (S, H, W) maps in the input's format and geometry.
 
-OUTPUT_SUFFIX = {"image": ".png", "numpy": ".npy", "nifti": ".nii.gz", "dicom": ".nii.gz"}
+OUTPUT_SUFFIX = {"image": ".png", "numpy": ".npy", "nifti": ".nii.gz", "dicom": ""}
+# A derived DICOM series stores probabilities as integers: value / DICOM_SCALE (RescaleSlope) in [0, 1].
+DICOM_SCALE = 10000
 
 
 def _to_input_layout(arr: np.ndarray, g: Geometry) -> np.ndarray:
@@ -355,7 +357,7 @@ def _to_input_layout(arr: np.ndarray, g: Geometry) -> np.ndarray:
     if g.kind == "nifti":
         out = arr[0] if g.slice_axis is None else np.moveaxis(arr, 0, g.slice_axis)
     elif g.kind == "dicom":
-        out = np.transpose(arr, (2, 1, 0))  # (column, row, slice), the affine's voxel order
+        return arr  # (slice, row, column): one derived image per source slice
     else:
         out = arr[0]
     if out.shape != tuple(g.shape):
@@ -363,10 +365,43 @@ def _to_input_layout(arr: np.ndarray, g: Geometry) -> np.ndarray:
     return out
 
 
-def encode_map(name: str, arr: np.ndarray, g: Geometry, kind: str) -> tuple[str, bytes]:
-    """One map ``(S, H, W)`` as ``(file name, bytes)`` in the input's format. ``kind``: ``"mask"`` (0/1; PNG
-    0/255) or ``"probability"`` (float in [0, 1]; PNG 0-255). Encoded in memory, so that the caller writes and
-    syncs each file with one open."""
+def _dicom_series(name: str, arr: np.ndarray, g: Geometry, kind: str) -> list[tuple[str, bytes]]:
+    """A derived DICOM series (one file per slice, ``name/0000.dcm`` ...): each source slice's header with new
+    instance and series UIDs, the study kept, so that a viewer overlays it on the scan it came from. Masks
+    are 0/1; probabilities integers in [0, DICOM_SCALE] with RescaleSlope 1/DICOM_SCALE."""
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    series_uid = generate_uid()
+    values = arr.astype(np.uint16) if kind == "mask" else np.rint(np.clip(arr, 0, 1) * DICOM_SCALE).astype(np.uint16)
+    files = []
+    for j, (header, plane) in enumerate(zip(g.extra["headers"], values)):
+        ds = copy.deepcopy(header)  # the volume's maps are encoded in parallel: nothing shared is changed
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesDescription = f"harmonizer-fast {name}"
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = (1, 0) if kind == "mask" else (1 / DICOM_SCALE, 0)
+        ds.WindowCenter, ds.WindowWidth = (0.5, 1) if kind == "mask" else (0.5, 1.0)
+        ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(plane, dtype="<u2").tobytes())  # PixelData, 16 bit
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append((f"{name}/{j:04d}.dcm", buf.getvalue()))
+    return files
+
+
+def encode_map(name: str, arr: np.ndarray, g: Geometry, kind: str) -> list[tuple[str, bytes]]:
+    """One map ``(S, H, W)`` as ``[(relative file name, bytes)]`` in the input's format (one file; a folder of
+    slices for DICOM). ``kind``: ``"mask"`` (0/1; PNG 0/255) or ``"probability"`` (float in [0, 1]; PNG 0-255).
+    Encoded in memory, so that the caller writes and syncs each file with one open."""
+    if g.kind == "dicom":
+        return _dicom_series(name, arr, g, kind)
+    return [_encode_file(name, arr, g, kind)]
+
+
+def _encode_file(name: str, arr: np.ndarray, g: Geometry, kind: str) -> tuple[str, bytes]:
     out = _to_input_layout(arr, g)
     filename = f"{name}{OUTPUT_SUFFIX[g.kind]}"
     buf = io.BytesIO()
@@ -386,7 +421,5 @@ def encode_map(name: str, arr: np.ndarray, g: Geometry, kind: str) -> tuple[str,
     img = g.extra.get("image_class", nib.Nifti1Image)(data, g.affine, header=header)
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    if g.kind == "dicom":
-        img.header.set_zooms((g.spacing[2], g.spacing[1], g.spacing[0]))
     # mtime 0: the same map gives the same bytes (nibabel would stamp the time); level 1 as nibabel's default
     return filename, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)

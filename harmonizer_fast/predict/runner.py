@@ -13,10 +13,11 @@ samples and the rater heads slice by slice, crop the padding, and write in the i
     OUT/predict.json               model and its SHA-256, K, seed, device, preprocessing, version, parts
     OUT/report.html                with report=True (:mod:`.report`)
 
-``<ext>`` is ``.png`` for 2-D images, ``.npy`` for NumPy inputs, ``.nii.gz`` for NIfTI and DICOM inputs (the
-latter with the series' geometry as the NIfTI affine). A case's files appear in one step: they are written
-into a hidden folder of OUT that is then renamed to ``OUT/<case>``. A rerun skips cases whose folder exists
-(``overwrite=True`` redoes them); a case that fails (unreadable, NaN pixels, wrong channel count) becomes a
+``<ext>`` is ``.png`` for 2-D images, ``.npy`` for NumPy inputs, ``.nii.gz`` for NIfTI inputs; a DICOM series
+gives a derived DICOM series per map (``<map>/0000.dcm`` ...), on the source slices' geometry. A case's
+files appear in one step: they are written into a hidden folder of OUT that is then renamed to
+``OUT/<case>``. A rerun skips cases whose folder exists (``overwrite=True`` redoes them); a case that fails
+(unreadable, NaN pixels, wrong channel count) becomes a
 ``failed`` row with its error while the others finish.
 
 Randomness is keyed by the case, never by the run: slice ``j`` of case ``name`` draws its K sample latents
@@ -299,7 +300,6 @@ class Predictor:
         slice_axis: Optional[int] = None,
         report: bool = False,
         progress: bool = True,
-        log=print,
     ) -> dict[str, Any]:
         """Predict every case of ``input`` (a file or folder) this process's part owns into ``output``; returns
         the run record (also ``output/predict.json``). See the module docstring for the layout."""
@@ -381,21 +381,22 @@ class Predictor:
                 if case in pending:
                     _record_failure(out, case.name, exc)
                     counts["failed"] += 1
+        preds: list = []
         try:
             if len(unit) == 1 and loaded:
                 preds = [self.predict_images(loaded[0].images, loaded[0].case.name, keep_samples=save_samples)]
-            else:
+            elif loaded:
                 preds = self.predict_many([(lc.case.name, lc.images) for lc in loaded], keep_samples=save_samples)
-        except CaseError:
-            if len(loaded) == 1:
-                raise
-            # one bad image (NaN pixels) in a group: the group is predicted case by case, so the others finish
+        except (CaseError, MemoryError, RuntimeError):
+            # a bad case (NaN pixels; a volume too large for this machine's memory) fails alone: the unit is
+            # predicted case by case and the error becomes that case's row
             preds = []
             for lc in loaded:
                 try:
                     preds.append(self.predict_images(lc.images, lc.case.name, keep_samples=save_samples))
-                except CaseError as exc:
-                    preds.append(exc)
+                except (CaseError, MemoryError, RuntimeError) as exc:
+                    preds.append(CaseError(f"case {lc.case.name!r}: {type(exc).__name__}: {exc}")
+                                 if not isinstance(exc, CaseError) else exc)  # fmt: skip
         seconds = (time.perf_counter() - t0) / max(1, len(unit))
         for lc, pred in zip(loaded, preds):
             if lc.case not in pending:
@@ -430,9 +431,9 @@ class Predictor:
                 maps += [(f"rater-{i + 1}", head, "mask") for i, head in enumerate(pred.heads >= 0.5)]
             if pred.probability.size >= 1 << 20:  # a volume: its maps are encoded side by side (zlib frees the GIL)
                 with ThreadPoolExecutor(max_workers=min(len(maps), os.cpu_count() or 1)) as pool:
-                    files = list(pool.map(lambda m: encode_map(m[0], m[1], g, m[2]), maps))
+                    files = [f for fs in pool.map(lambda m: encode_map(m[0], m[1], g, m[2]), maps) for f in fs]
             else:
-                files = [encode_map(name, arr, g, kind) for name, arr, kind in maps]
+                files = [f for name, arr, kind in maps for f in encode_map(name, arr, g, kind)]
             if samples:
                 buf = io.BytesIO()
                 np.save(buf, pred.samples)
@@ -449,7 +450,8 @@ class Predictor:
             files.append(("case.json", (json.dumps(record, indent=1) + "\n").encode()))  # last: the case is done
             for name, data in files:
                 _write_synced(tmp / name, data)
-            fsync_dir(tmp)
+            for folder in {(tmp / name).parent for name, _ in files}:
+                fsync_dir(folder)
             target = out / case.name
             old = out / f".old-{case.name}-{os.getpid()}"
             if target.exists():
@@ -520,7 +522,8 @@ def check_not_inside(src: Path, out: Path) -> None:
 
 
 def _write_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data`` and flush it to disk, with one open."""
+    """Create ``path`` (and its folder) with ``data`` and flush it to disk, with one open."""
+    path.parent.mkdir(exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
