@@ -377,6 +377,26 @@ def test_mixed_folder_with_bad_cases(run_dir, tmp_path, capsys):
     assert "broken" not in _rows(out)
 
 
+def test_array_headers_are_checked_before_anything_is_listed(run_dir, tmp_path):
+    """A header declaring 2^42 values or 2^20 images, or an object array, is one failed row, at once."""
+    import io
+    import zipfile
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, shape in (("huge", (1 << 20, 1 << 12, 1 << 10)), ("many", (1 << 21, 1, 1))):
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        with zipfile.ZipFile(src / f"{name}.npz", "w") as z:
+            z.writestr("images.npy", buf.getvalue())
+    np.save(src / "objects.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    assert _predict("-i", src, "-o", tmp_path / "out", "-m", run_dir) == 3  # not 2^21 cases listed, one row
+    rows = _rows(tmp_path / "out")
+    assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(("huge", "many", "objects"), "failed")
+    assert "at most" in rows["huge"]["error"] and "at most 1000000" in rows["many"]["error"]
+    assert "object array" in rows["objects"]["error"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -30,7 +30,8 @@ from .._extras import require
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 NUMPY_SUFFIXES = (".npy", ".npz")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-MAX_PIXELS = 2**31  # per case: a header declaring more is refused before anything is allocated
+MAX_PIXELS = 2**31  # per case and per array file: a header declaring more is refused before any allocation
+MAX_ITEMS = 1_000_000  # images stacked in one .npy/.npz
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -125,7 +126,16 @@ def array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _numpy_items(path: Path) -> list[Case]:
+    """The cases of a .npy/.npz, from its header alone: refused before anything is listed or allocated when the
+    declared array is larger than a case may be, holds objects (a pickle), or stacks more than MAX_ITEMS."""
     shape, dtype = array_header(path)
+    if dtype.hasobject:
+        raise CaseError(f"{path}: an object array (pickled Python objects) is not an image; expected numbers")
+    if int(np.prod(shape, dtype=np.float64)) > MAX_PIXELS:
+        raise CaseError(f"{path}: declares {shape}, {np.prod(shape, dtype=np.float64):.3g} values; at most "
+                        f"{MAX_PIXELS} per file")  # fmt: skip
+    if len(shape) in (3, 4) and shape[0] > MAX_ITEMS:
+        raise CaseError(f"{path}: declares {shape[0]} images; at most {MAX_ITEMS} per file (split it)")
     if len(shape) == 2:
         return [Case(_stem(path), "numpy", (path,))]
     if len(shape) not in (3, 4):
