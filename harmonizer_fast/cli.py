@@ -8,6 +8,9 @@
     harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--samples K] [--seed S]
                              [--split test|all] [--robustness]
     harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K] [--split test|all]
+                           [--device auto|cpu|cuda[:i]]
+    harmonizer-fast predict -i FILE_OR_FOLDER -o OUT_DIR -m lidc-small|RUN_DIR_OR_FILE [-k K] [--device D]
+                            [--num-parts N --part-id I] [--overwrite] [--report] [--window LOW HIGH] ...
     harmonizer-fast export --checkpoint RUN_DIR_OR_FILE --format onnx|pt2 --out FILE [--samples K]
                            [--heads auto|personalized|identity|none] [--size H W]
     harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,...] [--folds 0,1]
@@ -26,7 +29,8 @@ checkpoint, an output path that cannot be written, a numeric flag out of range) 
 and exit status 2, never a traceback; numeric flags are checked when the command line is parsed, output paths
 before any work starts. An unexpected failure (a bug) also prints one line and exits 1; set
 ``HARMONIZER_FAST_DEBUG=1`` for its traceback. Distributed: ``torchrun --nproc-per-node 2 -m
-harmonizer_fast.cli train ...``.
+harmonizer_fast.cli train ...`` (or ``predict``, which shards its cases over the ranks). ``predict`` exits 3
+when it finished but some cases failed (their rows in summary.csv say why).
 """
 
 from __future__ import annotations
