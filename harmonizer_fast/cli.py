@@ -550,6 +550,8 @@ def _add_train(sub, data: argparse.ArgumentParser) -> None:
 
 
 def _add_predict(sub) -> None:
+    from .model.net import HEADS
+
     pd = sub.add_parser("predict", help="run a trained or bundled model on PNG/TIFF/JPEG, NumPy, NIfTI or DICOM "
                         "inputs: rater masks, probability and uncertainty maps in the input's geometry")  # fmt: skip
     pd.add_argument("-i", "--input", required=True, help="a file, or a folder of files (nnU-Net channel naming "
@@ -563,7 +565,7 @@ def _add_predict(sub) -> None:
     pd.add_argument("--seed", type=seed, default=0)
     pd.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu, cuda or cuda:<index>")
     pd.add_argument("--batch", type=int_in(1, 4096), default=16, help="slices per forward pass")
-    pd.add_argument("--heads", choices=("auto", "personalized", "identity", "none"), default="auto",
+    pd.add_argument("--heads", choices=HEADS, default="auto",
                     help="rater heads: auto (personalized when phase 2 trained them, else none)")  # fmt: skip
     pd.add_argument("--num-parts", type=int_in(1, 1 << 20), default=1, help="split the cases into this many parts")
     pd.add_argument("--part-id", type=int_in(0, 1 << 20), default=0, help="the part this process runs")

@@ -35,10 +35,10 @@ from .metrics import MetricAccumulator, dice_soft
 from .model import HarmonizerNet
 from .model.checks import check_counts
 from .model.latent import reparameterize
+from .model.net import resolve_heads
 from .ops.ged import ged
 
 K_VALUES = (1, 4, 8, 16, 32)
-HEADS = ("auto", "personalized", "identity", "none")
 TABLE_COLUMNS = (("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("Dice_match", "dice_match"))
 # Paper Table 5: Gaussian noise sigma, Gaussian blur sigma (11 x 11 kernel), gamma.
 ROBUSTNESS = {
@@ -58,14 +58,6 @@ class Scores:
     heads: Optional[MetricAccumulator]
     per_k: dict[int, dict[str, list[float]]]
     heads_kind: str  # "personalized", "identity" or "none"
-
-
-def _heads_kind(model: HarmonizerNet, heads: str) -> str:
-    if heads not in HEADS:
-        raise ValueError(f"evaluate_model: heads must be one of {HEADS}, got {heads!r}")
-    if heads == "auto":
-        return "personalized" if model.personalizer_trained else "none"
-    return heads
 
 
 def _predict(model: HarmonizerNet, x: torch.Tensor, k: int, gens: tuple[torch.Generator, torch.Generator], kind: str):
@@ -96,7 +88,7 @@ def evaluate_model(
     check_counts(
         "evaluate_model", {"samples": samples, "batch": batch, **{f"k_values[{i}]": k for i, k in enumerate(k_values)}}
     )
-    kind = _heads_kind(model, heads)
+    kind = resolve_heads(model, heads, "evaluate_model")
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()

@@ -40,11 +40,11 @@ from torch import Tensor, nn
 from ._extras import MissingExtraError, check_available
 from ._io import PathLike, fsync_dir, write_atomic
 from .model import HarmonizerNet
-from .model.net import PREDICT_HEADS
+from .model.net import HEADS
+from .model.net import resolve_heads as resolve_model_heads
 from .preprocessing import Preprocessing
 
 FORMATS = ("onnx", "pt2")
-HEADS = ("auto", *PREDICT_HEADS)
 MIN_SIZE_MULTIPLES = 2  # H and W of at least 2 x config.size_multiple (see the module docstring)
 
 
@@ -81,16 +81,13 @@ class ExportSpec:
 
 
 def resolve_heads(model: HarmonizerNet, heads: str) -> str:
-    """``auto``: the personalized heads when phase 2 trained them, else no heads. An explicit request the model
-    cannot serve raises :class:`ExportError`."""
-    if heads not in HEADS:
-        raise ExportError(f"heads must be one of {HEADS}, got {heads!r}")
-    if heads == "auto":
-        return "personalized" if model.personalizer_trained else "none"
-    if heads == "personalized" and not model.personalizer_trained:
-        raise ExportError("this model's personalizer was never trained (or it has none): export --heads identity or "
-                          "none, or train phase 2")  # fmt: skip
-    return heads
+    """``auto``: the personalized heads when phase 2 trained them, else no heads (the rule of
+    :func:`harmonizer_fast.model.net.resolve_heads`). An explicit request the model cannot serve raises
+    :class:`ExportError`."""
+    try:
+        return resolve_model_heads(model, heads, "export")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def example_inputs(model: HarmonizerNet, spec: ExportSpec, batch: int = 2) -> tuple[Tensor, ...]:

@@ -52,6 +52,23 @@ def _personalizer(c: HarmonizerConfig) -> nn.Module:
 PREDICT_HEADS = ("personalized", "identity", "none")
 
 
+HEADS = ("auto", *PREDICT_HEADS)  # what the workflows (evaluate, predict, export) take
+
+
+def resolve_heads(model: HarmonizerNet, heads: str, op: str) -> str:
+    """A workflow's ``heads`` option as a :meth:`HarmonizerNet.predict` head kind: ``auto`` is the personalized
+    heads when phase 2 trained them, else none; asking for personalized heads of an untrained personalizer
+    raises (``op`` names the caller in the message)."""
+    if heads not in HEADS:
+        raise ValueError(f"{op}: heads must be one of {HEADS}, got {heads!r}")
+    if heads == "auto":
+        return "personalized" if model.personalizer_trained else "none"
+    if heads == "personalized" and not model.personalizer_trained:
+        raise ValueError(f"{op}: heads='personalized', but this model's personalizer was never trained (or it has "
+                         "none): ask for 'identity' or 'none', or train phase 2")  # fmt: skip
+    return heads
+
+
 def _heads_kind(heads: object) -> str:
     if heads is True:
         return "personalized"

@@ -53,11 +53,12 @@ from .._extras import require
 from .._io import PathLike, fsync_dir, write_atomic
 from .._version import __version__
 from ..checkpoint import load_model, preprocessing_of, read_manifest
+from ..metrics import entropy_map, sample_diversity
 from ..model import HarmonizerNet
+from ..model.net import resolve_heads
 from ..preprocessing import Preprocessing
 from .inputs import Case, CaseError, LoadedCase, encode_map, find_cases, load_case
 
-HEADS = ("auto", "personalized", "identity", "none")
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 MAX_SAMPLES = 4096
 
@@ -90,29 +91,17 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 
 
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
-    """H(p) in bits, 0 at p = 0 and 1 (float32, torch's threads)."""
-    t = torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32))
-    h = -(torch.xlogy(t, t) + torch.xlogy(1 - t, 1 - t)) / np.log(2.0)
-    return h.clamp_(0, 1).numpy()
+    """H(p) in bits of the sample mean ``p (S, H, W)`` (:func:`harmonizer_fast.metrics.entropy_map`), float32."""
+    return entropy_map(torch.from_numpy(p)[:, None]).float().numpy()
 
 
 def mean_pairwise_disagreement(masks: np.ndarray) -> float:
-    """Mean over pairs of ``1 - IoU`` of binary masks ``(N, ...)``, two empty masks agreeing (IoU 1): the
-    diversity of a set of segmentations of one case, in [0, 1] (0 for fewer than two masks). The intersections
-    are exact: float32 products over chunks of 2^20 pixels (exact below 2^24), summed in float64."""
+    """Mean over pairs of ``1 - IoU`` of binary masks ``(N, ...)`` pooled over all their pixels, two empty masks
+    agreeing: :func:`harmonizer_fast.metrics.sample_diversity` of one case (exact intersection counts below
+    2^24 pixels), in [0, 1], 0 for fewer than two masks."""
     n = masks.shape[0]
-    if n < 2:
-        return 0.0
-    flat = torch.from_numpy(np.ascontiguousarray(masks).reshape(n, -1))
-    inter = torch.zeros(n, n, dtype=torch.float64)
-    for start in range(0, flat.shape[1], 1 << 20):
-        x = flat[:, start : start + (1 << 20)].to(torch.float32)
-        inter += (x @ x.T).double()
-    area = inter.diagonal()
-    union = area[:, None] + area[None, :] - inter
-    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
-    off = ~torch.eye(n, dtype=torch.bool)
-    return float((1 - iou)[off].mean())
+    flat = torch.from_numpy(np.ascontiguousarray(masks)).view(torch.uint8).reshape(1, n, -1, masks.shape[-1])
+    return float(sample_diversity(flat))
 
 
 @dataclass
@@ -185,17 +174,11 @@ class Predictor:
                 raise ValueError(f"{name}: expected an int in [1, {hi}], got {v!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
-        if heads not in HEADS:
-            raise ValueError(f"heads: expected one of {HEADS}, got {heads!r}")
         self.device = resolve_device(device)
         self.model, self.model_info, recorded = _load(model)
         self.model.to(self.device).eval()
         self.preprocessing = preprocessing or recorded
-        if heads == "auto":
-            heads = "personalized" if self.model.personalizer_trained else "none"
-        if heads == "personalized" and not self.model.personalizer_trained:
-            raise ValueError("heads='personalized': this model's personalizer was never trained (phase 2); use "
-                             "heads='identity' or 'none'")  # fmt: skip
+        heads = resolve_heads(self.model, heads, "predict")
         self.heads, self.num_samples, self.seed, self.batch_size = heads, num_samples, seed, batch_size
 
     @property
