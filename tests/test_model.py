@@ -196,13 +196,15 @@ def test_losses_match_their_definitions():
     total = total.detach()
     target = masks[torch.arange(2), torch.tensor([1, 3])]
     p = torch.sigmoid(out.posterior_logits.detach())
-    dice = (2 * (p * target).sum((1, 2)) + 1) / (p.sum((1, 2)) + target.sum((1, 2)) + 1)
+    # phase 1: one soft Dice over the whole batch (losses.dice_bce); a per-image Dice differs here by 1e-3
+    dice = (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
     bce = torch.nn.functional.binary_cross_entropy(p, target)
-    assert math.isclose(parts["seg"], float((1 - dice).mean() + bce), rel_tol=1e-4)
+    assert math.isclose(parts["seg"], float(1 - dice + bce), rel_tol=1e-5)
     mu_q, s_q = out.posterior.mean.detach(), out.posterior.stddev.detach()
     mu_p, s_p = out.prior.mean.detach(), out.prior.stddev.detach()
     kl = (torch.log(s_p / s_q) + (s_q**2 + (mu_q - mu_p) ** 2) / (2 * s_p**2) - 0.5).sum(1).mean()
-    assert math.isclose(parts["kl"], float(kl), rel_tol=1e-4, abs_tol=1e-7)
+    # float32 KL near 0 is a difference of terms near 0.5: cancellation leaves ~1e-7 absolute
+    assert math.isclose(parts["kl"], float(kl), rel_tol=1e-4, abs_tol=5e-7)
     harm = sum(((g - 1) ** 2).sum(1).mean() + (b**2).sum(1).mean() for g, b in out.harmonizer_params).detach()
     c = model.config
     expect = parts["seg"] + c.lambda_kl * parts["kl"] + c.lambda_harm * float(harm) + c.lambda_ged * parts["ged"]

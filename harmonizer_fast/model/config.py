@@ -54,6 +54,24 @@ class HarmonizerConfig:
     # Losses (appendix A).
     use_ged_loss: bool = True
     ged_samples: int = 4
+    # Which prior parameters the GED term of Eq. 8 trains through its reparameterized samples: "none" (the
+    # default: the samples are drawn from the prior with its mean and sigma held fixed, so the prior is fitted
+    # by the KL term alone, as in the probabilistic U-Net, and the GED term trains the encoder, harmonizer and
+    # fcomb), "mean" (the mean only) or "full". With "full" the GED term's diversity reward, -E d(S, S'),
+    # widens sigma until it meets its clamp, and at sigma = e^2 the KL gradient on the prior mean is 1/55 of
+    # its size at sigma = 1, so the mean never leaves its image-independent start (measured on LIDC:
+    # benchmarks/results/lidc-prior-collapse-small-cpu.md).
+    ged_through_prior: str = "none"
+    # Initialization of the layers without batch norm, the prior and posterior nets and fcomb: "he" (the
+    # probabilistic U-Net's He initialization) or "torch" (torch's defaults, used before). Torch's default
+    # scales a signal by about 1/sqrt(3) per conv + ReLU, so an untrained prior does not see the image
+    # (model/latent.py) and fcomb's four layers pass 1/36 of the features' variation to the logits: on a small
+    # dataset the first ~30 optimizer steps were flat, every prediction empty (losses.py, tests/test_train.py).
+    init: str = "he"
+    # How the prior and posterior nets keep sigma within [e^-5, e^2]: "soft" (a scaled sigmoid, a gradient
+    # everywhere) or "hard" (a clamp, used before: a raw log-sigma past e^2 had no gradient and stayed there,
+    # model/latent.py bound_log_sigma).
+    sigma_bound: str = "soft"
     lambda_kl: float = 2e-3
     lambda_harm: float = 3e-4
     lambda_ged: float = 1.0
@@ -117,11 +135,15 @@ class HarmonizerConfig:
         if unknown:
             raise ValueError(f"HarmonizerConfig: unknown keys {sorted(unknown)}")
         tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
+        # a config saved before these options existed trained the prior through the GED term, from torch's init
+        d = {"ged_through_prior": "full", "init": "torch", "sigma_bound": "hard", **d}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
 
 PRESETS = ("paper", "small")
 PERSONALIZERS = ("frequency", "dpersona")
+GED_THROUGH_PRIOR = ("none", "mean", "full")
+INITS = ("he", "torch")
 
 
 def _check(c: HarmonizerConfig) -> None:
@@ -141,5 +163,12 @@ def _check(c: HarmonizerConfig) -> None:
         raise ValueError(f"HarmonizerConfig: preset must be one of {PRESETS}, got {c.preset!r}")
     if c.personalizer not in PERSONALIZERS:
         raise ValueError(f"HarmonizerConfig: personalizer must be one of {PERSONALIZERS}, got {c.personalizer!r}")
+    if c.ged_through_prior not in GED_THROUGH_PRIOR:
+        raise ValueError(f"HarmonizerConfig: ged_through_prior must be one of {GED_THROUGH_PRIOR}, "
+                         f"got {c.ged_through_prior!r}")  # fmt: skip
+    if c.sigma_bound not in ("soft", "hard"):
+        raise ValueError(f"HarmonizerConfig: sigma_bound must be 'soft' or 'hard', got {c.sigma_bound!r}")
+    if c.init not in INITS:
+        raise ValueError(f"HarmonizerConfig: init must be one of {INITS}, got {c.init!r}")
     if c.use_personalizer and c.personalizer == "frequency" and c.decoder_channels[-1] % 4:
         raise ValueError("HarmonizerConfig: the personalizer reduces the last decoder width by 4; it must divide")

@@ -26,7 +26,7 @@ FOREGROUND_PRIOR = 0.05
 
 
 class Fcomb(nn.Module):
-    def __init__(self, feat_channels: int, latent_dim: int, channels: int, layers: int) -> None:
+    def __init__(self, feat_channels: int, latent_dim: int, channels: int, layers: int, init: str = "he") -> None:
         super().__init__()
         if layers < 1:
             raise ValueError(f"Fcomb: layers must be >= 1, got {layers}")
@@ -34,6 +34,13 @@ class Fcomb(nn.Module):
         self.first = nn.Conv2d(feat_channels + latent_dim, channels, 1)
         self.hidden = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(layers - 1))
         self.last = nn.Conv2d(channels, 1, 1)
+        if init == "he":  # see HarmonizerConfig.init: the features' variation reaches the logits at the start
+            for conv in (self.first, *self.hidden):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+            nn.init.kaiming_normal_(self.last.weight, nonlinearity="linear")
+        elif init != "torch":
+            raise ValueError(f"Fcomb: init must be 'he' or 'torch', got {init!r}")
         # Start from a foreground probability of 5% (lesions are a few percent of the pixels): the head then
         # learns "lesion = active units" instead of parking lesion pixels at the bias with every ReLU off,
         # a mode it leaves only slowly (measured on synthetic data: loss 0.25 against 0.52 after 150 steps).

@@ -89,11 +89,11 @@ class HarmonizerNet(nn.Module):
         self.backbone = Backbone(
             c.in_channels, c.stem_channels, c.encoder_blocks, c.encoder_channels, c.decoder_channels
         )
-        self.prior = AxisAlignedConvGaussian(c.in_channels, c.latent_channels, c.latent_convs_per_stage, c.latent_dim)
-        self.posterior = AxisAlignedConvGaussian(
-            c.in_channels + 1, c.latent_channels, c.latent_convs_per_stage, c.latent_dim
-        )
-        self.fcomb = Fcomb(c.decoder_channels[-1], c.latent_dim, c.fcomb_channels, c.fcomb_layers)
+        self.prior = AxisAlignedConvGaussian(c.in_channels, c.latent_channels, c.latent_convs_per_stage, c.latent_dim,
+                                             c.init, c.sigma_bound)  # fmt: skip
+        self.posterior = AxisAlignedConvGaussian(c.in_channels + 1, c.latent_channels, c.latent_convs_per_stage,
+                                                 c.latent_dim, c.init, c.sigma_bound)  # fmt: skip
+        self.fcomb = Fcomb(c.decoder_channels[-1], c.latent_dim, c.fcomb_channels, c.fcomb_layers, c.init)
         self.harmonizer = (
             NoiseHarmonizer(
                 c.decoder_channels, c.harmonized_stages, c.harmonizer_tokens, c.harmonizer_dim, c.harmonizer_hidden,
@@ -208,8 +208,11 @@ class HarmonizerNet(nn.Module):
             z_post = reparameterize(posterior, noise["posterior"])
             out = ModelOutput(1, f, harm, prior, posterior, rater_index)
             out.posterior_logits = self.fcomb.logits(f, z_post[:, None])[:, 0]
-            if c.use_ged_loss:
-                out.prior_logits = self.fcomb.logits(f, reparameterize(prior, noise["prior"]))
+            if c.use_ged_loss:  # which prior parameters the GED term trains: config.ged_through_prior
+                through = c.ged_through_prior
+                z_prior = reparameterize(prior, noise["prior"], fixed_mean=through == "none",
+                                         fixed_sigma=through != "full")  # fmt: skip
+                out.prior_logits = self.fcomb.logits(f, z_prior)
             return out
         with torch.no_grad():  # everything but the personalizer is frozen in phase 2
             f, harm = self.features(images)
