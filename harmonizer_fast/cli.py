@@ -178,7 +178,7 @@ def _train_config(args: argparse.Namespace, model_config):
         phase = "1"  # the baseline has no phase 2
     kw = dict(phase=phase, seed=args.seed, max_minutes=args.max_minutes, rater_order=args.rater_order,
               batch_size=args.batch_size, fold=args.fold, select_phase1=args.select_phase1,
-              select_phase2=args.select_phase2, phase2_z=args.phase2_z)  # fmt: skip
+              select_phase2=args.select_phase2, phase2_z=args.phase2_z, min_raters=args.min_raters)  # fmt: skip
     if args.epochs is not None:
         kw.update(epochs_phase1=args.epochs, epochs_phase2=args.epochs)
     if args.epochs2 is not None:
@@ -232,7 +232,10 @@ def _scoring(args: argparse.Namespace):
         raise DataError(f"the data has {data.num_raters} raters and {data.in_channels} channel(s); the checkpoint "
                         f"expects {model.config.num_raters} and {model.config.in_channels}")  # fmt: skip
     manifest_path, _ = read_manifest(args.checkpoint)
-    return model, RunDir(manifest_path.parent).scoring_set(data, model.config, args.split)
+    scoring = RunDir(manifest_path.parent).scoring_set(data, model.config, args.split)
+    if args.min_raters > model.config.num_raters:
+        raise UsageError(f"--min-raters {args.min_raters}: the model has {model.config.num_raters} raters")
+    return model, scoring.restricted(args.min_raters)
 
 
 def _device(text: str):
@@ -305,6 +308,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = run_evaluation(model, scoring.data, scoring.indices, args.out, samples=args.samples, seed=args.seed,
                             robustness=args.robustness, label=str(args.checkpoint),
                             scored=scoring.description)  # fmt: skip
+    for w in result["warnings"]:  # first, before any number
+        print(f"warning: {w}")
     print(report(result))
     print(f"wrote {args.out}/metrics.json, report.md and {len(result.get('figures', []))} figures")
     return 0
@@ -506,6 +511,8 @@ def _inference_options() -> argparse.ArgumentParser:
     g.add_argument("--split", choices=("test", "all"), default="test",
                    help="test: the run's held-out test patients when --data is the run's dataset (all images of "
                    "any other dataset); all: every image, the run's training patients included")  # fmt: skip
+    g.add_argument("--min-raters", type=int_at_least(0), default=0,
+                   help="score only images where at least this many raters drew (LIDC: 4 is the paper's protocol)")
     return g
 
 
@@ -530,6 +537,9 @@ def _add_train(sub, data: argparse.ArgumentParser) -> None:
     t.add_argument("--rater-order", choices=RATER_ORDERS, default="stored",
                    help="raters as the reader gives them (LIDC readers: by area, smallest first) or re-ordered "
                    "per image by area")  # fmt: skip
+    t.add_argument("--min-raters", type=int_at_least(0), default=0,
+                   help="train, select and test on items where at least this many raters drew (0: all; LIDC: 4 is "
+                   "the closest to the paper's slices); the patient split is made before the filter")  # fmt: skip
     t.add_argument("--select-phase1", choices=PHASE_SCORES[1], default=DEFAULTS[1],
                    help="validation score that picks best_phase1 (see harmonizer_fast.selection)")  # fmt: skip
     t.add_argument("--select-phase2", choices=PHASE_SCORES[2], default=DEFAULTS[2],

@@ -76,6 +76,16 @@ class ScoringSet:
     indices: np.ndarray
     description: str  # for reports: which images, and why those
 
+    def restricted(self, min_raters: int) -> ScoringSet:
+        """Only the images where at least ``min_raters`` raters drew (0: unchanged)."""
+        if not min_raters:
+            return self
+        keep = self.indices[self.data.raters_drawn()[self.indices] >= min_raters]
+        if keep.size == 0:
+            raise ValueError(f"min_raters={min_raters}: none of {self.description} has that many raters' masks")
+        return ScoringSet(self.data, keep, f"{self.description}, the {keep.size} where at least {min_raters} raters "
+                          "drew")  # fmt: skip
+
 
 class RunDir:
     """The files of one run (see the module docstring). Nothing else in the package reads them."""

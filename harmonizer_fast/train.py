@@ -46,6 +46,7 @@ from .distributed import convert_sync_batchnorm, init_distributed, rank_and_worl
 from .evaluate import evaluate_model, summarize
 from .model import HarmonizerConfig, HarmonizerNet
 from .rundir import DataRecord, RunDir, prepare
+from .schedule import CosineSchedule
 
 __all__ = ["Position", "StepRunner", "TrainConfig", "TrainResult", "Trainer", "TrainingError", "init_distributed"]
 
@@ -93,6 +94,10 @@ class TrainConfig:
     fold: int = 0
     val_fraction: float = 0.15
     rater_order: str = "stored"  # "stored", "area-asc" or "area-desc" (applied on top of the reader's order)
+    # Train, select and test only on items where at least this many raters drew (0: every item). LIDC with
+    # min_raters = 4 is the closest this export comes to the paper's 1,609 slices (README, "Protocols"). The
+    # patient split is made on the whole dataset first, so a patient's side does not depend on the filter.
+    min_raters: int = 0
     augment: bool = True
     amp: bool = True  # bfloat16 autocast on GPU (ignored on CPU)
     val_samples: int = 16
@@ -126,6 +131,7 @@ class TrainConfig:
         for name in ("epochs_phase1", "epochs_phase2", "batch_size", "val_samples", "val_batch"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
         need(_is_int(self.folds) and self.folds >= 2, "folds", "an integer >= 2")
+        need(_is_int(self.min_raters) and self.min_raters >= 0, "min_raters", "an integer >= 0")
         need(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)")
         ss = self.split_seed
         need(ss is None or (_is_int(ss) and 0 <= ss < 2**63), "split_seed", "None or an integer in [0, 2**63)")
@@ -215,8 +221,30 @@ class _Budget:
     def wall_minutes(self) -> float:
         return (time.monotonic() - self.wall0) / 60.0
 
+    def progress(self, start_minutes: float) -> float:
+        """The share spent of what was left at ``start_minutes`` (a stage's start)."""
+        left = self.limit / 60.0 - start_minutes
+        return 1.0 if left <= 0 else (self.minutes() - start_minutes) / left
+
     def spent(self) -> bool:
         return self.limit is not None and self._now() - self.t0 > self.limit
+
+
+BN_MOMENTUM = 0.1  # torch's default, the running statistics' weight on each batch once warm
+
+
+def warm_batch_norm(net: torch.nn.Module) -> None:
+    """Batch norm's running statistics as the mean over the batches seen so far (momentum 1/(n + 1) for the
+    batch after n) until that weight falls to :data:`BN_MOMENTUM`, then the usual moving average.
+
+    With momentum 0.1 from the start, the running statistics keep (0.9)^n of their initial values (mean 0,
+    variance 1) after n batches, and validation, which uses them, sees features a few times off scale for
+    the first ~20 steps: on a small dataset every validation prediction stayed empty for epochs while the
+    training loss was falling (tests/test_train.py). The counter is a saved buffer, so a resumed run goes on
+    with the same weights."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            m.momentum = max(BN_MOMENTUM, 1.0 / (int(m.num_batches_tracked) + 1))
 
 
 class StepRunner:
@@ -241,8 +269,13 @@ class StepRunner:
     def batches(self, epoch: int) -> list[np.ndarray]:
         order = self.train[torch.randperm(len(self.train), generator=generator(self.tc.seed, 1, epoch)).numpy()]
         b = self.tc.batch_size
-        n = len(order) // b if len(order) >= b else 1
-        return [order[i * b : (i + 1) * b] for i in range(n)]
+        # every image once, the last batch filled up from the start of the order (as torch's
+        # DistributedSampler pads): dropping the remainder dropped a third of the images and half the steps of
+        # a small dataset, and a full last batch keeps the processes' slices equal (DDP averages them with
+        # equal weights) and the batches the same for any process count
+        n = -(-len(order) // b)
+        padded = np.concatenate([order, order[: n * b - len(order)]]) if len(order) >= b else order
+        return [padded[i * b : (i + 1) * b] for i in range(n)]
 
     def step(self, ddp: torch.nn.Module, opt, idx: np.ndarray, epoch: int, step: int,
              progress: float = 0.0) -> dict[str, float]:  # fmt: skip
@@ -257,6 +290,8 @@ class StepRunner:
         noise = {k: v[part] for k, v in noise.items()}
         if self.net.phase == 2:
             noise["z"] = noise["z"] * self.tc.z_noise_scale(progress)
+        else:
+            warm_batch_norm(self.net)
         use_amp = self.tc.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             out = ddp(images, masks, noise=noise)
@@ -304,6 +339,11 @@ class Trainer:
         self.data = prepare(data, model_config, self.tc.rater_order)  # padded, raters in the training order
         self.split = patient_split(self.data.patient_id, folds=self.tc.folds, fold=self.tc.fold,
                                    val_fraction=self.tc.val_fraction, seed=self.tc.split_seed_or_seed)  # fmt: skip
+        if self.tc.min_raters:
+            self.split = self.split.keep(self.data.raters_drawn() >= self.tc.min_raters)
+            if not (len(self.split.train) and len(self.split.val)):
+                raise TrainingError(f"min_raters={self.tc.min_raters} leaves {len(self.split.train)} training and "
+                                    f"{len(self.split.val)} validation images")  # fmt: skip
         self.record = DataRecord(data.fingerprint(), len(data), self.tc.rater_order, self.split)
         torch.manual_seed(self.tc.seed)
         self.net = HarmonizerNet(model_config).to(device)
@@ -321,6 +361,8 @@ class Trainer:
             raise TrainingError(f"batch size {self.tc.batch_size} must be divisible by the {self.world} processes")
         if data.num_raters != cfg.num_raters:
             raise TrainingError(f"the data has {data.num_raters} raters, the model config {cfg.num_raters}")
+        if self.tc.min_raters > data.num_raters:
+            raise TrainingError(f"min_raters={self.tc.min_raters}, but the data has {data.num_raters} raters")
         if data.in_channels != cfg.in_channels:
             raise TrainingError(f"the data has {data.in_channels} channels, the model config {cfg.in_channels}")
         if not cfg.use_personalizer and self.tc.phase != "1":
@@ -384,6 +426,7 @@ class Trainer:
         end = sum(e for _, e in self.stages[: pos.stage + 1])  # global epoch after the stage's last
         opt, scheduler = self._begin_stage(pos, phase, n_epochs, end - n_epochs)
         ddp = self.steps.wrap()
+        stage_start = budget.minutes()
         while pos.epoch < end:
             sums, done = self._run_epoch(ddp, opt, pos, phase, end - n_epochs, n_epochs, budget)
             if not done:
@@ -391,6 +434,8 @@ class Trainer:
                 self._checkpoint(pos, phase, opt, scheduler, "time budget")
                 self.log(f"stopped by the time budget ({self.tc.max_minutes} min) in epoch {pos.epoch + 1}")
                 return "time budget"
+            if budget.limit is not None:  # decay within the budget when it ends before the planned epochs
+                scheduler.spend(self._synced(budget.progress(stage_start)))
             scheduler.step()
             self._end_epoch(pos, phase, sums, budget)
             finished = pos.epoch == end and pos.stage + 1 == len(self.stages)
@@ -406,6 +451,14 @@ class Trainer:
                 return "time budget"
         return None
 
+    def _synced(self, value: float) -> float:
+        """``value`` as rank 0 has it: every process must set the same learning rate."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(t, 0)
+        return float(t)
+
     def _begin_stage(self, pos: Position, phase: int, n_epochs: int, first: int):
         """The stage's model phase, optimizer and cosine schedule, with the state a resume continues from."""
         self.net.set_phase(phase)
@@ -413,8 +466,7 @@ class Trainer:
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.tc.lr_phase1 if phase == 1 else self.tc.lr_phase2,
                                weight_decay=self.tc.weight_decay)  # fmt: skip
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_epochs),
-                                                               eta_min=0.1 * opt.defaults["lr"])  # fmt: skip
+        scheduler = CosineSchedule(opt, n_epochs)
         st, self._resume_state = self._resume_state, None
         if st is not None and st["phase"] == phase and (pos.epoch > first or pos.step > 0):  # mid-stage
             self.run.load_into("last", self.net, opt)
@@ -455,6 +507,10 @@ class Trainer:
         """Validate, record, and commit ``best`` (and ``best_phase1``) when the score improves."""
         record = self._record(pos, phase, sums)
         record.update(self.validate(phase))
+        key = "val_empty_fraction" if phase == 1 else "val_heads_empty_fraction"
+        if record.get(key) == 1.0:  # [science] #35: a user must not find out from evaluate
+            self.log(f"warning: epoch {pos.epoch + 1}: every validation prediction is empty (the model has not "
+                     "left its all-empty start; an early epoch may be selected as best)")  # fmt: skip
         record["minutes"] = budget.minutes()
         if budget.clock != "wall":
             record["wall_minutes"] = budget.wall_minutes()

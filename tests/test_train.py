@@ -292,3 +292,87 @@ def test_a_budget_spent_at_an_epoch_end_is_recorded_as_a_budget_stop(tmp_path):
     tc2 = TrainConfig(phase="1", epochs_phase1=3, batch_size=32, lr_phase1=1e-3, val_samples=2)
     again = Trainer(data, HarmonizerConfig.small(num_raters=2), tc2, run, progress=False, log=lambda _m: None)
     assert again.fit(resume=True).stopped == "completed" and len(again.history) == 3
+
+
+def test_a_budget_stop_ends_the_schedule_at_its_floor(tmp_path):
+    """[science] #35 item 5: a run stopped by its budget after 1 of 50 planned epochs decayed its rate to the
+    floor within the budget, instead of stopping at the full rate."""
+    from harmonizer_fast.schedule import FLOOR
+
+    data = hd.make_synthetic(24, size=32, raters=2, seed=3)
+    tc = TrainConfig(phase="1", epochs_phase1=50, batch_size=32, lr_phase1=1e-3, val_samples=2, max_minutes=1e-9)
+    Trainer(data, HarmonizerConfig.small(num_raters=2), tc, tmp_path / "run", progress=False, log=lambda _m: None).fit()
+    manifest = json.loads((tmp_path / "run" / "last.json").read_text())
+    sched = manifest["state"]["scheduler"]
+    assert sched["time_progress"] == 1.0 and sched["last_epoch"] == 1
+    assert sched["_last_lr"][0] == pytest.approx(FLOOR * 1e-3)
+
+
+def test_min_raters_trains_and_tests_on_slices_every_rater_drew(tmp_path):
+    data = hd.make_synthetic(40, size=32, raters=3, seed=7)
+    data.masks[::3, 1] = 0  # a third of the items: rater 2 drew nothing
+    drawn = data.masks.reshape(40, 3, -1).any(-1).sum(1)
+    assert np.array_equal(data.raters_drawn(), drawn)
+    cfg = HarmonizerConfig.small(num_raters=3)
+    full = Trainer(data, cfg, TrainConfig(epochs_phase1=1), tmp_path / "a", progress=False, log=lambda _m: None)
+    kept = Trainer(data, cfg, TrainConfig(epochs_phase1=1, min_raters=3), tmp_path / "b", progress=False,
+                   log=lambda _m: None)  # fmt: skip
+    for part in ("train", "val", "test"):
+        a, b = getattr(full.split, part), getattr(kept.split, part)
+        assert np.array_equal(b, a[drawn[a] == 3])  # the same patients' sides, filtered
+    with pytest.raises(TrainingError, match="min_raters=4"):
+        Trainer(data, cfg, TrainConfig(min_raters=4), tmp_path / "c", progress=False, log=lambda _m: None)
+
+
+def test_learning_starts_at_once_on_a_small_dataset_unlike_lidc(tmp_path):
+    """[science] #35 item 4, on a synthetic stand-in of the 7-rater MRI set where the small config sat at
+    all-empty predictions for ~30 epochs: 40 cases of 128 x 128 uint8-quantized images, large structures
+    (13-17 % of the image). He initialization of fcomb and the prior nets, no dropped remainder batch and
+    warm batch-norm statistics (HarmonizerConfig.init, StepRunner.batches, warm_batch_norm) make the
+    validation predictions non-empty within the first 5 epochs (2 optimizer steps each)."""
+    d = hd.make_synthetic(40, size=128, raters=7, seed=11, items_per_patient=1, radius=(0.2, 0.23))
+    d = hd.MultiRaterData((np.round(d.images * 255) / 255).astype(np.float32), d.masks, d.patient_id)
+    assert 0.12 < d.masks.mean() < 0.18
+    cfg = HarmonizerConfig.small(num_raters=7)  # with init="torch": all empty in all 5 epochs
+    logged = []
+    tc = TrainConfig.for_model(cfg, phase="1", epochs_phase1=5, val_samples=4)
+    trainer = Trainer(d, cfg, tc, tmp_path / "run", progress=False, log=logged.append)
+    trainer.fit()
+    empty = [h["val_empty_fraction"] for h in trainer.history]
+    assert min(empty) < 0.5, empty
+    assert max(h["val_dice_match"] for h in trainer.history) > 0.4  # all-empty scores 0.06
+    # the epochs whose validation was all empty were said so in the log
+    assert sum("every validation prediction is empty" in m for m in logged) == sum(e == 1.0 for e in empty)
+
+
+def test_warm_batch_norm_averages_the_first_batches_then_moves_at_0_1():
+    from harmonizer_fast.train import BN_MOMENTUM, warm_batch_norm
+
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3)).train()
+    batches = [torch.randn(4, 3, 5, 5) + i for i in range(14)]
+    for x in batches[:10]:
+        warm_batch_norm(bn)
+        bn(x)
+    means = torch.stack([x.mean((0, 2, 3)) for x in batches[:10]])
+    torch.testing.assert_close(bn[0].running_mean, means.mean(0))  # the first 10: their plain mean
+    for x in batches[10:]:
+        expect = (1 - BN_MOMENTUM) * bn[0].running_mean + BN_MOMENTUM * x.mean((0, 2, 3))
+        warm_batch_norm(bn)
+        bn(x)
+        torch.testing.assert_close(bn[0].running_mean, expect)
+    assert bn[0].momentum == BN_MOMENTUM
+
+
+@pytest.mark.parametrize(("n_train", "sizes"), [(26, [8, 8, 8, 8]), (24, [8, 8, 8]), (5, [5])])
+def test_an_epoch_sees_every_image_in_full_batches(n_train, sizes):
+    from harmonizer_fast.train import StepRunner
+
+    data = hd.make_synthetic(n_train, size=32, raters=2, seed=1)
+    net = HarmonizerNet(HarmonizerConfig.small(num_raters=2))
+    runner = StepRunner(net, data, np.arange(n_train), TrainConfig(batch_size=8), torch.device("cpu"))
+    batches = runner.batches(0)
+    assert [len(b) for b in batches] == sizes
+    seen = np.concatenate(batches)
+    assert set(seen.tolist()) == set(range(n_train))  # every image; the padding repeats the first ones
+    assert np.array_equal(seen[n_train:], seen[: len(seen) - n_train])

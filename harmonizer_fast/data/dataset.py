@@ -94,6 +94,11 @@ class MultiRaterData:
         masks = np.take_along_axis(self.masks, idx[:, :, None, None], axis=1)
         return MultiRaterData(self.images, masks, self.patient_id, self.source)
 
+    def raters_drawn(self) -> np.ndarray:
+        """Per item, how many raters drew anything (a non-empty mask), ``(N,)`` int64. The paper's LIDC set
+        keeps slices every rater marked; ``>= num_raters`` selects those of this data."""
+        return self.masks.reshape(len(self), self.num_raters, -1).any(-1).sum(1, dtype=np.int64)
+
     def fingerprint(self) -> str:
         """SHA-256 of the images, the masks (in their stored order) and the patient ids: the same dataset read
         again gives the same value, any other dataset another."""
@@ -119,6 +124,11 @@ class Split:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+
+    def keep(self, items: np.ndarray) -> Split:
+        """The split restricted to the items where the boolean array ``items`` (over the dataset) is True; each
+        patient stays on its side."""
+        return Split(*(part[items[part]] for part in (self.train, self.val, self.test)))
 
 
 def patient_split(
