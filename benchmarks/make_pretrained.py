@@ -28,32 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from harmonizer_fast.checkpoint import load_model, preprocessing_of, read_manifest, save_checkpoint
 from harmonizer_fast.data import load_dataset
-from harmonizer_fast.evaluate import Scores, evaluate_model, summarize
-from harmonizer_fast.metrics import MetricAccumulator
+from harmonizer_fast.evaluate import evaluate_model, summarize
 from harmonizer_fast.pretrained import ROOT as PRETRAINED
 from harmonizer_fast.pretrained.card import render
 from harmonizer_fast.profiler import cpu_model
+from harmonizer_fast.references import label_only_references
 from harmonizer_fast.rundir import RunDir
-
-
-def references(data, idx: np.ndarray, samples: int, batch: int = 64) -> dict[str, dict]:
-    """Tables 1 and 2 of the label-only predictors on ``data[idx]``, scored by the model's own pipeline."""
-    names = ("all-empty", "majority mask", "raters as samples (oracle)")
-    accs = {n: (MetricAccumulator(), MetricAccumulator()) for n in names}
-    r = data.num_raters
-    for s in range(0, len(idx), batch):
-        y = torch.from_numpy(data.masks[idx[s : s + batch]])
-        yf = y.float()
-        majority = (yf.sum(1, keepdim=True) >= r / 2).float()
-        preds = {
-            "all-empty": (torch.zeros(y.shape[0], samples, *y.shape[2:]), torch.zeros_like(yf)),
-            "majority mask": (majority.expand(-1, samples, -1, -1), majority.expand(-1, r, -1, -1)),
-            "raters as samples (oracle)": (yf.repeat(1, -(-samples // r), 1, 1)[:, :samples], yf),
-        }
-        for n, (prior, heads) in preds.items():
-            accs[n][0].update(prior, y)
-            accs[n][1].update(heads, y, heads)
-    return {n: summarize(Scores(a, h, {}, "label-only")) for n, (a, h) in accs.items()}
 
 
 def _phase1_epoch(run: Path) -> int:
@@ -97,7 +77,7 @@ def main(argv=None) -> int:
     pid = scoring.data.patient_id
     t0 = time.time()
     scores = summarize(evaluate_model(model, scoring.data, scoring.indices, samples=args.samples, seed=args.seed))
-    refs = references(scoring.data, scoring.indices, args.samples)
+    refs = label_only_references(scoring.data, scoring.indices, args.samples)
     state = manifest["state"]
     tc = state["train_config"]
     # the run's whole history is in its last checkpoint (best stops at the selected epoch); "minutes" is the

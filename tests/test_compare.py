@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from harmonizer_fast import data as hd
 from harmonizer_fast.cli import main as cli
@@ -166,3 +167,33 @@ def test_the_cli_runs_a_tiny_comparison(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("train1 ") == 2 and "train2 dpersona" in out and "wrote" in out  # full, probunet
     assert cli(argv) == 0 and capsys.readouterr().out.count("done before") == 6
+
+
+def test_a_collapsed_prior_is_flagged_by_the_reports(tmp_path):
+    """[science] #35 proof: a model whose prior mean does not depend on the image (collapsed on purpose: the
+    prior head's weights zeroed, sigma pushed past its clamp) is flagged in the compare report's latent table
+    and at the top of the evaluate report; an intact prior is not."""
+    from harmonizer_fast.data import make_synthetic
+    from harmonizer_fast.evaluate import report, run_evaluation
+    from harmonizer_fast.latent_stats import collapse_flags, latent_statistics
+    from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
+    from harmonizer_fast.model.latent import LOG_SIGMA_MAX
+
+    data = make_synthetic(8, size=32, raters=2, seed=2)
+    torch.manual_seed(0)
+    net = HarmonizerNet(HarmonizerConfig.small(num_raters=2))
+    with torch.no_grad():
+        net.prior.to_params.weight[: net.config.latent_dim] *= 3000  # an image-dependent mean
+    assert collapse_flags(latent_statistics(net, data)) == []
+    with torch.no_grad():
+        net.prior.to_params.weight.zero_()
+        net.prior.to_params.bias[net.config.latent_dim :] = LOG_SIGMA_MAX + 20
+    latent = latent_statistics(net, data)
+    rec = _record("full", 0, 0, [0, 1], [0.2, 0.3])
+    rec.update(latent=latent, prior_flags=collapse_flags(latent), uncertainty_vs_raters={"spearman": 0.1})
+    md = markdown(aggregate([rec], _meta()))
+    row = next(line for line in md.splitlines() if line.startswith("| full | 0 | 0 |"))
+    assert "image-independent prior" in row and "clamped prior" in row
+    result = run_evaluation(net, data, np.arange(8), tmp_path, samples=2, figures=False)
+    head = report(result).split("### Table 1")[0]
+    assert "image-independent prior" in head and "clamped prior" in head

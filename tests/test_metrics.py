@@ -241,3 +241,47 @@ def test_bad_inputs(args, exc, msg):
     probs, raters = make_case(b=2, k=3, n=2, h=6, w=6, seed=11)
     with pytest.raises(exc, match=msg):
         metrics.evaluate_batch(*args(probs.float(), raters))
+
+
+def test_head_identity_and_rater_diversity_match_numpy():
+    rng = np.random.default_rng(5)
+    raters = torch.from_numpy(rng.random((3, 4, 12, 12)) > 0.6).float()
+    raters[1, 2] = 0  # a rater who drew nothing
+    heads = torch.from_numpy(rng.random((3, 4, 12, 12))).float()
+    heads[0] = raters[0] * 0.9  # image 0: every head copies its own rater
+    got = metrics.evaluate_batch(heads, raters, heads)
+    y, h = raters.numpy(), heads.numpy()
+    for b in range(3):
+        d = np.array([[np_dice(y[b, j], h[b, i] > 0.5) for j in range(4)] for i in range(4)])  # head i x rater j
+        want = np.mean([d[i, i] >= d[i].max() - 1e-12 for i in range(4)])
+        assert got["head_identity"][b] == pytest.approx(want)
+        pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+        iou = [(np.logical_and(y[b, i], y[b, j]).sum() / max(np.logical_or(y[b, i], y[b, j]).sum(), 1))
+               if y[b, i].any() or y[b, j].any() else 1.0 for i, j in pairs]  # fmt: skip
+        assert got["rater_diversity"][b] == pytest.approx(1 - np.mean(iou))
+        assert got["raters_drawn"][b] == (y[b].reshape(4, -1).any(1)).sum()
+    assert got["head_identity"][0] == 1.0
+    assert np.isnan(metrics.evaluate_batch(heads, raters)["head_identity"]).all()  # no heads: undefined
+
+
+def test_uncertainty_follows_raters_is_spearman_over_images_where_all_drew():
+    a = np.array([0.1, 0.4, 0.2, 0.9, 0.5, 0.3])
+    b = np.array([0.2, 0.3, 0.1, 0.8, 0.7, 0.6])
+    ra, rb = a.argsort().argsort(), b.argsort().argsort()  # distinct values: ranks without ties
+    want = np.corrcoef(ra, rb)[0, 1]
+    got = metrics.uncertainty_follows_raters(a, b)
+    assert got["n_images"] == 6 and got["spearman"] == pytest.approx(want)
+    assert math.isnan(metrics.uncertainty_follows_raters(a[:2], b[:2])["spearman"])
+    assert math.isnan(metrics.uncertainty_follows_raters(a, np.ones(6))["spearman"])
+    # the accumulator keeps only the images where every rater drew
+    rng = np.random.default_rng(2)
+    raters = torch.from_numpy(rng.random((8, 3, 10, 10)) > 0.5).float()
+    raters[:3, 0] = 0
+    probs = torch.from_numpy(rng.random((8, 5, 10, 10))).float()
+    acc = metrics.MetricAccumulator()
+    acc.update(probs, raters)
+    s = acc.summary()["uncertainty_vs_raters"]
+    keep = acc.per_image("raters_drawn") == 3
+    ref = metrics.uncertainty_follows_raters(acc.per_image("sample_diversity")[keep],
+                                             acc.per_image("rater_diversity")[keep])
+    assert s == ref and s["n_images"] == 5

@@ -54,3 +54,15 @@ def test_all_better_is_plus_one_and_nan_images_are_dropped():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="1-D of one length"):
         paired_test(np.zeros(3), np.zeros(4))
+
+
+def test_per_patient_means_by_hand():
+    from harmonizer_fast.stats import per_patient
+
+    ids = np.array(["b", "a", "b", "c", "a", "c"])
+    vals = np.array([1.0, 2.0, 3.0, np.nan, 4.0, np.nan])
+    patients, means = per_patient(vals, ids)
+    assert patients.tolist() == ["a", "b", "c"]
+    assert means[:2].tolist() == [3.0, 2.0] and np.isnan(means[2])
+    with pytest.raises(ValueError, match="one length"):
+        per_patient(vals[:3], ids)

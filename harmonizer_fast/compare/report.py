@@ -89,7 +89,9 @@ def aggregate(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, 
         good = [r for r in recs if not _collapsed(r)]
         v: dict[str, Any] = {"label": VARIANTS[name].label, "heads": recs[0]["heads"],
                              "runs": [{"fold": r["fold"], "seed": r["seed"], "collapsed": _collapsed(r),
-                                       "unscored": r.get("unscored"), "trainings": r["runs"]} for r in recs],
+                                       "unscored": r.get("unscored"), "trainings": r["runs"],
+                                       "latent": r.get("latent"), "prior_flags": r.get("prior_flags", []),
+                                       "uncertainty_vs_raters": r.get("uncertainty_vs_raters")} for r in recs],
                              "collapsed_runs": len(recs) - len(good), "total_runs": len(recs)}  # fmt: skip
         if good:
             v["table1"] = {k: _over(good, f"t1_{k}") for _, k in T1_COLUMNS}
@@ -204,6 +206,21 @@ def _runs_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _latent_lines(result: dict[str, Any]) -> list[str]:
+    lines = ["| variant | fold | seed | spread | sigma median | sigma at clamp | KL (nats) | Spearman | prior flags |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, v in result["variants"].items():
+        for r in v["runs"]:
+            lat, uv = r.get("latent"), r.get("uncertainty_vs_raters") or {}
+            if lat is None:
+                continue
+            lines.append(f"| {name} | {r['fold']} | {r['seed']} | {lat['mean_spread_ratio']:.3g} | "
+                         f"{lat['prior_sigma_quantiles']['0.5']:.3g} | {lat['prior_sigma_clamped_share']:.0%} | "
+                         f"{lat['kl_total']:.3g} | {uv.get('spearman', math.nan):.3f} | "
+                         f"{'; '.join(r['prior_flags']) or 'none'} |")  # fmt: skip
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, c = result["machine"], result["compare"]
     lines = [
@@ -240,6 +257,10 @@ def markdown(result: dict[str, Any]) -> str:
                      "Prob. U-Net run itself (the comparison's 'same backbone'); D-Persona's own stage 1 adds a "
                      "bound loss that is not reproduced.")  # fmt: skip
     lines += ["", "## Runs (equal budget)", "", *_runs_lines(result), ""]
+    lines += ["## The latent space of each scored run (test patients)", "", *_latent_lines(result), "",
+              "Spread: the prior mean's std across images over its mean sigma (below 0.1: image-independent). "
+              "Spearman: the samples' mean pairwise 1 - IoU against the raters', over images where every rater "
+              "drew (does the spread follow the raters?).", ""]  # fmt: skip
     if result.get("figure"):
         lines += [f"![GED against K]({result['figure']})", "",
                   "GED against K (appendix B): mean over test images, bars the std over folds.", ""]  # fmt: skip

@@ -27,6 +27,7 @@ from .._io import write_atomic
 from ..data import MultiRaterData
 from ..data.dataset import RATER_ORDERS
 from ..evaluate import K_VALUES, evaluate_model, summarize
+from ..latent_stats import collapse_flags, latent_statistics
 from ..model import HarmonizerConfig
 from ..model.config import PRESETS
 from ..rundir import RunDir
@@ -262,6 +263,8 @@ def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[
     scores = evaluate_model(model.to(cmp.device), scoring.data, scoring.indices, samples=cmp.cc.samples, seed=seed,
                             heads=v.heads, k_values=K_VALUES)  # fmt: skip
     tables = summarize(scores)
+    latent = latent_statistics(model, scoring.data, scoring.indices) if len(scoring.indices) >= 2 else None
+    uncertainty = tables["table1"]["uncertainty_vs_raters"]
     for t in ("table1", "table2"):
         if tables[t] is not None:  # the reliability bins are the evaluate command's business, not this report's
             tables[t] = {k: tables[t][k] for k in ("n_images", "mean", "std", "per_rater")}
@@ -273,4 +276,5 @@ def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[
         "variant": v.name, "fold": fold, "seed": seed, "heads": v.heads, "scored": scoring.description,
         "images": np.asarray(scoring.indices).tolist(), "samples": cmp.cc.samples, "runs": runs, **tables,
         "per_image": per_image, "ged_vs_k": {str(k): scores.per_k[k]["ged"] for k in scores.per_k},
+        "latent": latent, "prior_flags": collapse_flags(latent) if latent else [], "uncertainty_vs_raters": uncertainty,
     }  # fmt: skip

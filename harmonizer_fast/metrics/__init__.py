@@ -345,6 +345,9 @@ def evaluate_batch(
         out["ece"] = ece_from_bins(bins).cpu().numpy()
         out["brier"] = brier(maps, y).cpu().numpy()
         out["_calibration"] = bins.cpu().numpy()
+        out["rater_diversity"] = sample_diversity(raters).cpu().numpy()
+        out["raters_drawn"] = (raters > 0.5).flatten(2).any(-1).sum(1).double().cpu().numpy()
+        out["head_identity"] = _head_identity(heads, raters)
         consensus = raters.double().mean(1) > 0.5
         out["lesion_size"] = consensus.sum((1, 2)).double().cpu().numpy()
         out["dice_consensus"] = dice_binary(probs.double().mean(1) > 0.5, consensus).cpu().numpy()
@@ -352,6 +355,32 @@ def evaluate_batch(
         out["_entropy_correctness"] = {g: _histogram(h[m]) for g, m in correctness_groups(probs, raters).items()}
         out["_entropy_agreement"] = {g: _histogram(h[m]) for g, m in agreement_groups(raters, agreement_tol).items()}
     return out
+
+
+def _head_identity(heads: Optional[Tensor], raters: Tensor) -> np.ndarray:
+    """Per image, the share of heads i whose best-matching rater (by Dice at 0.5) is rater i, ties counted as
+    a match; NaN without heads. Chance is 1/N for heads that ignore the rater."""
+    if heads is None:
+        return np.full(raters.shape[0], np.nan)
+    d = dice_matrix(raters, heads)  # (B, N raters, N heads)
+    own = torch.diagonal(d, dim1=1, dim2=2)  # (B, N): Dice of head i with rater i
+    return (own >= d.amax(1) - 1e-12).double().mean(1).cpu().numpy()
+
+
+def uncertainty_follows_raters(sample_div: np.ndarray, rater_div: np.ndarray) -> dict[str, Any]:
+    """Spearman's rank correlation over images between the samples' mean pairwise 1 - IoU
+    (:func:`sample_diversity`) and the raters' ([science] item 2): does the model's spread follow how much the
+    raters disagree on each image? Pass the images where every rater drew (elsewhere an empty reading makes
+    the raters' distance 1 whatever the lesion). ``spearman`` is NaN with fewer than 3 images or a constant
+    series."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(sample_div, np.float64), np.asarray(rater_div, np.float64)
+    n = int(a.size)
+    if n < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"n_images": n, "spearman": math.nan, "p": math.nan}
+    res = spearmanr(a, b)
+    return {"n_images": n, "spearman": float(res.statistic), "p": float(res.pvalue)}
 
 
 def stack_volume(x: Tensor) -> Tensor:
@@ -381,7 +410,8 @@ def _mean_std(values: np.ndarray) -> tuple[float, float]:
 
 
 _PER_RATER_ROWS = ("dice_each", "ece", "brier")
-_ROW_KEYS = (*PER_IMAGE_KEYS, *_PER_RATER_ROWS, "lesion_size", "dice_consensus")
+_ROW_KEYS = (*PER_IMAGE_KEYS, *_PER_RATER_ROWS, "lesion_size", "dice_consensus", "rater_diversity", "raters_drawn",
+             "head_identity")  # fmt: skip
 
 
 @dataclass
@@ -504,7 +534,15 @@ class MetricAccumulator:
             "calibration": calibration,
             "entropy_medians": medians,
             "dice_by_size": self._dice_by_size(),
+            "uncertainty_vs_raters": self._uncertainty_vs_raters(),
+            "head_identity": _mean_std(self.per_image("head_identity")),
         }
+
+    def _uncertainty_vs_raters(self) -> dict[str, Any]:
+        drawn = self.per_image("raters_drawn")
+        all_drew = drawn >= self._calibration.shape[0]  # every one of the N raters drew
+        return uncertainty_follows_raters(self.per_image("sample_diversity")[all_drew],
+                                          self.per_image("rater_diversity")[all_drew])  # fmt: skip
 
     def _dice_by_size(self) -> dict[str, Any]:
         size, dice = self.per_image("lesion_size"), self.per_image("dice_consensus")
