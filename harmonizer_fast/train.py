@@ -230,23 +230,6 @@ class _Budget:
         return self.limit is not None and self._now() - self.t0 > self.limit
 
 
-BN_MOMENTUM = 0.1  # torch's default, the running statistics' weight on each batch once warm
-
-
-def warm_batch_norm(net: torch.nn.Module) -> None:
-    """Batch norm's running statistics as the mean over the batches seen so far (momentum 1/(n + 1) for the
-    batch after n) until that weight falls to :data:`BN_MOMENTUM`, then the usual moving average.
-
-    With momentum 0.1 from the start, the running statistics keep (0.9)^n of their initial values (mean 0,
-    variance 1) after n batches, and validation, which uses them, sees features a few times off scale for
-    the first ~20 steps: on a small dataset every validation prediction stayed empty for epochs while the
-    training loss was falling (tests/test_train.py). The counter is a saved buffer, so a resumed run goes on
-    with the same weights."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
-            m.momentum = max(BN_MOMENTUM, 1.0 / (int(m.num_batches_tracked) + 1))
-
-
 class StepRunner:
     """One optimizer step of a global batch: the epoch's batch order, augmentation and noise from generators
     keyed by (seed, epoch, step), this process's slice of the batch, the loss, guards and the update."""
@@ -290,8 +273,6 @@ class StepRunner:
         noise = {k: v[part] for k, v in noise.items()}
         if self.net.phase == 2:
             noise["z"] = noise["z"] * self.tc.z_noise_scale(progress)
-        else:
-            warm_batch_norm(self.net)
         use_amp = self.tc.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             out = ddp(images, masks, noise=noise)

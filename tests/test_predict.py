@@ -77,8 +77,13 @@ def _expected(model: HarmonizerNet, raw: np.ndarray, name: str, seed: int = 0):
     return probs.mean(0).numpy(), heads.numpy(), probs.numpy()
 
 
+# predict batches slices, the reference runs them one by one: oneDNN's convolutions sum in another order per
+# batch size (4e-6 at most measured with He-initialized untrained models, whose logits are larger)
+ATOL = 1e-5
+
+
 def _assert_close_maps(prob_got, prob_want, mask_got, heads_got, heads_want):
-    np.testing.assert_allclose(prob_got, prob_want, atol=2e-6)
+    np.testing.assert_allclose(prob_got, prob_want, atol=ATOL)
     decided = np.abs(prob_want - 0.5) > 1e-4  # a pixel at 0.5 to float noise may go either way
     np.testing.assert_array_equal(mask_got[decided], (prob_want >= 0.5)[decided])
     for got, want in zip(heads_got, heads_want):
@@ -171,7 +176,7 @@ def test_two_channel_nnunet_named_case(run_dir, run_dir2, tmp_path):
     raw = np.stack([np.moveaxis(v, 2, 0) for v in chans], 1)  # (S, 2, H, W)
     prob_want, _, _ = _expected(_model(2), raw, "case")
     got = np.moveaxis(nib.load(str(out / "case" / "probability.nii.gz")).get_fdata(), 2, 0)
-    np.testing.assert_allclose(got, prob_want, atol=2e-6)
+    np.testing.assert_allclose(got, prob_want, atol=ATOL)
     # a one-channel model refuses the two-channel case with a row saying so
     assert _predict("-i", src, "-o", tmp_path / "out1", "-m", run_dir) == 3
     assert "2 channel(s), the model takes 1" in _rows(tmp_path / "out1")["case"]["error"]
@@ -244,7 +249,7 @@ def test_numpy_stacks_and_in_memory_api(run_dir, tmp_path):
         name = f"stack-{i:05d}"
         want, heads_want, samples_want = _expected(model, stack[i][None, None], name)
         prob = np.load(out / name / "probability.npy")
-        np.testing.assert_allclose(prob, want[0], atol=2e-6)
+        np.testing.assert_allclose(prob, want[0], atol=ATOL)
         p = prob.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             bits = np.nan_to_num(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
@@ -253,7 +258,7 @@ def test_numpy_stacks_and_in_memory_api(run_dir, tmp_path):
         assert saved.dtype == np.float16 and saved.shape == samples_want.shape  # (K, S, H, W)
         np.testing.assert_allclose(saved, samples_want, atol=1e-3)
         pred = predictor.predict_images(stack[i][None, None], name)  # the API: the same numbers
-        np.testing.assert_allclose(pred.probability, want, atol=2e-6)
+        np.testing.assert_allclose(pred.probability, want, atol=ATOL)
         assert rows[name]["uncertainty"] and abs(float(rows[name]["uncertainty"]) - mean_pairwise_disagreement(
             samples_want >= 0.5)) < 0.02  # fmt: skip
 
