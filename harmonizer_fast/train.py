@@ -436,7 +436,7 @@ class Trainer:
         """``value`` as rank 0 has it: every process must set the same learning rate."""
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL needs it on the GPU
         dist.broadcast(t, 0)
         return float(t)
 
