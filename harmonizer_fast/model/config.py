@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .latent import SIGMA_BOUNDS
+
 
 @dataclass(frozen=True)
 class HarmonizerConfig:
@@ -166,8 +168,8 @@ def _check(c: HarmonizerConfig) -> None:
     if c.ged_through_prior not in GED_THROUGH_PRIOR:
         raise ValueError(f"HarmonizerConfig: ged_through_prior must be one of {GED_THROUGH_PRIOR}, "
                          f"got {c.ged_through_prior!r}")  # fmt: skip
-    if c.sigma_bound not in ("soft", "hard"):
-        raise ValueError(f"HarmonizerConfig: sigma_bound must be 'soft' or 'hard', got {c.sigma_bound!r}")
+    if c.sigma_bound not in SIGMA_BOUNDS:
+        raise ValueError(f"HarmonizerConfig: sigma_bound must be one of {SIGMA_BOUNDS}, got {c.sigma_bound!r}")
     if c.init not in INITS:
         raise ValueError(f"HarmonizerConfig: init must be one of {INITS}, got {c.init!r}")
     if c.use_personalizer and c.personalizer == "frequency" and c.decoder_channels[-1] % 4:
