@@ -11,6 +11,10 @@ personalized and the identity heads from the same draws, the label-only referenc
 first). Writes ``<out>.json``, ``<out>.md``, ``<out>-curves.png`` (validation scores and losses per epoch)
 and ``<out>-uncertainty.png`` (the samples' spread against the raters' per image; the sample mean's
 entropy by rater agreement). Every number in the markdown comes from the JSON (``--render`` redraws it).
+
+``--ablation LABEL=RUN`` (repeatable) adds runs of the same protocol that differ in one setting (the prior's
+learning rate, [science] #35): their phase-1 latent statistics per epoch go into the curves figure and their
+selected phase-1 model's prior statistics on the same test patients into a table.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ def _table(summary: dict) -> dict:
     return {k: [summary["mean"][k], summary["std"][k]] for k in KEYS}
 
 
+def ablation(label: str, path: str, data, scoring_of) -> dict:
+    """A run beside the main one: its recipe, its phase-1 history and its phase-1 model's prior on the test set."""
+    manifest_path, manifest = read_manifest(Path(path) / "best_phase1.json")
+    model, _ = load_model(manifest_path)
+    scoring = scoring_of(RunDir(manifest_path.parent), model)
+    history = read_manifest(manifest_path.parent / "last.json")[1]["state"]["history"]
+    latent = latent_statistics(model, scoring.data, scoring.indices)
+    return {"run": path, "train_config": manifest["state"]["train_config"],
+            "selected_epoch": manifest["state"]["position"]["epoch"], "latent": latent,
+            "prior_flags": collapse_flags(latent), "history": [h for h in history if h["phase"] == 1]}  # fmt: skip
+
+
 def measure(args) -> dict:
     manifest_path, manifest = read_manifest(Path(args.run) / "best.json")
     model, _ = load_model(manifest_path)
@@ -64,6 +80,13 @@ def measure(args) -> dict:
     all_drew = personal.prior.per_image("raters_drawn") >= model.config.num_raters
     history = read_manifest(manifest_path.parent / "last.json")[1]["state"]["history"]
     st = manifest["state"]
+    ablations = {}
+    for item in args.ablation:
+        label, _, path = item.partition("=")
+        ablations[label] = ablation(label, path, data, lambda rd, m: rd.scoring_set(data, m.config, "test"))
+        if ablations[label]["latent"]["n_images"] != len(idx):
+            raise SystemExit(f"--ablation {item}: scored {ablations[label]['latent']['n_images']} test images, "
+                             f"the main run {len(idx)}: not the same split and protocol")  # fmt: skip
     return {
         "command": "python benchmarks/lidc_convergence.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
@@ -90,6 +113,7 @@ def measure(args) -> dict:
         "heads_vs_identity_over_patients": paired_test(p_means, i_means),
         "scatter": {"sample_diversity": div_s[all_drew].tolist(), "rater_diversity": div_r[all_drew].tolist()},
         "history": history,
+        "ablations": ablations,
     }
 
 
@@ -158,15 +182,38 @@ def markdown(r: dict, stem: str) -> str:
         "- median entropy of the sample mean by rater agreement (pixels where the raters agree / somewhat / "
         "disagree): " + " / ".join(f"{r['entropy_medians']['agreement'][g]:.3f}" for g in ("agree", "somewhat",
                                                                                               "disagree")),
+        *_ablation_lines(r),
         "", f"![curves]({stem}-curves.png)", "", f"![uncertainty]({stem}-uncertainty.png)", "",
     ]  # fmt: skip
     return "\n".join(lines)
 
 
+def _ablation_lines(r: dict) -> list[str]:
+    """The runs that differ in one setting: their selected phase-1 model's prior on the same test patients."""
+    if not r.get("ablations"):
+        return []
+    lines = ["", "## The prior's learning rate, at equal epochs", "",
+             "Phase-1 models selected by the same rule from runs of the same protocol, split and seed; their "
+             "prior on the same test patients.", "",
+             "| run | prior lr | phase-1 lr | selected epoch | prior mean spread / sigma | sigma median | at a clamp | "
+             "KL total | flags |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    main = {"run": r["run"], "train_config": r["train_config"], "latent": r["latent"], "prior_flags": r["prior_flags"],
+            "selected_epoch": None}  # fmt: skip
+    for label, a in {"this run": main, **r["ablations"]}.items():
+        tc, lat = a["train_config"], a["latent"]
+        lr_prior = tc.get("lr_prior") or tc["lr_phase1"]
+        epoch = "phase 2" if a["selected_epoch"] is None else a["selected_epoch"]
+        lines.append(f"| {label} (`{a['run']}`) | {lr_prior:g} | {tc['lr_phase1']:g} | {epoch} | "
+                     f"{lat['mean_spread_ratio']:.3g} | {lat['prior_sigma_quantiles']['0.5']:.3g} | "
+                     f"{lat['prior_sigma_clamped_share']:.1%} | {lat['kl_total']:.3g} | "
+                     f"{'; '.join(a['prior_flags']) or 'none'} |")  # fmt: skip
+    return lines
+
+
 def figures(r: dict, out: Path) -> None:
     plt = _pyplot()
     h = [x for x in r["history"] if "partial_steps" not in x]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     p1, p2 = [x for x in h if x["phase"] == 1], [x for x in h if x["phase"] == 2]
     axes[0].plot([x["epoch"] for x in p1], [x["val_ged_unbiased"] for x in p1], label="unbiased GED (selects)")
     axes[0].plot([x["epoch"] for x in p1], [x["val_ged"] for x in p1], label="GED (dpersona)")
@@ -180,6 +227,13 @@ def figures(r: dict, out: Path) -> None:
         axes[2].plot([x["epoch"] for x in p1], [x.get(key, np.nan) for x in p1], label=key)
     axes[2].set_yscale("log")
     axes[2].set_title("phase 1, training losses")
+    runs = {"this run": r["history"], **{k: a["history"] for k, a in r.get("ablations", {}).items()}}
+    for label, hist in runs.items():
+        hp = [x for x in hist if x["phase"] == 1 and "val_prior_spread" in x and "partial_steps" not in x]
+        axes[3].plot([x["epoch"] for x in hp], [x["val_prior_spread"] for x in hp], label=label)
+    axes[3].axhline(MIN_SPREAD_RATIO, color="grey", ls=":", lw=1)
+    axes[3].set_yscale("log")
+    axes[3].set_title("phase 1, prior mean spread / sigma (validation)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
@@ -205,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/lidc-convergence-small-cpu")
+    p.add_argument("--ablation", action="append", default=[], metavar="LABEL=RUN",
+                   help="a run of the same protocol differing in one setting (repeatable)")  # fmt: skip
     p.add_argument("--render", action="store_true", help="only redraw the markdown and figures from the JSON")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -187,6 +187,8 @@ def _train_config(args: argparse.Namespace, model_config):
         kw["lr_phase1"] = args.lr
     if args.lr2 is not None:
         kw["lr_phase2"] = args.lr2
+    if args.lr_prior is not None:
+        kw["lr_prior"] = args.lr_prior
     return TrainConfig.for_model(model_config, **kw)
 
 
@@ -532,6 +534,8 @@ def _add_train(sub, data: argparse.ArgumentParser) -> None:
                    "preset, 1e-4 for --config paper as in the paper, 3e-3 for --config small)")  # fmt: skip
     t.add_argument("--lr2", type=positive_float, default=None, help="phase-2 learning rate (default: the config's "
                    "preset, 5e-5 for --config paper as in the paper, 1e-2 for --config small)")  # fmt: skip
+    t.add_argument("--lr-prior", type=positive_float, default=None, help="phase-1 learning rate of the prior net "
+                   "(default: the config's preset, --lr for --config paper, 3e-4 for --config small)")  # fmt: skip
     t.add_argument("--fold", type=int, choices=range(4), default=0, metavar="{0..3}",
                    help="test fold of the 4-fold patient split (never trained on)")  # fmt: skip
     t.add_argument("--rater-order", choices=RATER_ORDERS, default="stored",

@@ -52,8 +52,9 @@ def run_demo(out: os.PathLike, *, epochs: int = 24, items: int = 256, seed: int 
     log(f"demo: {len(data)} synthetic images (64 x 64, 4 raters, {len(data.patients())} patients), small config "
         f"({sum(p.numel() for p in untrained.parameters()) / 1e6:.2f} M parameters), "
         f"{tc.epochs_phase1} + {tc.epochs_phase2} epochs")  # fmt: skip
-    Trainer(data, cfg, tc, out / "run", progress=progress, log=log).fit()
     run = RunDir(out / "run")
+    # a second demo into the same folder continues (or reuses) its run: a run directory is never retrained over
+    Trainer(data, cfg, tc, run.path, progress=progress, log=log).fit(resume=run.has("last"))
     trained, _ = run.load_model("best")
     scoring = run.scoring_set(data, cfg, "test")
     args = dict(samples=SAMPLES, seed=0)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -87,6 +89,10 @@ class ScoringSet:
                           "drew")  # fmt: skip
 
 
+class RunBusy(RuntimeError):
+    """Another process holds the run directory (it is training it)."""
+
+
 class RunDir:
     """The files of one run (see the module docstring). Nothing else in the package reads them."""
 
@@ -95,6 +101,32 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+    @contextmanager
+    def owned(self) -> Iterator[None]:
+        """Hold ``.lock`` in the run directory (an exclusive ``flock``) for as long as the block runs: a second
+        trainer of the same run gets :class:`RunBusy` at once instead of racing for its files. The kernel
+        drops the lock when the process ends, however it ends, so a killed run never leaves it held."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            yield
+            return
+        lock = self.path / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held_by = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                raise RunBusy(f"{self.path}: another process (pid {held_by}) is training this run; wait for it or "
+                              "train into another --out") from None  # fmt: skip
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # ---- checkpoints
 

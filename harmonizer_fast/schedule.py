@@ -42,6 +42,17 @@ class CosineSchedule(LRScheduler):
         scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * self.position()))
         return [base * scale for base in self.base_lrs]
 
+    def replan(self, base_lrs: list[float], epochs: int) -> None:
+        """Continue at the same position with other base rates and stage length (a resume that lowers a rate
+        or changes the planned epochs); the optimizer's rates follow at once."""
+        if epochs < 1 or len(base_lrs) != len(self.optimizer.param_groups):
+            raise ValueError(f"CosineSchedule.replan: {len(base_lrs)} base rates for "
+                             f"{len(self.optimizer.param_groups)} groups, epochs {epochs}")  # fmt: skip
+        self.base_lrs, self.epochs = list(base_lrs), epochs
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, self.get_lr()):
+            group["initial_lr"], group["lr"] = base, lr
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         if "epochs" not in state:  # a run saved by torch's CosineAnnealingLR (T_max epochs, the same curve)

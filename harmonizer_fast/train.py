@@ -28,7 +28,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext as _nothing
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,8 +45,10 @@ from .data import MultiRaterData, augment, patient_split
 from .data.dataset import RATER_ORDERS
 from .distributed import convert_sync_batchnorm, init_distributed, rank_and_world
 from .evaluate import evaluate_model, summarize
+from .latent_stats import latent_statistics
 from .model import HarmonizerConfig, HarmonizerNet
-from .rundir import DataRecord, RunDir, prepare
+from .resume import ResumeError, check_position, resume_plan
+from .rundir import DataRecord, RunBusy, RunDir, prepare
 from .schedule import CosineSchedule
 
 __all__ = ["Position", "StepRunner", "TrainConfig", "TrainResult", "Trainer", "TrainingError", "init_distributed"]
@@ -56,6 +59,11 @@ __all__ = ["Position", "StepRunner", "TrainConfig", "TrainResult", "Trainer", "T
 # personalizer at 1e-2 in phase 2 (the demo's data, 18 epochs: held-out Dice_mean 0.777 at 5e-3 and 0.780
 # at 2e-2, against 0.755 after 6 epochs at 1.5e-3).
 LEARNING_RATES = {"paper": (1e-4, 5e-5), "small": (3e-3, 1e-2)}
+# The prior net's phase-1 rate per preset (None: lr_phase1). The prior learns from the KL term alone
+# (HarmonizerConfig.ged_through_prior), whose target, one random rater's posterior per image and step, is noisy:
+# at the small preset's 3e-3 Adam random-walks its weights until most deep ReLUs are dead and the prior's mean
+# no longer depends on the image (benchmarks/results/lidc-prior-collapse-small-cpu.md).
+PRIOR_LEARNING_RATES: dict[str, Optional[float]] = {"paper": None, "small": 3e-4}
 PHASE2_Z = ("anneal", "sample", "mean")
 BUDGET_CLOCKS = ("wall", "cpu")
 
@@ -81,6 +89,8 @@ class TrainConfig:
     epochs_phase2: int = 150
     lr_phase1: float = 1e-4
     lr_phase2: float = 5e-5
+    # The prior net's phase-1 learning rate (None: lr_phase1); see PRIOR_LEARNING_RATES.
+    lr_prior: Optional[float] = None
     weight_decay: float = 1e-5
     batch_size: int = 16  # global: split over the processes
     grad_clip: float = 1.0
@@ -138,6 +148,8 @@ class TrainConfig:
         need(_is_int(self.fold) and 0 <= self.fold < self.folds, "fold", f"an integer in [0, {self.folds})")
         for name in ("lr_phase1", "lr_phase2", "grad_clip"):
             need(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "a finite number > 0")
+        need(self.lr_prior is None or (_is_number(self.lr_prior) and self.lr_prior > 0), "lr_prior",
+             "None or a finite number > 0")
         need(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
         need(_is_number(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
         mm = self.max_minutes
@@ -153,7 +165,8 @@ class TrainConfig:
     def for_model(cls, model_config: HarmonizerConfig, **overrides: Any) -> TrainConfig:
         """The recipe for a model config: its preset's learning rates, then ``overrides``."""
         lr1, lr2 = LEARNING_RATES[model_config.preset]
-        return cls(**{"lr_phase1": lr1, "lr_phase2": lr2, **overrides})
+        lr_prior = PRIOR_LEARNING_RATES[model_config.preset]
+        return cls(**{"lr_phase1": lr1, "lr_phase2": lr2, "lr_prior": lr_prior, **overrides})
 
     def stages(self) -> list[tuple[int, int]]:
         """(phase, epochs) in training order."""
@@ -326,16 +339,19 @@ class Trainer:
                 raise TrainingError(f"min_raters={self.tc.min_raters} leaves {len(self.split.train)} training and "
                                     f"{len(self.split.val)} validation images")  # fmt: skip
         self.record = DataRecord(data.fingerprint(), len(data), self.tc.rater_order, self.split)
-        torch.manual_seed(self.tc.seed)
-        self.net = HarmonizerNet(model_config).to(device)
-        if self.world > 1:
-            self.net = convert_sync_batchnorm(self.net, device)
-        self.steps = StepRunner(self.net, self.data, self.split.train, self.tc, device)
+        self._build(model_config)
         self.stages = self.tc.stages()
         self.history: list[dict[str, Any]] = []
         self.best_score: Optional[float] = None
         self.best_phase = 0
         self._resume_state: Optional[dict[str, Any]] = None
+
+    def _build(self, model_config: HarmonizerConfig) -> None:
+        torch.manual_seed(self.tc.seed)
+        self.net = HarmonizerNet(model_config).to(self.device)
+        if self.world > 1:
+            self.net = convert_sync_batchnorm(self.net, self.device)
+        self.steps = StepRunner(self.net, self.data, self.split.train, self.tc, self.device)
 
     def _check_fit(self, data: MultiRaterData, cfg: HarmonizerConfig) -> None:
         if self.tc.batch_size % self.world:
@@ -356,15 +372,24 @@ class Trainer:
         """Train the configured stages. ``resume``: continue from ``last`` of the run directory, exactly where
         it stopped (from the beginning when nothing was committed yet). ``init_from``: start from the weights
         of another checkpoint of the same model config (phase 2 needs a trained phase-1 model)."""
-        self.run.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.run.owned() if self.rank == 0 else _nothing():
+                return self._fit(resume, init_from)
+        except RunBusy as exc:
+            raise TrainingError(str(exc)) from None
+
+    def _fit(self, resume: bool, init_from: Optional[os.PathLike]) -> TrainResult:
         pos = self._begin(resume, init_from)
         if pos is None:
             return self._result("completed")
         budget = _Budget(self.tc.max_minutes, self.tc.budget_clock)
         while pos.stage < len(self.stages):
+            stage = pos.stage
             stopped = self._run_stage(pos, budget)
             if stopped:
                 return self._result(stopped)
+            if pos.stage <= stage:  # by construction never (resume.resume_plan); a loop must not hang on a bug
+                raise TrainingError(f"internal: stage {stage} ended at epoch {pos.epoch} without advancing")
         return self._result("completed")
 
     def _begin(self, resume: bool, init_from: Optional[os.PathLike]) -> Optional[Position]:
@@ -372,6 +397,10 @@ class Trainer:
         if resume and not self.run.has("last"):
             self.log(f"{self.run.path}: no checkpoint committed yet; starting the run from the beginning")
             resume = False
+        held = [stem for stem in ("last", "best", "best_phase1") if self.run.has(stem)]
+        if not resume and held:  # [reliability] #36: a run directory is continued only by --resume
+            raise TrainingError(f"{self.run.path} already holds a run ({', '.join(f'{h}.json' for h in held)}); "
+                                "continue it with --resume, or train into a new --out")  # fmt: skip
         pos = Position()
         if resume:
             pos = self._restore(self.run.verify("last"))  # every file against its SHA-256, also when complete
@@ -383,23 +412,62 @@ class Trainer:
         if self.rank == 0:  # what a killed save left: files no manifest names, temporaries
             self.run.collect_garbage()
             self.run.write_log(self.history)  # the history so far: empty for a new run, the checkpoint's
-        if resume and self._resume_state.get("stopped") == "completed":
-            self.log(f"{self.run.path}: the run is already complete")
+        if resume and pos.stage == len(self.stages):
+            self.log(f"{self.run.path}: the run is already complete (add epochs or --phase both to extend it)")
             return None
         return pos
 
     def _restore(self, manifest: dict[str, Any]) -> Position:
-        st = manifest["state"]
-        if st.get("train_config", {}).get("seed") != self.tc.seed:
-            raise TrainingError("--resume: the checkpoint was trained with another seed")
+        """The run's progress from ``last``, after checking that this trainer continues the same run: the same
+        model, data and recipe, with only what :mod:`harmonizer_fast.resume` lets a resume change."""
+        where = self.run.manifest_path("last")
         try:
-            pos = Position(**st["position"])
+            st = manifest["state"]
+            recorded_tc = TrainConfig.from_dict(st["train_config"])
+            recorded_data = st.get("data", {}).get("fingerprint")
+            recorded_model = manifest["model_config"]
+            raw = dict(st["position"])
             self.history, self.best_score, self.best_phase = st["history"], st["best_score"], st["best_phase"]
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"{self.run.manifest_path('last')}: damaged manifest: the training state "
-                                  f"lacks {exc}") from None  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: damaged manifest: the training state ({type(exc).__name__}: "
+                                  f"{exc})") from None  # fmt: skip
+        if recorded_data is not None and recorded_data != self.record.fingerprint:
+            raise TrainingError(f"--resume: {self.run.path} was trained on other data (fingerprint {recorded_data}, "
+                                f"this data {self.record.fingerprint}); train into a new --out")  # fmt: skip
+        self._adopt_model_config(recorded_model)
+        # a field added to TrainConfig after the run was recorded keeps the recorded run's meaning
+        asked = replace(self.tc, **{f.name: getattr(recorded_tc, f.name) for f in fields(TrainConfig)
+                                    if f.name not in st["train_config"]})  # fmt: skip
+        try:
+            check_position(recorded_tc.stages(), **raw, steps_per_epoch=len(self.steps.batches(0)))
+        except (ResumeError, TypeError) as exc:
+            raise CheckpointError(f"{where}: damaged manifest: {exc}") from None
+        try:
+            point = resume_plan(recorded_tc, asked, **raw, steps_per_epoch=len(self.steps.batches(0)))
+        except ResumeError as exc:
+            raise TrainingError(str(exc)) from None
+        for note in point.notes:
+            self.log(f"--resume: {note}")
+        self.tc, self.stages = asked, asked.stages()
+        self.steps.tc = asked
         self._resume_state = st
-        return pos
+        return Position(point.stage, point.epoch, point.step)
+
+    def _adopt_model_config(self, recorded: dict[str, Any]) -> None:
+        """Refuse a model config other than the recorded one; options added since the run was recorded take
+        the recorded run's meaning (HarmonizerConfig.from_dict), so the model is rebuilt with them."""
+        try:
+            config = HarmonizerConfig.from_dict(recorded)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.run.manifest_path('last')}: damaged manifest: model config ({exc})") from None
+        mine = self.net.config.to_dict()
+        differ = [k for k in recorded if mine.get(k) != config.to_dict()[k]]
+        if differ:
+            raise TrainingError("--resume: the run's model differs in " + ", ".join(
+                f"{k} (recorded {config.to_dict()[k]!r}, asked {mine[k]!r})" for k in differ)
+                + "; train into a new --out")  # fmt: skip
+        if config != self.net.config:
+            self._build(config)
 
     def _run_stage(self, pos: Position, budget: _Budget) -> Optional[str]:
         """Train one stage from ``pos`` to its end; returns why it stopped early, or None."""
@@ -444,18 +512,34 @@ class Trainer:
         """The stage's model phase, optimizer and cosine schedule, with the state a resume continues from."""
         self.net.set_phase(phase)
         self.net.train()
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.tc.lr_phase1 if phase == 1 else self.tc.lr_phase2,
-                               weight_decay=self.tc.weight_decay)  # fmt: skip
+        opt = torch.optim.AdamW(self._param_groups(phase), lr=self.tc.lr_phase1 if phase == 1 else self.tc.lr_phase2,
+                                weight_decay=self.tc.weight_decay)  # fmt: skip
         scheduler = CosineSchedule(opt, n_epochs)
         st, self._resume_state = self._resume_state, None
         if st is not None and st["phase"] == phase and (pos.epoch > first or pos.step > 0):  # mid-stage
             self.run.load_into("last", self.net, opt)
             if st["scheduler"] is not None:
                 scheduler.load_state_dict(st["scheduler"])
+            # the plan of this resume: its epochs for the stage and its (possibly lowered) learning rates
+            scheduler.replan([g["lr"] for g in self._param_groups(phase, with_rates=True)], n_epochs)
         elif phase == 2 and pos.stage > 0:  # phase 2 of this run starts from the selected phase-1 model
             self.run.load_into("best_phase1", self.net)
         return opt, scheduler
+
+    def _param_groups(self, phase: int, with_rates: bool = False) -> list[dict[str, Any]]:
+        """The trainable parameters; in phase 1 the prior net in a group of its own at ``lr_prior``."""
+        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        base = self.tc.lr_phase1 if phase == 1 else self.tc.lr_phase2
+        if phase != 1 or self.tc.lr_prior is None:
+            groups = [{"params": [p for _, p in trainable]}]
+        else:
+            prior = [p for n, p in trainable if n.startswith("prior.")]
+            rest = [p for n, p in trainable if not n.startswith("prior.")]
+            groups = [{"params": rest}, {"params": prior, "lr": self.tc.lr_prior}]
+        if with_rates:
+            for g in groups:
+                g.setdefault("lr", base)
+        return groups
 
     def _run_epoch(self, ddp, opt, pos: Position, phase: int, first: int, n_epochs: int, budget: _Budget):
         """Steps from ``pos.step`` to the end of the epoch; returns (summed step losses, whether it finished)."""
@@ -537,6 +621,11 @@ class Trainer:
         out: dict[str, Any] = {f"val_{k}": v for k, v in tables["table1"]["mean"].items()}
         if tables["table2"] is not None:
             out.update({f"val_heads_{k}": v for k, v in tables["table2"]["mean"].items()})
+        if phase == 1 and len(self.split.val) >= 2:  # the latent space's health per epoch ([science] #35)
+            lat = latent_statistics(self.net, self.data, self.split.val, batch=tc.val_batch)
+            out.update({"val_prior_spread": lat["mean_spread_ratio"], "val_prior_sigma_median":
+                        lat["prior_sigma_quantiles"]["0.5"], "val_prior_clamped": lat["prior_sigma_clamped_share"],
+                        "val_kl_total": lat["kl_total"]})  # fmt: skip
         name = tc.selection_score(phase)
         out["score"], out["score_name"] = selection.score(name, tables), name
         return out

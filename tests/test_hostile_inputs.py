@@ -389,7 +389,7 @@ ROWS = [
     C(
         "train-resume-other-seed",
         lambda w: TRAIN(w, "--resume", "--seed", "5", "--out", w.run_copy("seed")),
-        "another seed",
+        "seed: recorded 0, asked 5",
     ),
     C("train-phase2-without-init", lambda w: TRAIN(w, "--phase", "2"), "--phase 2 trains the personalizer"),
     C("train-phase2-no-personalizer", lambda w: TRAIN(w, "--phase", "2", "--no-personalizer"), "removes"),
