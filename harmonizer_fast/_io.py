@@ -8,8 +8,9 @@ that a test can stop the process at any one of them and check what a kill at tha
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -32,11 +33,27 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def check_output_file(path: PathLike, what: str) -> Path:
-    """``path`` as a file this process may create or replace; :class:`OutputPathError` naming ``what`` otherwise.
+def check_not_input(out: PathLike, inputs: Iterable[Optional[PathLike]], what: str) -> None:
+    """Outputs never land on inputs ([reliability] #36): ``out`` may be neither an input (by resolved path or by
+    inode, so a hard link or a symlink counts) nor inside an input folder; :class:`OutputPathError` otherwise.
+    The one check every command that reads and writes files makes before it starts."""
+    o = Path(out).resolve()
+    for src in inputs:
+        if src is None or not os.path.exists(src):
+            continue
+        s = Path(src).resolve()
+        if o == s or (s.is_dir() and s in o.parents) or (o.exists() and os.path.samefile(s, o)):
+            raise OutputPathError(f"{what}: {out} is {'inside ' if o != s and s.is_dir() else ''}the input {src}; "
+                                  "outputs never replace inputs: choose another path")  # fmt: skip
+
+
+def check_output_file(path: PathLike, what: str, inputs: Iterable[Optional[PathLike]] = ()) -> Path:
+    """``path`` as a file this process may create or replace, and none of ``inputs``
+    (:func:`check_not_input`); :class:`OutputPathError` naming ``what`` otherwise.
 
     Checked before any work is done, so a long computation never ends in an unwritable destination.
     """
+    check_not_input(path, inputs, what)
     p = Path(path)
     if p.is_dir():
         raise OutputPathError(f"{what}: {p} is a directory; expected a file name")
@@ -51,8 +68,10 @@ def check_output_file(path: PathLike, what: str) -> Path:
     return p
 
 
-def check_output_dir(path: PathLike, what: str) -> Path:
-    """``path`` as a directory this process may create or write into; :class:`OutputPathError` otherwise."""
+def check_output_dir(path: PathLike, what: str, inputs: Iterable[Optional[PathLike]] = ()) -> Path:
+    """``path`` as a directory this process may create or write into, and none of ``inputs`` nor inside one
+    (:func:`check_not_input`); :class:`OutputPathError` otherwise."""
+    check_not_input(path, inputs, what)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputPathError(f"{what}: {p} exists and is not a directory")
@@ -80,6 +99,8 @@ def write_atomic(path: PathLike, data: Union[bytes, str]) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only target: one line naming the path (what the CLI prints)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             os.unlink(tmp)

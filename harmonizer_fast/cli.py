@@ -148,6 +148,22 @@ def image_size(text: str) -> int:
     return v
 
 
+def _inputs(args: argparse.Namespace) -> list:
+    """What the command reads (--data, a checkpoint's manifest and the files it names, convert's SRC, --init):
+    no output may be one of them or lie inside one (_io.check_not_input)."""
+    from .checkpoint import read_manifest
+
+    paths = [getattr(args, "src", None), getattr(args, "init", None)]
+    data = getattr(args, "data", None)
+    paths.append(None if data in (None, "synthetic") else data)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        manifest_path, manifest = read_manifest(checkpoint)
+        files = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
+        paths += [manifest_path, *(manifest_path.parent / str(f) for f in files.values())]
+    return paths
+
+
 def _data(args: argparse.Namespace):
     from .data import load_dataset, make_synthetic
 
@@ -195,7 +211,7 @@ def _train_config(args: argparse.Namespace, model_config):
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer, init_distributed
 
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", _inputs(args))
     if args.phase == "2" and args.no_personalizer:
         raise UsageError("--phase 2 trains the personalizer, which --no-personalizer removes")
     if args.phase == "2" and args.init is None and not args.resume:
@@ -214,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .data import load_dataset, write_npz
 
-    check_output_file(args.out, "OUT")
+    check_output_file(args.out, "OUT", _inputs(args))
     data = load_dataset(args.src, format=args.format)
     write_npz(data, args.out)
     print(f"wrote {args.out}: {len(data)} items, {data.in_channels} channel(s), {data.num_raters} raters, "
@@ -304,7 +320,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import report, run_evaluation
 
     keep_freed_memory()
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", _inputs(args))
     model, scoring = _scoring(args)
     print(f"evaluating {args.checkpoint} on {scoring.description}, K = {args.samples}, seed {args.seed}")
     result = run_evaluation(model, scoring.data, scoring.indices, args.out, samples=args.samples, seed=args.seed,
@@ -326,7 +342,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import stream_samples
 
     keep_freed_memory()
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", _inputs(args))
     model, scoring = _scoring(args)
     print(f"sampling {scoring.description}")
     t0 = time.perf_counter()
@@ -381,7 +397,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise UsageError("--out DIR is required (or --render RESULT.json)")
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", _inputs(args))
     if not args.stem or any(c in args.stem for c in "/\\") or args.stem.startswith("."):
         raise UsageError(f"--stem: expected a file name stem without path separators, got {args.stem!r}")
     if args.report_dir is not None:
@@ -480,7 +496,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportError, export_checkpoint
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", _inputs(args))
+    check_output_file(f"{args.out}.json", "--out", _inputs(args))  # its metadata beside it
     print(f"exporting {args.checkpoint} as {args.format}: K = {args.samples}, heads {args.heads}, traced at "
           f"{args.size[0]} x {args.size[1]} (batch, H and W stay dynamic)")  # fmt: skip
     try:

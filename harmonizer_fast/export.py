@@ -17,18 +17,21 @@ pixel and is traced as a special case). K is fixed at export.
 The package's custom ops (Haar, FiLM, attention pooling, the fused head) are replaced by their pure-torch
 references (:func:`harmonizer_fast.ops.decompositions`) with ``ExportedProgram.run_decompositions``, so the
 ``.pt2`` runs on stock PyTorch (``torch.export.load(path).module()``) and the ONNX file on onnxruntime, neither
-needing this package. A JSON file beside the output (``FILE.json``) records the inputs, outputs, K, the heads,
-the model config and the checkpoint. Both files are written atomically. ONNX needs the optional extra
-``harmonizer-fast[export]`` (onnx, onnxscript; onnxruntime to run the file).
+needing this package. The file carries its metadata inside it (inputs, outputs, K, the heads, the model config,
+the preprocessing and the checkpoint: :func:`read_metadata`; a pt2 extra file or an ONNX ``metadata_props``
+entry named ``harmonizer_fast.json``), so a kill can never leave a model beside another model's description;
+``FILE.json`` beside it is a readable copy with the file's size and SHA-256. Each file is written atomically.
+ONNX needs the optional extra ``harmonizer-fast[export]`` (onnx, onnxscript; onnxruntime to run the file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import io
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ._extras import MissingExtraError, check_available
-from ._io import PathLike, fsync_dir, write_atomic
+from ._io import PathLike, remove, write_atomic
 from .model import HarmonizerNet
 from .model.net import HEADS
 from .model.net import resolve_heads as resolve_model_heads
@@ -148,22 +151,6 @@ def export_program(model: HarmonizerNet, spec: ExportSpec) -> torch.export.Expor
         return program.run_decompositions(decompositions())
 
 
-def _replace_atomically(write: Any, path: Path) -> None:
-    """``write(tmp)`` then rename into place: a reader sees the old file or the new, never a part. The
-    temporary name keeps the suffix (torch.export.save expects .pt2)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            os.unlink(tmp)
-    fsync_dir(path.parent)
-
-
 def onnx_unavailable() -> str:
     """Why ONNX export cannot run here ("" when it can)."""
     try:
@@ -173,27 +160,46 @@ def onnx_unavailable() -> str:
     return ""
 
 
-def save(program: torch.export.ExportedProgram, spec: ExportSpec, path: PathLike, fmt: str) -> Path:
-    """Write ``program`` as ``fmt`` (``onnx`` or ``pt2``) to ``path`` atomically."""
-    path = Path(path)
+# the metadata's name inside the file: a pt2 extra file, an ONNX metadata_props key
+METADATA_KEY = "harmonizer_fast.json"
+
+
+def serialize(program: torch.export.ExportedProgram, spec: ExportSpec, fmt: str, meta: dict[str, Any]) -> bytes:
+    """``program`` as the bytes of a ``fmt`` file (``onnx`` or ``pt2``) with ``meta`` inside it, so the model and
+    its description can never disagree ([reliability] #36: a kill between two files left a K = 5 model beside
+    metadata saying K = 2). Serialized in memory, then written by one atomic write: a full disk is an OSError
+    naming the path, never a C++ abort mid-file."""
+    text = json.dumps(meta, sort_keys=True)
     if fmt == "pt2":
-        _replace_atomically(lambda tmp: torch.export.save(program, tmp), path)
-    elif fmt == "onnx":
+        buf = io.BytesIO()
+        torch.export.save(program, buf, extra_files={METADATA_KEY: text})
+        return buf.getvalue()
+    if fmt == "onnx":
         why = onnx_unavailable()
         if why:
             raise ExportError(why)
+        import onnx
 
-        def write(tmp: Path) -> None:
-            args, _ = program.example_inputs  # the dynamic shapes come with the program
-            names = dict(input_names=spec.input_names(), output_names=spec.output_names())
-            with _quiet():
-                onnx_program = torch.onnx.export(program, args, dynamo=True, verbose=False, **names)
-            onnx_program.save(str(tmp))
+        args, _ = program.example_inputs  # the dynamic shapes come with the program
+        names = dict(input_names=spec.input_names(), output_names=spec.output_names())
+        with _quiet():
+            proto = torch.onnx.export(program, args, dynamo=True, verbose=False, **names).model_proto
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=text))
+        return proto.SerializeToString()
+    raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
 
-        _replace_atomically(write, path)
-    else:
-        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
-    return path
+
+def read_metadata(path: PathLike) -> dict[str, Any]:
+    """The metadata an exported file carries inside it (:func:`serialize`)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props[METADATA_KEY])
+    extra = {METADATA_KEY: ""}
+    torch.export.load(path, extra_files=extra)
+    return json.loads(extra[METADATA_KEY])
 
 
 def metadata(model: HarmonizerNet, spec: ExportSpec, fmt: str, source: str,
@@ -243,10 +249,18 @@ def export_model(
         raise ExportError(onnx_unavailable())  # before the minutes of tracing
     spec = ExportSpec(int(samples), resolve_heads(model, heads), (int(size[0]), int(size[1])))
     program = export_program(model, spec)
-    out = save(program, spec, path, fmt)
     meta = metadata(model, spec, fmt, source, preprocessing)
-    meta["bytes"] = out.stat().st_size
-    write_atomic(Path(f"{out}.json"), json.dumps(meta, indent=2) + "\n")
+    blob = serialize(program, spec, fmt, meta)
+    existed = Path(path).exists()
+    write_atomic(path, blob)
+    # the sidecar is a readable copy; the file's own metadata is authoritative, and the hash ties the two
+    meta = {**meta, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    try:
+        write_atomic(Path(f"{path}.json"), json.dumps(meta, indent=2) + "\n")
+    except OSError:
+        if not existed:  # no half of a new export is left behind
+            remove(path)
+        raise
     return meta
 
 
@@ -259,4 +273,4 @@ def export_checkpoint(checkpoint: PathLike, path: PathLike, fmt: str, **kwargs: 
 
 
 __all__ = ["FORMATS", "HEADS", "ExportError", "ExportSpec", "InferenceModel", "export_checkpoint", "export_model",
-           "export_program", "resolve_heads", "save"]  # fmt: skip
+           "export_program", "read_metadata", "resolve_heads", "serialize"]  # fmt: skip

@@ -394,13 +394,13 @@ class Trainer:
 
     def _begin(self, resume: bool, init_from: Optional[os.PathLike]) -> Optional[Position]:
         """The position to start at (None: the resumed run is complete); restores a resumed run's progress."""
-        if resume and not self.run.has("last"):
-            self.log(f"{self.run.path}: no checkpoint committed yet; starting the run from the beginning")
-            resume = False
         held = [stem for stem in ("last", "best", "best_phase1") if self.run.has(stem)]
         if not resume and held:  # [reliability] #36: a run directory is continued only by --resume
             raise TrainingError(f"{self.run.path} already holds a run ({', '.join(f'{h}.json' for h in held)}); "
                                 "continue it with --resume, or train into a new --out")  # fmt: skip
+        if resume and not self.run.has("last"):  # killed before its first epoch ended (a best may be there)
+            self.log(f"{self.run.path}: no checkpoint committed yet; starting the run from the beginning")
+            resume = False
         pos = Position()
         if resume:
             pos = self._restore(self.run.verify("last"))  # every file against its SHA-256, also when complete

@@ -2,6 +2,7 @@
 exported .pt2 and, with onnxruntime installed, the ONNX file give the eager model's outputs on the same latent
 draws, at other batch and image sizes than the traced ones, with no custom op left in the program."""
 
+import hashlib
 import importlib
 import json
 
@@ -91,7 +92,9 @@ CALLS = [(3, (64, 64)), (1, (96, 128)), (2, TRACED)]  # batch and size other tha
 def test_pt2_round_trip_equals_eager_predict(model, program, tmp_path):
     ep, spec = program
     assert not [n for n in ep.graph.nodes if n.op == "call_function" and "harmonizer_fast" in str(n.target)]
-    path = ex.save(ep, spec, tmp_path / "m.pt2", "pt2")
+    path = tmp_path / "m.pt2"
+    path.write_bytes(ex.serialize(ep, spec, "pt2", {"samples": K}))
+    assert ex.read_metadata(path) == {"samples": K}
     loaded = torch.export.load(path).module()
     for i, (b, size) in enumerate(CALLS):
         images = rand((b, 1, *size), dtype=torch.float32, seed=20 + i)
@@ -106,7 +109,9 @@ def test_onnx_round_trip_equals_eager_predict(model, program, tmp_path):
     if ex.onnx_unavailable():
         pytest.skip(ex.onnx_unavailable())
     ep, spec = program
-    path = ex.save(ep, spec, tmp_path / "m.onnx", "onnx")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(ex.serialize(ep, spec, "onnx", {"samples": K}))
+    assert ex.read_metadata(path) == {"samples": K}  # the metadata travels inside the file
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == spec.input_names()
     assert [o.name for o in session.get_outputs()] == spec.output_names()
@@ -179,6 +184,9 @@ def test_cli_export_of_a_trained_run(tmp_path, capsys):
     assert meta["heads"] == "personalized" and meta["samples"] == 4 and meta["bytes"] == out.stat().st_size
     assert list(meta["inputs"]) == ["images", "sample_noise", "bank_noise"] and meta["raters"] == [0, 1]
     assert meta["preprocessing"]["intensity"] == "auto" and meta["preprocessing"]["size_multiple"] == 32
+    # the file carries the same metadata inside it; the sidecar adds the file's size and hash
+    assert ex.read_metadata(out) == {k: v for k, v in meta.items() if k not in ("bytes", "sha256")}
+    assert meta["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     model, _ = load_model(run)
     images = rand((2, 1, 64, 96), dtype=torch.float32, seed=50)
     g = torch.Generator().manual_seed(5)
@@ -242,3 +250,30 @@ def test_a_users_model_exports_with_plain_onnx_export():
     got = session.run(None, {names[0]: x.numpy(), names[1]: v.numpy()})
     for g, w in zip(got, model(x, v)):
         np.testing.assert_allclose(g, w.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """[reliability] #36: a full disk used to abort inside torch's C++ writer (exit 134, 16 lines). Now the
+    file is serialized in memory and written by one atomic write: ENOSPC is one line naming the path, exit 2,
+    and neither the model nor its metadata is left behind."""
+    import errno
+
+    import harmonizer_fast._io as hio
+    from harmonizer_fast.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run", "best", HarmonizerNet(HarmonizerConfig.small(num_raters=2)))
+    real_write = hio.os.write
+
+    def full(fd, data):
+        if len(data) > 4096:  # the model; small JSON writes of the run itself still pass
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(hio.os, "write", full)
+    out = tmp_path / "out" / "m.pt2"
+    assert cli(["export", "--checkpoint", str(tmp_path / "run"), "--format", "pt2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot write {out}: No space left on device" in err, err
+    assert not out.exists() and not out.with_name("m.pt2.json").exists()
+    assert not [p for p in out.parent.iterdir()] if out.parent.exists() else True

@@ -64,6 +64,7 @@ def test_kill_at_every_file_operation_then_resume(tmp_path):
     stems = sorted(f.stem for f in ref.glob("*.json"))
     assert stems == ["best", "best_phase1", "last"], stems
     expected_files = {
+        ".lock",  # the run's owner lock (RunDir.owned): kept, so no second trainer can race a stale inode
         "log.jsonl",
         *(f"{s}.json" for s in stems),
         *(n for s in stems for n in manifest(ref, s)["files"].values()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import zipfile
@@ -56,6 +57,11 @@ class World:
         self.a_file.write_text("not a folder")
         self.empty_dir = root / "empty"
         self.empty_dir.mkdir()
+        # inputs a row names as its own output too (made here, before the rows snapshot their outputs)
+        for name in ("sd.npz", "hd.npz", "cs.npz"):
+            shutil.copy(self.npz, root / name)
+        os.link(root / "hd.npz", root / "hl.npz")
+        self.run_copy("xr")
         self.other_config = root / "other"  # a checkpoint of another model config
         torch.manual_seed(0)
         save_checkpoint(self.other_config, "last", HarmonizerNet(HarmonizerConfig.small(num_raters=2, latent_dim=3)))
@@ -461,6 +467,19 @@ ROWS = [
         lambda w: SAMPLE(w, checkpoint=w.damaged_weights("mw-s", "delete")),
         "missing (listed in best.json)",
     ),
+    # ---- outputs never replace inputs ([reliability] #36 item 2): by path, by hard link, inside an input folder
+    C("sample-out-is-the-data", lambda w: ["sample", "--checkpoint", w.run, "--data", w.path("sd.npz"),
+                                           "--out", w.path("sd.npz"), "--no-progress"], "outputs never replace inputs"),
+    C("sample-out-is-a-hard-link-of-the-data",
+      lambda w: ["sample", "--checkpoint", w.run, "--data", w.path("hd.npz"),
+                 "--out", w.path("hl.npz"), "--no-progress"], "outputs never replace inputs"),  # fmt: skip
+    C("convert-onto-its-source", lambda w: ["convert", w.path("cs.npz"), w.path("cs.npz")],
+      "outputs never replace inputs"),
+    C("export-onto-the-checkpoint-manifest",
+      lambda w: EXPORT(w, checkpoint=w.path("xr"), out=w.path("xr/best.json")), "outputs never replace inputs"),
+    C("evaluate-out-inside-the-data-folder",
+      lambda w: ["evaluate", "--checkpoint", w.run, "--data", w.empty_dir, "--out", w.empty_dir / "eval"],
+      "is inside the input"),
     # ---- convert
     C("convert-src-missing", lambda w: ["convert", w.path("none.npz"), w.path("c.npz")], "no such file or directory"),
     C("convert-out-is-a-directory", lambda w: ["convert", w.npz, w.empty_dir], "is a directory"),
@@ -746,6 +765,10 @@ UNTOUCHED = {
     "export-heads-never-trained": ("m.pt2", "m.pt2.json"),
     "export-size-too-small": ("m.pt2", "m.pt2.json"),
     "convert-src-missing": ("c.npz",),
+    "sample-out-is-the-data": ("sd.npz",),
+    "sample-out-is-a-hard-link-of-the-data": ("hd.npz",),
+    "convert-onto-its-source": ("cs.npz",),
+    "export-onto-the-checkpoint-manifest": ("xr/best.json", "xr/last.json"),
     "convert-src-crc-damaged": ("c.npz",),
     "stream-samples-batch-negative": ("st.npz",),
     "run-evaluation-samples-negative": ("re/metrics.json",),
