@@ -56,6 +56,7 @@ from .train import PHASE2_Z
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+EXIT_FAILED = 1  # a valid command that failed on its way (a diverged training run)
 EXIT_CASES_FAILED = 3  # predict finished, but some cases failed (their rows in summary.csv say why)
 
 
@@ -712,12 +713,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     args.bench_args = extra
     from ._backend import BackendUnavailableError
-    from .train import TrainingError
+    from .train import DivergedError, TrainingError
 
     expected = (UsageError, DataError, CheckpointError, TrainingError, OutputPathError, BackendUnavailableError,
                 MissingExtraError, OSError)  # fmt: skip
     try:
         return args.func(args)
+    except DivergedError as exc:  # not a usage error: the run was valid and failed (exit 1, one line)
+        print(f"harmonizer-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except expected as exc:
         print(f"harmonizer-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

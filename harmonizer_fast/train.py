@@ -14,7 +14,8 @@ trains the personalizer on Eq. 6 (lr 5e-5, 150 epochs). Around that:
   does. Scores (:mod:`harmonizer_fast.selection`) cannot be won by predicting nothing; the names used are
   in the train config of every checkpoint and in each log line. Validation uses a patient-level split of
   the training patients; the test fold is never looked at.
-- **Guards**: gradient clipping; a NaN/Inf loss or gradient stops the run with :class:`TrainingError`.
+- **Guards**: gradient clipping; a NaN/Inf loss, gradient, weight or validation prediction stops the run with
+  :class:`DivergedError` at its last good checkpoint, which ``--resume`` continues at a lower rate.
 - **Scale out** with ``torchrun`` (:mod:`harmonizer_fast.distributed`): each process takes an equal slice of
   every global batch, DDP averages the gradients (gloo on CPU, NCCL on GPU) and batch norm is
   synchronized. Mixed precision (bfloat16 autocast) on GPU.
@@ -70,6 +71,12 @@ BUDGET_CLOCKS = ("wall", "cpu")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN/Inf loss, an inconsistent resume, ...); the message says why."""
+
+
+class DivergedError(TrainingError):
+    """The one door of a diverged run ([reliability] #36 item 5): a non-finite loss, gradient, weight or
+    validation prediction. Nothing of the bad step is saved; ``last`` still holds the last good epoch, and the
+    message says how to resume from it with a lower learning rate. The CLI exits 1."""
 
 
 def _is_int(v: Any) -> bool:
@@ -291,13 +298,13 @@ class StepRunner:
             out = ddp(images, masks, noise=noise)
             loss, parts = losses.total_loss(out, masks, self.net.config)
         if not math.isfinite(parts["total"]):
-            raise TrainingError(f"the loss is {parts['total']} at epoch {epoch + 1}, step {step + 1} "
-                                f"(parts: {parts}); lower the learning rate or check the data")  # fmt: skip
+            raise DivergedError(f"the loss is {parts['total']} at epoch {epoch + 1}, step {step + 1} (parts: "
+                                + ", ".join(f"{k} {v:.3g}" for k, v in parts.items()) + ")")  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], self.tc.grad_clip)
         if not torch.isfinite(norm):
-            raise TrainingError(f"a gradient is NaN or Inf at epoch {epoch + 1}, step {step + 1}")
+            raise DivergedError(f"a gradient is NaN or Inf at epoch {epoch + 1}, step {step + 1}")
         opt.step()
         if self.net.phase == 2:
             self.net.personalizer.trained_steps += 1
@@ -379,6 +386,20 @@ class Trainer:
             raise TrainingError(str(exc)) from None
 
     def _fit(self, resume: bool, init_from: Optional[os.PathLike]) -> TrainResult:
+        try:
+            return self._fit_stages(resume, init_from)
+        except DivergedError as exc:
+            raise DivergedError(f"training diverged: {exc}; {self._how_to_resume()}") from None
+
+    def _how_to_resume(self) -> str:
+        if not self.run.has("last"):
+            return "no epoch was committed: start again with a lower --lr"
+        st = self.run.state("last")
+        return (f"the run stops at its last good checkpoint (epoch {st['position']['epoch']}); resume it with a "
+                f"lower learning rate: train --resume --lr {self.tc.lr_phase1 / 10:g} (phase 1) or --lr2 "
+                f"{self.tc.lr_phase2 / 10:g} (phase 2)")  # fmt: skip
+
+    def _fit_stages(self, resume: bool, init_from: Optional[os.PathLike]) -> TrainResult:
         pos = self._begin(resume, init_from)
         if pos is None:
             return self._result("completed")
@@ -615,8 +636,19 @@ class Trainer:
         """Validation metrics (Table 1; in phase 2 also Table 2 as ``val_heads_*``) and the selection
         ``score`` (lower is better) with its name."""
         tc = self.tc
-        scores = evaluate_model(self.net, self.data, self.split.val, samples=tc.val_samples, seed=seed_of(tc.seed, 3),
-                                batch=tc.val_batch, heads="personalized" if phase == 2 else "none")  # fmt: skip
+        epoch = len(self.history) + 1
+        bad = [n for n, t in (*self.net.named_parameters(), *self.net.named_buffers())
+               if t.is_floating_point() and not torch.isfinite(t).all()]  # fmt: skip
+        if bad:
+            raise DivergedError(f"{len(bad)} weights or statistics are NaN or Inf after epoch {epoch} ({bad[0]}, ...)")
+        try:
+            scores = evaluate_model(self.net, self.data, self.split.val, samples=tc.val_samples,
+                                    seed=seed_of(tc.seed, 3), batch=tc.val_batch,
+                                    heads="personalized" if phase == 2 else "none")  # fmt: skip
+        except ValueError as exc:  # the metrics refuse non-finite predictions
+            if "NaN" not in str(exc) and "Inf" not in str(exc):
+                raise
+            raise DivergedError(f"the validation predictions after epoch {epoch} are not finite ({exc})") from None
         tables = summarize(scores)
         out: dict[str, Any] = {f"val_{k}": v for k, v in tables["table1"]["mean"].items()}
         if tables["table2"] is not None:

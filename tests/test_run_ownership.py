@@ -182,3 +182,35 @@ def test_resume_plan_always_moves_forward_or_refuses(p_old, p_new, e1, e2, f1, f
         assert start <= point.epoch < ends[point.stage]
     else:  # nothing left: the trainer says complete
         assert point.epoch >= (ends[-1] if ends else 0) and point.step == 0
+
+
+def test_a_diverged_run_stops_through_one_door_and_resumes_at_a_lower_rate(tmp_path, npz, capsys, monkeypatch):
+    """[reliability] #36 item 5: --lr 1000 used to die as 'internal error: ValueError: ged: samples contains
+    NaN' in validation. Now any non-finite loss, gradient, weight or validation prediction is one line, exit 1,
+    the run kept at its last good epoch, and a resume at a lower rate continues it."""
+    # a rate that cannot train: the loss is NaN within the first epoch, nothing was committed
+    args = [*TRAIN, "--data", str(npz), "--phase", "1", "--epochs", "3"]
+    assert cli([*[a if a != "1e-3" else "1000" for a in args], "--out", str(tmp_path / "wild")]) == 1
+    err = one_line_error(capsys)
+    assert err.startswith("harmonizer-fast train: error: training diverged:") and "no epoch was committed" in err
+    # a run that diverges in its second epoch (the loss made NaN from the third step on)
+    import harmonizer_fast.train as train_module
+
+    real, calls = train_module.losses.total_loss, []
+
+    def diverging(*a, **kw):
+        loss, parts = real(*a, **kw)
+        calls.append(1)
+        return (loss * float("nan"), {**parts, "total": float("nan")}) if len(calls) > 2 else (loss, parts)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module.losses, "total_loss", diverging)
+    assert cli([*args, "--out", str(run)]) == 1
+    err = one_line_error(capsys)
+    assert "the loss is nan at epoch 2" in err and "last good checkpoint (epoch 1)" in err, err
+    assert "train --resume --lr 0.0001" in err, err
+    assert json.loads((run / "last.json").read_text())["state"]["position"]["epoch"] == 1
+    monkeypatch.undo()
+    assert cli([*args, "--out", str(run), "--resume", "--lr", "1e-4"]) == 0
+    assert "lr_phase1 lowered from 0.001 to 0.0001" in capsys.readouterr().out
+    assert json.loads((run / "last.json").read_text())["state"]["position"]["epoch"] == 3
