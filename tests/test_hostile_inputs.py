@@ -313,7 +313,7 @@ ROWS = [
     C(
         "train-data-masks-not-binary",
         lambda w: TRAIN(w, "--data", w.npz_with("m2.npz", images=w.data.images, masks=w.data.masks * 2)),
-        "masks must hold only 0 and 1",
+        "masks hold the values {0, 2}; expected {0, 1} or {0, 255}",
     ),
     C("train-data-npy-named-npz", lambda w: TRAIN(w, "--data", _npy_as_npz(w)), "not a .npz archive"),
     C(

@@ -25,6 +25,33 @@ class DataError(ValueError):
 RATER_ORDERS = ("stored", "area-asc", "area-desc")
 
 
+def decode_masks(masks: np.ndarray, where: str) -> np.ndarray:
+    """Rater masks as stored -> uint8 {0, 1}, by recognising the encoding ([reliability] #36 item 4): booleans,
+    {0, 1} and {0, 255} (8-bit PNG masks) are read as masks; any other value set, NaN or Inf is a
+    :class:`DataError` naming ``where`` (a file), where thresholding used to read masks stored 0/1 in a
+    0/255 reader, or {0, 2}, as all empty without a word."""
+    m = np.asarray(masks)
+    if m.dtype == bool:
+        return m.astype(np.uint8)
+    if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
+        raise DataError(f"{where}: masks must hold numbers, got dtype {m.dtype}")
+    if np.issubdtype(m.dtype, np.floating) and not np.isfinite(m).all():
+        raise DataError(f"{where}: masks contain NaN or Inf")
+    values = np.unique(m)
+    if np.isin(values, (0, 1)).all():
+        return m.astype(np.uint8)
+    if np.isin(values, (0, 255)).all():
+        return (m == 255).astype(np.uint8)
+    shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+    raise DataError(f"{where}: masks hold the values {{{shown}}}; expected {{0, 1}} or {{0, 255}}")
+
+
+def check_not_all_empty(masks: np.ndarray, where: str) -> None:
+    """A dataset in which no rater drew anything is a reading error, not data: say so, naming the file."""
+    if masks.size and not masks.any():
+        raise DataError(f"{where}: every mask of every rater is empty; check how the masks are encoded")
+
+
 def normalize_images(images: np.ndarray) -> np.ndarray:
     """``(N, C, H, W)`` pixels -> float32 in [0, 1]: the default :class:`~harmonizer_fast.preprocessing.
     Preprocessing` (uint8 / 255, uint16 / 65535, floats in [0, 1] kept, anything else min-max per image and

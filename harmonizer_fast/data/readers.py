@@ -38,7 +38,7 @@ import numpy as np
 
 from .._extras import require
 from .._io import write_atomic
-from .dataset import DataError, MultiRaterData, normalize_images
+from .dataset import DataError, MultiRaterData, check_not_all_empty, decode_masks, normalize_images
 
 FORMATS = ("lidc-folder", "lidc-pickle", "npc-h5", "npz")
 PathLike = Union[str, os.PathLike]
@@ -121,7 +121,11 @@ def load_dataset(path: PathLike, format: Optional[str] = None, **kwargs: Any) ->
                "npz": read_npz}  # fmt: skip
     if fmt not in readers:
         raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return readers[fmt](path, **kwargs)
+    data = readers[fmt](path, **kwargs)
+    for d in data if isinstance(data, list) else [data]:  # npc-h5 volumes: (name, data) pairs
+        d = d[1] if isinstance(d, tuple) else d
+        check_not_all_empty(d.masks, str(path))
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,7 +162,9 @@ def _scan_lidc(root: Path) -> list[tuple[str, Path, list[Path]]]:
 
 
 def _cache_key(root: Path, items: list[tuple[str, Path, list[Path]]]) -> str:
-    h = hashlib.sha256(str(root.resolve()).encode())
+    # the decoder's version first: a cache written by an older decoding (masks thresholded, 16-bit saturated)
+    # must not be read as this one's
+    h = hashlib.sha256(f"decoder 2;{root.resolve()}".encode())
     for _, img, masks in items:
         for f in (img, *masks):
             st = f.stat()
@@ -167,12 +173,20 @@ def _cache_key(root: Path, items: list[tuple[str, Path, list[Path]]]) -> str:
 
 
 def _read_png(path: Path) -> np.ndarray:
+    """One grey PNG at its own bit depth: 8-bit as uint8, 16-bit as uint16 (scaled by the preprocessing, where
+    converting to 8-bit used to saturate it); colour is converted to grey."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("L"))
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im)
+                if arr.dtype != np.uint16 and (arr.min() < 0 or arr.max() > 65535):
+                    raise DataError(f"{path}: 32-bit PNG values outside [0, 65535]")
+                arr = arr.astype(np.uint16)
+            else:
+                arr = np.asarray(im.convert("L"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode PNG ({exc})") from None
     return arr
@@ -201,9 +215,13 @@ def read_lidc_folder(path: PathLike, *, cache: bool = True, rater_order: str = "
         bad = next(f for f, a in zip(files, arrays) if a.shape != arrays[0].shape)
         raise DataError(f"{bad}: size {arrays[files.index(bad)].shape} differs from {arrays[0].shape}")
     r = n_raters.pop()
-    stack = np.stack(arrays).reshape(len(items), 1 + r, *arrays[0].shape)
-    images = normalize_images(stack[:, :1])
-    masks = (stack[:, 1:] > 127).astype(np.uint8)
+    per_item = [arrays[i * (1 + r) : (i + 1) * (1 + r)] for i in range(len(items))]
+    depths = {a[0].dtype for a in per_item}
+    if len(depths) != 1:  # one recipe for the dataset: 8- and 16-bit images must not be scaled differently
+        raise DataError(f"{root}: images mix bit depths {sorted(str(d) for d in depths)}")
+    images = normalize_images(np.stack([a[0] for a in per_item])[:, None])
+    masks = np.stack([np.stack([decode_masks(m, str(f)) for m, f in zip(a[1:], item[2])])
+                      for a, item in zip(per_item, items)])  # fmt: skip
     data = MultiRaterData(images, masks, np.array([p for p, _, _ in items]), str(root))
     if cache_file is not None:
         buf = io.BytesIO()
@@ -269,11 +287,9 @@ def read_lidc_pickle(path: PathLike, *, rater_order: str = "area-asc") -> MultiR
         patients.append(uid.split("_")[0])
     if len({m.shape for m in masks}) != 1:
         raise DataError(f"{path}: items differ in size or rater count")
-    mask_arr = np.stack(masks)
-    if not np.isin(mask_arr, (0, 1)).all():
-        mask_arr = mask_arr > (127 if mask_arr.max() > 1 else 0.5)
-    data = MultiRaterData(normalize_images(np.stack(images)[:, None]), mask_arr.astype(np.uint8),
-                          np.array(patients), str(path))  # fmt: skip
+    mask_arr = decode_masks(np.stack(masks), str(path))
+    data = MultiRaterData(normalize_images(np.stack(images)[:, None]), mask_arr, np.array(patients),
+                          str(path))  # fmt: skip
     return data.with_rater_order(rater_order)
 
 
@@ -344,8 +360,7 @@ def read_npz(path: PathLike) -> MultiRaterData:
     if images.ndim != 4 or masks.ndim != 4:
         raise DataError(f"{path}: images must be (N, H, W) or (N, C, H, W) and masks (N, R, H, W); got "
                         f"{images.shape} and {masks.shape}")  # fmt: skip
-    if not np.isin(masks, (0, 1)).all():
-        raise DataError(f"{path}: masks must hold only 0 and 1")
+    masks = decode_masks(masks, str(path))
     if pid is None:
         pid = np.arange(len(images)).astype(str)
     if images.shape[0] != masks.shape[0] or images.shape[2:] != masks.shape[2:]:
