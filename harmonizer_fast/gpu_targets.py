@@ -66,3 +66,12 @@ def occupancy(target: Target, registers: int, shared: int, num_warps: int) -> di
         "occupancy_pct": round(100 * blocks * num_warps * 32 / target.threads_per_sm),
         "limited_by": min(limits, key=limits.get),
     }
+
+
+def nvidia_tool(name: str) -> str:
+    """The path of an NVIDIA binary (ptxas, cuobjdump) that triton ships with its nvidia backend."""
+    from pathlib import Path
+
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)

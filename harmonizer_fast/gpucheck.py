@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .gpu_targets import TARGETS, occupancy
+from .gpu_targets import TARGETS, nvidia_tool, occupancy
 
 CHECK_VERSION = 3  # bump when the recorded columns change
 FAMILIES = ("haar", "haar3d", "film", "attention_pool", "fcomb", "ged")
@@ -116,12 +116,6 @@ def no_nvidia_backend() -> str:
     if "nvidia" not in backends:
         return "the installed triton has no NVIDIA backend"
     return ""
-
-
-def _tool(name: str) -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
 def _worker_init() -> None:
@@ -200,7 +194,8 @@ def compile_one(plan: Any, target_name: str, cache_dir: str, family: str = "") -
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "k.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
-            sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+            dump = [nvidia_tool("cuobjdump"), "-sass", str(cubin)]
+            sass = subprocess.run(dump, capture_output=True, text=True).stdout
         record["tensor_core"] = sorted(set(_TENSOR_CORE.findall(sass)))
     record.update(occupancy(target, record["registers"], record["shared_bytes"], plan.num_warps))
     record["compile_s"] = round(time.perf_counter() - t0, 2)
@@ -294,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     print(gpucheck_report.summary(records))
     if args.out:
         cuda = gpucheck_report.cuda_objects(args.cuda_objects)
-        gpucheck_report.write(args.out, records, cuda, targets, dtypes, time.perf_counter() - t0)
+        gpucheck_report.write(args.out, records, found, cuda, targets, dtypes, time.perf_counter() - t0)
         print(f"gpucheck: wrote {args.out}.json and {args.out}.md")
     for p in found:
         print(f"gpucheck: FAIL {p}")

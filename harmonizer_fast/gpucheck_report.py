@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .gpu_targets import TARGETS, occupancy
+from .gpu_targets import TARGETS, nvidia_tool, occupancy
 
 # How each CUDA C++ kernel is launched (csrc/cuda/*.cu), which the cubin does not record: the most threads per
 # block its launcher uses (threads_for_row grows to 256 with the row; kThreads, kPackWarps * 32 and
@@ -67,16 +67,14 @@ def summary(records: list[dict]) -> str:
 
 def cuda_objects(directory: str) -> list[dict]:
     """Per-kernel resources of the nvcc objects csrc/compile_check.sh built (empty when absent)."""
-    from .gpucheck import _tool
-
     rows = []
     for obj in sorted(Path(directory).glob("*.o")):
         usage = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", str(obj)], capture_output=True, text=True
+            [nvidia_tool("cuobjdump"), "--dump-resource-usage", str(obj)], capture_output=True, text=True
         ).stdout
         if shutil.which("c++filt"):  # demangle the kernel names
             usage = subprocess.run(["c++filt"], input=usage, capture_output=True, text=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(obj)], capture_output=True, text=True).stdout
+        sass = subprocess.run([nvidia_tool("cuobjdump"), "-sass", str(obj)], capture_output=True, text=True).stdout
         arch = ""
         for line in usage.splitlines():
             m = re.search(r"arch = (sm_\d+)", line)
@@ -149,10 +147,11 @@ def _projection_shapes() -> list[dict[str, Any]]:
     return out
 
 
-def write(out: str, records: list[dict], cuda: list[dict], targets, dtypes, seconds: float) -> None:
+def write(out: str, records: list[dict], problems: list[str], cuda: list[dict], targets, dtypes,
+          seconds: float) -> None:  # fmt: skip
+    """The report's JSON and markdown; ``problems`` are gpucheck's findings, passed in (this module only
+    renders: it imports nothing from gpucheck)."""
     import triton
-
-    from .gpucheck import problems
 
     data = {
         "triton": triton.__version__,
@@ -161,7 +160,7 @@ def write(out: str, records: list[dict], cuda: list[dict], targets, dtypes, seco
         "dtypes": list(dtypes),
         "seconds": round(seconds, 1),
         "records": records,
-        "problems": [p for r in records for p in problems(r)],
+        "problems": list(problems),
         "cuda_cpp": cuda,
         "projection": _projection_shapes(),
         "note": "compiled ahead of time, no GPU; projected times are from datasheet peaks, not measurements",

@@ -208,3 +208,17 @@ def test_every_cuda_kernel_has_a_launch_configuration():
     assert rep.cuda_launch("void forward_kernel<double>(double const*, double const*)") == (256, (8 * 32 + 24) * 8)
     assert rep.cuda_launch("distance_sum_kernel(unsigned int const*, float const*)") == (256, 0)
     assert rep.cuda_launch("_Z13mangled_kernelPf") is None
+
+
+def test_the_compile_report_only_renders():
+    """[op-registry] #37 item 2: gpucheck passes its findings to gpucheck_report as data; the report imports
+    nothing from gpucheck (the one import cycle of the tree, and its only arrow back up)."""
+    import ast
+
+    from harmonizer_fast import gpucheck_report as rep
+
+    tree = ast.parse(Path(rep.__file__).read_text())
+    froms = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported = {n.module or "" for n in froms} | {a.name for n in froms for a in n.names}  # from . import x
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in imported if m.split(".")[-1] == "gpucheck"], imported
