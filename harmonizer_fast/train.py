@@ -41,6 +41,7 @@ import torch.distributed as dist
 from . import losses, selection
 from ._alloc import keep_freed_memory
 from ._random import generator, seed_of
+from ._schema import check_field_types
 from .checkpoint import CheckpointError, load_training_state
 from .data import MultiRaterData, augment, patient_split
 from .data.dataset import RATER_ORDERS
@@ -144,6 +145,8 @@ class TrainConfig:
         def need(ok: bool, name: str, expected: str) -> None:
             if not ok:
                 raise ValueError(f"TrainConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        check_field_types(self)
 
         for name in ("epochs_phase1", "epochs_phase2", "batch_size", "val_samples", "val_batch"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")

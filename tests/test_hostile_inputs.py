@@ -623,7 +623,14 @@ ROWS = [
     E("trainconfig-max-minutes", lambda w: TrainConfig(max_minutes=0.0), ValueError, "TrainConfig.max_minutes"),
     E("trainconfig-phase", lambda w: TrainConfig(phase="3"), ValueError, "TrainConfig.phase"),
     E("trainconfig-rater-order", lambda w: TrainConfig(rater_order="random"), ValueError, "TrainConfig.rater_order"),
-    E("trainconfig-batch-float", lambda w: TrainConfig(batch_size=8.5), ValueError, "an integer >= 1"),
+    E("trainconfig-batch-float", lambda w: TrainConfig(batch_size=8.5), ValueError,
+      "TrainConfig.batch_size: expected an integer, got 8.5"),
+    E("config-latent-dim-float", lambda w: HarmonizerConfig.small(latent_dim=2.5), ValueError,
+      "HarmonizerConfig.latent_dim: expected an integer, got 2.5"),
+    E("config-lambda-kl-nan", lambda w: HarmonizerConfig.small(lambda_kl=float("nan")), ValueError,
+      "HarmonizerConfig.lambda_kl: expected a finite number, got nan"),
+    E("config-flag-not-bool", lambda w: HarmonizerConfig.small(use_ged_loss="no"), ValueError,
+      "HarmonizerConfig.use_ged_loss: expected True or False"),
     E(
         "trainer-phase2-without-init",
         lambda w: Trainer(

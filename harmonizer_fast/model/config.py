@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .._schema import check_field_types
 from .latent import SIGMA_BOUNDS
 
 
@@ -149,12 +150,21 @@ INITS = ("he", "torch")
 
 
 def _check(c: HarmonizerConfig) -> None:
+    check_field_types(c)
+    for name in ("lambda_kl", "lambda_harm", "lambda_ged"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"HarmonizerConfig.{name}: expected a finite number >= 0, got {getattr(c, name)}")
+
     def positive(name: str) -> None:
         if getattr(c, name) < 1:
             raise ValueError(f"HarmonizerConfig: {name} must be >= 1, got {getattr(c, name)}")
 
-    for name in ("in_channels", "num_raters", "latent_dim", "fcomb_channels", "harmonizer_tokens", "prior_bank"):
-        positive(name)
+    # every count and width is >= 1 (the stage indices of harmonized_stages are checked below)
+    for f in fields(c):
+        if str(f.type) == "int":
+            positive(f.name)
+        elif str(f.type) == "tuple[int, ...]" and f.name != "harmonized_stages" and min(getattr(c, f.name)) < 1:
+            raise ValueError(f"HarmonizerConfig: {f.name} must hold integers >= 1, got {getattr(c, f.name)}")
     if len(c.encoder_blocks) != len(c.encoder_channels) or len(c.encoder_channels) != 4:
         raise ValueError("HarmonizerConfig: encoder_blocks and encoder_channels need 4 stages each")
     if len(c.decoder_channels) != 5:
