@@ -25,9 +25,11 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -180,10 +182,30 @@ def _shown(path: Path) -> str:
 
 
 def _run(cmd: list[str], log: Path, env: Optional[dict[str, str]] = None) -> int:
+    """Run one benchmark to its log. A SIGTERM to this process is passed on to the child, which is waited
+    for (killed after 10 s), so stopping ``bench`` never leaves a benchmark running on its own
+    ([reliability] #36); Ctrl-C reaches both already (one process group) and is waited for the same way."""
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent,
-                              env=None if env is None else {**os.environ, **env})  # fmt: skip
-    return proc.returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent,
+                                env=None if env is None else {**os.environ, **env})  # fmt: skip
+
+        def stop(signum: int, _frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, stop) if on_main else None
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:  # stopped by a signal or an exception: take the child with us
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
