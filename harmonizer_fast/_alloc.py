@@ -40,3 +40,26 @@ def keep_freed_memory() -> bool:
             on = False
     _state["on"] = on
     return on
+
+
+def memory_available() -> int:
+    """Bytes this machine can still give a process: ``MemAvailable`` of ``/proc/meminfo`` on Linux, else the
+    physical memory. A bound for sizes read from files or flags before anything is allocated for them."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63 - 1  # unknown: no bound
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """ValueError naming ``what`` when ``nbytes`` exceed the memory available (with both sizes in GiB)."""
+    have = memory_available()
+    if nbytes > have:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB; this machine has {have / 2**30:.1f} GiB available")

@@ -254,6 +254,13 @@ def _scoring(args: argparse.Namespace):
     scoring = RunDir(manifest_path.parent).scoring_set(data, model.config, args.split)
     if args.min_raters > model.config.num_raters:
         raise UsageError(f"--min-raters {args.min_raters}: the model has {model.config.num_raters} raters")
+    from ._alloc import check_fits
+
+    h, w = (-(-n // model.config.size_multiple) * model.config.size_multiple for n in data.images.shape[2:])
+    try:  # one image's K maps and a temporary of their size, before any is allocated
+        check_fits(2 * 4 * args.samples * h * w, f"--samples {args.samples} at {h} x {w}")
+    except ValueError as exc:
+        raise UsageError(f"{exc}: lower --samples") from None
     return model, scoring.restricted(args.min_raters)
 
 

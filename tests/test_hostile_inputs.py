@@ -11,6 +11,7 @@ dataset cache.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -90,6 +91,18 @@ class World:
         data_start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
         blob[data_start + info.compress_size - 1] ^= 0xFF
         p.write_bytes(bytes(blob))
+        return p
+
+    def npz_declaring(self, name: str, shape: tuple) -> Path:
+        """An npz whose images.npy header declares ``shape`` (float32) over a few bytes of data."""
+        p = self.root / name
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        masks = io.BytesIO()
+        np.save(masks, self.data.masks)
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("images.npy", header.getvalue() + b"\0" * 64)
+            z.writestr("masks.npy", masks.getvalue())
         return p
 
     def run_copy(self, name: str) -> Path:
@@ -467,6 +480,11 @@ ROWS = [
         lambda w: SAMPLE(w, checkpoint=w.damaged_weights("mw-s", "delete")),
         "missing (listed in best.json)",
     ),
+    # ---- sizes from files and flags are bounded before anything is allocated for them
+    C("train-npz-header-declares-4-tib", lambda w: TRAIN(w, "--data", w.npz_declaring("huge.npz", (2**20, 2**20))),
+      "declares shape (1048576, 1048576) (4.1e+03 GiB) in a member of"),
+    C("sample-samples-a-hundred-million", lambda w: SAMPLE(w, "--samples", "100000000"),
+      "--samples 100000000 at 32 x 32 needs"),
     # ---- outputs never replace inputs ([reliability] #36 item 2): by path, by hard link, inside an input folder
     C("sample-out-is-the-data", lambda w: ["sample", "--checkpoint", w.run, "--data", w.path("sd.npz"),
                                            "--out", w.path("sd.npz"), "--no-progress"], "outputs never replace inputs"),

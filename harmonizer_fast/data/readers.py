@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .._alloc import check_fits
 from .._extras import require
 from .._io import write_atomic
 from .dataset import DataError, MultiRaterData, check_not_all_empty, decode_masks, normalize_images
@@ -45,6 +46,30 @@ PathLike = Union[str, os.PathLike]
 _SLICE = re.compile(r"slice-(\d+)\.png$")
 # What a truncated, CRC-damaged or otherwise broken .npz raises, at np.load or when an array is read.
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _check_declared_sizes(path: PathLike, z: Any, names: list[str]) -> None:
+    """Before numpy allocates an array by its header: the size the header declares must fit in the zip member
+    that holds it and in the memory available ([reliability] #36: an npz header declaring a 4 TiB array was
+    allocated before anyone looked)."""
+    total = 0
+    for name in names:
+        info = z.zip.getinfo(f"{name}.npy" if f"{name}.npy" in z.zip.namelist() else name)
+        with z.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise DataError(f"{path}: array {name!r} has .npy format version {version}")
+            shape, _, dtype = read_header[version](f)
+        declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if declared > info.file_size:
+            raise DataError(f"{path}: array {name!r} declares shape {shape} ({declared / 2**30:.3g} GiB) in a "
+                            f"member of {info.file_size} bytes")  # fmt: skip
+        total += declared
+    try:
+        check_fits(total, f"{path}: its arrays")
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _load_npz_arrays(path: PathLike, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -57,7 +82,9 @@ def _load_npz_arrays(path: PathLike, names: tuple[str, ...], optional: tuple[str
             missing = [n for n in names if n not in z.files]
             if missing:
                 raise DataError(f"{path}: needs arrays {list(names)}, found {sorted(z.files)}")
-            return {n: z[n] for n in (*names, *optional) if n in z.files}
+            wanted = [n for n in (*names, *optional) if n in z.files]
+            _check_declared_sizes(path, z, wanted)
+            return {n: z[n] for n in wanted}
     except DataError:
         raise
     except _NPZ_ERRORS as exc:

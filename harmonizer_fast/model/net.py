@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent
 
+from .._alloc import check_fits
 from .backbone import Backbone
 from .checks import check_images, check_masks
 from .config import HarmonizerConfig
@@ -306,6 +307,9 @@ class HarmonizerNet(nn.Module):
         images = self._check_images(images, finite=True)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
+        b, _, h, w = images.shape
+        # the K maps and one temporary of their size exist at once: refuse before allocating them
+        check_fits(2 * 4 * b * num_samples * h * w, f"predict: num_samples={num_samples} for {b} image(s) of {h} x {w}")
         if kind == "personalized":
             idx = self._rater_indices(raters, allow_untrained)
         else:
