@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -82,19 +83,21 @@ def measure(args) -> dict:
     st = manifest["state"]
     ablations = {}
     for item in args.ablation:
-        label, _, path = item.partition("=")
+        label, _, path = item.rpartition("=")
         ablations[label] = ablation(label, path, data, lambda rd, m: rd.scoring_set(data, m.config, "test"))
         if ablations[label]["latent"]["n_images"] != len(idx):
             raise SystemExit(f"--ablation {item}: scored {ablations[label]['latent']['n_images']} test images, "
                              f"the main run {len(idx)}: not the same split and protocol")  # fmt: skip
     return {
-        "command": "python benchmarks/lidc_convergence.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/lidc_convergence.py " + shlex.join(sys.argv[1:]),
         "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
                     "date": time.strftime("%Y-%m-%d")},  # fmt: skip
         "run": str(args.run),
         "train_config": st["train_config"],
         "model_config": model.config.to_dict(),
         "selected_epoch": st["position"]["epoch"],
+        "selected_phase1_epoch": read_manifest(manifest_path.parent / "best_phase1.json")[1]["state"]["position"][
+            "epoch"],
         "scored": scoring.description,
         "n_images": int(len(idx)),
         "n_patients": int(len(patients)),
@@ -198,7 +201,7 @@ def _ablation_lines(r: dict) -> list[str]:
              "| run | prior lr | phase-1 lr | selected epoch | prior mean spread / sigma | sigma median | at a clamp | "
              "KL total | flags |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     main = {"run": r["run"], "train_config": r["train_config"], "latent": r["latent"], "prior_flags": r["prior_flags"],
-            "selected_epoch": None}  # fmt: skip
+            "selected_epoch": r.get("selected_phase1_epoch")}  # fmt: skip
     for label, a in {"this run": main, **r["ablations"]}.items():
         tc, lat = a["train_config"], a["latent"]
         lr_prior = tc.get("lr_prior") or tc["lr_phase1"]

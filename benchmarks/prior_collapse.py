@@ -46,8 +46,10 @@ VARIANTS["new + soft sigma bound (the package's default)"] = dict(ged_through_pr
 
 def run_variant(name: str, data, args) -> dict:
     cfg = HarmonizerConfig.small(**VARIANTS[name])
+    # the prior at lr_phase1 in every variant, as when these were measured (its own rate, TrainConfig.lr_prior,
+    # is the fourth cause, measured at convergence by lidc_convergence.py --ablation)
     tc = TrainConfig.for_model(cfg, phase="1", epochs_phase1=args.epochs, seed=args.seed, fold=args.fold,
-                               min_raters=args.min_raters)  # fmt: skip
+                               min_raters=args.min_raters, lr_prior=None)  # fmt: skip
     t0 = time.time()
     folder = re.sub(r"[^A-Za-z0-9]+", "-", name.split(": ")[-1]).strip("-")
     trainer = Trainer(data, cfg, tc, Path(args.runs) / folder, progress=False, log=lambda m: print(f"[{name}] {m}"))

@@ -1,0 +1,139 @@
+"""Two or more runs of one protocol (same data, split, seed, epochs), scored on the same held-out patients with
+the same draws, and compared over **patients** (each patient's slices averaged first; paired Wilcoxon).
+
+    harmonizer-fast train --data ../shared/data/lidc --config small --out runs/conv-pu --min-raters 4 \\
+        --epochs 30 --phase 1 --no-harmonizer --no-personalizer --no-ged-loss
+    python benchmarks/lidc_paired.py --runs full=runs/conv-a probunet=runs/conv-pu --data ../shared/data/lidc
+
+Table 1 of each run's selected phase-1 model (its K samples; a two-phase run's ``best`` has the same phase-1
+weights, its personalizer does not change the samples), the label-only references of the same slices, and
+for each run against the first: the per-patient mean difference, patients better / worse and the two-sided
+Wilcoxon p-value per metric. Writes ``<out>.json`` and ``<out>.md`` (``--render`` redraws the markdown).
+One fold and one seed: an ordering here is one draw of the split, not a result over folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harmonizer_fast.checkpoint import load_model, read_manifest
+from harmonizer_fast.data import load_dataset
+from harmonizer_fast.evaluate import evaluate_model
+from harmonizer_fast.profiler import cpu_model
+from harmonizer_fast.references import label_only_references
+from harmonizer_fast.rundir import RunDir
+from harmonizer_fast.stats import paired_test, per_patient
+
+# metric, lower is better
+METRICS = (("ged", True), ("ged_unbiased", True), ("dice_soft", False), ("dice_match", False), ("ncc", False))
+
+
+def score_run(path: str, data, samples: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    manifest_path, manifest = read_manifest(Path(path) / "best_phase1.json")
+    model, _ = load_model(manifest_path)
+    run = RunDir(manifest_path.parent)
+    scoring = run.scoring_set(data, model.config, "test")
+    acc = evaluate_model(model, scoring.data, scoring.indices, samples=samples, seed=seed, heads="none").prior
+    history = [h for h in run.read_log() if h["phase"] == 1 and "partial_steps" not in h]
+    st = manifest["state"]
+    per_image = {m: acc.per_image(m).tolist() for m, _ in METRICS}
+    summary = acc.summary()
+    return ({"run": path, "train_config": st["train_config"], "selected_epoch": st["position"]["epoch"],
+             "epochs": len(history), "minutes": history[-1]["minutes"] if history else None,
+             "table1": {m: [summary["mean"][m], summary["std"][m]] for m, _ in METRICS},
+             "uncertainty_vs_raters": summary.get("uncertainty_vs_raters"), "per_image": per_image},
+            scoring.indices, scoring.data.patient_id[scoring.indices])  # fmt: skip
+
+
+def measure(args) -> dict:
+    data = load_dataset(args.data)
+    runs, indices, pids = {}, None, None
+    for item in args.runs:
+        label, _, path = item.rpartition("=")
+        runs[label], idx, pid = score_run(path, data, args.samples, args.seed)
+        if indices is not None and not np.array_equal(idx, indices):
+            raise SystemExit(f"--runs {item}: scored other test slices than the first run: not the same protocol")
+        indices, pids = idx, pid
+    first = next(iter(runs))
+    tests = {}
+    for label in list(runs)[1:]:
+        tests[label] = {}
+        for m, lower in METRICS:
+            patients, a = per_patient(np.asarray(runs[first]["per_image"][m]), pids)
+            _, b = per_patient(np.asarray(runs[label]["per_image"][m]), pids)
+            t = paired_test(a, b)  # differences first - other, patient by patient
+            if lower:  # for a lower-is-better metric the first run is better where the difference is negative
+                t["images_better"], t["images_worse"] = t["images_worse"], t["images_better"]
+            tests[label][m] = {**t, "n_patients": int(len(patients))}
+    scoring = RunDir(Path(runs[first]["run"])).scoring_set(data, load_model(Path(runs[first]["run"]))[0].config)
+    refs = label_only_references(scoring.data, indices, args.samples)
+    return {
+        "command": "python benchmarks/lidc_paired.py " + shlex.join(sys.argv[1:]),
+        "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
+                    "date": time.strftime("%Y-%m-%d")},  # fmt: skip
+        "samples": args.samples, "seed": args.seed, "n_images": int(len(indices)),
+        "n_patients": int(len(np.unique(pids))), "runs": runs, "first": first, "tests": tests,
+        "references": {n: {m: r["table1"]["mean"][m] for m, _ in METRICS} for n, r in refs.items()},
+    }  # fmt: skip
+
+
+def markdown(r: dict) -> str:
+    cols = " | ".join(m for m, _ in METRICS)
+    lines = [f"# Runs of one protocol over the same held-out patients ({r['machine']['cpu']})", "",
+             f"`{r['command']}` on {r['machine']['date']}: {r['n_images']} test slices of {r['n_patients']} "
+             f"patients, K = {r['samples']}, seed {r['seed']}; each run's selected phase-1 model.", "",
+             f"| run | epochs (selected) | minutes | {cols} | Spearman (spread vs raters) |",
+             "|---|---|---|" + "---|" * len(METRICS) + "---|"]  # fmt: skip
+    for label, run in r["runs"].items():
+        cells = " | ".join(f"{run['table1'][m][0]:.4f}" for m, _ in METRICS)
+        uv = run["uncertainty_vs_raters"] or {}
+        minutes = f"{run['minutes']:.0f}" if run["minutes"] is not None else "n/a"
+        lines.append(f"| {label} (`{run['run']}`) | {run['epochs']} ({run['selected_epoch']}) | {minutes} | {cells} "
+                     f"| {uv.get('spearman', float('nan')):.3f} |")  # fmt: skip
+    for name, ref in r["references"].items():
+        lines.append(f"| label-only: {name} | | | " + " | ".join(f"{ref[m]:.4f}" for m, _ in METRICS) + " | |")
+    lines += ["", f"Over patients, **{r['first']}** against each other run (per-patient means; the difference is "
+              f"{r['first']} minus the other; 'better' counts the patients where {r['first']} is better: lower GED, "
+              "higher Dice and S_NCC; two-sided Wilcoxon signed-rank):", "",
+              "| against | metric | mean difference | patients better / worse | p |", "|---|---|---|---|---|"]
+    for label, tests in r["tests"].items():
+        for m, t in tests.items():
+            lines.append(f"| {label} | {m} | {t['mean_difference']:+.4f} | {t['images_better']} / "
+                         f"{t['images_worse']} | {t['wilcoxon_p']:.2g} |")  # fmt: skip
+    lines += ["", "One fold and one seed: the orderings above are one draw of the split and of the training noise."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", nargs="+", default=[], metavar="LABEL=RUN", help="the first is compared to the others")
+    p.add_argument("--data", default="../shared/data/lidc")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/lidc-paired-f0-small-cpu")
+    p.add_argument("--render", action="store_true", help="only redraw the markdown from the JSON")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        r = json.loads(out.with_suffix(".json").read_text())
+    else:
+        if len(args.runs) < 2:
+            p.error("--runs: give at least two LABEL=RUN")
+        r = measure(args)
+        out.with_suffix(".json").write_text(json.dumps(r, indent=1, default=float) + "\n")
+    out.with_suffix(".md").write_text(markdown(r))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
