@@ -66,6 +66,8 @@ LEARNING_RATES = {"paper": (1e-4, 5e-5), "small": (3e-3, 1e-2)}
 # at the small preset's 3e-3 Adam random-walks its weights until most deep ReLUs are dead and the prior's mean
 # no longer depends on the image (benchmarks/results/lidc-prior-collapse-small-cpu.md).
 PRIOR_LEARNING_RATES: dict[str, Optional[float]] = {"paper": None, "small": 3e-4}
+# TrainConfig options that a run recorded before they existed takes from its record when resumed
+ADOPTED_ON_RESUME = ("lr_prior",)
 PHASE2_Z = ("anneal", "sample", "mean")
 BUDGET_CLOCKS = ("wall", "cpu")
 
@@ -459,15 +461,17 @@ class Trainer:
             raise TrainingError(f"--resume: {self.run.path} was trained on other data (fingerprint {recorded_data}, "
                                 f"this data {self.record.fingerprint}); train into a new --out")  # fmt: skip
         self._adopt_model_config(recorded_model)
-        # a field added to TrainConfig after the run was recorded keeps the recorded run's meaning
-        asked = replace(self.tc, **{f.name: getattr(recorded_tc, f.name) for f in fields(TrainConfig)
-                                    if f.name not in st["train_config"]})  # fmt: skip
+        # an option added after the run was recorded keeps the recorded run's meaning where only the optimizer
+        # reads it; any other (the split, the protocol) must match its recorded default, or resume_plan refuses
+        asked = replace(self.tc, **{name: getattr(recorded_tc, name) for name in ADOPTED_ON_RESUME
+                                    if name not in st["train_config"]})  # fmt: skip
+        steps = -(-len(self.split.train) // recorded_tc.batch_size)  # the recorded plan's steps per epoch
         try:
-            check_position(recorded_tc.stages(), **raw, steps_per_epoch=len(self.steps.batches(0)))
+            check_position(recorded_tc.stages(), **raw, steps_per_epoch=steps)
         except (ResumeError, TypeError) as exc:
             raise CheckpointError(f"{where}: damaged manifest: {exc}") from None
         try:
-            point = resume_plan(recorded_tc, asked, **raw, steps_per_epoch=len(self.steps.batches(0)))
+            point = resume_plan(recorded_tc, asked, **raw, steps_per_epoch=steps)
         except ResumeError as exc:
             raise TrainingError(str(exc)) from None
         for note in point.notes:

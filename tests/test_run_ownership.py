@@ -213,4 +213,6 @@ def test_a_diverged_run_stops_through_one_door_and_resumes_at_a_lower_rate(tmp_p
     monkeypatch.undo()
     assert cli([*args, "--out", str(run), "--resume", "--lr", "1e-4"]) == 0
     assert "lr_phase1 lowered from 0.001 to 0.0001" in capsys.readouterr().out
-    assert json.loads((run / "last.json").read_text())["state"]["position"]["epoch"] == 3
+    state = json.loads((run / "last.json").read_text())["state"]
+    assert state["position"]["epoch"] == 3
+    assert state["scheduler"]["base_lrs"] == [1e-4, 3e-4]  # the lowered rate is the one trained with
