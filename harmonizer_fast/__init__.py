@@ -12,7 +12,7 @@ instruction-set build):
 - :func:`film`: the Noise Harmonizer's FiLM modulation (paper Eq. 3) with a fused deterministic backward;
 - :func:`token_attention_pool`: the Noise Harmonizer's token attention over positions (paper Eq. 2), one
   pass over the feature map with an online softmax;
-- :func:`pairwise_iou`, :func:`ged` / :func:`ged_terms` (generalized energy distance, three published
+- :func:`pairwise_iou`, :func:`ged` / :func:`ged_terms` (generalized energy distance, four published
   conventions) and :func:`ged_loss` (paper Eq. 7): K x K mask comparisons as fused Gram products.
 
 Model (layer 2): :class:`HarmonizerNet` and :class:`HarmonizerConfig` (``paper()``, ``small()``,
