@@ -195,6 +195,13 @@ def EXPORT(w: World, *extra, checkpoint=None, out=None, fmt="pt2") -> list:  # n
     return ["export", "--checkpoint", checkpoint or w.run, "--format", fmt, "--out", out or w.path("m.pt2"), *extra]
 
 
+def _phase1_forward(w: World, rater_index: torch.Tensor):
+    net = HarmonizerNet(w.config)
+    net.set_phase(1)
+    x = torch.from_numpy(w.data.images[:2])
+    return net(x, torch.from_numpy(w.data.masks[:2]).float(), rater_index=rater_index)
+
+
 def _drop(key: str) -> Callable[[dict], None]:
     return lambda m: m.pop(key)
 
@@ -647,6 +654,10 @@ ROWS = [
       "HarmonizerConfig.latent_dim: expected an integer, got 2.5"),
     E("config-lambda-kl-nan", lambda w: HarmonizerConfig.small(lambda_kl=float("nan")), ValueError,
       "HarmonizerConfig.lambda_kl: expected a finite number, got nan"),
+    E("model-rater-index-out-of-range", lambda w: _phase1_forward(w, torch.tensor([0, 5])), ValueError,
+      "rater_index must lie in [0, 2), got values 0..5"),
+    E("model-rater-index-float", lambda w: _phase1_forward(w, torch.tensor([0.0, 1.0])), TypeError,
+      "rater_index must be an integer tensor"),
     E("config-flag-not-bool", lambda w: HarmonizerConfig.small(use_ged_loss="no"), ValueError,
       "HarmonizerConfig.use_ged_loss: expected True or False"),
     E(

@@ -80,6 +80,19 @@ def _heads_kind(heads: object) -> str:
     return str(heads)
 
 
+def _check_rater_index(rater_index: object, batch: int, num_raters: int) -> Tensor:
+    """``rater_index``: an integer tensor (B,) of raters in [0, num_raters); a ValueError naming it otherwise
+    (an out-of-range index used to surface as torch's IndexError from the mask gather)."""
+    if not isinstance(rater_index, Tensor) or rater_index.dtype.is_floating_point or rater_index.dtype == torch.bool:
+        raise TypeError(f"HarmonizerNet: rater_index must be an integer tensor (B,), got {rater_index!r:.80}")
+    if rater_index.shape != (batch,):
+        raise ValueError(f"HarmonizerNet: rater_index must have shape ({batch},), got {tuple(rater_index.shape)}")
+    if batch and (int(rater_index.min()) < 0 or int(rater_index.max()) >= num_raters):
+        raise ValueError(f"HarmonizerNet: rater_index must lie in [0, {num_raters}), got values "
+                         f"{int(rater_index.min())}..{int(rater_index.max())}")  # fmt: skip
+    return rater_index
+
+
 class HarmonizerNet(nn.Module):
     def __init__(self, config: HarmonizerConfig) -> None:
         super().__init__()
@@ -203,7 +216,7 @@ class HarmonizerNet(nn.Module):
             prior = self.prior(images)
             if rater_index is None:
                 rater_index = noise["rater_index"]
-            rater_index = rater_index.to(images.device)
+            rater_index = _check_rater_index(rater_index, b, c.num_raters).to(images.device)
             chosen = masks[torch.arange(b, device=images.device), rater_index]
             posterior = self.posterior(with_masks(images, chosen))
             z_post = reparameterize(posterior, noise["posterior"])
