@@ -658,6 +658,13 @@ ROWS = [
       "rater_index must lie in [0, 2), got values 0..5"),
     E("model-rater-index-float", lambda w: _phase1_forward(w, torch.tensor([0.0, 1.0])), TypeError,
       "rater_index must be an integer tensor"),
+    E("model-forward-float64-images", lambda w: HarmonizerNet(w.config)(
+        torch.from_numpy(w.data.images[:2]).double(), torch.from_numpy(w.data.masks[:2]).float()), TypeError,
+      "images are torch.float64, the model's weights torch.float32"),
+    OK("model-predict-bfloat16-images-as-float32",
+      lambda w: HarmonizerNet(w.config).eval().predict(torch.from_numpy(w.data.images[:2]).to(torch.bfloat16), 2,
+                                                       heads=False, generator=torch.Generator().manual_seed(0)),
+      lambda out, w: out[0].dtype == torch.float32 and bool(torch.isfinite(out[0]).all())),
     E("config-flag-not-bool", lambda w: HarmonizerConfig.small(use_ged_loss="no"), ValueError,
       "HarmonizerConfig.use_ged_loss: expected True or False"),
     E(

@@ -148,7 +148,18 @@ class HarmonizerNet(nn.Module):
         return self
 
     def _check_images(self, images: object, *, finite: bool = False) -> Tensor:
-        return check_images(self.config, images, finite=finite)
+        images = check_images(self.config, images, finite=finite)
+        dtype = self.stem_dtype()
+        if images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
+            if not finite:  # training: the caller's data pipeline chose a dtype the weights do not have
+                raise TypeError(f"HarmonizerNet: images are {images.dtype}, the model's weights {dtype}; convert the "
+                                f"images (images.to({dtype})) or the model (model.to({dtype}))")  # fmt: skip
+            images = images.to(dtype)  # inference: float64 / float16 / bfloat16 images in, at the weights' precision
+        return images
+
+    def stem_dtype(self) -> torch.dtype:
+        """The dtype of the weights the images meet first."""
+        return next(self.parameters()).dtype
 
     def _check_masks(self, masks: object, images: Tensor) -> Tensor:
         return check_masks(self.config, masks, images)
