@@ -34,6 +34,7 @@ from harmonizer_fast.checkpoint import CheckpointError, load_model, read_manifes
 from harmonizer_fast.cli import main as cli
 from harmonizer_fast.compare import CompareConfig, Comparison
 from harmonizer_fast.evaluate import evaluate_model, run_evaluation
+from harmonizer_fast.metrics import evaluate_batch
 from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
 from harmonizer_fast.ops.fcomb import fcomb_head
 from harmonizer_fast.sampling import stream_samples
@@ -193,6 +194,10 @@ def SAMPLE(w: World, *extra, checkpoint=None, out=None) -> list:  # noqa: N802
 
 def EXPORT(w: World, *extra, checkpoint=None, out=None, fmt="pt2") -> list:  # noqa: N802
     return ["export", "--checkpoint", checkpoint or w.run, "--format", fmt, "--out", out or w.path("m.pt2"), *extra]
+
+
+def _raters() -> torch.Tensor:
+    return (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) > 0.5).float()
 
 
 def _phase1_forward(w: World, rater_index: torch.Tensor):
@@ -665,6 +670,12 @@ ROWS = [
       lambda w: HarmonizerNet(w.config).eval().predict(torch.from_numpy(w.data.images[:2]).to(torch.bfloat16), 2,
                                                        heads=False, generator=torch.Generator().manual_seed(0)),
       lambda out, w: out[0].dtype == torch.float32 and bool(torch.isfinite(out[0]).all())),
+    E("evaluate-batch-probs-above-one", lambda w: evaluate_batch(torch.rand(2, 4, 32, 32) * 2, _raters()),
+      ValueError, "metrics: probs must hold probabilities, finite and within [0, 1]"),
+    E("evaluate-batch-probs-inf", lambda w: evaluate_batch(torch.rand(2, 4, 32, 32).index_fill(1, torch.tensor([0]),
+      float("inf")), _raters()), ValueError, "got values from"),
+    E("evaluate-batch-logits", lambda w: evaluate_batch(torch.randn(2, 4, 32, 32), _raters()), ValueError,
+      "must hold probabilities"),
     E("config-flag-not-bool", lambda w: HarmonizerConfig.small(use_ged_loss="no"), ValueError,
       "HarmonizerConfig.use_ged_loss: expected True or False"),
     E(

@@ -51,6 +51,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from ..ops._checks import check_probabilities
 from ..ops.ged import pairwise_intersection
 from . import _sync
 
@@ -96,11 +97,13 @@ def _check_inputs(probs: Tensor, raters: Tensor, personalized: Optional[Tensor])
             raise ValueError(f"{op}: {name} must have B >= 1 and at least one mask, got shape {tuple(t.shape)}")
     if not probs.is_floating_point():
         raise TypeError(f"{op}: probs must hold probabilities (floating point), got {probs.dtype}")
+    check_probabilities(probs, op, "probs")
     if probs.shape[0] != raters.shape[0] or probs.shape[2:] != raters.shape[2:]:
         raise ValueError(f"{op}: probs {tuple(probs.shape)} and raters {tuple(raters.shape)} must agree in B, H and W")
     if personalized is not None:
         if not isinstance(personalized, Tensor) or personalized.dim() != 4:
             raise ValueError(f"{op}: personalized must be a 4-D tensor (B, N, H, W)")
+        check_probabilities(personalized, op, "personalized")
         if personalized.shape != raters.shape:
             raise ValueError(
                 f"{op}: personalized must have one map per rater, shape {tuple(raters.shape)}, "

@@ -38,3 +38,16 @@ def check_same_device_dtype(ref: torch.Tensor, t: torch.Tensor, op: str, ref_nam
 def check_shape(t: torch.Tensor, expected: Sequence[int], op: str, name: str, layout: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{op}: {name} must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_probabilities(t: torch.Tensor, op: str, name: str) -> None:
+    """Every value finite and within [0, 1] ([reliability] #36: probabilities above 1, below 0 or Inf were
+    thresholded as if they were probabilities, and logits passed silently). One min/max pass; NaN fails the
+    comparisons and is refused with the rest."""
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.detach()) if t.is_floating_point() else (t.min(), t.max())
+    lo, hi = float(lo), float(hi)
+    if not (lo >= 0.0 and hi <= 1.0):
+        raise ValueError(f"{op}: {name} must hold probabilities, finite and within [0, 1]; got values from {lo:g} to "
+                         f"{hi:g}")  # fmt: skip
