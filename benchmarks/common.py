@@ -191,6 +191,17 @@ def timed_backends(op: str, impls: Mapping[str, Any], support: Any, device: torc
     return auto, others
 
 
+def measured_or_rendered(out: Path, render: bool, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The result behind ``<out>.json``: ``measure()`` written there atomically, or with ``render`` the JSON
+    read back (the scripts that redraw their markdown and figures from it)."""
+    json_path = out.with_suffix(".json")
+    if render:
+        return json.loads(json_path.read_text())
+    result = measure()
+    write_atomic(json_path, json.dumps(result, indent=1, default=float) + "\n")
+    return result
+
+
 def write_results(stem: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     write_atomic(json_path, json.dumps(payload, indent=2, default=str) + "\n")

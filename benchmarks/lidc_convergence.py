@@ -20,7 +20,6 @@ selected phase-1 model's prior statistics on the same test patients into a table
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import measured_or_rendered
 
 from harmonizer_fast.checkpoint import load_model, read_manifest
 from harmonizer_fast.data import load_dataset
@@ -267,11 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--render", action="store_true", help="only redraw the markdown and figures from the JSON")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if args.render:
-        r = json.loads(out.with_suffix(".json").read_text())
-    else:
-        r = measure(args)
-        out.with_suffix(".json").write_text(json.dumps(r, indent=1, default=float) + "\n")
+    r = measured_or_rendered(out, args.render, lambda: measure(args))
     figures(r, out)
     out.with_suffix(".md").write_text(markdown(r, out.name))
     print(markdown(r, out.name))

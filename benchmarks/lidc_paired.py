@@ -15,7 +15,6 @@ One fold and one seed: an ordering here is one draw of the split, not a result o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import measured_or_rendered
 
 from harmonizer_fast.checkpoint import load_model, read_manifest
 from harmonizer_fast.data import load_dataset
@@ -122,14 +122,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/lidc-paired-f0-small-cpu")
     p.add_argument("--render", action="store_true", help="only redraw the markdown from the JSON")
     args = p.parse_args(argv)
+    if not args.render and len(args.runs) < 2:
+        p.error("--runs: give at least two LABEL=RUN")
     out = Path(args.out)
-    if args.render:
-        r = json.loads(out.with_suffix(".json").read_text())
-    else:
-        if len(args.runs) < 2:
-            p.error("--runs: give at least two LABEL=RUN")
-        r = measure(args)
-        out.with_suffix(".json").write_text(json.dumps(r, indent=1, default=float) + "\n")
+    r = measured_or_rendered(out, args.render, lambda: measure(args))
     out.with_suffix(".md").write_text(markdown(r))
     print(markdown(r))
     return 0

@@ -15,20 +15,22 @@ from dataclasses import fields
 from typing import Any
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int, not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_float(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+def is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 _CHECKS = {
-    "int": (_is_int, "an integer"),
-    "float": (_is_float, "a finite number"),
+    "int": (is_int, "an integer"),
+    "float": (is_number, "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "True or False"),
     "str": (lambda v: isinstance(v, str), "a string"),
-    "tuple[int, ...]": (lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v), "a tuple of integers"),
+    "tuple[int, ...]": (lambda v: isinstance(v, tuple) and all(is_int(x) for x in v), "a tuple of integers"),
 }
 
 

@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import sys
-from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
 from ._extras import MissingExtraError
@@ -279,19 +278,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from ._alloc import keep_freed_memory
     from .predict import CaseError, Predictor
-    from .predict.runner import check_not_inside
     from .preprocessing import Preprocessing
 
     keep_freed_memory()
-    check_output_dir(args.output, "-o/--output")
+    check_output_dir(args.output, "-o/--output", [args.input])
     if not os.path.exists(args.input):
         raise UsageError(f"-i/--input: {args.input}: no such file or directory")
     if args.part_id >= args.num_parts:
         raise UsageError(f"--part-id: expected an integer in [0, --num-parts={args.num_parts}), got {args.part_id}")
-    try:
-        check_not_inside(Path(args.input), Path(args.output))
-    except ValueError as exc:
-        raise UsageError(f"-o/--output: {exc}") from None
     device = _device(args.device)
     try:
         window = Preprocessing.ct_window(*args.window) if args.window is not None else None

@@ -94,11 +94,11 @@ def _recipe_differences(recorded: Any, asked: Any) -> tuple[list[str], list[str]
     return refuse, notes
 
 
-def resume_plan(recorded: Any, asked: Any, stage: int, epoch: int, step: int, steps_per_epoch: int) -> ResumePoint:
+def resume_plan(recorded: Any, asked: Any, stage: int, epoch: int, step: int) -> ResumePoint:
     """The position of a run recorded with TrainConfig ``recorded`` at (stage, epoch, step) under the
-    TrainConfig ``asked``, with notes on what changes; :class:`ResumeError` naming every refused difference."""
+    TrainConfig ``asked``, with notes on what changes; :class:`ResumeError` naming every refused difference.
+    The position must have passed :func:`check_position` against the recorded plan."""
     old_stages, new_stages = recorded.stages(), asked.stages()
-    check_position(old_stages, stage, epoch, step, steps_per_epoch)
     refuse, notes = _recipe_differences(recorded, asked)
     old_ends = stage_ends(old_stages)
     complete = stage == len(old_stages)

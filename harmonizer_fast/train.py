@@ -42,6 +42,8 @@ from . import losses, selection
 from ._alloc import keep_freed_memory
 from ._random import generator, seed_of
 from ._schema import check_field_types
+from ._schema import is_int as _is_int
+from ._schema import is_number as _is_number
 from .checkpoint import CheckpointError, load_training_state
 from .data import MultiRaterData, augment, patient_split
 from .data.dataset import RATER_ORDERS
@@ -80,14 +82,6 @@ class DivergedError(TrainingError):
     """The one door of a diverged run ([reliability] #36 item 5): a non-finite loss, gradient, weight or
     validation prediction. Nothing of the bad step is saved; ``last`` still holds the last good epoch, and the
     message says how to resume from it with a lower learning rate. The CLI exits 1."""
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -471,7 +465,7 @@ class Trainer:
         except (ResumeError, TypeError) as exc:
             raise CheckpointError(f"{where}: damaged manifest: {exc}") from None
         try:
-            point = resume_plan(recorded_tc, asked, **raw, steps_per_epoch=steps)
+            point = resume_plan(recorded_tc, asked, **raw)
         except ResumeError as exc:
             raise TrainingError(str(exc)) from None
         for note in point.notes:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .._extras import require
-from .._io import OutputPathError, PathLike, check_not_input, fsync_dir, write_atomic
+from .._io import PathLike, check_not_input, fsync_dir, write_atomic
 from .._version import __version__
 from ..checkpoint import load_model, preprocessing_of, read_manifest
 from ..metrics import entropy_map, sample_diversity
@@ -497,10 +497,7 @@ def _load(model: Union[HarmonizerNet, PathLike]) -> tuple[HarmonizerNet, dict[st
 
 def check_not_inside(src: Path, out: Path) -> None:
     """Outputs never land on inputs: ``out`` may be neither the input nor inside an input folder."""
-    try:
-        check_not_input(out, [src], "output")
-    except OutputPathError as exc:
-        raise ValueError(str(exc).removeprefix("output: ")) from None
+    check_not_input(out, [src], "output")  # an OutputPathError, which is a ValueError
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
 
