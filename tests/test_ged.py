@@ -359,7 +359,7 @@ masks = st.integers(0, 2**31 - 1)
        p=st.floats(0.0, 1.0))  # fmt: skip
 def test_property_ged_matches_transcription(seed, k, n, h, w, p):
     g = torch.Generator().manual_seed(seed)
-    samples = torch.rand((1, k, h, w), generator=g, dtype=torch.float64) * (0.5 + p)
+    samples = torch.rand((1, k, h, w), generator=g, dtype=torch.float64) * (0.5 + 0.5 * p)  # probabilities
     raters = (torch.rand((1, n, h, w), generator=g, dtype=torch.float64) < p * 0.6).double()
     for convention in CONVENTIONS:
         got = hf.ged_terms(samples.float(), raters.float(), convention=convention)
@@ -393,19 +393,25 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(compiled(samples.float(), raters.float()), hf.ged_loss(samples.float(), raters.float()))
 
 
+PROB = "must hold probabilities"
 BAD = [
     (lambda s, r: hf.ged(s[:1], r), ValueError, "same batch size"),
     (lambda s, r: hf.ged(s[..., :5], r), ValueError, "same H x W"),
     (lambda s, r: hf.ged(s, r * 0.5), ValueError, "raters must be binary"),
-    (lambda s, r: hf.ged(s.index_fill(2, torch.tensor([1]), float("nan")), r), ValueError, "samples contains NaN"),
+    (lambda s, r: hf.ged(s.index_fill(2, torch.tensor([1]), float("nan")), r), ValueError, "samples " + PROB),
+    (lambda s, r: hf.ged(s.index_fill(3, torch.tensor([2]), 1.5), r), ValueError, "samples " + PROB),
+    (lambda s, r: hf.ged(s - 0.5, r), ValueError, "samples " + PROB),  # logits
+    (lambda s, r: hf.ged(s.index_fill(2, torch.tensor([0]), float("-inf")), r), ValueError, "samples must hold"),
+    (lambda s, r: hf.ged(s, r, threshold=1.0), ValueError, r"threshold must be a number in \[0, 1\)"),
+    (lambda s, r: hf.pairwise_iou(s * 3, r), ValueError, "a " + PROB),
     (lambda s, r: hf.ged(s[:, :0], r), ValueError, "K = 0"),
     (lambda s, r: hf.ged(s[:0], r[:0]), ValueError, "empty batch"),
     (lambda s, r: hf.ged(s[0], r[0]), ValueError, "4-D"),
     (lambda s, r: hf.ged(s, r, convention="nope"), ValueError, "convention"),
     (lambda s, r: hf.ged(s.numpy(), r), TypeError, "torch.Tensor"),
     (lambda s, r: hf.pairwise_iou(s, r.bool(), soft=True), TypeError, "floating-point"),
-    (lambda s, r: hf.pairwise_iou(s.index_fill(3, torch.tensor([0]), float("nan")), r), ValueError, "NaN"),
-    (lambda s, r: hf.ged_loss(s.index_fill(3, torch.tensor([0]), float("inf")), r), ValueError, "NaN or Inf"),
+    (lambda s, r: hf.pairwise_iou(s.index_fill(3, torch.tensor([0]), float("nan")), r), ValueError, "a " + PROB),
+    (lambda s, r: hf.ged_loss(s.index_fill(3, torch.tensor([0]), float("inf")), r), ValueError, "probs " + PROB),
     (lambda s, r: hf.ged_loss(s, r[:, :, :3]), ValueError, "same H x W"),
 ]
 
@@ -419,6 +425,27 @@ def test_bad_inputs(case, i, use_backend):
     s, r = samples.float().to(device), raters.float().to(device)
     with pytest.raises(exc, match=msg):
         fn(s, r)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
+@pytest.mark.parametrize("bad", [1.0000001, -1e-30, float("inf"), float("nan")], ids=["above1", "below0", "inf", "nan"])
+def test_values_outside_the_unit_interval_are_refused_wherever_they_sit(case, bad, use_backend):
+    """Samples are probabilities: a value outside [0, 1] anywhere (in a 64-pixel word the SIMD packing
+    compares, or in the tail the scalar loop packs) is refused with the same message on every backend; bool
+    and uint8 masks (0/255) are thresholded as they are."""
+    device = use_backend(*case)
+    samples, raters = make_case(b=2, k=3, n=2, h=16, w=13, seed=16)  # 208 pixels: 3 full words and a tail
+    s, r = samples.float().to(device), raters.float().to(device)
+    for pixel in (0, 70, 191, 207):
+        bad_s = s.clone()
+        bad_s.view(2, 3, -1)[1, 2, pixel] = bad
+        with pytest.raises(ValueError, match=r"ged: samples must hold probabilities, finite and within \[0, 1\]"):
+            hf.ged(bad_s, r)
+        with pytest.raises(ValueError, match=r"pairwise_iou: b must hold probabilities"):
+            hf.pairwise_iou(r, bad_s)
+    as_u8 = ((s > 0.5).to(torch.uint8) * 255, (s > 0.5).bool())
+    for masks in as_u8:
+        torch.testing.assert_close(hf.ged(masks, r), hf.ged((s > 0.5).float(), r))
 
 
 # ---------------------------------------------------------------------------------------------------------

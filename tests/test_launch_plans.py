@@ -179,12 +179,14 @@ def test_pixel_splits_give_the_unsplit_results(monkeypatch, offdiag):
 
 
 def test_binarize_flags_bad_values_in_the_same_pass():
-    """The GPU GED's value checks: the thresholding kernel raises an int32 flag for NaN samples or raters that
-    are not 0/1 (no extra pass, no host sync of its own), under the interpreter."""
+    """The GPU GED's value checks: the thresholding kernel raises an int32 flag for samples outside [0, 1] (NaN,
+    Inf, 1.5) or raters that are not 0/1 (no extra pass, no host sync of its own), under the interpreter."""
     if _backend._unavailable("triton", "cpu"):
         pytest.skip("needs the Triton interpreter")
     x = torch.tensor([0.2, 0.7, 0.5, 1.0] * 600)  # 2400 values: two programs
-    for check, bad_value, index in ((ged.CHECK_NAN, float("nan"), 2300), (ged.CHECK_BINARY, 0.5, 7)):
+    cases = ((ged.CHECK_PROBABILITY, float("nan"), 2300), (ged.CHECK_PROBABILITY, 1.5, 5),
+             (ged.CHECK_PROBABILITY, -float("inf"), 1200), (ged.CHECK_BINARY, 0.5, 7))  # fmt: skip
+    for check, bad_value, index in cases:
         flag = torch.zeros(1, dtype=torch.int32)
         out = ged.binarize(x, 0.5, check, flag)
         torch.testing.assert_close(out, (x > 0.5).half())
@@ -217,18 +219,18 @@ def test_the_triton_ged_checks_values_in_its_kernels_not_before(monkeypatch):
     def forbidden(*args):
         raise AssertionError("a host-side value check ran on the Triton path")
 
-    monkeypatch.setattr(ged_ops, "_check_no_nan", forbidden)
+    monkeypatch.setattr(ged_ops, "_check_probability_values", forbidden)
     monkeypatch.setattr(ged_ops, "_check_binary", forbidden)
     monkeypatch.setenv(_backend.ENV_BACKEND, "triton")
     g = torch.Generator().manual_seed(4)
     samples, raters = torch.rand(2, 3, 6, 6, generator=g), (torch.rand(2, 2, 6, 6, generator=g) > 0.5).float()
     hf.ged(samples, raters)  # valid input: no check called, no error
     hf.pairwise_iou(samples, raters)
-    with pytest.raises(_backend.InvalidInputError, match="ged: samples contains NaN"):
+    with pytest.raises(_backend.InvalidInputError, match=r"ged: samples must hold probabilities, finite and within"):
         hf.ged(samples.index_fill(2, torch.tensor([1]), float("nan")), raters)
     with pytest.raises(_backend.InvalidInputError, match=r"ged: raters must be binary masks \(values 0 and 1"):
         hf.ged(samples, raters * 0.5)
-    with pytest.raises(_backend.InvalidInputError, match="pairwise_iou: b contains NaN"):
+    with pytest.raises(_backend.InvalidInputError, match="pairwise_iou: b must hold probabilities"):
         hf.pairwise_iou(samples, raters.index_fill(3, torch.tensor([0]), float("nan")))
 
 

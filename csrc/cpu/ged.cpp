@@ -52,14 +52,14 @@ void and_popcount_row(const uint64_t* __restrict__ a, const uint64_t* __restrict
   and_popcount_row_isa(a, rows, nrows, words, counts);
 }
 
-// Value checks made while packing, at no extra pass over the data: NaN anywhere (probabilities), or any
-// value other than 0 and 1 (rater masks; NaN included).
-enum class Check : int { None = 0, NoNan = 1, Binary = 2 };
+// Value checks made while packing, at no extra pass over the data: a value outside [0, 1], NaN and Inf
+// included (probabilities), or any value other than 0 and 1 (rater masks; NaN included).
+enum class Check : int { None = 0, Probability = 1, Binary = 2 };
 
 template <typename T>
 inline bool bad_value(T v, Check check) {
   const float f = static_cast<float>(v);
-  if (check == Check::NoNan) return f != f;
+  if (check == Check::Probability) return !(f >= 0.0f && f <= 1.0f);  // NaN fails both compares
   if (check == Check::Binary) return !(f == 0.0f || f == 1.0f);
   return false;
 }
@@ -97,8 +97,8 @@ __attribute__((target("avx512f"))) int64_t pack_row_f32_avx512(const float* __re
     for (int q = 0; q < 4; ++q) {
       const __m512 v = _mm512_loadu_ps(row + w * 64 + q * 16);
       word |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ)) << (16 * q);
-      if (check == Check::NoNan) {
-        bad_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      if (check == Check::Probability) {  // unordered compares: NaN counts as below 0 and above 1
+        bad_lanes |= _mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) | _mm512_cmp_ps_mask(v, one, _CMP_NLE_UQ);
       } else if (check == Check::Binary) {
         bad_lanes |= _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ) & _mm512_cmp_ps_mask(v, one, _CMP_NEQ_UQ);
       }
@@ -122,8 +122,9 @@ __attribute__((target("avx2"))) int64_t pack_row_f32_avx2(const float* __restric
     for (int q = 0; q < 8; ++q) {
       const __m256 v = _mm256_loadu_ps(row + w * 64 + q * 8);
       word |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, thr, _CMP_GT_OQ))) << (8 * q);
-      if (check == Check::NoNan) {
-        bad_lanes |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      if (check == Check::Probability) {
+        bad_lanes |= _mm256_movemask_ps(
+            _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ), _mm256_cmp_ps(v, one, _CMP_NLE_UQ)));
       } else if (check == Check::Binary) {
         bad_lanes |= _mm256_movemask_ps(
             _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ), _mm256_cmp_ps(v, one, _CMP_NEQ_UQ)));
@@ -169,6 +170,8 @@ Packed pack(const at::Tensor& x, int64_t rows, int64_t pixels, double threshold,
   p.words.resize(static_cast<size_t>(rows * p.stride));
   p.areas.resize(static_cast<size_t>(rows));
   const at::Tensor src = x.scalar_type() == at::kBool ? x.view(at::kByte) : x;
+  // bool and integer masks (0/255 included) are thresholded as they are; only floating values promise a probability
+  if (check == Check::Probability && !at::isFloatingType(x.scalar_type())) check = Check::None;
   std::vector<char> bad_rows(static_cast<size_t>(rows), 0);
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "pack_masks", [&] {
     const scalar_t* data = src.const_data_ptr<scalar_t>();
@@ -182,7 +185,8 @@ Packed pack(const at::Tensor& x, int64_t rows, int64_t pixels, double threshold,
   });
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK_VALUE(!bad_rows[r], op, ": ", name,
-                      check == Check::Binary ? " must be binary masks (values 0 and 1 only)" : " contains NaN");
+                      check == Check::Binary ? " must be binary masks (values 0 and 1 only)"
+                                            : " must hold probabilities, finite and within [0, 1]");
   }
   return p;
 }
@@ -241,8 +245,8 @@ void within_partials(const Packed& p, int64_t batch, int64_t k, bool offdiag, do
 
 void overlap_binary_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, OverlapMode mode,
                         const OverlapArgs& args) {
-  const Packed pa = pack(a, args.batch * args.ka, args.pixels, args.threshold, Check::NoNan, "pairwise_iou", "a");
-  const Packed pb = pack(b, args.batch * args.kb, args.pixels, args.threshold, Check::NoNan, "pairwise_iou", "b");
+  const Packed pa = pack(a, args.batch * args.ka, args.pixels, args.threshold, Check::Probability, "pairwise_iou", "a");
+  const Packed pb = pack(b, args.batch * args.kb, args.pixels, args.threshold, Check::Probability, "pairwise_iou", "b");
   float* dst = out.mutable_data_ptr<float>();
   at::parallel_for(0, args.batch * args.ka, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> counts(static_cast<size_t>(args.kb));
@@ -263,7 +267,7 @@ void overlap_binary_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& ou
 }
 
 void ged_sums_cpu(const at::Tensor& samples, const at::Tensor& raters, at::Tensor& sums, const GedArgs& g) {
-  const Packed ps = pack(samples, g.batch * g.k, g.pixels, g.threshold, Check::NoNan, "ged", "samples");
+  const Packed ps = pack(samples, g.batch * g.k, g.pixels, g.threshold, Check::Probability, "ged", "samples");
   const Packed pr = pack(raters, g.batch * g.n, g.pixels, 0.5, Check::Binary, "ged", "raters");
   std::vector<double> cross(static_cast<size_t>(g.batch * g.k));
   at::parallel_for(0, g.batch * g.k, 1, [&](int64_t r0, int64_t r1) {

@@ -32,7 +32,7 @@ _INTERPRETER_BLOCKS = (32, 32, 128, 4)
 _MAX_CHUNK_BYTES = 256 << 20  # the float16 copy of the binary masks, per chunk of images
 
 MODE_GRAM, MODE_IOU, MODE_SUM = 0, 1, 2
-CHECK_NONE, CHECK_NAN, CHECK_BINARY = 0, 1, 2  # what _binarize_kernel checks while it thresholds
+CHECK_NONE, CHECK_PROBABILITY, CHECK_BINARY = 0, 1, 2  # what _binarize_kernel checks while it thresholds
 BINARIZE_BLOCK = 2048
 
 
@@ -40,9 +40,9 @@ BINARIZE_BLOCK = 2048
 def _binarize_kernel(x_ptr, thr_ptr, out_ptr, flag_ptr, N, CHECK: tl.constexpr, BLOCK: tl.constexpr):
     """out = (x > threshold) as float16 0/1, compared as torch compares a tensor with a Python float: in x's
     own floating dtype (float64 samples within float32 rounding of 0.3 must not flip), in float32 for uint8
-    masks; ``thr_ptr`` holds the threshold in that compare dtype. CHECK_NAN / CHECK_BINARY also set
-    ``*flag_ptr`` to 1 when a value is NaN / not 0 or 1: one atomic per program that finds one, none
-    otherwise (no contention on clean data)."""
+    masks; ``thr_ptr`` holds the threshold in that compare dtype. CHECK_PROBABILITY / CHECK_BINARY also set
+    ``*flag_ptr`` to 1 when a value is outside [0, 1] (NaN and Inf included) / not 0 or 1: one atomic per
+    program that finds one, none otherwise (no contention on clean data)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     x = tl.load(x_ptr + offs, mask=ok, other=0)
@@ -50,7 +50,7 @@ def _binarize_kernel(x_ptr, thr_ptr, out_ptr, flag_ptr, N, CHECK: tl.constexpr, 
     tl.store(out_ptr + offs, (x.to(thr.dtype) > thr).to(tl.float16), mask=ok)
     if CHECK != 0:
         if CHECK == 1:
-            bad = ok & (x != x)
+            bad = ok & ((x < 0) | (x > 1) | (x != x))  # Inf is above 1 or below 0
         else:
             bad = ok & (x != 0) & (x != 1)
         if tl.max(bad.to(tl.int32), axis=0) > 0:
@@ -200,7 +200,7 @@ def gpu_plans(
     # the binarization pass: samples of every floating dtype, float64 included (NaN check) or uint8/bool
     # (nothing to check), raters of every dtype (binary check)
     for d in dict.fromkeys((*soft_dtypes, torch.float64)):
-        plans += [plan_binarize(d, CHECK_NAN), plan_binarize(d, CHECK_BINARY)]
+        plans += [plan_binarize(d, CHECK_PROBABILITY), plan_binarize(d, CHECK_BINARY)]
     plans += [plan_binarize(torch.uint8, CHECK_NONE), plan_binarize(torch.uint8, CHECK_BINARY)]
     return list(dict.fromkeys(plans))
 
@@ -262,15 +262,17 @@ def _chunks(batch: int, rows: int, pixels: int) -> tuple[range, int]:
     return range(0, batch, step), step
 
 
-def _nan_check(x: torch.Tensor) -> int:
-    return CHECK_NAN if x.is_floating_point() else CHECK_NONE
+def _value_check(x: torch.Tensor) -> int:
+    """Floating values promise probabilities; bool and integer masks (0/255 included) are thresholded as they are."""
+    return CHECK_PROBABILITY if x.is_floating_point() else CHECK_NONE
 
 
 def pairwise_overlap(
     a: torch.Tensor, b: torch.Tensor, threshold: float, soft: bool, eps: float, empty_iou: float, mode: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Intersections (mode 0) or IoU (mode 1) of every pair, ``(B, Ka, Kb)`` float32; a, b ``(B, K, pixels)``.
-    Also the int32 flags ``(2,)``: a / b held NaN (binary mode; the caller reads them once, one host sync)."""
+    Also the int32 flags ``(2,)``: a / b held a value outside [0, 1] (binary mode, floating inputs; the caller
+    reads them once, one host sync)."""
     batch, ka, p = a.shape
     kb = b.shape[1]
     out = torch.empty((batch, ka, kb), dtype=torch.float32, device=a.device)
@@ -281,8 +283,8 @@ def pairwise_overlap(
         if soft:
             x, y = a[s:e], b[s:e]
         else:
-            x = binarize(a[s:e].contiguous(), threshold, _nan_check(a), flags[0:1])
-            y = binarize(b[s:e].contiguous(), threshold, _nan_check(b), flags[1:2])
+            x = binarize(a[s:e].contiguous(), threshold, _value_check(a), flags[0:1])
+            y = binarize(b[s:e].contiguous(), threshold, _value_check(b), flags[1:2])
         x, y = x.contiguous(), y.contiguous()
         splits = _split_count(e - s, ka, kb, p, False, not soft, a.device)
         if splits == 1:
@@ -297,7 +299,8 @@ def ged_sums(
     samples: torch.Tensor, raters: torch.Tensor, threshold: float, eps: float, empty_iou: float, offdiag: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 3)`` float64 distance sums: cross, within samples, within raters (see csrc/include/ged.h); and the
-    int32 flags ``(2,)``: samples held NaN, raters held a value other than 0 and 1 (read once by the caller)."""
+    int32 flags ``(2,)``: samples held a value outside [0, 1], raters held a value other than 0 and 1 (read once
+    by the caller)."""
     batch, k, p = samples.shape
     n = raters.shape[1]
     sums = torch.empty((batch, 3), dtype=torch.float64, device=samples.device)
@@ -305,7 +308,7 @@ def ged_sums(
     starts, step = _chunks(batch, k + n, p)
     for s in starts:
         e = min(batch, s + step)
-        x = binarize(samples[s:e].contiguous(), threshold, _nan_check(samples), flags[0:1])
+        x = binarize(samples[s:e].contiguous(), threshold, _value_check(samples), flags[0:1])
         y = binarize(raters[s:e].contiguous(), 0.5, CHECK_BINARY, flags[1:2])
         for term, (u, v, sym) in enumerate(((x, y, False), (x, x, True), (y, y, True))):
             splits = _split_count(e - s, u.shape[1], v.shape[1], p, sym, True, samples.device)

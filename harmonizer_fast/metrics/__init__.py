@@ -51,7 +51,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ..ops._checks import check_probabilities
+from ..ops._checks import check_probabilities, check_threshold
 from ..ops.ged import pairwise_intersection
 from . import _sync
 
@@ -125,9 +125,13 @@ def dice_binary(a: Tensor, b: Tensor) -> Tensor:
 def dice_soft_curve(probs: Tensor, raters: Tensor, thresholds: Sequence[float] = SOFT_THRESHOLDS) -> Tensor:
     """``(B, T)``: the Dice of the mean prediction and the mean annotation, both thresholded (strict ``>``) at
     each of the T ``thresholds`` (any list in [0, 1): a sweep curve)."""
-    ts = [float(t) for t in thresholds]
-    if not ts or any(not 0.0 <= t < 1.0 for t in ts):
+    try:  # a list, tuple or 1-D array
+        values = [] if isinstance(thresholds, (str, bytes)) else list(thresholds)
+    except TypeError:
+        values = []
+    if not values:
         raise ValueError(f"dice_soft: thresholds must be a non-empty list of values in [0, 1), got {thresholds!r}")
+    ts = [check_threshold(t, "dice_soft", f"thresholds[{i}]") for i, t in enumerate(values)]
     p = probs.double().mean(1)
     y = raters.double().mean(1)
     return torch.stack([dice_binary(p > t, y > t) for t in ts], dim=1)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 from . import _autocast
+
+NOT_PROBABILITY = "{op}: {name} must hold probabilities, finite and within [0, 1]"
 
 
 def check_float_tensor(t: object, op: str, name: str, ndim: int, layout: str) -> torch.Tensor:
@@ -40,14 +43,24 @@ def check_shape(t: torch.Tensor, expected: Sequence[int], op: str, name: str, la
         raise ValueError(f"{op}: {name} must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_threshold(value: object, op: str, name: str = "threshold") -> float:
+    """A mask threshold (strict ``>``) for probabilities: a real number in [0, 1); 1 or more would empty every
+    mask and a negative one fill it, NaN would empty it silently. Returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{op}: {name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_probabilities(t: torch.Tensor, op: str, name: str) -> None:
     """Every value finite and within [0, 1] ([reliability] #36: probabilities above 1, below 0 or Inf were
     thresholded as if they were probabilities, and logits passed silently). One min/max pass; NaN fails the
-    comparisons and is refused with the rest."""
-    if t.numel() == 0:
+    comparisons and is refused with the rest. The kernels that threshold make the same check in their own pass
+    and raise the same message (ops/ged.py), so every backend words it alike."""
+    from .._backend import InvalidInputError
+
+    if t.numel() == 0 or torch.compiler.is_compiling():  # a data-dependent branch would break the graph
         return
     lo, hi = torch.aminmax(t.detach()) if t.is_floating_point() else (t.min(), t.max())
     lo, hi = float(lo), float(hi)
     if not (lo >= 0.0 and hi <= 1.0):
-        raise ValueError(f"{op}: {name} must hold probabilities, finite and within [0, 1]; got values from {lo:g} to "
-                         f"{hi:g}")  # fmt: skip
+        raise InvalidInputError(f"{NOT_PROBABILITY.format(op=op, name=name)}; got values from {lo:g} to {hi:g}")

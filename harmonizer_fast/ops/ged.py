@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
+from ._checks import NOT_PROBABILITY, check_probabilities, check_threshold
 
 
 class OverlapMode(IntEnum):
@@ -155,21 +156,22 @@ def ged_sums_reference(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backends. Value checks (NaN, non-binary raters) cost a pass over the data (and on a GPU a host sync each),
-# so the C++ CPU kernels make them while packing the masks and the Triton kernels while thresholding them
-# (one int32 flag per input, read in one sync: _raise_flagged); for the CUDA C++ kernels and the reference
-# they run here, before dispatch. Either way a user's bad input raises InvalidInputError, which dispatch
-# never mistakes for a kernel failure (it falls back only from a failing Triton kernel).
+# Backends. Value checks (floating values outside [0, 1], NaN and Inf included; raters other than 0/1) cost a
+# pass over the data (and on a GPU a host sync each), so the C++ CPU kernels make them while packing the masks
+# and the Triton kernels while thresholding them (one int32 flag per input, read in one sync: _raise_flagged);
+# for the CUDA C++ kernels and the reference they run here, before dispatch. Either way a user's bad input
+# raises InvalidInputError, which dispatch never mistakes for a kernel failure (it falls back only from a
+# failing Triton kernel).
 
 
 _CHECKED_IN_KERNEL = ("cpu", "triton")
-_NAN = "{op}: {name} contains NaN"
 _NOT_BINARY = "{op}: {name} must be binary masks (values 0 and 1 only)"
 
 
-def _check_no_nan(x: Tensor, op: str, name: str) -> None:
-    if x.is_floating_point() and bool(torch.isnan(x).any()):
-        raise _backend.InvalidInputError(_NAN.format(op=op, name=name))
+def _check_probability_values(x: Tensor, op: str, name: str) -> None:
+    """Floating values promise probabilities; bool and integer masks (0/255 included) are thresholded as they are."""
+    if x.is_floating_point():
+        check_probabilities(x, op, name)
 
 
 def _check_binary(x: Tensor, op: str, name: str) -> None:
@@ -180,14 +182,14 @@ def _check_binary(x: Tensor, op: str, name: str) -> None:
 def _check_overlap_values(backend: str, a: Tensor, b: Tensor, threshold, soft: bool, *_) -> None:
     if backend in _CHECKED_IN_KERNEL or soft:  # the soft Gram product is plain arithmetic (the API checks its range)
         return
-    _check_no_nan(a, "pairwise_iou", "a")
-    _check_no_nan(b, "pairwise_iou", "b")
+    _check_probability_values(a, "pairwise_iou", "a")
+    _check_probability_values(b, "pairwise_iou", "b")
 
 
 def _check_ged_values(backend: str, samples: Tensor, raters: Tensor, *_) -> None:
     if backend in _CHECKED_IN_KERNEL:
         return
-    _check_no_nan(samples, "ged", "samples")
+    _check_probability_values(samples, "ged", "samples")
     _check_binary(raters, "ged", "raters")
 
 
@@ -205,7 +207,7 @@ def _triton_overlap(a: Tensor, b: Tensor, *args) -> Tensor:
     out, flags = pairwise_overlap(a, b, *args)
     if soft:
         return out.to(_soft_dtype(a.dtype))
-    _raise_flagged(flags, (_NAN.format(op="pairwise_iou", name="a"), _NAN.format(op="pairwise_iou", name="b")))
+    _raise_flagged(flags, tuple(NOT_PROBABILITY.format(op="pairwise_iou", name=n) for n in ("a", "b")))
     return out
 
 
@@ -213,7 +215,8 @@ def _triton_ged_sums(*args) -> Tensor:
     from ..kernels.ged import ged_sums
 
     sums, flags = ged_sums(*args)
-    _raise_flagged(flags, (_NAN.format(op="ged", name="samples"), _NOT_BINARY.format(op="ged", name="raters")))
+    _raise_flagged(flags, (NOT_PROBABILITY.format(op="ged", name="samples"),
+                           _NOT_BINARY.format(op="ged", name="raters")))  # fmt: skip
     return sums
 
 
@@ -343,18 +346,6 @@ def _binary(x: Tensor) -> Tensor:
     return _flat(x.detach())
 
 
-def _check_probabilities(x: Tensor, op: str, name: str) -> None:
-    """Values must be finite and in [0, 1] (soft IoU and the GED loss are defined for probabilities only)."""
-    if torch.compiler.is_compiling():  # a data-dependent branch would break the graph
-        return
-    lo, hi = torch.aminmax(x.detach())
-    lo, hi = float(lo), float(hi)
-    if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
-        raise ValueError(f"{op}: {name} contains NaN or Inf")
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{op}: {name} must hold probabilities in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-
-
 @_autocast.float32  # under autocast: float32 throughout, sums of the soft IoU included
 def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float = 0.0, threshold: float = 0.5) -> Tensor:
     """IoU of every pair of masks: a ``(B, Ka, H, W)``, b ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)`` float32.
@@ -365,19 +356,20 @@ def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float =
     ``empty_iou`` when the denominator is 0; float64 for float64 inputs, and differentiable.
     """
     op = "pairwise_iou"
+    threshold = check_threshold(threshold, op)
     _check_masks(a, op, "a", floating=soft)
     _check_masks(b, op, "b", floating=soft)
     _check_pair(a, b, op, "a", "b")
     if soft and a.dtype != b.dtype:
         raise TypeError(f"pairwise_iou: soft masks must share one dtype, got {a.dtype} and {b.dtype}")
     if soft:
-        _check_probabilities(a, op, "a")
-        _check_probabilities(b, op, "b")
+        check_probabilities(a, op, "a")
+        check_probabilities(b, op, "b")
     if soft and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         # The differentiable route: the Gram op (with its backward) and the IoU in torch on (B, Ka, Kb).
         return iou_from_counts(soft_gram(a, b), a.sum((2, 3)), b.sum((2, 3)), 0.0, empty_iou)
     a, b = (_flat(a), _flat(b)) if soft else (_binary(a), _binary(b))
-    return _overlap_op(a, b, float(threshold), bool(soft), 0.0, float(empty_iou), OverlapMode.IOU)
+    return _overlap_op(a, b, threshold, bool(soft), 0.0, float(empty_iou), OverlapMode.IOU)
 
 
 def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Tensor:
@@ -386,10 +378,11 @@ def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Te
     Both sides are thresholded with ``> threshold``; the building block of Dice and IoU matrices.
     """
     op = "pairwise_intersection"
+    threshold = check_threshold(threshold, op)
     _check_masks(a, op, "a")
     _check_masks(b, op, "b")
     _check_pair(a, b, op, "a", "b")
-    return _overlap_op(_binary(a), _binary(b), float(threshold), False, 0.0, 0.0, OverlapMode.GRAM)
+    return _overlap_op(_binary(a), _binary(b), threshold, False, 0.0, 0.0, OverlapMode.GRAM)
 
 
 def _convention(convention: str) -> Convention:
@@ -419,13 +412,15 @@ def ged_terms(
     """
     op = "ged"
     conv = _convention(convention)
+    threshold = check_threshold(threshold, op)
     _check_masks(samples, op, "samples")
     _check_masks(raters, op, "raters")
     _check_pair(samples, raters, op, "samples", "raters")
-    if conv.undefined_empty:
-        cross, ws, wr = _terms_skipping_undefined(_binary(samples), _binary(raters), float(threshold))
+    if conv.undefined_empty:  # thresholds in torch, so it checks the values here
+        _check_ged_values("torch", samples, raters)
+        cross, ws, wr = _terms_skipping_undefined(_binary(samples), _binary(raters), threshold)
     else:
-        sums = _ged_sums_op(_binary(samples), _binary(raters), float(threshold), conv.eps, conv.empty_iou, conv.offdiag)
+        sums = _ged_sums_op(_binary(samples), _binary(raters), threshold, conv.eps, conv.empty_iou, conv.offdiag)
         cross, ws, wr = conv.means(sums, samples.shape[1], raters.shape[1])
     ged_value = 2.0 * cross - ws - wr
     return GEDTerms(*(t.to(torch.float32) for t in (ged_value, cross, ws, wr)))
@@ -472,8 +467,8 @@ def ged_loss_per_image(
     k = probs.shape[1]
     r = raters.to(probs.dtype)
     if check_values:  # one pass each; the trainer skips it (a host sync) and guards the total loss instead
-        _check_probabilities(probs, op, "probs")
-        _check_probabilities(r, op, "raters")
+        check_probabilities(probs, op, "probs")
+        check_probabilities(r, op, "raters")
     area_p, area_r = probs.sum((2, 3)), r.sum((2, 3))
     cross = 1.0 - _soft_iou_from_gram(soft_gram(probs, r), area_p, area_r, smooth)
     loss = 2.0 * cross.mean((1, 2))
