@@ -16,15 +16,32 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+_JOINED = False  # whether init_distributed created the process group (then close_distributed ends it)
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world size)."""
+    global _JOINED
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        _JOINED = True
     return rank_and_world()
+
+
+def close_distributed() -> bool:
+    """Destroy the process group :func:`init_distributed` created (a group the caller made is theirs to end);
+    returns whether there was one. No barrier: a rank that failed must not wait for ranks that never come."""
+    global _JOINED
+    if not _JOINED:
+        return False
+    _JOINED = False
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return True
 
 
 class SyncBatchNorm2d(torch.nn.BatchNorm2d):
