@@ -67,7 +67,7 @@ def model_cases(model: HarmonizerNet, tmp: Path) -> dict[tuple[str, int, int], C
         ("predict + heads", 1, 50): lambda: model.predict(x[1], 50),
         ("sample, then personalize", 1, 50): separate(1, 50),
         ("stream_samples (CLI sample)", 16, 16): lambda: stream_samples(
-            model, data, range(STREAM_IMAGES), tmp / "s.npz", samples=16, batch=16, progress=False
+            model, data, range(STREAM_IMAGES), tmp / "s.npz", num_samples=16, batch=16, progress=False
         ),
     }
 

@@ -57,9 +57,10 @@ model = HarmonizerNet(HarmonizerConfig.paper(num_raters=raters)).eval()
 model.personalizer.trained_steps.fill_(1)  # heads on, as for a trained model
 data = make_synthetic(images, size=size, raters=raters, seed=0)
 with tempfile.TemporaryDirectory() as tmp:
-    stream_samples(model, data, range(batch), Path(tmp) / "warm.npz", samples=samples, batch=batch, progress=False)
+    stream_samples(model, data, range(batch), Path(tmp) / "warm.npz", num_samples=samples, batch=batch, progress=False)
     t0 = time.perf_counter()
-    n = stream_samples(model, data, range(images), Path(tmp) / "s.npz", samples=samples, batch=batch, progress=False)
+    n = stream_samples(model, data, range(images), Path(tmp) / "s.npz", num_samples=samples, batch=batch,
+                       progress=False)
     dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "images": n, "threads": torch.get_num_threads()}))
 """

@@ -68,8 +68,8 @@ def measure(args) -> dict:
     idx = scoring.indices
     pid = scoring.data.patient_id[idx]
     t0 = time.time()
-    personal = evaluate_model(model, scoring.data, idx, samples=args.samples, seed=args.seed, heads="personalized")
-    identity = evaluate_model(model, scoring.data, idx, samples=args.samples, seed=args.seed, heads="identity")
+    personal = evaluate_model(model, scoring.data, idx, num_samples=args.samples, seed=args.seed, heads="personalized")
+    identity = evaluate_model(model, scoring.data, idx, num_samples=args.samples, seed=args.seed, heads="identity")
     tables = summarize(personal)
     t2_id = identity.heads.summary()
     latent = latent_statistics(model, scoring.data, idx)

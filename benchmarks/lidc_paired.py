@@ -42,7 +42,7 @@ def score_run(path: str, data, samples: int, seed: int) -> tuple[dict, np.ndarra
     model, _ = load_model(manifest_path)
     run = RunDir(manifest_path.parent)
     scoring = run.scoring_set(data, model.config, "test")
-    acc = evaluate_model(model, scoring.data, scoring.indices, samples=samples, seed=seed, heads="none").prior
+    acc = evaluate_model(model, scoring.data, scoring.indices, num_samples=samples, seed=seed, heads="none").prior
     history = [h for h in run.read_log() if h["phase"] == 1 and "partial_steps" not in h]
     st = manifest["state"]
     per_image = {m: acc.per_image(m).tolist() for m, _ in METRICS}

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     split = record.split
     pid = scoring.data.patient_id
     t0 = time.time()
-    scores = summarize(evaluate_model(model, scoring.data, scoring.indices, samples=args.samples, seed=args.seed))
+    scores = summarize(evaluate_model(model, scoring.data, scoring.indices, num_samples=args.samples, seed=args.seed))
     latent = latent_statistics(model, scoring.data, scoring.indices)
     refs = label_only_references(scoring.data, scoring.indices, args.samples)
     state = manifest["state"]

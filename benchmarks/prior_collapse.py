@@ -58,7 +58,7 @@ def run_variant(name: str, data, args) -> dict:
     net.load_state_dict(trainer.run.load_model("last")[0].state_dict())
     val = trainer.split.val
     stats = latent_statistics(net, trainer.data, val)
-    scores = evaluate_model(net, trainer.data, val, samples=16, seed=args.seed, heads="none")
+    scores = evaluate_model(net, trainer.data, val, num_samples=16, seed=args.seed, heads="none")
     acc = scores.prior
     summary = acc.summary()
     return {

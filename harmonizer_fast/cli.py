@@ -5,20 +5,20 @@
                           [--no-ged-loss] [--format F] [--batch-size B] [--rater-order stored|area-asc|area-desc]
                           [--select-phase1 S] [--select-phase2 S] [--phase2-z anneal|sample|mean]
                           [--no-harmonizer-sharing] [--personalizer frequency|dpersona] [--init CHECKPOINT] ...
-    harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--samples K] [--seed S]
+    harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--num-samples K] [--seed S]
                              [--split test|all] [--robustness]
-    harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--samples K] [--split test|all]
+    harmonizer-fast sample --checkpoint RUN_DIR_OR_FILE --data PATH --out FILE.npz [--num-samples K] [--split test|all]
                            [--device auto|cpu|cuda[:i]]
     harmonizer-fast predict -i FILE_OR_FOLDER -o OUT_DIR -m lidc-small|RUN_DIR_OR_FILE [-k K] [--device D]
                             [--num-parts N --part-id I] [--overwrite] [--report] [--window LOW HIGH] ...
-    harmonizer-fast export --checkpoint RUN_DIR_OR_FILE --format onnx|pt2 --out FILE [--samples K]
+    harmonizer-fast export --checkpoint RUN_DIR_OR_FILE --format onnx|pt2 --out FILE [--num-samples K]
                            [--heads auto|personalized|identity|none] [--size H W]
     harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,...] [--folds 0,1]
                             [--seeds 0] [--minutes1 M] [--minutes2 M] [--report-dir DIR] [--stem NAME]
     harmonizer-fast compare --render RESULT.json
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
-    harmonizer-fast profile [--config paper|small] [--batch B] [--samples K] [--size S] [--device cpu|cuda]
+    harmonizer-fast profile [--config paper|small] [--batch B] [--num-samples K] [--size S] [--device cpu|cuda]
                             [--json PATH]
     harmonizer-fast bench [--quick] [--device cpu|cuda] [--out DIR] [--only haar,haar3d,film,ged,...]
     harmonizer-fast info
@@ -69,9 +69,9 @@ EXAMPLES = {
     "convert": "harmonizer-fast convert ../shared/data/lidc lidc.npz",
     "evaluate": "harmonizer-fast evaluate --checkpoint runs/lidc --data ../shared/data/lidc --out eval/lidc",
     "predict": "harmonizer-fast predict -i scans/ -o predictions/ --model lidc-small --report",
-    "sample": "harmonizer-fast sample --checkpoint runs/lidc --data ../shared/data/lidc --out samples.npz --samples 16",
+    "sample": "harmonizer-fast sample --checkpoint runs/lidc --data ../shared/data/lidc --out samples.npz -k 16",
     "compare": "harmonizer-fast compare --data ../shared/data/lidc --out runs/cmp --folds 0,1,2 --minutes1 6",
-    "export": "harmonizer-fast export --checkpoint runs/lidc --format onnx --out lidc.onnx --samples 16",
+    "export": "harmonizer-fast export --checkpoint runs/lidc --format onnx --out lidc.onnx --num-samples 16",
     "demo": "harmonizer-fast demo --out runs/demo",
     "profile": "harmonizer-fast profile --config paper --json profile.json",
     "bench": "harmonizer-fast bench --quick --only haar,ged",
@@ -267,9 +267,9 @@ def _scoring(args: argparse.Namespace):
 
     h, w = (-(-n // model.config.size_multiple) * model.config.size_multiple for n in data.images.shape[2:])
     try:  # one image's K maps and a temporary of their size, before any is allocated
-        check_fits(2 * 4 * args.samples * h * w, f"--samples {args.samples} at {h} x {w}")
+        check_fits(2 * 4 * args.num_samples * h * w, f"--num-samples {args.num_samples} at {h} x {w}")
     except ValueError as exc:
-        raise UsageError(f"{exc}: lower --samples") from None
+        raise UsageError(f"{exc}: lower --num-samples") from None
     return model, scoring.restricted(args.min_raters)
 
 
@@ -334,9 +334,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     keep_freed_memory()
     check_output_dir(args.out, "--out", _inputs(args))
     model, scoring = _scoring(args)
-    print(f"evaluating {args.checkpoint} on {scoring.description}, K = {args.samples}, seed {args.seed}")
-    result = run_evaluation(model, scoring.data, scoring.indices, args.out, samples=args.samples, seed=args.seed,
-                            robustness=args.robustness, label=str(args.checkpoint),
+    print(f"evaluating {args.checkpoint} on {scoring.description}, K = {args.num_samples}, seed {args.seed}")
+    result = run_evaluation(model, scoring.data, scoring.indices, args.out, num_samples=args.num_samples,
+                            seed=args.seed, robustness=args.robustness, label=str(args.checkpoint),
                             scored=scoring.description)  # fmt: skip
     for w in result["warnings"]:  # first, before any number
         print(f"warning: {w}")
@@ -358,13 +358,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, scoring = _scoring(args)
     print(f"sampling {scoring.description}")
     t0 = time.perf_counter()
-    n_img = stream_samples(model, scoring.data, scoring.indices, args.out, samples=args.samples, seed=args.seed,
+    n_img = stream_samples(model, scoring.data, scoring.indices, args.out, num_samples=args.num_samples, seed=args.seed,
                            batch=args.batch, progress=not args.no_progress)  # fmt: skip
     dt = time.perf_counter() - t0
     heads = "+ personalized heads" if model.personalizer_trained else "no heads: the personalizer is untrained"
     print(
-        f"wrote {args.out}: {n_img} images x {args.samples} samples ({heads}) in {dt:.1f} s: "
-        f"{n_img / dt:.1f} images/s, {n_img * args.samples / dt:.0f} samples/s ({torch.get_num_threads()} threads)"
+        f"wrote {args.out}: {n_img} images x {args.num_samples} samples ({heads}) in {dt:.1f} s: "
+        f"{n_img / dt:.1f} images/s, {n_img * args.num_samples / dt:.0f} samples/s ({torch.get_num_threads()} threads)"
     )
     return 0
 
@@ -417,7 +417,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         cc = CompareConfig(variants=args.variants, folds=args.folds, seeds=args.seeds, minutes1=args.minutes1,
                            minutes2=args.minutes2, epochs1=args.epochs1, epochs2=args.epochs2, preset=args.config,
-                           samples=args.samples, batch_size=args.batch_size, rater_order=args.rater_order)  # fmt: skip
+                           samples=args.num_samples, batch_size=args.batch_size,
+                           rater_order=args.rater_order)  # fmt: skip
         data = _data(args)
         result = run_compare(data, args.out, cc, data_label=args.data or "synthetic", report_dir=args.report_dir,
                              stem=args.stem, log=lambda line: print(line, flush=True))  # fmt: skip
@@ -451,7 +452,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         check_output_file(args.json, "--json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible to torch (a CPU build, or no GPU)")
-    result = profile(args.config, batch=args.batch, samples=args.samples, size=args.size, device=args.device)
+    result = profile(args.config, batch=args.batch, num_samples=args.num_samples, size=args.size, device=args.device)
     print(markdown(result))
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=1) + "\n")
@@ -510,10 +511,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out", _inputs(args))
     check_output_file(f"{args.out}.json", "--out", _inputs(args))  # its metadata beside it
-    print(f"exporting {args.checkpoint} as {args.format}: K = {args.samples}, heads {args.heads}, traced at "
+    print(f"exporting {args.checkpoint} as {args.format}: K = {args.num_samples}, heads {args.heads}, traced at "
           f"{args.size[0]} x {args.size[1]} (batch, H and W stay dynamic)")  # fmt: skip
     try:
-        meta = export_checkpoint(args.checkpoint, args.out, args.format, samples=args.samples, heads=args.heads,
+        meta = export_checkpoint(args.checkpoint, args.out, args.format, num_samples=args.num_samples, heads=args.heads,
                                  size=tuple(args.size))  # fmt: skip
     except ExportError as exc:
         raise UsageError(str(exc)) from None
@@ -533,10 +534,11 @@ def _data_options() -> argparse.ArgumentParser:
 
 
 def _inference_options() -> argparse.ArgumentParser:
-    """--checkpoint, --samples and --seed, shared by evaluate and sample."""
+    """--checkpoint, --num-samples and --seed, shared by evaluate and sample."""
     g = argparse.ArgumentParser(add_help=False)
     g.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a checkpoint manifest")
-    g.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K per image")
+    g.add_argument("-k", "--num-samples", "--samples", dest="num_samples", type=int_at_least(1), default=16,
+                   help="prior samples K per image (--samples: its old name)")
     g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu, cuda or cuda:<index>")
     g.add_argument("--split", choices=("test", "all"), default="test",
@@ -660,7 +662,8 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--epochs1", type=int_at_least(1), default=100, help="phase-1 epoch cap (the cosine schedule)")
     cp.add_argument("--epochs2", type=int_at_least(1), default=150, help="phase-2 epoch cap")
     cp.add_argument("--config", choices=("small", "paper"), default="small")
-    cp.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K per test image")
+    cp.add_argument("-k", "--num-samples", "--samples", dest="num_samples", type=int_at_least(1), default=16,
+                    help="prior samples K per test image (--samples: its old name)")
     cp.add_argument("--batch-size", type=int_at_least(1), default=16)
     cp.add_argument("--rater-order", choices=RATER_ORDERS, default="stored")
     cp.add_argument("--report-dir", default=None, help="where the report goes (default: --out)")
@@ -676,7 +679,8 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a checkpoint manifest")
     ex.add_argument("--format", choices=FORMATS, required=True)
     ex.add_argument("--out", required=True, help="output file; its metadata goes to OUT.json")
-    ex.add_argument("--samples", type=int_at_least(1), default=16, help="prior samples K (fixed in the export)")
+    ex.add_argument("-k", "--num-samples", "--samples", dest="num_samples", type=int_at_least(1), default=16,
+                    help="prior samples K (fixed in the export; --samples: its old name)")
     ex.add_argument("--heads", choices=HEADS, default="auto",
                     help="rater heads: auto (personalized when phase 2 trained them, else none), personalized, "
                     "identity (the prior mean for every rater) or none")  # fmt: skip
@@ -694,7 +698,8 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="parameters, MACs, latency and the paper's budget verdict")
     pr.add_argument("--config", choices=("paper", "small"), default="paper")
     pr.add_argument("--batch", type=int_at_least(1), default=1)
-    pr.add_argument("--samples", type=int_at_least(1), default=1)
+    pr.add_argument("-k", "--num-samples", "--samples", dest="num_samples", type=int_at_least(1), default=1,
+                    help="prior samples K per image (--samples: its old name)")
     pr.add_argument("--size", type=image_size, default=128, help="image side for this run (the budget is always 128)")
     pr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     pr.add_argument("--json", default=None)

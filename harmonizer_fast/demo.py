@@ -57,7 +57,7 @@ def run_demo(out: os.PathLike, *, epochs: int = 24, items: int = 256, seed: int 
     Trainer(data, cfg, tc, run.path, progress=progress, log=log).fit(resume=run.has("last"))
     trained, _ = run.load_model("best")
     scoring = run.scoring_set(data, cfg, "test")
-    args = dict(samples=SAMPLES, seed=0)
+    args = dict(num_samples=SAMPLES, seed=0)
     same_draws = dict(k_values=K_VALUES, **args)  # the draws run_evaluation makes, so Table 1 rows compare exactly
     identity = evaluate_model(trained, scoring.data, scoring.indices, heads="identity", **same_draws)
     personal = evaluate_model(trained, scoring.data, scoring.indices, heads="personalized", **same_draws)
@@ -72,7 +72,7 @@ def run_demo(out: os.PathLike, *, epochs: int = 24, items: int = 256, seed: int 
     result["personalization_gain"] = _gain(result["rows"])
     result["paired_tests"] = paired_tests(personal, identity)
     x, y = (torch.from_numpy(a[scoring.indices]) for a in (scoring.data.images, scoring.data.masks))
-    ceiling = latent_ceiling(trained, x, y, samples=SAMPLES, generator=torch.Generator().manual_seed(seed))
+    ceiling = latent_ceiling(trained, x, y, num_samples=SAMPLES, generator=torch.Generator().manual_seed(seed))
     result["latent_ceiling"] = ceiling_summary(ceiling, torch.from_numpy(personal.heads.per_image("dice_each")),
                                                torch.from_numpy(identity.prior.per_image("dice_match")))  # fmt: skip
     write_atomic(out / "demo.json", json.dumps(result, indent=1, default=float) + "\n")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import figures as plots
+from ._deprecation import renamed_kwargs
 from ._io import write_atomic
 from ._random import generator
 from .data import MultiRaterData
@@ -70,12 +71,13 @@ def _predict(model: HarmonizerNet, x: torch.Tensor, k: int, gens: tuple[torch.Ge
 
 
 @torch.no_grad()
+@renamed_kwargs(samples="num_samples")
 def evaluate_model(
     model: HarmonizerNet,
     data: MultiRaterData,
     indices: Optional[np.ndarray] = None,
     *,
-    samples: int = 16,
+    num_samples: int = 16,
     seed: int = 0,
     batch: int = 32,
     heads: str = "auto",
@@ -87,9 +89,8 @@ def evaluate_model(
     in ``k_values`` (the first K of the same samples). ``heads``: "auto" (the personalized heads when phase 2
     trained the personalizer, else none), "personalized", "identity" or "none". ``transform(images,
     indices)`` perturbs the inputs."""
-    check_counts(
-        "evaluate_model", {"samples": samples, "batch": batch, **{f"k_values[{i}]": k for i, k in enumerate(k_values)}}
-    )
+    ks = {f"k_values[{i}]": k for i, k in enumerate(k_values)}
+    check_counts("evaluate_model", {"num_samples": num_samples, "batch": batch, **ks})
     kind = resolve_heads(model, heads, "evaluate_model")
     device = device or next(model.parameters()).device
     was = model.training
@@ -105,8 +106,8 @@ def evaluate_model(
         x = torch.from_numpy(data.images[part])
         x = (x if transform is None else transform(x, part)).to(device)
         y = torch.from_numpy(data.masks[part]).to(device)
-        probs, maps = _predict(model, x, max([samples, *k_values]), gens, kind)
-        prior_acc.update(probs[:, :samples], y)
+        probs, maps = _predict(model, x, max([num_samples, *k_values]), gens, kind)
+        prior_acc.update(probs[:, :num_samples], y)
         if heads_acc is not None:
             heads_acc.update(maps, y, maps)  # the heads are the samples, and head i is rater i's
         for k in k_values:
@@ -162,7 +163,8 @@ def _robust_row(scores: Scores) -> dict[str, float]:
     return {"dice_mean": table.summary()["mean"]["dice_each_mean"], "ged": mean["ged"], "dice_soft": mean["dice_soft"]}
 
 
-def robustness_table(model: HarmonizerNet, data: MultiRaterData, idx: np.ndarray, clean: Scores, *, samples: int,
+@renamed_kwargs(samples="num_samples")
+def robustness_table(model: HarmonizerNet, data: MultiRaterData, idx: np.ndarray, clean: Scores, *, num_samples: int,
                seed: int) -> dict[str, Any]:  # fmt: skip
     """Paper Table 5: each degradation's Dice_mean and its drop from ``clean`` (the unperturbed scores)."""
     out: dict[str, Any] = {"metric": "dice_mean", "metric_label": _robust_label(clean), "clean": _robust_row(clean),
@@ -170,7 +172,7 @@ def robustness_table(model: HarmonizerNet, data: MultiRaterData, idx: np.ndarray
     for kind, levels in ROBUSTNESS.items():
         rows = []
         for level in levels:
-            s = evaluate_model(model, data, idx, samples=samples, seed=seed, heads=clean.heads_kind,
+            s = evaluate_model(model, data, idx, num_samples=num_samples, seed=seed, heads=clean.heads_kind,
                                transform=perturbation(kind, level, seed))  # fmt: skip
             row = {"level": level, **_robust_row(s)}
             row["dice_mean_drop"] = out["clean"]["dice_mean"] - row["dice_mean"]
@@ -233,13 +235,14 @@ def summarize(scores: Scores) -> dict[str, Any]:
     }
 
 
+@renamed_kwargs(samples="num_samples")
 def run_evaluation(
     model: HarmonizerNet,
     data: MultiRaterData,
     idx: np.ndarray,
     out_dir: os.PathLike,
     *,
-    samples: int = 16,
+    num_samples: int = 16,
     seed: int = 0,
     robustness: bool = False,
     figures: bool = True,
@@ -251,13 +254,13 @@ def run_evaluation(
     ``scored`` says which images these are (for the report). ``scores``: the :func:`evaluate_model` result
     of the same model, images, samples, seed and ``k_values=K_VALUES``, when the caller already has it."""
     if scores is None:
-        scores = evaluate_model(model, data, idx, samples=samples, seed=seed, k_values=K_VALUES)
+        scores = evaluate_model(model, data, idx, num_samples=num_samples, seed=seed, k_values=K_VALUES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "label": label,
         "scored": scored,
-        "samples": samples,
+        "samples": num_samples,  # the key of published metrics.json files
         "seed": seed,
         **summarize(scores),
         "ged_vs_k": {
@@ -267,10 +270,10 @@ def run_evaluation(
     }
     if len(idx) >= 2:
         result["latent"] = latent_statistics(model, data, idx)
-    result["references"] = label_only_references(data, idx, samples)
+    result["references"] = label_only_references(data, idx, num_samples)
     result["warnings"] = warnings(result)
     if robustness:
-        result["robustness"] = robustness_table(model, data, idx, scores, samples=samples, seed=seed)
+        result["robustness"] = robustness_table(model, data, idx, scores, num_samples=num_samples, seed=seed)
     if figures:
         result["figures"] = _figures(out, model, data, idx, result, scores, seed)
     write_atomic(out / "metrics.json", json.dumps(result, indent=1, default=float) + "\n")

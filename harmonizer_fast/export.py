@@ -1,6 +1,6 @@
 """Export the inference model for deployment: ``torch.export`` (a ``.pt2`` archive) or ONNX, custom ops removed.
 
-    harmonizer-fast export --checkpoint RUN --format onnx|pt2 --out FILE [--samples K] [--heads auto|...]
+    harmonizer-fast export --checkpoint RUN --format onnx|pt2 --out FILE [--num-samples K] [--heads auto|...]
 
 What is exported is :meth:`HarmonizerNet.decode_draws`, the computation of ``predict`` once its draws are made:
 
@@ -40,6 +40,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ._deprecation import renamed_kwargs
 from ._extras import MissingExtraError, check_available
 from ._io import PathLike, remove, write_atomic
 from .model import HarmonizerNet
@@ -230,24 +231,25 @@ def metadata(model: HarmonizerNet, spec: ExportSpec, fmt: str, source: str,
     }
 
 
+@renamed_kwargs(samples="num_samples")
 def export_model(
     model: HarmonizerNet,
     path: PathLike,
     fmt: str,
     *,
-    samples: int = 16,
+    num_samples: int = 16,
     heads: str = "auto",
     size: tuple[int, int] = (128, 128),
     source: str = "",
     preprocessing: Optional[Preprocessing] = None,
 ) -> dict[str, Any]:
-    """Export ``model``'s inference (K = ``samples``, ``heads`` as in :func:`resolve_heads`) to ``path`` in
+    """Export ``model``'s inference (K = ``num_samples``, ``heads`` as in :func:`resolve_heads`) to ``path`` in
     ``fmt``, and its metadata to ``path`` + ``.json``; returns the metadata."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "onnx" and onnx_unavailable():
         raise ExportError(onnx_unavailable())  # before the minutes of tracing
-    spec = ExportSpec(int(samples), resolve_heads(model, heads), (int(size[0]), int(size[1])))
+    spec = ExportSpec(int(num_samples), resolve_heads(model, heads), (int(size[0]), int(size[1])))
     program = export_program(model, spec)
     meta = metadata(model, spec, fmt, source, preprocessing)
     blob = serialize(program, spec, fmt, meta)
@@ -264,6 +266,7 @@ def export_model(
     return meta
 
 
+@renamed_kwargs(samples="num_samples")
 def export_checkpoint(checkpoint: PathLike, path: PathLike, fmt: str, **kwargs: Any) -> dict[str, Any]:
     """:func:`export_model` of a checkpoint (a run directory's best, or a manifest)."""
     from .checkpoint import load_model, preprocessing_of

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._deprecation import renamed_kwargs
 from .losses import DICE_SMOOTH
 from .metrics import dice_binary
 from .model.latent import reparameterize
@@ -45,12 +46,13 @@ def _dice(a: Tensor, b: Tensor) -> Tensor:
     return dice_binary(a[..., None], b[..., None])
 
 
+@renamed_kwargs(samples="num_samples")
 def latent_ceiling(
     model: HarmonizerNet,
     images: Tensor,
     masks: Tensor,
     *,
-    samples: int = SAMPLES,
+    num_samples: int = SAMPLES,
     steps: int = STEPS,
     lr: float = LR,
     generator: Optional[torch.Generator] = None,
@@ -58,7 +60,7 @@ def latent_ceiling(
 ) -> Tensor:
     """The oracle Dice ``(B, R)`` of rater r's best decodable latent for each image (module docstring).
 
-    images ``(B, C, H, W)``; masks ``(B, R, H, W)`` with R = ``config.num_raters``; ``samples`` prior draws
+    images ``(B, C, H, W)``; masks ``(B, R, H, W)`` with R = ``config.num_raters``; ``num_samples`` prior draws
     (from ``generator``, all drawn first, so ``batch`` does not change the result) besides the prior mean as
     starting points; ``steps`` Adam steps at ``lr`` (on 16 held-out images of an earlier demo model the
     defaults gave 0.9206, 800 steps at 0.5 gave 0.9217), ``batch`` images at a time.
@@ -67,11 +69,11 @@ def latent_ceiling(
     if masks.dim() != 4 or masks.shape[0] != images.shape[0] or masks.shape[1] != model.config.num_raters:
         raise ValueError(f"latent_ceiling: masks must be (B, {model.config.num_raters}, H, W) for images "
                          f"{tuple(images.shape)}, got {tuple(masks.shape)}")  # fmt: skip
-    if samples < 0 or steps < 0 or not lr > 0:
-        raise ValueError(f"latent_ceiling: need samples >= 0, steps >= 0, lr > 0; got {samples}, {steps}, {lr}")
+    if num_samples < 0 or steps < 0 or not lr > 0:
+        raise ValueError(f"latent_ceiling: need num_samples >= 0, steps >= 0, lr > 0; got {num_samples}, {steps}, {lr}")
     if batch < 1:
         raise ValueError(f"latent_ceiling: batch must be >= 1, got {batch}")
-    draws = torch.randn((images.shape[0], samples, model.config.latent_dim), generator=generator)
+    draws = torch.randn((images.shape[0], num_samples, model.config.latent_dim), generator=generator)
     was_training = model.training
     model.eval()
     frozen = [p for p in model.fcomb.parameters() if p.requires_grad]

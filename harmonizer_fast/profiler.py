@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from . import ops  # noqa: F401  (defines the custom ops the formulas attach to)
+from ._deprecation import renamed_kwargs
 from .model import HarmonizerConfig, HarmonizerNet
 
 PAPER_LATENCY_S = 0.42
@@ -302,18 +303,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@renamed_kwargs(samples="num_samples")
 def profile(
     config: str = "paper",
     *,
     batch: int = 1,
-    samples: int = 1,
+    num_samples: int = 1,
     size: int = 128,
     device: str = "cpu",
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Profile one inference forward (features, prior, ``samples`` prior samples through the head) of the
+    """Profile one inference forward (features, prior, ``num_samples`` prior samples through the head) of the
     given config. The budget verdict uses one 128 x 128 image with one sample, as the paper states it."""
     dev = torch.device(device)
     preset = HarmonizerConfig.paper if config == "paper" else HarmonizerConfig.small
@@ -321,7 +323,7 @@ def profile(
     model = HarmonizerNet(preset()).to(dev).eval()
     x = torch.randn(batch, model.config.in_channels, size, size, device=dev)
     g = torch.Generator().manual_seed(seed)
-    forward = functools.partial(model.sample, x, samples, generator=g)
+    forward = functools.partial(model.sample, x, num_samples, generator=g)
     # one counting pass per forward: WorkCounter's FLOPs equal FlopCounterMode's (tests/test_profiler.py)
     work = count_work(forward)
     flops = sum(w.flops for w in work.values())
@@ -339,7 +341,7 @@ def profile(
     return {
         "config": config,
         "batch": batch,
-        "samples": samples,
+        "samples": num_samples,  # the key of published profile JSONs
         "size": size,
         "device": _device_info(dev),
         "params": parameters(model),
@@ -351,7 +353,7 @@ def profile(
         "latency_s": latency,
         "latency_times_s": times,
         "images_per_s": batch / latency,
-        "samples_per_s": batch * samples / latency,
+        "samples_per_s": batch * num_samples / latency,
         "peak_memory_mib": peak,
         "peak_memory_kind": peak_kind,
         "achieved_flops_per_s": flops / latency,

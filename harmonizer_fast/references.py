@@ -16,15 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._deprecation import renamed_kwargs
 from .data import MultiRaterData
 from .metrics import MetricAccumulator
 
 NAMES = ("all-empty", "majority mask", "raters as samples (oracle)")
 
 
-def label_only_references(data: MultiRaterData, indices: np.ndarray, samples: int, batch: int = 64) -> dict[str, Any]:
+@renamed_kwargs(samples="num_samples")
+def label_only_references(
+    data: MultiRaterData, indices: np.ndarray, num_samples: int, batch: int = 64
+) -> dict[str, Any]:
     """Tables 1 and 2 (in the form of :func:`harmonizer_fast.evaluate.summarize`) of each predictor of
-    :data:`NAMES` on ``data[indices]`` with K = ``samples``."""
+    :data:`NAMES` on ``data[indices]`` with K = ``num_samples``."""
     idx = np.asarray(indices)
     accs = {n: (MetricAccumulator(), MetricAccumulator()) for n in NAMES}
     r = data.num_raters
@@ -33,9 +37,9 @@ def label_only_references(data: MultiRaterData, indices: np.ndarray, samples: in
         yf = y.float()
         majority = (yf.sum(1, keepdim=True) >= r / 2).float()
         preds = {
-            "all-empty": (torch.zeros(y.shape[0], samples, *y.shape[2:]), torch.zeros_like(yf)),
-            "majority mask": (majority.expand(-1, samples, -1, -1), majority.expand(-1, r, -1, -1)),
-            "raters as samples (oracle)": (yf.repeat(1, -(-samples // r), 1, 1)[:, :samples], yf),
+            "all-empty": (torch.zeros(y.shape[0], num_samples, *y.shape[2:]), torch.zeros_like(yf)),
+            "majority mask": (majority.expand(-1, num_samples, -1, -1), majority.expand(-1, r, -1, -1)),
+            "raters as samples (oracle)": (yf.repeat(1, -(-num_samples // r), 1, 1)[:, :num_samples], yf),
         }
         for n, (prior, heads) in preds.items():
             accs[n][0].update(prior, y)

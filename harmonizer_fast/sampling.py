@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._deprecation import renamed_kwargs
 from .data import MultiRaterData
 from .model import HarmonizerNet
 from .model.checks import check_counts
@@ -39,8 +40,8 @@ def _f16_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().to("cpu", torch.float16).contiguous().numpy()).cast("B")
 
 
-def _check_request(data: MultiRaterData, indices, samples: int, batch: int) -> np.ndarray:
-    check_counts("stream_samples", {"samples": samples, "batch": batch})
+def _check_request(data: MultiRaterData, indices, num_samples: int, batch: int) -> np.ndarray:
+    check_counts("stream_samples", {"num_samples": num_samples, "batch": batch})
     idx = np.asarray(list(indices), dtype=np.int64)
     if idx.size == 0:
         raise ValueError("stream_samples: no images to sample (indices is empty)")
@@ -59,20 +60,21 @@ def _copy_entry(zf: zipfile.ZipFile, name: str, header: bytes, src) -> None:
 
 
 @torch.no_grad()
+@renamed_kwargs(samples="num_samples")
 def stream_samples(
     model: HarmonizerNet,
     data: MultiRaterData,
     indices,
     out: os.PathLike,
     *,
-    samples: int = 16,
+    num_samples: int = 16,
     seed: int = 0,
     batch: int = 16,
     progress: bool = True,
     device: Optional[torch.device] = None,
 ) -> int:
     """Sample every image of ``data[indices]`` to ``out`` (see the module docstring); returns the image count."""
-    idx = _check_request(data, indices, samples, batch)
+    idx = _check_request(data, indices, num_samples, batch)
     device = device or next(model.parameters()).device
     model.eval()
     h, w = data.images.shape[2:]
@@ -90,17 +92,17 @@ def stream_samples(
         try:
             with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 with zf.open("samples.npy", "w", force_zip64=True) as fs:
-                    fs.write(_npy_header((len(idx), samples, h, w), f16))
+                    fs.write(_npy_header((len(idx), num_samples, h, w), f16))
                     written = 0
                     for s in steps:
                         x = torch.from_numpy(data.images[idx[s : s + batch]]).to(device)
-                        probs, heads = model.predict(x, samples, heads=heads_on, generator=g)  # one backbone pass
+                        probs, heads = model.predict(x, num_samples, heads=heads_on, generator=g)  # one backbone pass
                         written += fs.write(_f16_bytes(probs))
                         if heads_on:
                             heads_tmp.write(_f16_bytes(heads))
-                    if written != len(idx) * samples * h * w * f16.itemsize:  # the header's promise, kept
+                    if written != len(idx) * num_samples * h * w * f16.itemsize:  # the header's promise, kept
                         raise RuntimeError(f"stream_samples: wrote {written} bytes of samples, the header promises "
-                                           f"{len(idx) * samples * h * w * f16.itemsize}")  # fmt: skip
+                                           f"{len(idx) * num_samples * h * w * f16.itemsize}")  # fmt: skip
                 if heads_on:
                     _copy_entry(zf, "heads.npy", _npy_header((len(idx), model.config.num_raters, h, w), f16), heads_tmp)
                 with zf.open("index.npy", "w") as fi:

@@ -194,6 +194,6 @@ def test_a_collapsed_prior_is_flagged_by_the_reports(tmp_path):
     md = markdown(aggregate([rec], _meta()))
     row = next(line for line in md.splitlines() if line.startswith("| full | 0 | 0 |"))
     assert "image-independent prior" in row and "clamped prior" in row
-    result = run_evaluation(net, data, np.arange(8), tmp_path, samples=2, figures=False)
+    result = run_evaluation(net, data, np.arange(8), tmp_path, num_samples=2, figures=False)
     head = report(result).split("### Table 1")[0]
     assert "image-independent prior" in head and "clamped prior" in head

@@ -30,7 +30,7 @@ def test_evaluate_contract_figures_and_determinism(trained, tmp_path, capsys):
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        args = ["evaluate", "--checkpoint", str(run), "--data", str(npz), "--out", str(out), "--samples", "4"]
+        args = ["evaluate", "--checkpoint", str(run), "--data", str(npz), "--out", str(out), "--num-samples", "4"]
         assert cli([*args, "--robustness"] if name == "a" else args) == 0
         outs.append(json.loads((out / "metrics.json").read_text()))
     assert "held-out test patients" in capsys.readouterr().out

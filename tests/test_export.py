@@ -177,7 +177,7 @@ def test_cli_export_of_a_trained_run(tmp_path, capsys):
     assert cli(["train", "--data", str(npz), "--out", str(run), "--epochs", "1", "--batch-size", "8",
                 "--no-progress"]) == 0  # fmt: skip
     out = tmp_path / "exported" / "model.pt2"
-    assert cli(["export", "--checkpoint", str(run), "--format", "pt2", "--out", str(out), "--samples", "4",
+    assert cli(["export", "--checkpoint", str(run), "--format", "pt2", "--out", str(out), "-k", "4",
                 "--size", "64", "64"]) == 0  # fmt: skip
     assert f"wrote {out}" in capsys.readouterr().out
     meta = json.loads(out.with_name("model.pt2.json").read_text())

@@ -432,7 +432,7 @@ ROWS = [
     C("train-init-missing", lambda w: TRAIN(w, "--init", w.path("no-such-run")), "checkpoint manifest not found"),
     # ---- evaluate
     C("evaluate-samples-negative", lambda w: EVAL(w, "--samples", "-1"), "--samples: expected an integer >= 1"),
-    C("evaluate-samples-zero", lambda w: EVAL(w, "--samples", "0"), "--samples: expected an integer >= 1"),
+    C("evaluate-samples-zero", lambda w: EVAL(w, "--num-samples", "0"), "--samples: expected an integer >= 1"),
     C("evaluate-seed-negative", lambda w: EVAL(w, "--seed", "-1"), "--seed: expected an integer >= 0"),
     C("evaluate-checkpoint-missing", lambda w: EVAL(w, checkpoint=w.path("gone")), "checkpoint manifest not found"),
     C("evaluate-checkpoint-empty-folder", lambda w: EVAL(w, checkpoint=w.empty_dir), "no checkpoint in this directory"),
@@ -495,8 +495,8 @@ ROWS = [
     # ---- sizes from files and flags are bounded before anything is allocated for them
     C("train-npz-header-declares-4-tib", lambda w: TRAIN(w, "--data", w.npz_declaring("huge.npz", (2**20, 2**20))),
       "declares shape (1048576, 1048576) (4.1e+03 GiB) in a member of"),
-    C("sample-samples-a-hundred-million", lambda w: SAMPLE(w, "--samples", "100000000"),
-      "--samples 100000000 at 32 x 32 needs"),
+    C("sample-samples-a-hundred-million", lambda w: SAMPLE(w, "-k", "100000000"),
+      "--num-samples 100000000 at 32 x 32 needs"),
     # ---- outputs never replace inputs ([reliability] #36 item 2): by path, by hard link, inside an input folder
     C("sample-out-is-the-data", lambda w: ["sample", "--checkpoint", w.run, "--data", w.path("sd.npz"),
                                            "--out", w.path("sd.npz"), "--no-progress"], "outputs never replace inputs"),
@@ -703,7 +703,7 @@ ROWS = [
     ),
     E(
         "stream-samples-zero",
-        lambda w: stream_samples(_trained(w), w.data, [0], w.path("st.npz"), samples=0, progress=False),
+        lambda w: stream_samples(_trained(w), w.data, [0], w.path("st.npz"), num_samples=0, progress=False),
         ValueError,
         "samples must be",
     ),
@@ -715,13 +715,13 @@ ROWS = [
     ),
     E(
         "evaluate-model-samples-negative",
-        lambda w: evaluate_model(_trained(w), w.data, [0], samples=-1),
+        lambda w: evaluate_model(_trained(w), w.data, [0], num_samples=-1),
         ValueError,
         "samples must be an integer >= 1",
     ),
     E(
         "run-evaluation-samples-negative",
-        lambda w: run_evaluation(_trained(w), w.data, np.arange(2), w.path("re"), samples=-1, figures=False),
+        lambda w: run_evaluation(_trained(w), w.data, np.arange(2), w.path("re"), num_samples=-1, figures=False),
         ValueError,
         "samples must be",
     ),

@@ -42,7 +42,7 @@ def test_ceiling_is_at_least_every_starting_latent_and_leaves_the_model_alone():
     x, y = torch.from_numpy(data.images), torch.from_numpy(data.masks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
-    got = latent_ceiling(model, x, y, samples=5, steps=3, generator=torch.Generator().manual_seed(7), batch=4)
+    got = latent_ceiling(model, x, y, num_samples=5, steps=3, generator=torch.Generator().manual_seed(7), batch=4)
     assert model.training and all(p.requires_grad for p in model.fcomb.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval()
@@ -55,7 +55,7 @@ def test_ceiling_is_at_least_every_starting_latent_and_leaves_the_model_alone():
     start_best = torch.stack([dice_binary(decoded, y[:, r, None] > 0).amax(1) for r in range(4)], dim=1)
     assert got.shape == (6, 4) and got.dtype == torch.float64
     assert (got >= start_best - 1e-12).all()
-    same = latent_ceiling(model, x, y, samples=5, steps=3, generator=torch.Generator().manual_seed(7), batch=6)
+    same = latent_ceiling(model, x, y, num_samples=5, steps=3, generator=torch.Generator().manual_seed(7), batch=6)
     torch.testing.assert_close(same, got, rtol=0, atol=0)  # chunking does not change the result
 
 
@@ -78,8 +78,8 @@ def test_descent_finds_most_of_a_target_that_a_latent_decodes_exactly():
         y = (fc.probabilities(f, z_star) > 0.5).to(torch.uint8)
     area = y.flatten(2).float().mean(-1)
     assert (area > 0.05).all() and (area < 0.99).all(), area
-    start = latent_ceiling(model, x, y, samples=0, steps=0)
-    got = latent_ceiling(model, x, y, samples=0)
+    start = latent_ceiling(model, x, y, num_samples=0, steps=0)
+    got = latent_ceiling(model, x, y, num_samples=0)
     assert start.mean() < 0.7 and got.mean() > start.mean() + 0.2, (start.mean(), got.mean())
 
 

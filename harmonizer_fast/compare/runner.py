@@ -260,7 +260,7 @@ def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[
     else:
         model, _ = base.load_model("best_phase1")
     scoring = base.scoring_set(cmp.data, model.config, "test")
-    scores = evaluate_model(model.to(cmp.device), scoring.data, scoring.indices, samples=cmp.cc.samples, seed=seed,
+    scores = evaluate_model(model.to(cmp.device), scoring.data, scoring.indices, num_samples=cmp.cc.samples, seed=seed,
                             heads=v.heads, k_values=K_VALUES)  # fmt: skip
     tables = summarize(scores)
     latent = latent_statistics(model, scoring.data, scoring.indices) if len(scoring.indices) >= 2 else None
