@@ -6,7 +6,12 @@ strong baseline; a model's table means little without these rows beside it.
 - ``all-empty``: every sample and every head predicts nothing;
 - ``majority mask``: every sample and every head is the raters' majority mask (at least half drew a pixel);
 - ``raters as samples (oracle)``: the samples are the raters' masks themselves, cycled to K, and head i is
-  rater i (Table 1's best case, not a prediction).
+  rater i (Table 1's best case, not a prediction);
+- ``area-matched consensus (oracle)``: head i is the consensus shape at rater i's own area on this image
+  (:func:`area_matched_consensus`), the samples those heads cycled to K. It knows every rater's area and
+  nothing of their shapes: the head identity a model that reproduces each rater's size perfectly, and the
+  raters' shared outline, would reach (on LIDC's all-raters test slices of fold 0: 66 %, where the raters'
+  stored order is their area order and adjacent raters agree at Dice 0.83-0.86).
 """
 
 from __future__ import annotations
@@ -15,12 +20,28 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from ._deprecation import renamed_kwargs
 from .data import MultiRaterData
 from .metrics import MetricAccumulator
 
-NAMES = ("all-empty", "majority mask", "raters as samples (oracle)")
+NAMES = ("all-empty", "majority mask", "raters as samples (oracle)", "area-matched consensus (oracle)")
+
+
+def area_matched_consensus(masks: Tensor) -> Tensor:
+    """``(B, R, H, W)`` float: for each rater r, the |Y_r| pixels the raters drew most often on that image
+    (ranked by the share of raters who drew the pixel; a light 5 x 5 binomial smoothing of that share breaks
+    its ties toward the lesion's centre, then the pixel index). An empty rater gets an empty mask."""
+    y = masks.double()
+    freq = y.mean(1, keepdim=True)
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64)
+    smooth = F.conv2d(freq, (torch.outer(k, k) / 256)[None, None], padding=2)
+    score = (freq + 1e-3 * smooth).flatten(1)  # the smoothing (< 1e-3) never reorders two sharing levels
+    rank = score.sort(dim=1, descending=True, stable=True).indices.argsort(1)  # (B, H*W): 0 for the best pixel
+    area = y.flatten(2).sum(2)  # (B, R)
+    return (rank[:, None, :] < area[:, :, None]).reshape(masks.shape).float()
 
 
 @renamed_kwargs(samples="num_samples")
@@ -41,6 +62,9 @@ def label_only_references(
             "majority mask": (majority.expand(-1, num_samples, -1, -1), majority.expand(-1, r, -1, -1)),
             "raters as samples (oracle)": (yf.repeat(1, -(-num_samples // r), 1, 1)[:, :num_samples], yf),
         }
+        matched = area_matched_consensus(y)
+        preds["area-matched consensus (oracle)"] = (matched.repeat(1, -(-num_samples // r), 1, 1)[:, :num_samples],
+                                                    matched)  # fmt: skip
         for n, (prior, heads) in preds.items():
             accs[n][0].update(prior, y)
             accs[n][1].update(heads, y, heads)
@@ -48,4 +72,4 @@ def label_only_references(
             for n, (a, h) in accs.items()}  # fmt: skip
 
 
-__all__ = ["NAMES", "label_only_references"]
+__all__ = ["NAMES", "area_matched_consensus", "label_only_references"]
