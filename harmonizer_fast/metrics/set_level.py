@@ -71,6 +71,11 @@ class PairCounts(NamedTuple):
         total = self.area_a[:, :, None] + self.area_b[:, None, :]
         return torch.where(total > 0, 2 * self.inter / total.clamp_min(1), torch.full_like(total, empty_dice))
 
+    def diversity(self, empty_iou: float = 1.0) -> Tensor:
+        """``(B,)``: the mean ``1 - IoU`` over the ordered pairs k != k' of a set against itself (a and b the
+        same masks), as :func:`sample_diversity`; 0 for a set of one."""
+        return _offdiag_mean(1 - self.iou(empty_iou))
+
     def variance(self) -> Tensor:
         """``Var_p(A(p) - B(p))``: with d in {-1, 0, 1}, mean d = (|A| - |B|) / P and mean d^2 = (|A| + |B| -
         2 |A and B|) / P (population variance, numpy's ``var``)."""
@@ -146,7 +151,7 @@ def _offdiag_mean(d: Tensor) -> Tensor:
 def sample_diversity(samples: Tensor, *, threshold: float = 0.5, empty_iou: float = 1.0) -> Tensor:
     """Mean pairwise distance 1 - IoU among the samples, over the K (K - 1) ordered pairs k != k'; 0 for
     K = 1. Two empty samples are identical (IoU ``empty_iou`` = 1, distance 0)."""
-    return _offdiag_mean(1 - iou_pairs(samples, samples, threshold=threshold, empty_iou=empty_iou))
+    return PairCounts.of(samples, samples, threshold).diversity(empty_iou)
 
 
 def _weights(w: Optional[Tensor], b: int, m: int, name: str, device: torch.device) -> Tensor:

@@ -54,8 +54,10 @@ from .._io import PathLike, check_not_input, fsync_dir, write_atomic
 from .._version import __version__
 from ..checkpoint import load_model, preprocessing_of, read_manifest
 from ..metrics import entropy_map, sample_diversity
+from ..metrics.set_level import PairCounts
 from ..model import HarmonizerNet
 from ..model.net import resolve_heads
+from ..ops import pairwise_intersection
 from ..preprocessing import Preprocessing
 from .inputs import Case, CaseError, LoadedCase, encode_map, find_cases, load_case
 
@@ -104,6 +106,18 @@ def mean_pairwise_disagreement(masks: np.ndarray) -> float:
     return float(sample_diversity(flat))
 
 
+def _pair_counts(masks: torch.Tensor) -> torch.Tensor:
+    """``(n, N, H, W)`` bool -> ``(n, N, N)`` float64: every pair's intersection per slice, the areas on the
+    diagonal. Summed over a case's slices they are the case's pooled counts (exact integers)."""
+    return pairwise_intersection(masks, masks).double()
+
+
+def _disagreement(counts: torch.Tensor, pixels: int) -> float:
+    """:func:`mean_pairwise_disagreement` from a case's pooled pair counts ``(N, N)``."""
+    area = torch.diagonal(counts)[None]
+    return float(PairCounts(counts[None], area, area, pixels).diversity()[0])
+
+
 @dataclass
 class CasePrediction:
     """One case's maps ``(S, H, W)`` at the input's size, and the heads ``(R, S, H, W)`` (None without heads)."""
@@ -114,6 +128,10 @@ class CasePrediction:
     votes: np.ndarray  # (K, S, H, W) bool: each sample thresholded at 0.5
     image: np.ndarray  # (S, C, H, W) float32: the network's input after preprocessing, padding removed
     samples: Optional[np.ndarray] = None  # (K, S, H, W) float16, when asked for (keep_samples)
+    # the K votes' and the heads' mean pairwise 1 - IoU over the case (mean_pairwise_disagreement), from the
+    # pair counts the forward pass made batch by batch (one kernel call per batch, not two per case)
+    sample_disagreement: Optional[float] = None
+    heads_disagreement: Optional[float] = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -138,9 +156,12 @@ def summary_row(name: str, loaded: LoadedCase, pred: CasePrediction, seconds: fl
     row: dict[str, Any] = {
         "case": name, "status": STATUS_OK, "error": "", "kind": g.kind, "slices": s, "height": h, "width": w,
         "unit": unit, "area": float(pred.mask.sum()) * per_pixel,
-        "uncertainty": mean_pairwise_disagreement(pred.votes),
+        "uncertainty": (mean_pairwise_disagreement(pred.votes) if pred.sample_disagreement is None
+                        else pred.sample_disagreement),
         "uncertain_area": float(pred.uncertainty.sum(dtype=np.float64)) * per_pixel,
-        "heads_disagreement": "" if pred.heads is None else mean_pairwise_disagreement(pred.heads >= 0.5),
+        "heads_disagreement": "" if pred.heads is None else (
+            mean_pairwise_disagreement(pred.heads >= 0.5) if pred.heads_disagreement is None
+            else pred.heads_disagreement),
         "seconds": round(seconds, 3),
     }  # fmt: skip
     if pred.heads is not None:
@@ -215,7 +236,8 @@ class Predictor:
         slices), so a volume never holds its K float32 maps at once."""
         h, w = x.shape[2:]
         padded = self.preprocessing.pad(x)
-        parts: dict[str, list[torch.Tensor]] = {"probability": [], "votes": [], "heads": [], "samples": []}
+        parts: dict[str, list[torch.Tensor]] = {"probability": [], "votes": [], "heads": [], "samples": [],
+                                                "vote_counts": [], "head_counts": []}  # fmt: skip
         for first in range(0, len(keys), self.batch_size):
             part = keys[first : first + self.batch_size]
             batch = torch.from_numpy(np.ascontiguousarray(padded[first : first + len(part)])).to(self.device)
@@ -224,11 +246,15 @@ class Predictor:
                                             heads=self.heads)  # fmt: skip
             p = p[..., :h, :w].float()
             parts["probability"].append(p.mean(1).cpu())
-            parts["votes"].append((p >= 0.5).cpu())
+            votes = p >= 0.5
+            parts["votes"].append(votes.cpu())
+            parts["vote_counts"].append(_pair_counts(votes).cpu())
             if keep_samples:
                 parts["samples"].append(p.to(torch.float16).cpu())
             if hd is not None:
-                parts["heads"].append(hd[..., :h, :w].float().cpu())
+                heads = hd[..., :h, :w].float()
+                parts["heads"].append(heads.cpu())
+                parts["head_counts"].append(_pair_counts(heads >= 0.5).cpu())
         return {k: torch.cat(v) for k, v in parts.items() if v}
 
     @staticmethod
@@ -238,9 +264,13 @@ class Predictor:
         def take(key: str) -> Optional[np.ndarray]:
             return t[key][lo:hi].transpose(0, 1).contiguous().numpy() if key in t else None  # (K or R, S, H, W)
 
+        def disagreement(key: str) -> Optional[float]:
+            return _disagreement(t[key][lo:hi].sum(0), (hi - lo) * pixels) if key in t else None
+
         probability = t["probability"][lo:hi].numpy()
+        pixels = probability.shape[1] * probability.shape[2]
         return CasePrediction(probability, _binary_entropy(probability), take("heads"), take("votes"), x,
-                              take("samples"))  # fmt: skip
+                              take("samples"), disagreement("vote_counts"), disagreement("head_counts"))  # fmt: skip
 
     @torch.no_grad()
     def predict_images(self, images: np.ndarray, name: str, *, keep_samples: bool = False) -> CasePrediction:
@@ -311,21 +341,29 @@ class Predictor:
 
             bar = tqdm(total=sum(map(len, mine)), desc=f"predict {part + 1}/{parts}" if parts > 1 else "predict",
                        unit="case", disable=None)  # fmt: skip
-        # One writer thread commits a unit's cases while the next unit computes (PNG/gzip encoding and fsync
-        # release the GIL); at most one unit waits to be written, which bounds the memory held.
+        # One reader thread loads the next unit and one writer thread commits the last one's cases while this
+        # unit computes (PNG decoding, PNG/gzip encoding and fsync release the GIL); at most one unit waits on
+        # each side, which bounds the memory held.
+        todo = [(unit, [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]) for unit in mine]
+        work = [(unit, pending) for unit, pending in todo if pending]
+        counts["skipped"] = sum(len(unit) - len(pending) for unit, pending in todo)
+        if bar is not None:
+            bar.update(counts["skipped"])
         writes: list[Future] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-writer") as writer:
-            for unit in mine:
-                pending = [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]
-                counts["skipped"] += len(unit) - len(pending)
-                if pending:
-                    failed, jobs = self._run_unit(out, unit, pending, slice_axis, save_samples, report, writer)
-                    counts["failed"] += failed
-                    for job in writes:
-                        counts[job.result()] += 1
-                    writes = jobs
+        with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as writer, \
+                ThreadPoolExecutor(1, thread_name_prefix="predict-reader") as reader:  # fmt: skip
+            loading = reader.submit(self._load_unit, work[0][0], slice_axis) if work else None
+            for i, (unit, pending) in enumerate(work):
+                loaded = loading.result()
+                if i + 1 < len(work):
+                    loading = reader.submit(self._load_unit, work[i + 1][0], slice_axis)
+                failed, jobs = self._run_unit(out, unit, pending, loaded, save_samples, report, writer)
+                counts["failed"] += failed
+                for job in writes:
+                    counts[job.result()] += 1
+                writes = jobs
                 if bar is not None:
-                    bar.update(len(unit))
+                    bar.update(len(pending))
             for job in writes:
                 counts[job.result()] += 1
         if bar is not None:
@@ -348,22 +386,32 @@ class Predictor:
             record["rows"] = rows
         return record
 
-    def _run_unit(self, out: Path, unit: list[Case], pending: list[Case], slice_axis, save_samples: bool,
-                  report: bool, writer: ThreadPoolExecutor) -> tuple[int, list[Future]]:
-        """Predict one work unit and hand its pending cases to ``writer``; returns the cases that failed before
-        writing and the write jobs (each ends "done" or "failed"). The whole unit goes through the network even
-        when some of its cases are done (a resumed run), so every batch holds what an uninterrupted run's held."""
-        counts = {"failed": 0}
-        jobs: list[Future] = []
-        t0 = time.perf_counter()
-        loaded: list[LoadedCase] = []
+    def _load_unit(self, unit: list[Case], slice_axis) -> list[Union[LoadedCase, Exception]]:
+        """Each case of ``unit`` read and checked, or the error that refused it (run in the reader thread)."""
+        loaded: list[Union[LoadedCase, Exception]] = []
         for case in unit:
             try:
                 loaded.append(load_case(case, self.channels, slice_axis))
             except (CaseError, OSError, MemoryError) as exc:
-                if case in pending:
-                    _record_failure(out, case.name, exc)
-                    counts["failed"] += 1
+                loaded.append(exc)
+        return loaded
+
+    def _run_unit(self, out: Path, unit: list[Case], pending: list[Case], read: list, save_samples: bool,
+                  report: bool, writer: ThreadPoolExecutor) -> tuple[int, list[Future]]:
+        """Predict one work unit, read by :meth:`_load_unit`, and hand its pending cases to ``writer``; returns
+        the cases that failed before writing and the write jobs (each ends "done" or "failed"). The whole unit
+        goes through the network even when some of its cases are done (a resumed run), so every batch holds
+        what an uninterrupted run's held."""
+        counts = {"failed": 0}
+        jobs: list[Future] = []
+        t0 = time.perf_counter()
+        loaded: list[LoadedCase] = []
+        for case, item in zip(unit, read):
+            if isinstance(item, LoadedCase):
+                loaded.append(item)
+            elif case in pending:
+                _record_failure(out, case.name, item)
+                counts["failed"] += 1
         preds: list = []
         try:
             if len(unit) == 1 and loaded:
