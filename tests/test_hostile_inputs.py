@@ -679,7 +679,7 @@ ROWS = [
                                                        heads=False, generator=torch.Generator().manual_seed(0)),
       lambda out, w: out[0].dtype == torch.float32 and bool(torch.isfinite(out[0]).all())),
     E("evaluate-batch-probs-above-one", lambda w: evaluate_batch(torch.rand(2, 4, 32, 32) * 2, _raters()),
-      ValueError, "metrics: probs must hold probabilities, finite and within [0, 1]"),
+      ValueError, "evaluate_batch: probs must hold probabilities, finite and within [0, 1]"),
     E("evaluate-batch-probs-inf", lambda w: evaluate_batch(torch.rand(2, 4, 32, 32).index_fill(1, torch.tensor([0]),
       float("inf")), _raters()), ValueError, "got values from"),
     E("evaluate-batch-logits", lambda w: evaluate_batch(torch.randn(2, 4, 32, 32), _raters()), ValueError,

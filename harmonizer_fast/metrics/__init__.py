@@ -51,9 +51,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ..ops._checks import check_probabilities, check_threshold
+from ..ops._checks import check_threshold
 from ..ops.ged import pairwise_intersection
 from . import _sync
+from ._checks import checked
 
 # Set-level metrics of ambiguous segmentation, importable from here as users expect (hf.metrics.hm_iou);
 # ged is the weighted form, equal to harmonizer_fast.ged without weights.
@@ -86,31 +87,6 @@ PER_IMAGE_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_max_reve
 # Input checks.
 
 
-def _check_inputs(probs: Tensor, raters: Tensor, personalized: Optional[Tensor]) -> None:
-    op = "metrics"
-    for name, t in (("probs", probs), ("raters", raters)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor (B, K, H, W), got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (B, K, H, W), got shape {tuple(t.shape)}")
-        if t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(f"{op}: {name} must have B >= 1 and at least one mask, got shape {tuple(t.shape)}")
-    if not probs.is_floating_point():
-        raise TypeError(f"{op}: probs must hold probabilities (floating point), got {probs.dtype}")
-    check_probabilities(probs, op, "probs")
-    if probs.shape[0] != raters.shape[0] or probs.shape[2:] != raters.shape[2:]:
-        raise ValueError(f"{op}: probs {tuple(probs.shape)} and raters {tuple(raters.shape)} must agree in B, H and W")
-    if personalized is not None:
-        if not isinstance(personalized, Tensor) or personalized.dim() != 4:
-            raise ValueError(f"{op}: personalized must be a 4-D tensor (B, N, H, W)")
-        check_probabilities(personalized, op, "personalized")
-        if personalized.shape != raters.shape:
-            raise ValueError(
-                f"{op}: personalized must have one map per rater, shape {tuple(raters.shape)}, "
-                f"got {tuple(personalized.shape)}"
-            )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Per-image building blocks (tensors in, tensors out; float64 results).
 
@@ -122,6 +98,7 @@ def dice_binary(a: Tensor, b: Tensor) -> Tensor:
     return (2 * inter + DICE_SMOOTH) / (a.sum((-2, -1)).double() + b.sum((-2, -1)).double() + DICE_SMOOTH)
 
 
+@checked(probs="samples", raters="masks")
 def dice_soft_curve(probs: Tensor, raters: Tensor, thresholds: Sequence[float] = SOFT_THRESHOLDS) -> Tensor:
     """``(B, T)``: the Dice of the mean prediction and the mean annotation, both thresholded (strict ``>``) at
     each of the T ``thresholds`` (any list in [0, 1): a sweep curve)."""
@@ -137,11 +114,13 @@ def dice_soft_curve(probs: Tensor, raters: Tensor, thresholds: Sequence[float] =
     return torch.stack([dice_binary(p > t, y > t) for t in ts], dim=1)
 
 
+@checked(probs="samples", raters="masks")
 def dice_soft(probs: Tensor, raters: Tensor, thresholds: Sequence[float] = SOFT_THRESHOLDS) -> Tensor:
     """``(B,)``: Dice_soft, the mean of :func:`dice_soft_curve` over ``thresholds`` (the paper's five by default)."""
     return dice_soft_curve(probs, raters, thresholds).mean(1)
 
 
+@checked(raters="masks", probs="samples")
 def dice_matrix(raters: Tensor, probs: Tensor, threshold: float = 0.5) -> Tensor:
     """``(B, N, K)`` float64: Dice between rater i and sample j (samples thresholded with ``> threshold``).
 
@@ -164,6 +143,7 @@ def hungarian_match(d: np.ndarray) -> tuple[float, np.ndarray]:
     return float(d[rows, cols].mean()), each
 
 
+@checked(probs="samples")
 def entropy_map(probs: Tensor) -> Tensor:
     """Normalized binary entropy of the sample mean, ``(B, H, W)`` in [0, 1] (0 log 0 = 0)."""
     p = probs.double().mean(1).clamp(0.0, 1.0)
@@ -228,6 +208,8 @@ def _rater_maps(probs: Tensor, raters: Tensor, personalized: Optional[Tensor]) -
     return maps, (raters > 0.5).double()
 
 
+@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
+         personalized="probabilities")  # fmt: skip
 def ece(
     probs: Tensor,
     raters: Tensor,
@@ -238,11 +220,12 @@ def ece(
     """``(B, N)`` float64: the expected calibration error (paper Eq. 9) of rater i's map (head i of
     ``personalized``, or the mean of the K samples) against rater i's mask, over ``bins`` (a count of
     equal-width bins or a list of edges, :func:`calibration_edges`)."""
-    _check_inputs(probs, raters, personalized)
     maps, y = _rater_maps(probs.detach(), raters, None if personalized is None else personalized.detach())
     return ece_from_bins(calibration_bins(maps, y, bins))
 
 
+@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
+         personalized="probabilities")  # fmt: skip
 def reliability_curve(
     probs: Tensor,
     raters: Tensor,
@@ -253,7 +236,6 @@ def reliability_curve(
     """The reliability diagram over a batch, every pixel pooled, per rater: ``edges (T + 1,)``, ``count (N,
     T)``, ``confidence (N, T)`` and ``frequency (N, T)`` (mean probability and foreground share per bin, NaN
     in an empty bin), and ``ece (N,)`` of the pooled pixels."""
-    _check_inputs(probs, raters, personalized)
     maps, y = _rater_maps(probs.detach(), raters, None if personalized is None else personalized.detach())
     cal = calibration_bins(maps, y, bins).sum(0)  # (N, T, 3)
     count = cal[..., 0]
@@ -264,6 +246,7 @@ def reliability_curve(
             "frequency": torch.where(count > 0, cal[..., 2] / safe, nan), "ece": ece_from_bins(cal)}  # fmt: skip
 
 
+@checked(p="probabilities", y="masks")
 def brier(p: Tensor, y: Tensor) -> Tensor:
     """Brier score (paper Eq. 10) per (B, N) map: mean squared difference of probability and label."""
     return ((p.double() - y.double()) ** 2).mean((-2, -1))
@@ -306,6 +289,8 @@ def agreement_groups(raters: Tensor, tol: float = 0.1) -> dict[str, Tensor]:
 # One call per batch.
 
 
+@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
+         personalized="probabilities")  # fmt: skip
 def evaluate_batch(
     probs: Tensor,
     raters: Tensor,
@@ -326,7 +311,6 @@ def evaluate_batch(
     accumulator pools: ``_calibration`` (B, N, T, 3), ``_entropy_correctness`` and ``_entropy_agreement``
     (histograms per group).
     """
-    _check_inputs(probs, raters, personalized)
     with torch.no_grad():
         probs = probs.detach()
         out: dict[str, Any] = {"ged": ged(probs, raters).double().cpu().numpy()}
@@ -396,11 +380,12 @@ def stack_volume(x: Tensor) -> Tensor:
     return x.permute(1, 0, 2, 3).reshape(1, k, d * h, w)
 
 
+@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
+         personalized="probabilities")  # fmt: skip
 def evaluate_volume(
     probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None, **kwargs: Any
 ) -> dict[str, Any]:
     """:func:`evaluate_batch` for one 3D case given as slices ``(D, K, H, W)``: every metric over the volume."""
-    _check_inputs(probs, raters, personalized)
     stacked = None if personalized is None else stack_volume(personalized)
     return evaluate_batch(stack_volume(probs), stack_volume(raters), stacked, **kwargs)
 

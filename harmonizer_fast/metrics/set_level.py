@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..ops.ged import CONVENTIONS, DEFAULT_CONVENTION, _convention, pairwise_intersection
 from ..ops.ged import ged as _plain_ged
+from ._checks import checked
 
 
 def _binary(x: Tensor, threshold: float) -> Tensor:
@@ -83,17 +84,20 @@ class PairCounts(NamedTuple):
         return (a + b - 2 * self.inter) / self.pixels - ((a - b) / self.pixels).square()
 
 
+@checked(a="samples", b="samples")
 def dice_pairs(a: Tensor, b: Tensor, *, threshold: float = 0.5, empty_dice: float = 1.0) -> Tensor:
     """Dice of every pair of masks, ``(B, Ka, Kb)`` float64; two empty masks score ``empty_dice``."""
     return PairCounts.of(a, b, threshold).dice(empty_dice)
 
 
+@checked(a="samples", b="samples")
 def iou_pairs(a: Tensor, b: Tensor, *, threshold: float = 0.5, empty_iou: float = 1.0, eps: float = 0.0) -> Tensor:
     """IoU ``I / (U + eps)`` of every pair of masks, ``(B, Ka, Kb)`` float64 from the kernels' exact pixel
     counts; two empty masks score ``empty_iou``."""
     return PairCounts.of(a, b, threshold).iou(empty_iou, eps)
 
 
+@checked(a="samples", b="samples")
 def pair_variances(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Tensor:
     """``Var_p(A(p) - B(p))`` over the pixels of every pair of binary masks, ``(B, Ka, Kb)`` float64 (the
     pairwise variance of Rahman et al.'s diversity agreement), from the intersection kernel's counts."""
@@ -111,6 +115,7 @@ def _hungarian_mean(iou: Tensor) -> Tensor:
     return torch.tensor(np.asarray(out), dtype=torch.float64, device=iou.device)
 
 
+@checked(samples="samples", raters="masks")
 def hm_iou(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, empty_iou: float = 1.0) -> Tensor:
     """Hungarian-matched IoU (Kohl et al. 2019, the hierarchical probabilistic U-Net's LIDC evaluation).
 
@@ -122,12 +127,14 @@ def hm_iou(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, empty_iou
     return _hungarian_mean(iou_pairs(samples, raters, threshold=threshold, empty_iou=empty_iou))
 
 
+@checked(samples="samples", raters="masks")
 def d_max(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, empty_dice: float = 1.0) -> Tensor:
     """D_max of the collectively-intelligent diffusion work (Rahman et al., CVPR 2023): the mean over raters
     of the best Dice any sample reaches with that rater; two empty masks have Dice ``empty_dice``."""
     return dice_pairs(samples, raters, threshold=threshold, empty_dice=empty_dice).amax(1).mean(1)
 
 
+@checked(samples="samples", raters="masks")
 def combined_sensitivity(samples: Tensor, raters: Tensor, *, threshold: float = 0.5) -> Tensor:
     """S_c of Rahman et al. (CVPR 2023): TP / (TP + FN) of the union of the samples against the union of the
     raters. When no rater marks anything there is nothing to miss, and S_c is 1."""
@@ -148,6 +155,7 @@ def _offdiag_mean(d: Tensor) -> Tensor:
     return (d.sum((1, 2)) - torch.diagonal(d, dim1=1, dim2=2).sum(1)) / (k * (k - 1))
 
 
+@checked(samples="samples")
 def sample_diversity(samples: Tensor, *, threshold: float = 0.5, empty_iou: float = 1.0) -> Tensor:
     """Mean pairwise distance 1 - IoU among the samples, over the K (K - 1) ordered pairs k != k'; 0 for
     K = 1. Two empty samples are identical (IoU ``empty_iou`` = 1, distance 0)."""
@@ -178,6 +186,7 @@ def _weighted_mean(d: Tensor, wa: Tensor, wb: Tensor, offdiag: bool) -> Tensor:
     return torch.where(total > 0, (ww * d).sum((1, 2)) / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
+@checked(samples="samples", raters="masks")
 def ged(
     samples: Tensor,
     raters: Tensor,
@@ -227,6 +236,7 @@ def _ncc(a: Tensor, c: Tensor) -> Tensor:
     return torch.where(denom > 0, num / denom.clamp_min(1e-300), torch.zeros_like(num))
 
 
+@checked(samples="samples", raters="masks")
 def ncc(samples: Tensor, raters: Tensor, *, threshold: float = 0.5) -> Tensor:
     """PHiSeg's S_NCC (Baumgartner et al. 2019, Eq. 11): does the samples' own variability predict where they
     disagree with each rater?
@@ -285,6 +295,7 @@ def _ci(sc: Tensor, dm: Tensor, da: Tensor) -> Tensor:
     return torch.where(total != 0, 3 * sc * dm * da / torch.where(total != 0, total, 1.0), torch.zeros_like(total))
 
 
+@checked(samples="samples", raters="masks")
 def diversity_agreement(
     samples: Tensor, raters: Tensor, *, threshold: float = 0.5, include_self_pairs: bool = False
 ) -> Tensor:
@@ -301,6 +312,7 @@ def diversity_agreement(
     return _diversity_agreement(v_samples, pair_variances(raters, raters, threshold=threshold), include_self_pairs)
 
 
+@checked(samples="samples", raters="masks")
 def ci_score(
     samples: Tensor,
     raters: Tensor,
@@ -328,6 +340,7 @@ SET_LEVEL_KEYS = ("hm_iou", "d_max", "combined_sensitivity", "diversity_agreemen
                   "ncc")  # fmt: skip
 
 
+@checked(samples="samples", raters="masks")
 def set_level_metrics(samples: Tensor, raters: Tensor, *, threshold: float = 0.5) -> dict[str, Tensor]:
     """Every set-level metric of a batch (:data:`SET_LEVEL_KEYS`, each ``(B,)`` float64, default arguments)
     from three intersection-kernel calls (samples x raters, samples x samples, raters x raters; the areas are

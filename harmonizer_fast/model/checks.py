@@ -31,6 +31,8 @@ def check_images(c: HarmonizerConfig, images: object, *, finite: bool = False) -
         raise TypeError(f"HarmonizerNet: images must be floating point, got {images.dtype}")
     if images.shape[0] == 0:
         raise ValueError("HarmonizerNet: images is an empty batch (B = 0)")
+    if images.device.type == "meta":
+        raise ValueError("HarmonizerNet: images must hold values (a CPU or CUDA tensor), got a meta tensor")
     if images.shape[1] != c.in_channels:
         raise ValueError(
             f"HarmonizerNet: images have {images.shape[1]} channels, the config expects in_channels={c.in_channels}"

@@ -361,7 +361,7 @@ def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float =
     _check_masks(b, op, "b", floating=soft)
     _check_pair(a, b, op, "a", "b")
     if soft and a.dtype != b.dtype:
-        raise TypeError(f"pairwise_iou: soft masks must share one dtype, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"pairwise_iou: soft masks a and b must share one dtype, got {a.dtype} and {b.dtype}")
     if soft:
         check_probabilities(a, op, "a")
         check_probabilities(b, op, "b")
