@@ -214,8 +214,10 @@ def test_dice_soft_curve_sweeps_any_thresholds():
     np.testing.assert_allclose(metrics.dice_soft_curve(samples, raters, ts).numpy(), want, rtol=1e-7)
     five = metrics.dice_soft_curve(samples, raters).numpy().mean(1)
     np.testing.assert_allclose(metrics.dice_soft(samples, raters).numpy(), five, rtol=1e-12)
-    with pytest.raises(ValueError, match=r"thresholds must be a non-empty list of values in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"dice_soft: thresholds\[1\] must be a number in \[0, 1\), got 1.0"):
         metrics.dice_soft(samples, raters, thresholds=[0.5, 1.0])
+    with pytest.raises(ValueError, match=r"thresholds must be a non-empty list of values in \[0, 1\)"):
+        metrics.dice_soft(samples, raters, thresholds=[])
 
 
 def test_set_level_metrics_share_counts_and_equal_each_function(case):
