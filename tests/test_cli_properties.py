@@ -18,7 +18,8 @@ from harmonizer_fast import cli
 
 HOSTILE = st.one_of(
     st.sampled_from(["nan", "inf", "-inf", "1e400", "-1", "0", "-0", "0.5", "1e3", "3.0", "0x10", "1_000", " 7",
-                     "", "abc", "99999999999999999999999", str(2**63), str(2**31), "1e-320", "None", "True"]),
+                     "", "abc", "99999999999999999999999", str(2**63), str(2**31), "1e-320", "None", "True",
+                     "nan\n", " inf ", "4\n", "1e3\t", "-nan"]),
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.text(max_size=8),

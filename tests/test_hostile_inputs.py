@@ -296,7 +296,7 @@ ROWS = [
     C("train-epochs-zero", lambda w: TRAIN(w, "--epochs", "0"), "--epochs: expected an integer >= 1"),
     C("train-epochs-negative", lambda w: TRAIN(w, "--epochs", "-1"), "--epochs: expected an integer >= 1"),
     C("train-epochs2-zero", lambda w: TRAIN(w, "--epochs2", "0"), "--epochs2: expected an integer >= 1"),
-    C("train-lr-nan", lambda w: TRAIN(w, "--lr", "nan"), "--lr: expected a finite number > 0, got nan"),
+    C("train-lr-nan", lambda w: TRAIN(w, "--lr", "nan"), "--lr: expected a finite number > 0, got 'nan'"),
     C("train-lr-inf", lambda w: TRAIN(w, "--lr", "inf"), "--lr: expected a finite number > 0"),
     C("train-lr-negative", lambda w: TRAIN(w, "--lr", "-1"), "--lr: expected a finite number > 0"),
     C("train-lr-zero", lambda w: TRAIN(w, "--lr", "0"), "--lr: expected a finite number > 0"),
