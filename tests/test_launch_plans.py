@@ -220,7 +220,7 @@ def test_the_triton_ged_checks_values_in_its_kernels_not_before(monkeypatch):
         raise AssertionError("a host-side value check ran on the Triton path")
 
     monkeypatch.setattr(ged_ops, "_check_probability_values", forbidden)
-    monkeypatch.setattr(ged_ops, "_check_binary", forbidden)
+    monkeypatch.setattr(ged_ops, "check_binary", forbidden)
     monkeypatch.setenv(_backend.ENV_BACKEND, "triton")
     g = torch.Generator().manual_seed(4)
     samples, raters = torch.rand(2, 3, 6, 6, generator=g), (torch.rand(2, 2, 6, 6, generator=g) > 0.5).float()

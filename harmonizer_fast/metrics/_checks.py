@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from .._backend import InvalidInputError
-from ..ops._checks import check_probabilities
+from ..ops._checks import check_binary, check_probabilities
 
 F = TypeVar("F", bound=Callable[..., Any])
 KINDS = ("probabilities", "samples", "masks")
@@ -48,8 +47,7 @@ def check_map(value: object, op: str, name: str, kind: str) -> Tensor:
     if not (floating or value.dtype in (torch.bool, torch.uint8)):
         raise TypeError(f"{op}: {name} must be bool, uint8 or floating point, got {value.dtype}")
     if kind == "masks":
-        if value.dtype != torch.bool and not bool(((value == 0) | (value == 1)).all()):
-            raise InvalidInputError(f"{op}: {name} must be binary masks (values 0 and 1 only)")
+        check_binary(value, op, name)
     elif floating:
         check_probabilities(value, op, name)
     return value

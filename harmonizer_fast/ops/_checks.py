@@ -10,6 +10,7 @@ import torch
 from . import _autocast
 
 NOT_PROBABILITY = "{op}: {name} must hold probabilities, finite and within [0, 1]"
+NOT_BINARY = "{op}: {name} must be binary masks (values 0 and 1 only)"
 
 
 def check_float_tensor(t: object, op: str, name: str, ndim: int, layout: str) -> torch.Tensor:
@@ -41,6 +42,14 @@ def check_same_device_dtype(ref: torch.Tensor, t: torch.Tensor, op: str, ref_nam
 def check_shape(t: torch.Tensor, expected: Sequence[int], op: str, name: str, layout: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{op}: {name} must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_binary(t: torch.Tensor, op: str, name: str) -> None:
+    """bool masks, or values 0 and 1 only (one pass; NaN fails the compares)."""
+    from .._backend import InvalidInputError
+
+    if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
+        raise InvalidInputError(NOT_BINARY.format(op=op, name=name))
 
 
 def check_threshold(value: object, op: str, name: str = "threshold") -> float:

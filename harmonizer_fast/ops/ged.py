@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
-from ._checks import NOT_PROBABILITY, check_probabilities, check_threshold
+from ._checks import NOT_BINARY, NOT_PROBABILITY, check_binary, check_probabilities, check_threshold
 
 
 class OverlapMode(IntEnum):
@@ -165,18 +165,12 @@ def ged_sums_reference(
 
 
 _CHECKED_IN_KERNEL = ("cpu", "triton")
-_NOT_BINARY = "{op}: {name} must be binary masks (values 0 and 1 only)"
 
 
 def _check_probability_values(x: Tensor, op: str, name: str) -> None:
     """Floating values promise probabilities; bool and integer masks (0/255 included) are thresholded as they are."""
     if x.is_floating_point():
         check_probabilities(x, op, name)
-
-
-def _check_binary(x: Tensor, op: str, name: str) -> None:
-    if x.dtype != torch.bool and not bool(((x == 0) | (x == 1)).all()):
-        raise _backend.InvalidInputError(_NOT_BINARY.format(op=op, name=name))
 
 
 def _check_overlap_values(backend: str, a: Tensor, b: Tensor, threshold, soft: bool, *_) -> None:
@@ -190,7 +184,7 @@ def _check_ged_values(backend: str, samples: Tensor, raters: Tensor, *_) -> None
     if backend in _CHECKED_IN_KERNEL:
         return
     _check_probability_values(samples, "ged", "samples")
-    _check_binary(raters, "ged", "raters")
+    check_binary(raters, "ged", "raters")
 
 
 def _raise_flagged(flags: Tensor, messages: tuple[str, ...]) -> None:
@@ -216,7 +210,7 @@ def _triton_ged_sums(*args) -> Tensor:
 
     sums, flags = ged_sums(*args)
     _raise_flagged(flags, (NOT_PROBABILITY.format(op="ged", name="samples"),
-                           _NOT_BINARY.format(op="ged", name="raters")))  # fmt: skip
+                           NOT_BINARY.format(op="ged", name="raters")))  # fmt: skip
     return sums
 
 
