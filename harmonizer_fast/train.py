@@ -643,7 +643,7 @@ class Trainer:
         if bad:
             raise DivergedError(f"{len(bad)} weights or statistics are NaN or Inf after epoch {epoch} ({bad[0]}, ...)")
         try:
-            scores = evaluate_model(self.net, self.data, self.split.val, samples=tc.val_samples,
+            scores = evaluate_model(self.net, self.data, self.split.val, num_samples=tc.val_samples,
                                     seed=seed_of(tc.seed, 3), batch=tc.val_batch,
                                     heads="personalized" if phase == 2 else "none")  # fmt: skip
         except ValueError as exc:  # the metrics refuse non-finite predictions
