@@ -4,8 +4,9 @@
 
 Generated, not listed: every tensor argument of every public op and metric (and the model's inference) is
 replaced in turn by each mutation of :data:`MUTATIONS` applicable to its kind (probabilities, binary masks,
-images, features), and the predict command is run on a folder of damaged or unusual files. Each outcome is
-one of the issue's classes:
+images, features), the predict command is run on a folder of damaged or unusual files, and every field of the
+bundled model's checkpoint manifest is replaced in turn by each value of :data:`MANIFEST_VALUES` (loaded and run
+under an address-space limit). Each outcome is one of the issue's classes:
 
 - ``correct``: a valid input (a non-contiguous view, float64, bool or uint8 masks, ...) gave the result of
   the canonical input; a non-finite feature propagated as IEEE arithmetic does;
@@ -308,6 +309,85 @@ def predict_sweep(tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# Values written over one field of a checkpoint manifest at a time: JSON's other types, out-of-range and huge
+# numbers (a count of 10**12 once made load_model allocate before any check), and NaN, which json writes.
+MANIFEST_VALUES: dict[str, Any] = {
+    "10**12": 10**12, "-1": -1, "0": 0, "2.5": 2.5, "NaN": float("nan"), "1e308": 1e308, "true": True,
+    "string": "x", "null": None, "list": [1], "object": {"a": 1},
+}  # fmt: skip
+
+
+def _limit_address_space() -> None:
+    """An allocation past what the machine has becomes a MemoryError (a traceback row) instead of swapping the
+    machine: the address space this process has now plus the memory available."""
+    import resource
+
+    from harmonizer_fast._alloc import memory_available
+
+    status = Path("/proc/self/status").read_text().splitlines()
+    vm = int(next(ln for ln in status if ln.startswith("VmSize")).split()[1])
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm * 1024 + memory_available(), hard))
+
+
+def _load_and_predict(run: Path) -> torch.Tensor:
+    from harmonizer_fast.checkpoint import load_model, preprocessing_of
+
+    net, manifest = load_model(run)
+    preprocessing_of(manifest)
+    samples, heads = net.predict(prob(1, net.config.in_channels, 32, 32, seed=7), num_samples=2,
+                                 heads="personalized")  # fmt: skip
+    return torch.cat([samples, heads], dim=1)
+
+
+def manifest_sweep(tmp: Path) -> list[dict[str, Any]]:
+    """Every field of the bundled model's manifest (its model config, preprocessing recipe and header) replaced
+    in turn by each value of :data:`MANIFEST_VALUES`, then loaded and run. A value is taken correctly only when
+    the model loads with exactly that value and predicts probabilities; otherwise it must be refused naming the
+    field."""
+    from harmonizer_fast.pretrained import path as pretrained_path
+
+    manifest = pretrained_path("lidc-small")  # the model's manifest, beside its weights
+    src = manifest.parent
+    original = json.loads(manifest.read_text())
+    fields = [(part, key) for part in ("model_config", "preprocessing") for key in original[part]]
+    fields += [(None, key) for key in original if key not in ("model_config", "preprocessing", "state")]
+    _limit_address_space()
+    rows = []
+    for part, key in fields:
+        for vname, value in MANIFEST_VALUES.items():
+            run = tmp / "manifest"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(src, run)
+            m = json.loads(json.dumps(original))
+            (m if part is None else m[part])[key] = value
+            (run / manifest.name).write_text(json.dumps(m))
+            name = key if part is None else f"{part}.{key}"
+            signal.signal(signal.SIGALRM, _alarm)
+            signal.alarm(TIMEOUT_S)
+            try:
+                out = _load_and_predict(run / manifest.name)
+                ok = bool(((out >= 0) & (out <= 1)).all())
+                from harmonizer_fast.checkpoint import read_manifest
+
+                loaded = read_manifest(run / manifest.name)[1]
+                kept = json.dumps((loaded if part is None else loaded[part])[key])
+                faithful = kept == json.dumps(value) and ok
+                cls, detail = ("correct", "taken as written") if faithful else ("silent garbage", "loaded")
+            except _Timeout:
+                cls, detail = "hang", f"no answer in {TIMEOUT_S} s"
+            except (ValueError, TypeError) as exc:
+                text = " ".join(str(exc).split())
+                cls, detail = ("clear error" if key in text else "unclear error"), text
+            except Exception as exc:  # noqa: BLE001 (the sweep records whatever escapes)
+                cls, detail = "traceback", f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            finally:
+                signal.alarm(0)
+            rows.append({"target": "load_model (manifest)", "argument": name, "input": vname, "class": cls,
+                         "detail": detail[:300]})  # fmt: skip
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     total = Counter(r["class"] for r in rows)
@@ -317,7 +397,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Hostile-input sweep: {len(rows)} inputs ([reliability] #36)", "", machine_header(result), "",
              f"`{result['command']}`. Generated from the mutation table of `benchmarks/hostile_sweep.py` over every "
              "tensor argument of the public ops, metrics and the model's inference, plus damaged and unusual files "
-             "for `predict` (each alone, then all together).", "",
+             "for `predict` (each alone, then all together), and every field of a checkpoint manifest replaced by "
+             "each value of `MANIFEST_VALUES`, loaded and run under an address-space limit.", "",
              "| class | inputs |", "|---|---|", *[f"| {c} | {total.get(c, 0)} |" for c in CLASSES], "",
              "| target | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
              *[f"| {t} | " + " | ".join(str(c.get(k, 0)) for k in CLASSES) + " |" for t, c in by_target.items()],
@@ -338,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = api_sweep()
     with tempfile.TemporaryDirectory() as tmp:
         rows += predict_sweep(Path(tmp))
+        rows += manifest_sweep(Path(tmp))  # last: it limits this process's address space
     result = {"command": "python benchmarks/hostile_sweep.py " + " ".join(argv or sys.argv[1:]),
               "machine": machine_info(), "device": "cpu", "rows": rows,
               "counts": dict(Counter(r["class"] for r in rows))}  # fmt: skip

@@ -58,11 +58,17 @@ def memory_available() -> int:
         return 2**63 - 1  # unknown: no bound
 
 
+class InsufficientMemoryError(ValueError):
+    """A size asked for by an input (a flag, a file's header, a config's count) that this machine cannot hold,
+    refused before allocating; the command line reports it in one line, exit 2, like any bad input."""
+
+
 def check_fits(nbytes: int, what: str) -> None:
-    """ValueError naming ``what`` when ``nbytes`` exceed the memory available (with both sizes in GiB).
+    """InsufficientMemoryError naming ``what`` when ``nbytes`` exceed the memory available (both in GiB).
     Requests below 256 MiB pass without reading /proc: predict asks once per batch of the sampling loop."""
     if nbytes < 2**28:
         return
     have = memory_available()
     if nbytes > have:
-        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB; this machine has {have / 2**30:.1f} GiB available")
+        raise InsufficientMemoryError(f"{what} needs {nbytes / 2**30:.1f} GiB; this machine has "
+                                      f"{have / 2**30:.1f} GiB available")  # fmt: skip

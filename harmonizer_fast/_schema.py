@@ -3,7 +3,8 @@
 One rule for ``HarmonizerConfig`` and ``TrainConfig`` (and so for every manifest, since both are rebuilt
 from their JSON through the constructor): an ``int`` field holds an int (not a bool, not 2.5), a ``float``
 field a finite int or float, a ``bool`` a bool, a ``str`` a str, ``tuple[int, ...]`` a tuple of ints, and
-``Optional[X]`` None or an X. The ranges (counts >= 1, weights >= 0, names from a list) stay beside each
+``Optional[X]`` None or an X; for the JSON a manifest records, ``dict[str, Any]`` an object and
+``list[dict[str, Any]]`` a list of objects. The ranges (counts >= 1, weights >= 0, names from a list) stay beside each
 config, which knows them. A hand-written check per field had let ``latent_dim=2.5`` or ``lambda_kl=nan``
 through to the model.
 """
@@ -31,6 +32,10 @@ _CHECKS = {
     "bool": (lambda v: isinstance(v, bool), "True or False"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "tuple[int, ...]": (lambda v: isinstance(v, tuple) and all(is_int(x) for x in v), "a tuple of integers"),
+    # the JSON side (a manifest's recorded training state): objects, and lists of objects
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
+    "list[dict[str, Any]]": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+                             "a list of objects"),
 }
 
 

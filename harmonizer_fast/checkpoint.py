@@ -32,8 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ._alloc import check_fits
 from ._io import remove, write_atomic
 from .model import HarmonizerConfig, HarmonizerNet
+from .model.budget import WeightsBound, culprits, plan_network
 from .preprocessing import Preprocessing
 
 FORMAT = "harmonizer-fast-checkpoint"
@@ -173,7 +175,7 @@ def _check_manifest(p: Path, manifest: Any) -> dict[str, Any]:
     """The structure every reader relies on, so that a damaged manifest fails here with its name."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a harmonizer-fast checkpoint (format tag missing or foreign)")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") != VERSION or isinstance(manifest.get("version"), bool):  # True == 1 in Python
         raise CheckpointError(f"{p}: checkpoint version {manifest.get('version')} is not supported ({VERSION})")
     files, shas = manifest.get("files"), manifest.get("sha256")
     if not isinstance(files, dict) or not isinstance(files.get("weights"), str):
@@ -218,6 +220,10 @@ def _load_verified(manifest_path: Path, manifest: dict[str, Any], key: str) -> d
     f = manifest_path.parent / manifest["files"][key]
     if not f.is_file():
         raise CheckpointError(f"{f}: missing (listed in {manifest_path.name})")
+    try:  # the bytes and the tensors made from them
+        check_fits(2 * f.stat().st_size, f"{f}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     data = f.read_bytes()
     if _sha256(data) != manifest["sha256"][key]:
         raise CheckpointError(f"{f}: does not match its manifest {manifest_path.name} (truncated or replaced)")
@@ -249,6 +255,30 @@ def config_difference(a: HarmonizerConfig, b: HarmonizerConfig) -> list[str]:
     return [f"{k}: {da.get(k)!r} != {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
 
 
+# Buffers a checkpoint may lack because it predates them (the weights keep their default): see _load_weights.
+_ADDED_BUFFERS = ("personalizer.trained_steps",)
+
+
+def _plan_fits(config: HarmonizerConfig, weights: dict[str, torch.Tensor], mpath: Path, file: str) -> None:
+    """Refuse a config that does not describe these weights before building its network: the plan on ``meta``
+    stops as soon as the config registers more than the weights file holds (a hand-edited count of 10**12
+    would otherwise allocate first), then every tensor's shape is compared with the file's."""
+    bound = WeightsBound(len(weights) + len(_ADDED_BUFFERS), sum(t.numel() for t in weights.values()) + 1,
+                         f"its weights file {file}")  # fmt: skip
+    try:
+        planned = plan_network(config, weights=bound, name=str(mpath))
+        wrong = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(v)} in the config" for k, v in planned.items()
+                 if k in weights and weights[k].shape != v]  # fmt: skip
+        wrong += [f"{k}: in the file, not in the config" for k in sorted(set(weights) - set(planned))]
+        wrong += [f"{k}: in the config, not in the file" for k in sorted(set(planned) - set(weights))
+                  if k not in _ADDED_BUFFERS]  # fmt: skip
+        if wrong:
+            raise ValueError(f"{mpath}: weights do not fit the model config ({'; '.join(wrong[:2])})")
+    except ValueError as exc:  # name the field when setting one back to its preset's value resolves it
+        named = culprits(config, {k: t.shape for k, t in weights.items()}, bound)
+        raise CheckpointError(f"{exc}{'; ' if named else ''}{'; '.join(f'model_config.{n}' for n in named)}") from None
+
+
 def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], mpath: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -265,8 +295,10 @@ def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], mpat
 def load_model(path: PathLike, *, map_location: Union[str, torch.device] = "cpu") -> tuple[HarmonizerNet, dict]:
     """The model of a checkpoint (run directory: its best) in eval mode, and its manifest."""
     mpath, manifest = read_manifest(path)
-    model = HarmonizerNet(config_of(mpath, manifest))
-    _load_weights(model, _load_verified(mpath, manifest, "weights"), mpath)
+    config, weights = config_of(mpath, manifest), _load_verified(mpath, manifest, "weights")
+    _plan_fits(config, weights, mpath, manifest["files"]["weights"])
+    model = HarmonizerNet(config)
+    _load_weights(model, weights, mpath)
     return model.to(map_location).eval(), manifest
 
 

@@ -744,11 +744,12 @@ def _run(argv: Optional[list[str]]) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     args.bench_args = extra
+    from ._alloc import InsufficientMemoryError
     from ._backend import BackendUnavailableError
     from .train import DivergedError, TrainingError
 
     expected = (UsageError, DataError, CheckpointError, TrainingError, OutputPathError, BackendUnavailableError,
-                MissingExtraError, OSError)  # fmt: skip
+                MissingExtraError, InsufficientMemoryError, OSError)  # fmt: skip
     try:
         return args.func(args)
     except DivergedError as exc:  # not a usage error: the run was valid and failed (exit 1, one line)

@@ -208,6 +208,29 @@ class Position:
 
 
 @dataclass
+class RecordedState:
+    """The training state a checkpoint manifest records (``Trainer._state``), checked field by field when a run
+    is resumed: a hand-edited or damaged manifest is refused naming the field, before any of it is used."""
+
+    position: dict[str, Any]
+    phase: int
+    scheduler: Optional[dict[str, Any]]
+    train_config: dict[str, Any]
+    data: dict[str, Any]
+    history: list[dict[str, Any]]
+    best_score: Optional[float]
+    best_phase: int
+    stopped: str
+    world_size: int
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.phase not in (1, 2) or self.best_phase not in (0, 1, 2) or self.world_size < 1:
+            raise ValueError(f"RecordedState: phase {self.phase}, best_phase {self.best_phase} or world_size "
+                             f"{self.world_size} out of range")  # fmt: skip
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     epochs_done: int
@@ -443,6 +466,7 @@ class Trainer:
         where = self.run.manifest_path("last")
         try:
             st = manifest["state"]
+            RecordedState(**{f.name: st[f.name] for f in fields(RecordedState)})
             recorded_tc = TrainConfig.from_dict(st["train_config"])
             recorded_data = st.get("data", {}).get("fingerprint")
             recorded_model = manifest["model_config"]

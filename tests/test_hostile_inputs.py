@@ -215,6 +215,11 @@ def _set(key: str, value: Any) -> Callable[[dict], None]:
     return lambda m: m.__setitem__(key, value)
 
 
+def _in(part: str, key: str, value: Any) -> Callable[[dict], None]:
+    """Set one field of a manifest's ``model_config`` or ``state``."""
+    return lambda m: m[part].__setitem__(key, value)
+
+
 def _finite_probs(x):
     return torch.rand(1, 2, 8, 8) if x is None else x
 
@@ -742,6 +747,47 @@ ROWS = [
         lambda w: load_model(_config_swapped(w)),
         CheckpointError,
         "weights do not fit the model",
+    ),
+    # [reliability] #36: a hand-edited count in a manifest is bounded by the weights file before any build
+    # (model/budget.py); one that only sizes the forward (prior_bank) by the memory available before drawing
+    E(
+        "load-model-config-huge-token-count",
+        lambda w: load_model(w.manifest_edit("bigtok", _in("model_config", "harmonizer_tokens", 10**12))),
+        CheckpointError,
+        "weights do not fit the model config: it describes a network larger than its weights file",
+    ),
+    E(
+        "load-model-config-billion-blocks",
+        lambda w: load_model(w.manifest_edit("bigblk", _in("model_config", "encoder_blocks", [10**9, 1, 1, 1]))),
+        CheckpointError,
+        "weights do not fit the model config",
+    ),
+    C(
+        "sample-config-huge-prior-bank",
+        lambda w: SAMPLE(w, checkpoint=w.manifest_edit("bigbank", _in("model_config", "prior_bank", 10**12))),
+        "prior_bank=1000000000000",
+    ),
+    C(
+        "train-resume-state-best-score-not-a-number",
+        lambda w: TRAIN(w, "--resume", "--out", w.manifest_edit("badscore", _in("state", "best_score", "low"))),
+        "RecordedState.best_score: expected a finite number or None, got 'low'",
+    ),
+    C(
+        "train-resume-state-phase-out-of-range",
+        lambda w: TRAIN(w, "--resume", "--out", w.manifest_edit("badphase", _in("state", "phase", 7))),
+        "RecordedState: phase 7",
+    ),
+    E(
+        "model-config-million-blocks",
+        lambda w: HarmonizerNet(HarmonizerConfig.small(encoder_blocks=(10**6, 1, 1, 1))),
+        ValueError,
+        "modules (the paper's has 249)",
+    ),
+    E(
+        "model-config-trillion-tokens",
+        lambda w: HarmonizerNet(HarmonizerConfig.small(harmonizer_tokens=10**12)),
+        ValueError,
+        "GiB available",
     ),
     E("read-npz-crc-damaged", lambda w: hd.read_npz(w.crc_damaged_npz()), hd.DataError, "not a readable .npz"),
     OK("lidc-truncated-cache-is-rebuilt", _truncated_cache_then_read, _cache_is_rebuilt),

@@ -140,7 +140,8 @@ class HarmonizerConfig:
         tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
         # a config saved before these options existed trained the prior through the GED term, from torch's init
         d = {"ged_through_prior": "full", "init": "torch", "sigma_bound": "hard", **d}
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+        # JSON has lists where the config has tuples; anything else goes to the field check, which names the field
+        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in d.items()})
 
 
 PRESETS = ("paper", "small")

@@ -18,6 +18,7 @@ from torch.distributions import Independent
 
 from .._alloc import check_fits
 from .backbone import Backbone
+from .budget import plan_network, planning
 from .checks import check_images, check_masks
 from .config import HarmonizerConfig
 from .dpersona import DPersonaHeads
@@ -98,6 +99,8 @@ class HarmonizerNet(nn.Module):
         super().__init__()
         if not isinstance(config, HarmonizerConfig):
             raise TypeError(f"HarmonizerNet: config must be a HarmonizerConfig, got {type(config).__name__}")
+        if not planning():  # bound the build by the memory available before allocating (model/budget.py)
+            plan_network(config)
         c = config
         self.config = c
         self.backbone = Backbone(
@@ -219,6 +222,7 @@ class HarmonizerNet(nn.Module):
         masks = self._check_masks(masks, images)
         b = images.shape[0]
         c = self.config
+        self._check_config_sizes(images, c.ged_samples if self.phase == 1 else c.num_raters, "forward")
         if noise is None:
             noise = self.draw_noise(b, generator)
         noise = {k: v.to(images.device) for k, v in noise.items()}
@@ -248,6 +252,16 @@ class HarmonizerNet(nn.Module):
         out = ModelOutput(2, f, harm, prior)
         out.personalized_logits = self.fcomb.logits(f, z_personal)
         return out
+
+    def _check_config_sizes(self, images: Tensor, maps: int, where: str) -> None:
+        """Refuse before drawing when the config's forward-time counts, which the build does not hold
+        (``ged_samples`` or the rater heads' fcomb maps, and the ``prior_bank`` with its attention keys and
+        values), need more memory than is available (model/budget.py bounds the build itself)."""
+        c = self.config
+        b, _, h, w = images.shape
+        nbytes = 4 * b * (maps * c.fcomb_channels * h * w + c.prior_bank * (c.latent_dim + 2 * c.personalizer_attn_dim))
+        check_fits(nbytes, f"{where}: the config's ged_samples={c.ged_samples}, num_raters={c.num_raters} and "
+                           f"prior_bank={c.prior_bank} for {b} image(s) of {h} x {w}")  # fmt: skip
 
     # -----------------------------------------------------------------------------------------------------
     # Inference: one backbone pass per image, K samples for the price of the fused head.
@@ -336,6 +350,7 @@ class HarmonizerNet(nn.Module):
         check_fits(2 * 4 * b * num_samples * h * w, f"predict: num_samples={num_samples} for {b} image(s) of {h} x {w}")
         if kind == "personalized":
             idx = self._rater_indices(raters, allow_untrained)
+            self._check_config_sizes(images, len(idx), "predict")
         else:
             idx = self._raters(raters, "predict") if kind == "identity" else None
         noise = self._draws(images, num_samples, generator)  # the samples' draws first, then the bank's
