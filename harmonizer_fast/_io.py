@@ -28,6 +28,31 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def sync_filesystem(path: PathLike) -> bool:
+    """Flush every file written on the filesystem holding ``path`` with one call (Linux ``syncfs``); False where
+    there is none, and the caller fsyncs file by file. One journal commit for a batch of files instead of one
+    per file: ``predict`` writes about eight files per case."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))  # EIO: written data could not be stored
+    finally:
+        os.close(fd)
+    return True
+
+
 def temp_name(path: Path) -> Path:
     """The temporary name :func:`write_atomic` writes ``path`` under first (same folder, hidden, per process)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -490,3 +490,29 @@ def test_normalisation_is_what_training_saw():
     for raw in (rng.integers(0, 256, (3, 2, 9, 7), dtype=np.uint8), rng.normal(5, 3, (3, 2, 9, 7)),
                 rng.random((2, 1, 5, 5)).astype(np.float32), np.full((1, 1, 4, 4), 7.0)):  # fmt: skip
         np.testing.assert_array_equal(Preprocessing().normalize(raw), readers_formula(raw))
+
+
+def test_a_failing_disk_fails_the_units_cases_and_publishes_none(run_dir, tmp_path, monkeypatch, capsys):
+    """A unit's cases are flushed together before any is renamed into place ([predict] #34): a flush that
+    fails (a full or failing disk) leaves each of them a failed row, no case folder, no hidden folder; a rerun
+    writes what an undisturbed run writes."""
+    import errno
+
+    from harmonizer_fast.predict import runner
+
+    src, out, ref = tmp_path / "in", tmp_path / "out", tmp_path / "ref"
+    _make_pngs(src, 3)
+    assert _predict("-i", src, "-o", ref, "-m", run_dir) == 0
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(runner, "sync_filesystem", full)
+    assert _predict("-i", src, "-o", out, "-m", run_dir) == 3
+    rows = _rows(out)
+    assert {r["status"] for r in rows.values()} == {"failed"} and len(rows) == 3
+    assert all("No space left on device" in r["error"] for r in rows.values())
+    assert not [p for p in out.iterdir() if p.is_dir() and p.name not in (".failed",)]
+    monkeypatch.undo()
+    assert _predict("-i", src, "-o", out, "-m", run_dir) == 0
+    assert _outputs(out) == _outputs(ref)

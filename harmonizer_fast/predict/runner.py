@@ -16,7 +16,8 @@ samples and the rater heads slice by slice, crop the padding, and write in the i
 ``<ext>`` is ``.png`` for 2-D images, ``.npy`` for NumPy inputs, ``.nii.gz`` for NIfTI inputs; a DICOM series
 gives a derived DICOM series per map (``<map>/0000.dcm`` ...), on the source slices' geometry. A case's
 files appear in one step: they are written into a hidden folder of OUT that is then renamed to
-``OUT/<case>``. A rerun skips cases whose folder exists (``overwrite=True`` redoes them); a case that fails
+``OUT/<case>``, after the files of every case of its work unit are flushed to disk together (one ``syncfs``
+per unit on Linux, instead of one fsync per file: 7.1 ms of a PNG case's writing was its eight fsyncs). A rerun skips cases whose folder exists (``overwrite=True`` redoes them); a case that fails
 (unreadable, NaN pixels, wrong channel count) becomes a
 ``failed`` row with its error while the others finish.
 
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 
 from .._extras import require
-from .._io import PathLike, check_not_input, fsync_dir, write_atomic
+from .._io import PathLike, check_not_input, fsync_dir, sync_filesystem, write_atomic
 from .._version import __version__
 from ..checkpoint import load_model, preprocessing_of, read_manifest
 from ..metrics import entropy_map, sample_diversity
@@ -349,7 +350,7 @@ class Predictor:
         counts["skipped"] = sum(len(unit) - len(pending) for unit, pending in todo)
         if bar is not None:
             bar.update(counts["skipped"])
-        writes: list[Future] = []
+        writes: list[_Status] = []
         with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="predict-reader") as reader:  # fmt: skip
             loading = reader.submit(self._load_unit, work[0][0], slice_axis) if work else None
@@ -397,13 +398,14 @@ class Predictor:
         return loaded
 
     def _run_unit(self, out: Path, unit: list[Case], pending: list[Case], read: list, save_samples: bool,
-                  report: bool, writer: ThreadPoolExecutor) -> tuple[int, list[Future]]:
+                  report: bool, writer: ThreadPoolExecutor) -> tuple[int, list[_Status]]:
         """Predict one work unit, read by :meth:`_load_unit`, and hand its pending cases to ``writer``; returns
         the cases that failed before writing and the write jobs (each ends "done" or "failed"). The whole unit
         goes through the network even when some of its cases are done (a resumed run), so every batch holds
         what an uninterrupted run's held."""
         counts = {"failed": 0}
-        jobs: list[Future] = []
+        jobs: list[_Status] = []
+        ready: list[tuple[LoadedCase, CasePrediction, dict]] = []
         t0 = time.perf_counter()
         loaded: list[LoadedCase] = []
         for case, item in zip(unit, read):
@@ -437,62 +439,77 @@ class Predictor:
                 counts["failed"] += 1
                 continue
             row = summary_row(lc.case.name, lc, pred, seconds)
-            jobs.append(writer.submit(self._commit_or_record, out, lc.case, lc, pred, row, save_samples, report))
+            ready.append((lc, pred, row))
+        if ready:  # one job per unit: its cases are flushed to disk together (_commit_unit)
+            job = writer.submit(self._commit_unit, out, ready, save_samples, report)
+            jobs += [_Status(job, i) for i in range(len(ready))]
         return counts["failed"], jobs
 
-    def _commit_or_record(self, out: Path, case: Case, *args) -> str:
+    def _commit_unit(self, out: Path, ready: list[tuple[LoadedCase, CasePrediction, dict]], samples: bool,
+                     preview: bool) -> list[str]:
+        """Write each case of a unit into a hidden folder of ``out``, flush them all to disk at once, then rename
+        each into place (one atomic step per case); returns "done" or "failed" per case. A case that cannot be
+        written becomes a failed row and the others are committed."""
+        staged: dict[int, tuple[Path, list[Path]]] = {}
+        for i, (lc, pred, row) in enumerate(ready):
+            tmp = out / f".tmp-{lc.case.name}-{os.getpid()}"
+            try:
+                staged[i] = (tmp, self._stage(tmp, lc, pred, row, samples, preview))
+            except (CaseError, OSError, MemoryError) as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                _record_failure(out, lc.case.name, exc)
+        status = ["failed"] * len(ready)
         try:
-            self._commit(out, case, *args)
-            return "done"
-        except (CaseError, OSError, MemoryError) as exc:
-            _record_failure(out, case.name, exc)
-            return "failed"
+            # the data before the renames that publish it: after a crash or a power loss a case is complete or
+            # absent, never a folder of empty files that a rerun would skip as done
+            _flush([f for _, files in staged.values() for f in files], out)
+            for i, (tmp, _) in staged.items():
+                _publish(out, ready[i][0].case, tmp)
+                status[i] = "done"
+            if staged:
+                fsync_dir(out)
+        except OSError as exc:  # a full or failing disk: the cases not yet published fail, none half-written
+            for i in staged:
+                if status[i] != "done":
+                    _record_failure(out, ready[i][0].case.name, exc)
+        finally:
+            for tmp, _ in staged.values():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return status
 
-    def _commit(self, out: Path, case: Case, loaded: LoadedCase, pred: CasePrediction, row: dict, samples: bool,
-                preview: bool) -> None:
-        """Write the case into a hidden folder of ``out``, then rename it into place (one atomic step)."""
-        tmp = out / f".tmp-{case.name}-{os.getpid()}"
+    def _stage(self, tmp: Path, loaded: LoadedCase, pred: CasePrediction, row: dict, samples: bool,
+               preview: bool) -> list[Path]:
+        """Write the case's files into the hidden folder ``tmp`` (not yet flushed); returns their paths."""
+        case = loaded.case
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        try:
-            g = loaded.geometry
-            maps = [("mask", pred.mask, "mask"), ("probability", pred.probability, "probability"),
-                    ("uncertainty", pred.uncertainty, "probability")]  # fmt: skip
-            if pred.heads is not None:
-                maps += [(f"rater-{i + 1}", head, "mask") for i, head in enumerate(pred.heads >= 0.5)]
-            if pred.probability.size >= 1 << 20:  # a volume: its maps are encoded side by side (zlib frees the GIL)
-                with ThreadPoolExecutor(max_workers=min(len(maps), os.cpu_count() or 1)) as pool:
-                    files = [f for fs in pool.map(lambda m: encode_map(m[0], m[1], g, m[2]), maps) for f in fs]
-            else:
-                files = [f for name, arr, kind in maps for f in encode_map(name, arr, g, kind)]
-            if samples:
-                buf = io.BytesIO()
-                np.save(buf, pred.samples)
-                files.append(("samples.npy", buf.getvalue()))
-            if preview:
-                from .report import render_preview
+        g = loaded.geometry
+        maps = [("mask", pred.mask, "mask"), ("probability", pred.probability, "probability"),
+                ("uncertainty", pred.uncertainty, "probability")]  # fmt: skip
+        if pred.heads is not None:
+            maps += [(f"rater-{i + 1}", head, "mask") for i, head in enumerate(pred.heads >= 0.5)]
+        if pred.probability.size >= 1 << 20:  # a volume: its maps are encoded side by side (zlib frees the GIL)
+            with ThreadPoolExecutor(max_workers=min(len(maps), os.cpu_count() or 1)) as pool:
+                files = [f for fs in pool.map(lambda m: encode_map(m[0], m[1], g, m[2]), maps) for f in fs]
+        else:
+            files = [f for name, arr, kind in maps for f in encode_map(name, arr, g, kind)]
+        if samples:
+            buf = io.BytesIO()
+            np.save(buf, pred.samples)
+            files.append(("samples.npy", buf.getvalue()))
+        if preview:
+            from .report import render_preview
 
-                heads = None if pred.heads is None else pred.heads >= 0.5
-                image = np.moveaxis(pred.image, 1, 0)
-                files.append(("preview.png", render_preview(image, pred.mask, pred.uncertainty, heads)))
-            seeds = {"seed": self.seed, "slice_seeds": [slice_seed(self.seed, case.name, j) for j in
-                                                        range(pred.probability.shape[0])]}  # fmt: skip
-            record = {"row": row, "sources": [str(p) for p in case.sources], "item": case.item, **seeds}
-            files.append(("case.json", (json.dumps(record, indent=1) + "\n").encode()))  # last: the case is done
-            for name, data in files:
-                _write_synced(tmp / name, data)
-            for folder in {(tmp / name).parent for name, _ in files}:
-                fsync_dir(folder)
-            target = out / case.name
-            old = out / f".old-{case.name}-{os.getpid()}"
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            fsync_dir(out)
-            shutil.rmtree(old, ignore_errors=True)
-            (out / ".failed" / f"{case.name}.json").unlink(missing_ok=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            heads = None if pred.heads is None else pred.heads >= 0.5
+            image = np.moveaxis(pred.image, 1, 0)
+            files.append(("preview.png", render_preview(image, pred.mask, pred.uncertainty, heads)))
+        seeds = {"seed": self.seed, "slice_seeds": [slice_seed(self.seed, case.name, j) for j in
+                                                    range(pred.probability.shape[0])]}  # fmt: skip
+        record = {"row": row, "sources": [str(p) for p in case.sources], "item": case.item, **seeds}
+        files.append(("case.json", (json.dumps(record, indent=1) + "\n").encode()))  # last: the case is done
+        for name, data in files:
+            _write_new(tmp / name, data)
+        return [tmp / name for name, _ in files]
 
     def _record(self, src, out, cases, unlisted, counts, parts, part, started) -> dict[str, Any]:
         return {
@@ -550,17 +567,56 @@ def check_not_inside(src: Path, out: Path) -> None:
         raise ValueError(f"output {out} exists and is not a folder")
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` (and its folder) with ``data`` and flush it to disk, with one open."""
+@dataclass
+class _Status:
+    """Case ``index`` of a unit's write job, read like a job of its own (``result()``: "done" or "failed")."""
+
+    job: Future
+    index: int
+
+    def result(self) -> str:
+        return self.job.result()[self.index]
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (and its folder) with ``data``; flushed to disk with the rest of its unit."""
     path.parent.mkdir(exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _flush(files: list[Path], out: Path) -> None:
+    """Make ``files`` and their folders durable: one ``syncfs`` for all of them where Linux has it, else one
+    fsync per file; then each folder's entries."""
+    if files and not sync_filesystem(out):
+        for f in files:
+            _fsync_file(f)
+    for folder in {f.parent for f in files}:
+        fsync_dir(folder)
+
+
+def _publish(out: Path, case: Case, tmp: Path) -> None:
+    """Rename the flushed folder ``tmp`` to ``out/<case>``, replacing an earlier result of the case."""
+    target = out / case.name
+    old = out / f".old-{case.name}-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    (out / ".failed" / f"{case.name}.json").unlink(missing_ok=True)
 
 
 def _clean_stale(out: Path) -> None:
