@@ -164,7 +164,8 @@ def _check(c: HarmonizerConfig) -> None:
     for f in fields(c):
         if str(f.type) == "int":
             positive(f.name)
-        elif str(f.type) == "tuple[int, ...]" and f.name != "harmonized_stages" and min(getattr(c, f.name)) < 1:
+        elif str(f.type) == "tuple[int, ...]" and f.name != "harmonized_stages" and min(getattr(c, f.name),
+                                                                                         default=0) < 1:
             raise ValueError(f"HarmonizerConfig: {f.name} must hold integers >= 1, got {getattr(c, f.name)}")
     if len(c.encoder_blocks) != len(c.encoder_channels) or len(c.encoder_channels) != 4:
         raise ValueError("HarmonizerConfig: encoder_blocks and encoder_channels need 4 stages each")
@@ -184,4 +185,5 @@ def _check(c: HarmonizerConfig) -> None:
     if c.init not in INITS:
         raise ValueError(f"HarmonizerConfig: init must be one of {INITS}, got {c.init!r}")
     if c.use_personalizer and c.personalizer == "frequency" and c.decoder_channels[-1] % 4:
-        raise ValueError("HarmonizerConfig: the personalizer reduces the last decoder width by 4; it must divide")
+        raise ValueError(f"HarmonizerConfig: decoder_channels[-1] must be a multiple of 4 with the frequency "
+                         f"personalizer (it reduces that width by 4), got {c.decoder_channels[-1]}")  # fmt: skip

@@ -17,9 +17,9 @@ samples and the rater heads slice by slice, crop the padding, and write in the i
 gives a derived DICOM series per map (``<map>/0000.dcm`` ...), on the source slices' geometry. A case's
 files appear in one step: they are written into a hidden folder of OUT that is then renamed to
 ``OUT/<case>``, after the files of every case of its work unit are flushed to disk together (one ``syncfs``
-per unit on Linux, instead of one fsync per file: 7.1 ms of a PNG case's writing was its eight fsyncs). A rerun skips cases whose folder exists (``overwrite=True`` redoes them); a case that fails
-(unreadable, NaN pixels, wrong channel count) becomes a
-``failed`` row with its error while the others finish.
+per unit on Linux, instead of one fsync per file: 7.1 ms of a PNG case's writing was its eight fsyncs). A
+rerun skips cases whose folder exists (``overwrite=True`` redoes them); a case that fails (unreadable, NaN
+pixels, wrong channel count) becomes a ``failed`` row with its error while the others finish.
 
 Randomness is keyed by the case, never by the run: slice ``j`` of case ``name`` draws its K sample latents
 and then the personalizer's bank from ``torch.Generator().manual_seed(slice_seed(seed, name, j))`` on the
