@@ -9,12 +9,14 @@ Table 1 of each run's selected phase-1 model (its K samples; a two-phase run's `
 weights, its personalizer does not change the samples), the label-only references of the same slices, and
 for each run against the first: the per-patient mean difference, patients better / worse and the two-sided
 Wilcoxon p-value per metric. Writes ``<out>.json`` and ``<out>.md`` (``--render`` redraws the markdown).
-One fold and one seed: an ordering here is one draw of the split, not a result over folds.
+One fold and one seed: an ordering here is one draw of the split, not a result over folds;
+``--pool F0 F1 F2 --out OUT`` pools such results of disjoint test folds over all their patients.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import measured_or_rendered
+from common import measured_or_rendered, write_results
 
 from harmonizer_fast.checkpoint import load_model, read_manifest
 from harmonizer_fast.data import load_dataset
@@ -81,7 +83,8 @@ def measure(args) -> dict:
         "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
                     "date": time.strftime("%Y-%m-%d")},  # fmt: skip
         "samples": args.samples, "seed": args.seed, "n_images": int(len(indices)),
-        "n_patients": int(len(np.unique(pids))), "runs": runs, "first": first, "tests": tests,
+        "n_patients": int(len(np.unique(pids))), "patient_id": [str(x) for x in pids], "runs": runs,
+        "first": first, "tests": tests,
         "references": {n: {m: r["table1"]["mean"][m] for m, _ in METRICS} for n, r in refs.items()},
     }  # fmt: skip
 
@@ -113,6 +116,71 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pool(paths: list[str]) -> dict:
+    """Several folds' results (each written by this script, with its per-image patient ids) pooled over their
+    patients: the test folds of the patient split are disjoint, so every patient counts once. Per metric: each
+    fold's per-patient mean difference and p, and one Wilcoxon test over all patients."""
+    folds = [json.loads(Path(f).with_suffix(".json").read_text()) for f in paths]
+    for f, r in zip(paths, folds):
+        if "patient_id" not in r:
+            raise SystemExit(f"--pool {f}: written before the per-image patient ids were recorded; rerun it")
+    first = folds[0]["first"]
+    seen: set[str] = set()
+    for f, r in zip(paths, folds):
+        if r["first"] != first or set(r["runs"]) != set(folds[0]["runs"]):
+            raise SystemExit(f"--pool {f}: other runs than {paths[0]}'s")
+        if seen & set(r["patient_id"]):
+            raise SystemExit(f"--pool {f}: shares patients with another fold; folds must be disjoint")
+        seen |= set(r["patient_id"])
+    tests: dict[str, dict] = {}
+    for label in [x for x in folds[0]["runs"] if x != first]:
+        tests[label] = {}
+        for m, lower in METRICS:
+            a_all, b_all, per_fold = [], [], []
+            for r in folds:
+                pids = np.asarray(r["patient_id"])
+                _, a = per_patient(np.asarray(r["runs"][first]["per_image"][m], dtype=np.float64), pids)
+                _, b = per_patient(np.asarray(r["runs"][label]["per_image"][m], dtype=np.float64), pids)
+                a_all.append(a)
+                b_all.append(b)
+                t = r["tests"][label][m]
+                per_fold.append({"mean_difference": t["mean_difference"], "wilcoxon_p": t["wilcoxon_p"]})
+            t = paired_test(np.concatenate(a_all), np.concatenate(b_all))
+            if lower:
+                t["images_better"], t["images_worse"] = t["images_worse"], t["images_better"]
+            better = [(f["mean_difference"] < 0) == lower for f in per_fold]
+            tests[label][m] = {**t, "folds": per_fold, "folds_better": int(sum(better))}
+    return {"command": "python benchmarks/lidc_paired.py " + shlex.join(sys.argv[1:]), "pooled": paths,
+            "machine": folds[0]["machine"], "first": first, "n_patients": len(seen),
+            "n_images": sum(r["n_images"] for r in folds), "tests": tests,
+            "means": {label: {m: float(np.mean(np.concatenate([np.asarray(r["runs"][label]["per_image"][m], dtype=float)
+                                                                for r in folds]))) for m, _ in METRICS}
+                      for label in folds[0]["runs"]}}  # fmt: skip
+
+
+def pooled_markdown(r: dict) -> str:
+    n = len(r["pooled"])
+    lines = [f"# {n} folds pooled over their held-out patients ({r['machine']['cpu']})", "",
+             f"`{r['command']}`: {r['n_images']} test slices of {r['n_patients']} patients (each in one fold's "
+             "test set), from " + ", ".join(f"`{p}`" for p in r["pooled"]) + ".", "",
+             "| run | " + " | ".join(m for m, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS),
+             *[f"| {label} | " + " | ".join(f"{v[m]:.4f}" for m, _ in METRICS) + " |"
+               for label, v in r["means"].items()],
+             "", f"**{r['first']}** against each other run over all patients (per-patient means; difference "
+             f"{r['first']} minus the other; 'better': lower GED, higher Dice and S_NCC; two-sided Wilcoxon "
+             "signed-rank), with each fold's mean difference and p:", "",
+             "| against | metric | mean difference | patients better / worse | p | folds where better | per fold |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, tests in r["tests"].items():
+        for m, t in tests.items():
+            folds = "; ".join(f"{f['mean_difference']:+.4f} (p {f['wilcoxon_p']:.2g})" for f in t["folds"])
+            lines.append(f"| {label} | {m} | {t['mean_difference']:+.4f} | {t['images_better']} / {t['images_worse']} "
+                         f"| {t['wilcoxon_p']:.2g} | {t['folds_better']} of {n} | {folds} |")  # fmt: skip
+    lines += ["", f"One seed per fold: the folds vary the split and the training noise together; {n} folds are {n} "
+              "draws, not a bound on either."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="+", default=[], metavar="LABEL=RUN", help="the first is compared to the others")
@@ -121,7 +189,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/lidc-paired-f0-small-cpu")
     p.add_argument("--render", action="store_true", help="only redraw the markdown from the JSON")
+    p.add_argument("--pool", nargs="+", default=[], metavar="RESULT",
+                   help="pool these results of this script (folds with disjoint test patients) into --out")
     args = p.parse_args(argv)
+    if args.pool:
+        r = pool(args.pool)
+        write_results(Path(args.out).name, r, pooled_markdown(r), out_dir=Path(args.out).parent)
+        print(pooled_markdown(r))
+        return 0
     if not args.render and len(args.runs) < 2:
         p.error("--runs: give at least two LABEL=RUN")
     out = Path(args.out)
