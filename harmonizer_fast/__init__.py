@@ -36,13 +36,10 @@ from ._backend import (
     supported_cpu_isas,
 )
 from ._version import __version__
+from .losses import ged_loss
 from .model import HarmonizerConfig, HarmonizerNet
 from .ops import (
-    GEDTerms,
     film,
-    ged,
-    ged_loss,
-    ged_terms,
     haar_dwt2d,
     haar_dwt3d,
     haar_idwt2d,
@@ -61,14 +58,17 @@ _LAZY_SUBMODULES = frozenset(
 
 
 # Public names whose modules load on first use (prediction pulls in the image readers).
-_LAZY_ATTRIBUTES = {"Predictor": "predict", "load_pretrained": "pretrained", "Preprocessing": "preprocessing"}
+_LAZY_ATTRIBUTES = {"Predictor": "predict", "load_pretrained": "pretrained", "Preprocessing": "preprocessing",
+                    "ged": "metrics.energy", "ged_terms": "metrics.energy", "GEDTerms": "metrics.energy"}  # fmt: skip
 
 
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in _LAZY_ATTRIBUTES:
-        return getattr(importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__), name)
+        globals()[name] = value  # an ordinary attribute from now on (torch.compile traces through it)
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

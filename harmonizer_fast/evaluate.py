@@ -34,11 +34,11 @@ from ._random import generator
 from .data import MultiRaterData
 from .latent_stats import collapse_flags, latent_statistics
 from .metrics import MetricAccumulator, dice_soft
+from .metrics.energy import ged
 from .model import HarmonizerNet
 from .model.checks import check_counts
 from .model.latent import reparameterize
 from .model.net import resolve_heads
-from .ops.ged import ged
 from .references import label_only_references
 
 K_VALUES = (1, 4, 8, 16, 32)

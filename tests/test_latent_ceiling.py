@@ -88,6 +88,6 @@ def test_ceiling_rejects_bad_arguments():
     x = torch.rand(2, 1, 32, 32)
     with pytest.raises(ValueError, match=r"masks must be \(B, 4, H, W\)"):
         latent_ceiling(model, x, torch.zeros(2, 3, 32, 32))
-    for kw in ({"samples": -1}, {"steps": -1}, {"lr": 0.0}, {"batch": 0}):
+    for kw in ({"num_samples": -1}, {"steps": -1}, {"lr": 0.0}, {"batch": 0}):
         with pytest.raises(ValueError, match="latent_ceiling"):
             latent_ceiling(model, x, torch.zeros(2, 4, 32, 32), **kw)

@@ -214,7 +214,7 @@ def test_the_triton_ged_checks_values_in_its_kernels_not_before(monkeypatch):
     values are still refused with the same message, from the kernels' flags, and never fall back."""
     if _backend._unavailable("triton", "cpu"):
         pytest.skip("needs the Triton interpreter")
-    ged_ops = importlib.import_module("harmonizer_fast.ops.ged")  # the module (hf.ops.ged is the function)
+    ged_ops = importlib.import_module("harmonizer_fast.ops.ged")  # the module (hf.ops.ged is a deprecated function)
 
     def forbidden(*args):
         raise AssertionError("a host-side value check ran on the Triton path")

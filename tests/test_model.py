@@ -244,7 +244,8 @@ def test_load_resnet_state_dict_averages_rgb_stem():
         (lambda m, x, y: m.set_phase(3), ValueError, "phase must be 1 or 2"),
         (lambda m, x, y: m(x.long(), y), TypeError, "floating point"),
         (lambda m, x, y: HarmonizerNet({"in_channels": 1}), TypeError, "HarmonizerConfig"),
-        (lambda m, x, y: HarmonizerConfig.small(decoder_channels=(8, 8, 8, 8, 6)), ValueError, "divide"),
+        (lambda m, x, y: HarmonizerConfig.small(decoder_channels=(8, 8, 8, 8, 6)), ValueError,
+         r"decoder_channels\[-1\] must be a multiple of 4"),
     ],
 )
 def test_bad_inputs(call, exc, msg):

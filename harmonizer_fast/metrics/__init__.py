@@ -32,8 +32,9 @@ Every metric is computed per image, then averaged over images (mean and standard
 - Set-level metrics from :mod:`harmonizer_fast.metrics.set_level`, each ``(B,)``, also in every
   :func:`evaluate_batch` (keys :data:`SET_LEVEL_KEYS`): :func:`hm_iou` (Hungarian-matched IoU), :func:`d_max`,
   :func:`combined_sensitivity`, :func:`diversity_agreement` and :func:`ci_score` (Rahman et al. 2023),
-  :func:`sample_diversity`, :func:`ncc` (PHiSeg's S_NCC), and :func:`ged` with optional per-sample and
-  per-rater weights (every convention of ``CONVENTIONS`` by name; docs/ged-conventions.md compares them).
+  :func:`sample_diversity`, :func:`ncc` (PHiSeg's S_NCC); :func:`ged` (:mod:`.energy`, also ``hf.ged``) with
+  optional per-sample and per-rater weights (every convention of ``CONVENTIONS`` by name, ``get_convention``;
+  docs/ged-conventions.md compares them).
 - Framework adapters, imported only on request: :mod:`harmonizer_fast.metrics.torchmetrics` and
   :mod:`harmonizer_fast.metrics.monai`.
 
@@ -47,18 +48,18 @@ from __future__ import annotations
 from .accumulator import MetricAccumulator
 from .batch import PER_IMAGE_KEYS, evaluate_batch, evaluate_volume, stack_volume
 from .calibration import ECE_BINS, brier, calibration_bins, calibration_edges, ece, ece_from_bins, reliability_curve
+
+# GED in one place: conventions, terms, the one public ged (weights included); hf.ged is the same function
+from .energy import CONVENTIONS, DEFAULT_CONVENTION, Convention, GEDTerms, ged, ged_terms, get_convention
 from .overlap import DICE_SMOOTH, SOFT_THRESHOLDS, dice_binary, dice_matrix, dice_soft, dice_soft_curve, hungarian_match
 
-# Set-level metrics of ambiguous segmentation, importable from here as users expect (hf.metrics.hm_iou);
-# ged is the weighted form, equal to harmonizer_fast.ged without weights.
+# Set-level metrics of ambiguous segmentation, importable from here as users expect (hf.metrics.hm_iou)
 from .set_level import (
-    CONVENTIONS,
     SET_LEVEL_KEYS,
     ci_score,
     combined_sensitivity,
     d_max,
     diversity_agreement,
-    ged,
     hm_iou,
     ncc,
     pair_variances,
@@ -77,11 +78,11 @@ from .uncertainty import (
 )
 
 __all__ = [
-    "AGREEMENT", "CONVENTIONS", "CORRECTNESS", "DICE_SMOOTH", "ECE_BINS", "ENTROPY_BINS", "PER_IMAGE_KEYS",
-    "SET_LEVEL_KEYS", "SOFT_THRESHOLDS", "MetricAccumulator", "agreement_groups", "brier", "calibration_bins",
-    "calibration_edges", "ci_score", "combined_sensitivity", "correctness_groups", "d_max", "dice_binary",
-    "dice_matrix", "dice_soft", "dice_soft_curve", "diversity_agreement", "ece", "ece_from_bins", "entropy_map",
-    "evaluate_batch", "evaluate_volume", "ged", "histogram_median", "hm_iou", "hungarian_match", "ncc",
-    "pair_variances", "reliability_curve", "sample_diversity", "set_level_metrics", "stack_volume",
-    "uncertainty_follows_raters",
+    "AGREEMENT", "CONVENTIONS", "CORRECTNESS", "Convention", "DEFAULT_CONVENTION", "DICE_SMOOTH", "ECE_BINS",
+    "ENTROPY_BINS", "GEDTerms", "MetricAccumulator", "PER_IMAGE_KEYS", "SET_LEVEL_KEYS", "SOFT_THRESHOLDS",
+    "agreement_groups", "brier", "calibration_bins", "calibration_edges", "ci_score", "combined_sensitivity",
+    "correctness_groups", "d_max", "dice_binary", "dice_matrix", "dice_soft", "dice_soft_curve",
+    "diversity_agreement", "ece", "ece_from_bins", "entropy_map", "evaluate_batch", "evaluate_volume", "ged",
+    "ged_terms", "get_convention", "histogram_median", "hm_iou", "hungarian_match", "ncc", "pair_variances",
+    "reliability_curve", "sample_diversity", "set_level_metrics", "stack_volume", "uncertainty_follows_raters",
 ]  # fmt: skip

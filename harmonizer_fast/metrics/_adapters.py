@@ -8,7 +8,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import set_level
+from . import energy, set_level
 
 
 class Spec(NamedTuple):
@@ -22,7 +22,7 @@ def _sample_diversity(samples: Tensor, raters: Tensor, **options: Any) -> Tensor
 
 
 SPECS: dict[str, Spec] = {
-    "ged": Spec(set_level.ged, False, ("threshold", "convention")),
+    "ged": Spec(energy.ged, False, ("threshold", "convention")),
     "hm_iou": Spec(set_level.hm_iou, True, ("threshold", "empty_iou")),
     "d_max": Spec(set_level.d_max, True, ("threshold", "empty_dice")),
     "combined_sensitivity": Spec(set_level.combined_sensitivity, True, ("threshold",)),

@@ -18,8 +18,9 @@ from .calibration import (
     calibration_bins,
     ece_from_bins,
 )
+from .energy import ged
 from .overlap import dice_binary, dice_matrix, dice_soft, hungarian_match
-from .set_level import SET_LEVEL_KEYS, ged, sample_diversity, set_level_metrics
+from .set_level import SET_LEVEL_KEYS, sample_diversity, set_level_metrics
 from .uncertainty import (
     _histogram,
     agreement_groups,

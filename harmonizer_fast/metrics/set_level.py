@@ -12,15 +12,14 @@ argument where the literature varies.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ..ops.ged import CONVENTIONS, DEFAULT_CONVENTION, _convention, pairwise_intersection
-from ..ops.ged import ged as _plain_ged
+from ..ops.ged import pairwise_intersection
 from ._checks import checked
 
 
@@ -162,69 +161,6 @@ def sample_diversity(samples: Tensor, *, threshold: float = 0.5, empty_iou: floa
     return PairCounts.of(samples, samples, threshold).diversity(empty_iou)
 
 
-def _weights(w: Optional[Tensor], b: int, m: int, name: str, device: torch.device) -> Tensor:
-    if w is None:
-        return torch.full((b, m), 1.0 / m, dtype=torch.float64, device=device)
-    w = torch.as_tensor(w, dtype=torch.float64, device=device)
-    if w.dim() == 1:
-        w = w.expand(b, -1)
-    if w.shape != (b, m):
-        raise ValueError(f"ged: {name} must have shape ({m},) or ({b}, {m}), got {tuple(w.shape)}")
-    if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"ged: {name} must be finite and non-negative")
-    total = w.sum(1, keepdim=True)
-    if (total <= 0).any():
-        raise ValueError(f"ged: {name} must have a positive sum for every image")
-    return w / total
-
-
-def _weighted_mean(d: Tensor, wa: Tensor, wb: Tensor, offdiag: bool) -> Tensor:
-    ww = wa[:, :, None] * wb[:, None, :]
-    if offdiag:
-        ww = ww * (1 - torch.eye(d.shape[1], dtype=ww.dtype, device=ww.device))
-    total = ww.sum((1, 2))
-    return torch.where(total > 0, (ww * d).sum((1, 2)) / total.clamp_min(1e-300), torch.zeros_like(total))
-
-
-@checked(samples="samples", raters="masks")
-def ged(
-    samples: Tensor,
-    raters: Tensor,
-    *,
-    sample_weights: Optional[Tensor] = None,
-    rater_weights: Optional[Tensor] = None,
-    threshold: float = 0.5,
-    convention: str = DEFAULT_CONVENTION,
-) -> Tensor:
-    """Generalized energy distance with d = 1 - IoU, optionally weighted by per-sample and per-rater
-    probabilities (the mixture-of-stochastic-experts evaluation, Gao et al. 2023):
-
-    ``2 sum_{k,i} w_k v_i d(S_k, A_i) - sum_{k,k'} w_k w_k' d(S_k, S_k') - sum_{i,i'} v_i v_i' d(A_i, A_i')``
-
-    with the weights normalized to sum 1 per image, ``(K,)``/``(N,)`` or per image ``(B, K)``/``(B, N)``. The
-    ``convention`` (see :data:`harmonizer_fast.ops.ged.CONVENTIONS`) sets the empty-mask IoU and whether the
-    within-set sums skip the diagonal (then renormalized over k != k'). Without weights this is the
-    package's fused :func:`harmonizer_fast.ged` (float32); with weights the K x K matrices are built (float64).
-    """
-    if sample_weights is None and rater_weights is None:
-        return _plain_ged(samples, raters, threshold=threshold, convention=convention)
-    conv = _convention(convention)
-    if conv.undefined_empty:
-        raise ValueError(f"ged: convention {convention!r} has no weighted form (its pairs can be undefined); "
-                         "pass sample_weights=None and rater_weights=None, or another convention")  # fmt: skip
-    b, k, n = samples.shape[0], samples.shape[1], raters.shape[1]
-    w = _weights(sample_weights, b, k, "sample_weights", samples.device)
-    v = _weights(rater_weights, b, n, "rater_weights", samples.device)
-
-    def dist(a: Tensor, c: Tensor) -> Tensor:
-        return 1 - iou_pairs(a, c, threshold=threshold, empty_iou=conv.empty_iou, eps=conv.eps)
-
-    cross = _weighted_mean(dist(samples, raters), w, v, offdiag=False)
-    within_s = _weighted_mean(dist(samples, samples), w, w, conv.offdiag)
-    within_r = _weighted_mean(dist(raters, raters), v, v, conv.offdiag)
-    return 2 * cross - within_s - within_r
-
-
 def _ncc(a: Tensor, c: Tensor) -> Tensor:
     """Normalized cross-correlation of two maps per image (last two dims); 0 when either map is constant."""
     a = a.flatten(-2)
@@ -360,13 +296,11 @@ def set_level_metrics(samples: Tensor, raters: Tensor, *, threshold: float = 0.5
 
 
 __all__ = [
-    "CONVENTIONS",
     "ci_score",
     "combined_sensitivity",
     "d_max",
     "dice_pairs",
     "diversity_agreement",
-    "ged",
     "hm_iou",
     "iou_pairs",
     "ncc",

@@ -2,7 +2,8 @@
 'harmonizer-fast[adapters]'``): ``update(samples, raters)`` per batch, ``compute()``, ``reset()``, and
 torchmetrics' own synchronization across processes.
 
-Each class averages a per-image metric of :mod:`harmonizer_fast.metrics.set_level` over images:
+Each class averages a per-image metric of :mod:`harmonizer_fast.metrics.set_level` (GED: of
+:mod:`harmonizer_fast.metrics.energy`) over images:
 ``samples (B, K, H, W)`` probabilities or binary masks, ``raters (B, N, H, W)`` binary masks. The state is
 two sums (value and image count, plus the count of undefined images, e.g. the kohl GED's NaN), reduced with
 ``sum``, so any split of the images over batches or ranks gives the single-process mean. Options of the

@@ -2,7 +2,7 @@
 
 from .attention_pool import token_attention_pool, token_attention_pool_reference
 from .film import film, film_reference
-from .ged import GEDTerms, ged, ged_loss, ged_loss_per_image, ged_terms, pairwise_intersection, pairwise_iou, soft_gram
+from .ged import ged_sums, pairwise_intersection, pairwise_iou, soft_gram
 from .haar import (
     haar_dwt2d,
     haar_dwt2d_reference,
@@ -43,15 +43,37 @@ def _register_decompositions() -> None:
 
 _register_decompositions()
 
+# GED's conventions and means moved to harmonizer_fast.metrics.energy, its loss to harmonizer_fast.losses
+# ([op-registry] #37): the old names keep working for one release, with a DeprecationWarning.
+_MOVED = {"ged": "metrics.energy", "ged_terms": "metrics.energy", "GEDTerms": "metrics.energy",
+          "ged_loss": "losses", "ged_loss_per_image": "losses"}  # fmt: skip
+
+
+def _moved(name: str):
+    import importlib
+    import warnings
+
+    target = _MOVED[name]
+    warnings.warn(f"harmonizer_fast.ops.{name} moved to harmonizer_fast.{target}.{name} (hf.{name} where public); "
+                  "the old name will be removed", DeprecationWarning, stacklevel=3)  # fmt: skip
+    return getattr(importlib.import_module(f"harmonizer_fast.{target}"), name)
+
+
+def ged(*args, **kwargs):
+    """Deprecated here: :func:`harmonizer_fast.metrics.energy.ged` (``hf.ged``)."""
+    return _moved("ged")(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    if name in _MOVED and name != "ged":  # ``ged`` is bound above: the submodule ops.ged would shadow a lazy name
+        return _moved(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
-    "GEDTerms",
     "decompositions",
     "film",
     "film_reference",
-    "ged",
-    "ged_loss",
-    "ged_loss_per_image",
-    "ged_terms",
+    "ged_sums",
     "haar_dwt2d",
     "haar_dwt2d_reference",
     "haar_dwt2d_split",

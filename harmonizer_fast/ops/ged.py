@@ -1,25 +1,13 @@
-"""Pairwise IoU of mask sets, the generalized energy distance (GED) and the GED loss of paper Eq. 7.
+"""Pairwise IoU and intersections of mask sets, and the distance sums of the generalized energy distance (GED).
 
 API, validation, references, autograd and dispatch (docs/architecture.md, "Conventions"). Everything comes from three
 numbers per pair of masks: the intersection ``I = sum_p a(p) b(p)`` (a Gram matrix over pixels: a matrix
 product) and the two areas. IoU ``= I / (U + eps)`` with ``U = S_a + S_b - I``, or ``empty_iou`` when U = 0.
 
-GED conventions (``convention=``), all on masks thresholded at ``threshold`` (strict ``>``):
-
-``dpersona`` (default; the family of code behind the paper's tables)
-    IoU = |A and B| / (|A or B| + 1e-8), so two empty masks have IoU 0 and distance 1;
-    GED = 2 mean d(S, Y) - mean d(S, S') - mean d(Y, Y'), every mean over the full matrix, diagonal included.
-``phiseg``
-    as dpersona, but IoU = |A and B| / |A or B| and two empty masks have IoU 1 (distance 0).
-``unbiased``
-    distance 0 for two empty masks, and the within-set means skip the diagonal, 1/(K(K-1)) sum_{k != k'}.
-    A set of one mask has no pairs; its within-set term is then 0.
-``kohl`` (the probabilistic U-Net's public evaluation, SimonKohl/probabilistic_unet
-    ``evaluation/eval_cityscapes.py``, ``calc_energy_distances`` without probability weights, one class)
-    two empty masks have no IoU (NaN); mean d(S, Y) and mean d(S, S') are plain means there, so one such
-    pair makes them (and GED) NaN, while mean d(Y, Y') is a nanmean that skips the undefined rater pairs.
-    Full matrices, diagonal included. Computed from the intersection kernel's K x N, K x K and N x N
-    counts (the fused sums cannot skip pairs), so its memory grows with K^2.
+This module is layer 1 of GED: the pairwise counts and the distance sums (:func:`ged_sums`) in fused
+kernels. The published conventions, the means built from the sums and the public ``ged`` live in
+:mod:`harmonizer_fast.metrics.energy`; the GED loss of Eq. 7 in :mod:`harmonizer_fast.losses` (on
+:func:`soft_gram`).
 
 Implementations: the ``*_reference`` functions here (torch), ``harmonizer_fast.kernels.ged`` (Triton),
 ``csrc/cuda/ged.cu`` (CUDA) and ``csrc/cpu/ged.cpp`` (CPU: bit-packed masks and popcounts; ATen's BLAS for
@@ -28,7 +16,6 @@ soft Gram matrices).
 
 # No `from __future__ import annotations` here: torch.library.custom_op reads the annotations at runtime.
 from enum import IntEnum
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,43 +32,6 @@ class OverlapMode(IntEnum):
     IOU = 1
 
 
-class Convention(NamedTuple):
-    """One published GED convention: IoU = I / (U + eps), ``empty_iou`` for two empty masks, and whether the
-    within-set means skip the diagonal. It also turns the kernels' distance sums into the three means."""
-
-    eps: float
-    empty_iou: float
-    offdiag: bool
-    # Two empty masks have no IoU (empty_iou is NaN): NaN propagates through the cross and sample terms and
-    # is skipped in the rater term (the kohl convention). The fused sums kernel cannot skip pairs.
-    undefined_empty: bool = False
-
-    def pairs(self, m: int) -> int:
-        """Pairs a within-set mean of m masks averages over (0: the term is absent)."""
-        return m * (m - 1) if self.offdiag else m * m
-
-    def means(self, sums: Tensor, k: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean d(S, Y), mean d(S, S'), mean d(Y, Y')) from ``ged_sums``'s (B, 3) sums of K samples, N raters."""
-
-        def mean(total: Tensor, pairs: int) -> Tensor:
-            return total / pairs if pairs > 0 else torch.zeros_like(total)
-
-        return sums[:, 0] / (k * n), mean(sums[:, 1], self.pairs(k)), mean(sums[:, 2], self.pairs(n))
-
-
-CONVENTIONS: dict[str, Convention] = {
-    "dpersona": Convention(eps=1e-8, empty_iou=0.0, offdiag=False),
-    "phiseg": Convention(eps=0.0, empty_iou=1.0, offdiag=False),
-    "unbiased": Convention(eps=0.0, empty_iou=1.0, offdiag=True),
-    "kohl": Convention(eps=0.0, empty_iou=float("nan"), offdiag=False, undefined_empty=True),
-}
-DEFAULT_CONVENTION = "dpersona"
-# The loss's soft IoU is smoothed, (I + s) / (U + s) with s = LOSS_SMOOTH pixels, as soft Dice/Jaccard losses
-# are: two all-zero maps then have IoU 1 (distance 0), the reading of the phiseg/unbiased conventions. With a
-# dpersona-style 0/0 -> 0 instead, empty samples sit at distance 1 from each other, so "every sample empty"
-# maximizes the diversity term and the loss stalls there (measured on LIDC, where about half the rater
-# masks of a slice are empty: the GED loss stayed at 1.0 and every prior sample was empty).
-LOSS_SMOOTH = 1.0
 
 _MASK_DTYPES_CPU = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool})
 _MASK_DTYPES_CUDA = _MASK_DTYPES_CPU
@@ -298,7 +248,7 @@ DECOMPOSITIONS = {
 # Validation and the public API.
 
 
-def _check_masks(x: object, op: str, name: str, *, floating: bool = False) -> Tensor:
+def check_masks(x: object, op: str, name: str, *, floating: bool = False) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor (B, K, H, W), got {type(x).__name__}")
     if x.dim() != 4:
@@ -317,7 +267,7 @@ def _check_masks(x: object, op: str, name: str, *, floating: bool = False) -> Te
     return x
 
 
-def _check_pair(a: Tensor, b: Tensor, op: str, a_name: str, b_name: str) -> None:
+def check_pair(a: Tensor, b: Tensor, op: str, a_name: str, b_name: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{op}: {a_name} and {b_name} must be on one device, got {a.device} and {b.device}")
     if a.shape[0] != b.shape[0]:
@@ -351,9 +301,9 @@ def pairwise_iou(a: Tensor, b: Tensor, *, soft: bool = False, empty_iou: float =
     """
     op = "pairwise_iou"
     threshold = check_threshold(threshold, op)
-    _check_masks(a, op, "a", floating=soft)
-    _check_masks(b, op, "b", floating=soft)
-    _check_pair(a, b, op, "a", "b")
+    check_masks(a, op, "a", floating=soft)
+    check_masks(b, op, "b", floating=soft)
+    check_pair(a, b, op, "a", "b")
     if soft and a.dtype != b.dtype:
         raise TypeError(f"pairwise_iou: soft masks a and b must share one dtype, got {a.dtype} and {b.dtype}")
     if soft:
@@ -373,116 +323,41 @@ def pairwise_intersection(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Te
     """
     op = "pairwise_intersection"
     threshold = check_threshold(threshold, op)
-    _check_masks(a, op, "a")
-    _check_masks(b, op, "b")
-    _check_pair(a, b, op, "a", "b")
+    check_masks(a, op, "a")
+    check_masks(b, op, "b")
+    check_pair(a, b, op, "a", "b")
     return _overlap_op(_binary(a), _binary(b), threshold, False, 0.0, 0.0, OverlapMode.GRAM)
 
 
-def _convention(convention: str) -> Convention:
-    try:
-        return CONVENTIONS[convention]
-    except KeyError:
-        raise ValueError(f"ged: convention must be one of {sorted(CONVENTIONS)}, got {convention!r}") from None
-
-
-class GEDTerms(NamedTuple):
-    """GED and its three terms per image, each ``(B,)``: ``ged = 2 cross - within_samples - within_raters``."""
-
-    ged: Tensor
-    cross: Tensor
-    within_samples: Tensor
-    within_raters: Tensor
-
-
-def ged_terms(
-    samples: Tensor, raters: Tensor, *, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION
-) -> GEDTerms:
-    """GED with its terms: mean d(S, Y), mean d(S, S'), mean d(Y, Y') per image (float32, shape (B,)).
-
-    samples: probabilities ``(B, K, H, W)`` (thresholded with ``> threshold``) or binary masks; raters:
-    binary masks ``(B, N, H, W)`` (bool, uint8 or float in {0, 1}). See the module docstring for the
-    conventions. The K x K matrix is never stored (K up to thousands runs in bounded memory).
-    """
-    op = "ged"
-    conv = _convention(convention)
+def check_ged_inputs(samples: Tensor, raters: Tensor, threshold: float, op: str = "ged") -> float:
+    """The checks every GED computation makes on its inputs (types, shapes, one device, the threshold);
+    returns the threshold. The values are checked by the kernels' own pass (:func:`ged_sums`)."""
     threshold = check_threshold(threshold, op)
-    _check_masks(samples, op, "samples")
-    _check_masks(raters, op, "raters")
-    _check_pair(samples, raters, op, "samples", "raters")
-    if conv.undefined_empty:  # thresholds in torch, so it checks the values here
-        _check_ged_values("torch", samples, raters)
-        cross, ws, wr = _terms_skipping_undefined(_binary(samples), _binary(raters), threshold)
-    else:
-        sums = _ged_sums_op(_binary(samples), _binary(raters), threshold, conv.eps, conv.empty_iou, conv.offdiag)
-        cross, ws, wr = conv.means(sums, samples.shape[1], raters.shape[1])
-    ged_value = 2.0 * cross - ws - wr
-    return GEDTerms(*(t.to(torch.float32) for t in (ged_value, cross, ws, wr)))
+    check_masks(samples, op, "samples")
+    check_masks(raters, op, "raters")
+    check_pair(samples, raters, op, "samples", "raters")
+    return threshold
 
 
-def _terms_skipping_undefined(samples: Tensor, raters: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The kohl convention's three means from exact pair counts, float64: NaN IoU for two empty masks, plain
-    means for the cross and sample terms (NaN propagates), a nanmean for the rater term."""
-    s = (samples > threshold).to(torch.uint8)
-    y = (raters > 0.5).to(torch.uint8)
-
-    def distances(a: Tensor, b: Tensor) -> Tensor:
-        inter = _overlap_op(a, b, 0.5, False, 0.0, 0.0, OverlapMode.GRAM).double()
-        areas = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
-        return 1.0 - iou_from_counts(inter, *areas, 0.0, float("nan"))
-
-    return distances(s, y).mean((1, 2)), distances(s, s).mean((1, 2)), distances(y, y).nanmean((1, 2))
+def check_ged_values(samples: Tensor, raters: Tensor) -> None:
+    """Samples are probabilities or binary masks, raters binary masks: for a GED computed outside the kernels."""
+    _check_ged_values("torch", samples, raters)
 
 
-def ged(samples: Tensor, raters: Tensor, *, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION) -> Tensor:
-    """Generalized energy distance per image, ``(B,)`` float32, with d = 1 - IoU (see :func:`ged_terms`)."""
-    return ged_terms(samples, raters, threshold=threshold, convention=convention).ged
+def ged_sums(
+    samples: Tensor, raters: Tensor, *, threshold: float = 0.5, eps: float, empty_iou: float, offdiag: bool,
+    op: str = "ged",
+) -> Tensor:
+    """The distance sums of GED per image, ``(B, 3)`` float64: sum d(S, Y) over the K x N pairs, sum d(S, S')
+    over the K x K and sum d(Y, Y') over the N x N (diagonals left out with ``offdiag``), d = 1 - IoU with
+    IoU = I / (U + eps), or ``empty_iou`` where U = 0; samples thresholded with ``> threshold``. The fused
+    kernels never store a K x K matrix. The conventions and the means built from these sums are in
+    :mod:`harmonizer_fast.metrics.energy`; ``op`` is the name errors give."""
+    threshold = check_ged_inputs(samples, raters, threshold, op)
+    return _ged_sums_op(_binary(samples), _binary(raters), threshold, eps, empty_iou, offdiag)
 
 
 def soft_gram(a: Tensor, b: Tensor) -> Tensor:
     """Differentiable ``sum_p a(p) b(p)`` for every pair: ``(B, Ka, H, W)`` x ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)``."""
-    _check_pair(a, b, "soft_gram", "a", "b")
+    check_pair(a, b, "soft_gram", "a", "b")
     return _overlap_op(_flat(a), _flat(b), 0.0, True, 0.0, 0.0, OverlapMode.GRAM)
-
-
-def _soft_iou_from_gram(inter: Tensor, area_a: Tensor, area_b: Tensor, smooth: float) -> Tensor:
-    return (inter + smooth) / (area_a[:, :, None] + area_b[:, None, :] - inter + smooth)
-
-
-@_autocast.float32  # a loss: float32 throughout under autocast
-def ged_loss_per_image(
-    probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_values: bool = True
-) -> Tensor:
-    """The GED loss of paper Eq. 7 per image, ``(B,)``: see :func:`ged_loss`."""
-    op = "ged_loss"
-    _check_masks(probs, op, "probs", floating=True)
-    _check_masks(raters, op, "raters")
-    _check_pair(probs, raters, op, "probs", "raters")
-    k = probs.shape[1]
-    r = raters.to(probs.dtype)
-    if check_values:  # one pass each; the trainer skips it (a host sync) and guards the total loss instead
-        check_probabilities(probs, op, "probs")
-        check_probabilities(r, op, "raters")
-    area_p, area_r = probs.sum((2, 3)), r.sum((2, 3))
-    cross = 1.0 - _soft_iou_from_gram(soft_gram(probs, r), area_p, area_r, smooth)
-    loss = 2.0 * cross.mean((1, 2))
-    if k > 1:
-        within = 1.0 - _soft_iou_from_gram(soft_gram(probs, probs), area_p, area_p, smooth)
-        off = within.sum((1, 2)) - torch.diagonal(within, dim1=1, dim2=2).sum(-1)
-        loss = loss - off / (k * (k - 1))
-    return loss
-
-
-def ged_loss(probs: Tensor, raters: Tensor, *, smooth: float = LOSS_SMOOTH, check_values: bool = True) -> Tensor:
-    """The differentiable GED loss of paper Eq. 7, averaged over the batch (a scalar).
-
-    ``2/(KN) sum_{k,i} d(P_k, A_i) - 2/(K(K-1)) sum_{k<k'} d(P_k, P_k')`` with the soft IoU distance
-    d = 1 - (sum(p q) + s) / (sum p + sum q - sum(p q) + s), s = ``smooth`` pixels (default 1: two empty maps
-    are at distance 0; see LOSS_SMOOTH for why); the rater-rater term is dropped (it does not
-    depend on the model), so the loss is GED minus that constant and may be negative. probs ``(B, K, H, W)``
-    in [0, 1], raters ``(B, N, H, W)`` (binary or soft). With K = 1 the within-sample term is absent.
-    The Gram products go through the package's kernels and their backward is two batched matrix products.
-    probs and raters must be probabilities in [0, 1] (NaN, Inf or values outside raise ValueError);
-    ``check_values=False`` skips that check (a host sync), for callers that guard the total loss.
-    """
-    return ged_loss_per_image(probs, raters, smooth=smooth, check_values=check_values).mean()
