@@ -1,8 +1,10 @@
 """What a config's network costs, found before anything is allocated for it ([reliability] #36 item 3).
 
 A config is data (a manifest, a preset with overrides, a user's dataclass), and its counts and widths decide
-how much the network takes: a hand-edited manifest with ``prior_bank: 10**12`` asked ``load_model`` for
-4 TB, and ``encoder_blocks: [10**9]`` would loop in Python for hours before torch allocated anything.
+how much the network takes: a hand-edited manifest with ``harmonizer_tokens: 10**12`` asked ``load_model``
+for 4 TB of weights, and ``encoder_blocks: [10**9]`` would loop in Python for hours before torch allocated
+anything. (Counts that size only the forward, ``prior_bank`` and ``ged_samples``, are checked against the
+memory available before drawing, in ``HarmonizerNet``.)
 :func:`plan_network` builds the network on the ``meta`` device (shapes only, no storage) while global
 module-registration hooks count what it registers, and stops the build with a ValueError the moment it
 passes a bound:
