@@ -43,7 +43,21 @@ from typing import Any
 from .gpu_targets import TARGETS, nvidia_tool, occupancy
 
 CHECK_VERSION = 3  # bump when the recorded columns change
-FAMILIES = ("haar", "haar3d", "film", "attention_pool", "fcomb", "ged")
+
+
+def _kernel_families() -> tuple[str, ...]:
+    """Every public module of ``harmonizer_fast.kernels`` is a kernel family with ``gpu_plans``: discovered
+    from the package's files (without importing triton), so a new op's kernels are checked with no list to
+    edit (tests/test_op_registry.py)."""
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("harmonizer_fast.kernels")
+    paths = list(spec.submodule_search_locations or []) if spec is not None else []
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(paths) if not m.name.startswith("_")))
+
+
+FAMILIES = _kernel_families()
 # Kernels that must not spill (the last two: attention pooling's).
 NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_haar_dwt3d_kernel", "_haar_idwt3d_kernel",
             "_film_forward_kernel", "_film_backward_kernel", "_fcomb_head_kernel", "_binarize_kernel",

@@ -14,6 +14,15 @@ from .haar import (
 from .haar3d import haar_dwt3d, haar_dwt3d_reference, haar_idwt3d, haar_idwt3d_reference
 
 
+def families() -> tuple[str, ...]:
+    """The op families, discovered: every public module of this package is one (``haar``, ``ged``, ...), holding
+    its custom ops, ``IMPLS``, ``SUPPORT`` and ``DECOMPOSITIONS``; a new op's module is found without a list
+    to edit (tests/test_op_registry.py checks that each has every piece)."""
+    import pkgutil
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
 def decompositions() -> dict:
     """Every custom op of ``torch.ops.harmonizer_fast`` mapped to its pure-torch reference: the table that
     ``torch.export``'s ``run_decompositions`` takes to turn a program into standard ATen ops (for ONNX, or a
@@ -21,7 +30,7 @@ def decompositions() -> dict:
     import importlib
 
     table = {}
-    for name in ("haar", "haar3d", "film", "attention_pool", "fcomb", "ged"):
+    for name in families():
         table.update(importlib.import_module(f"{__name__}.{name}").DECOMPOSITIONS)
     return table
 
@@ -71,6 +80,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "decompositions",
+    "families",
     "film",
     "film_reference",
     "ged_sums",
