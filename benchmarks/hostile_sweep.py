@@ -345,6 +345,7 @@ def manifest_sweep(tmp: Path) -> list[dict[str, Any]]:
     in turn by each value of :data:`MANIFEST_VALUES`, then loaded and run. A value is taken correctly only when
     the model loads with exactly that value and predicts probabilities; otherwise it must be refused naming the
     field."""
+    from harmonizer_fast.checkpoint import read_manifest
     from harmonizer_fast.pretrained import path as pretrained_path
 
     manifest = pretrained_path("lidc-small")  # the model's manifest, beside its weights
@@ -368,8 +369,6 @@ def manifest_sweep(tmp: Path) -> list[dict[str, Any]]:
             try:
                 out = _load_and_predict(run / manifest.name)
                 ok = bool(((out >= 0) & (out <= 1)).all())
-                from harmonizer_fast.checkpoint import read_manifest
-
                 loaded = read_manifest(run / manifest.name)[1]
                 kept = json.dumps((loaded if part is None else loaded[part])[key])
                 faithful = kept == json.dumps(value) and ok

@@ -20,7 +20,7 @@ class OutputPathError(ValueError):
 
 
 def fsync_dir(path: PathLike) -> None:
-    """Flush a directory's entries (a rename is durable only once its directory is)."""
+    """Flush a directory's entries (a rename is durable only once its directory is); given a file, its data."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

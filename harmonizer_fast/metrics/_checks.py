@@ -102,3 +102,9 @@ def checked(optional: Sequence[str] = (), same_shape: Sequence[tuple[str, str]] 
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+# The check of every metric taking the K samples' probabilities, the raters' masks and optional heads, one map
+# per rater (ece, reliability_curve, evaluate_batch, evaluate_volume).
+checked_rater_maps = checked(optional=("personalized",), same_shape=(("raters", "personalized"),),
+                             probs="probabilities", raters="masks", personalized="probabilities")  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import checked
+from ._checks import checked_rater_maps
 from .calibration import (
     ECE_BINS,
     _rater_maps,
@@ -32,8 +32,7 @@ PER_IMAGE_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_max_reve
                   "dice_each_mean", "empty_fraction", *SET_LEVEL_KEYS)  # fmt: skip
 
 
-@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
-         personalized="probabilities")  # fmt: skip
+@checked_rater_maps
 def evaluate_batch(
     probs: Tensor,
     raters: Tensor,
@@ -107,8 +106,7 @@ def stack_volume(x: Tensor) -> Tensor:
     return x.permute(1, 0, 2, 3).reshape(1, k, d * h, w)
 
 
-@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
-         personalized="probabilities")  # fmt: skip
+@checked_rater_maps
 def evaluate_volume(
     probs: Tensor, raters: Tensor, personalized: Optional[Tensor] = None, **kwargs: Any
 ) -> dict[str, Any]:

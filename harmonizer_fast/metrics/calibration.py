@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import checked
+from ._checks import checked, checked_rater_maps
 
 ECE_BINS = 10
 
@@ -73,8 +73,7 @@ def _rater_maps(probs: Tensor, raters: Tensor, personalized: Optional[Tensor]) -
     return maps, (raters > 0.5).double()
 
 
-@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
-         personalized="probabilities")  # fmt: skip
+@checked_rater_maps
 def ece(
     probs: Tensor,
     raters: Tensor,
@@ -89,8 +88,7 @@ def ece(
     return ece_from_bins(calibration_bins(maps, y, bins))
 
 
-@checked(optional=("personalized",), same_shape=(("raters", "personalized"),), probs="probabilities", raters="masks",
-         personalized="probabilities")  # fmt: skip
+@checked_rater_maps
 def reliability_curve(
     probs: Tensor,
     raters: Tensor,

@@ -139,13 +139,10 @@ def culprits(config: HarmonizerConfig, shapes: dict[str, torch.Size], weights: W
 
     from .config import HarmonizerConfig
 
-    preset = getattr(HarmonizerConfig, config.preset)(config.in_channels, config.num_raters)
-    reference = HarmonizerConfig(**{f.name: getattr(preset, f.name) for f in fields(preset)})
+    preset = getattr(HarmonizerConfig, config.preset)()
     found = []
     for f in fields(config):
-        value, default = getattr(config, f.name), getattr(reference, f.name)
-        if f.name in ("in_channels", "num_raters"):  # the preset was built with the config's own
-            default = getattr(HarmonizerConfig(), f.name)
+        value, default = getattr(config, f.name), getattr(preset, f.name)
         if value == default:
             continue
         try:

@@ -350,7 +350,7 @@ class Predictor:
         counts["skipped"] = sum(len(unit) - len(pending) for unit, pending in todo)
         if bar is not None:
             bar.update(counts["skipped"])
-        writes: list[_Status] = []
+        writes: list[Future] = []
         with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="predict-reader") as reader:  # fmt: skip
             loading = reader.submit(self._load_unit, work[0][0], slice_axis) if work else None
@@ -361,12 +361,14 @@ class Predictor:
                 failed, jobs = self._run_unit(out, unit, pending, loaded, save_samples, report, writer)
                 counts["failed"] += failed
                 for job in writes:
-                    counts[job.result()] += 1
+                    for status in job.result():
+                        counts[status] += 1
                 writes = jobs
                 if bar is not None:
                     bar.update(len(pending))
             for job in writes:
-                counts[job.result()] += 1
+                for status in job.result():
+                    counts[status] += 1
         if bar is not None:
             bar.close()
         for name, error in unlisted if part == 0 else []:
@@ -398,13 +400,13 @@ class Predictor:
         return loaded
 
     def _run_unit(self, out: Path, unit: list[Case], pending: list[Case], read: list, save_samples: bool,
-                  report: bool, writer: ThreadPoolExecutor) -> tuple[int, list[_Status]]:
+                  report: bool, writer: ThreadPoolExecutor) -> tuple[int, list[Future]]:
         """Predict one work unit, read by :meth:`_load_unit`, and hand its pending cases to ``writer``; returns
-        the cases that failed before writing and the write jobs (each ends "done" or "failed"). The whole unit
-        goes through the network even when some of its cases are done (a resumed run), so every batch holds
-        what an uninterrupted run's held."""
+        the cases that failed before writing and the unit's write job (its result: "done" or "failed" per
+        case). The whole unit goes through the network even when some of its cases are done (a resumed run),
+        so every batch holds what an uninterrupted run's held."""
         counts = {"failed": 0}
-        jobs: list[_Status] = []
+        jobs: list[Future] = []
         ready: list[tuple[LoadedCase, CasePrediction, dict]] = []
         t0 = time.perf_counter()
         loaded: list[LoadedCase] = []
@@ -441,8 +443,7 @@ class Predictor:
             row = summary_row(lc.case.name, lc, pred, seconds)
             ready.append((lc, pred, row))
         if ready:  # one job per unit: its cases are flushed to disk together (_commit_unit)
-            job = writer.submit(self._commit_unit, out, ready, save_samples, report)
-            jobs += [_Status(job, i) for i in range(len(ready))]
+            jobs.append(writer.submit(self._commit_unit, out, ready, save_samples, report))
         return counts["failed"], jobs
 
     def _commit_unit(self, out: Path, ready: list[tuple[LoadedCase, CasePrediction, dict]], samples: bool,
@@ -567,17 +568,6 @@ def check_not_inside(src: Path, out: Path) -> None:
         raise ValueError(f"output {out} exists and is not a folder")
 
 
-@dataclass
-class _Status:
-    """Case ``index`` of a unit's write job, read like a job of its own (``result()``: "done" or "failed")."""
-
-    job: Future
-    index: int
-
-    def result(self) -> str:
-        return self.job.result()[self.index]
-
-
 def _write_new(path: Path, data: bytes) -> None:
     """Create ``path`` (and its folder) with ``data``; flushed to disk with the rest of its unit."""
     path.parent.mkdir(exist_ok=True)
@@ -590,20 +580,12 @@ def _write_new(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _flush(files: list[Path], out: Path) -> None:
     """Make ``files`` and their folders durable: one ``syncfs`` for all of them where Linux has it, else one
     fsync per file; then each folder's entries."""
     if files and not sync_filesystem(out):
         for f in files:
-            _fsync_file(f)
+            fsync_dir(f)  # open, fsync, close: the same call flushes a file's data
     for folder in {f.parent for f in files}:
         fsync_dir(folder)
 
