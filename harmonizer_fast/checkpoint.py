@@ -36,6 +36,7 @@ from ._alloc import check_fits
 from ._io import remove, write_atomic
 from .model import HarmonizerConfig, HarmonizerNet
 from .model.budget import WeightsBound, culprits, plan_network
+from .model.config import PERSONALIZER_FIELDS
 from .preprocessing import Preprocessing
 
 FORMAT = "harmonizer-fast-checkpoint"
@@ -303,15 +304,29 @@ def load_model(path: PathLike, *, map_location: Union[str, torch.device] = "cpu"
 
 
 def load_training_state(
-    path: PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]
+    path: PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], *,
+    fresh_personalizer: bool = False,
 ) -> dict[str, Any]:
-    """Load weights (and optimizer tensors) of a checkpoint into existing objects; returns the manifest."""
+    """Load weights (and optimizer tensors) of a checkpoint into existing objects; returns the manifest.
+
+    ``fresh_personalizer`` (a phase 2 starting from a phase-1 model): the checkpoint may differ from ``model``
+    in the personalizer's fields only (:data:`~harmonizer_fast.model.config.PERSONALIZER_FIELDS`; e.g. a Prob.
+    U-Net trained without heads, given D-Persona's); every other weight is loaded and the personalizer keeps
+    ``model``'s initialization, whatever the checkpoint held for it."""
     mpath, manifest = read_manifest(path)
     net = getattr(model, "module", model)
-    diff = config_difference(config_of(mpath, manifest), net.config)
+    config = config_of(mpath, manifest)
+    diff = config_difference(config, net.config)
+    if fresh_personalizer:
+        diff = [d for d in diff if d.split(":")[0] not in PERSONALIZER_FIELDS]
     if diff:
         raise CheckpointError(f"{mpath}: its model config differs from this run's ({'; '.join(diff[:3])})")
-    _load_weights(net, _load_verified(mpath, manifest, "weights"), mpath)
+    weights = _load_verified(mpath, manifest, "weights")
+    if fresh_personalizer:
+        _plan_fits(config, weights, mpath, manifest["files"]["weights"])  # the file is what its config says
+        ours = {k: v for k, v in net.state_dict().items() if k.startswith("personalizer.")}
+        weights = {**{k: v for k, v in weights.items() if not k.startswith("personalizer.")}, **ours}
+    _load_weights(net, weights, mpath)
     if optimizer is not None:
         if "optimizer" not in manifest["files"]:
             raise CheckpointError(f"{mpath}: has no optimizer state to resume from")

@@ -447,8 +447,9 @@ class Trainer:
         pos = Position()
         if resume:
             pos = self._restore(self.run.verify("last"))  # every file against its SHA-256, also when complete
-        elif init_from is not None:  # a run directory (its best) or a manifest; refuses another model config
-            load_training_state(init_from, self.net, None)
+        elif init_from is not None:  # a run directory (its best) or a manifest; refuses another model config,
+            # except, for a phase 2 alone, in the personalizer's fields: it trains new heads on a phase-1 model
+            load_training_state(init_from, self.net, None, fresh_personalizer=self.stages[0][0] == 2)
         elif self.stages[0][0] == 2:
             raise TrainingError("phase 2 trains the personalizer of a trained phase-1 model: pass init_from "
                                 "(--init) a phase-1 checkpoint of the same config")  # fmt: skip

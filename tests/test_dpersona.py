@@ -103,3 +103,36 @@ def test_shared_checkpoint_names_are_unchanged():
     keys = set(HarmonizerNet(HarmonizerConfig.small()).state_dict())
     assert {"harmonizer.tokens", "harmonizer.w1.weight"} <= keys
     assert not any("stage_tokens" in k for k in keys)
+
+
+def test_phase2_starts_new_heads_on_a_phase1_model_trained_without_them(tmp_path):
+    """[science] #35 item 6: D-Persona's heads train on the Prob. U-Net's phase 1 even when that model was
+    trained with no personalizer: every phase-1 weight is loaded, the heads keep their fresh initialization.
+    Any other config difference, or a run that also trains phase 1, is still refused."""
+    from harmonizer_fast import data as hd
+    from harmonizer_fast.checkpoint import CheckpointError, load_training_state, save_checkpoint
+    from harmonizer_fast.train import TrainConfig, Trainer
+
+    plain = HarmonizerConfig.small(num_raters=3).baseline()  # no harmonizer, personalizer or GED loss
+    torch.manual_seed(3)
+    trained = HarmonizerNet(plain)
+    for p in trained.parameters():  # weights no fresh build has, so loading them is visible
+        p.data.uniform_(-1, 1)
+    save_checkpoint(tmp_path / "pu", "best", trained)
+    heads_cfg = HarmonizerConfig.small(num_raters=3, use_harmonizer=False, use_ged_loss=False,
+                                       personalizer="dpersona", prior_bank=20)  # fmt: skip
+    data = hd.make_synthetic(24, size=32, raters=3, seed=1)
+    tc = TrainConfig(phase="2", epochs_phase2=1, batch_size=8)
+    trainer = Trainer(data, heads_cfg, tc, tmp_path / "dp", progress=False, log=lambda _m: None)
+    fresh = {k: v.clone() for k, v in trainer.net.personalizer.state_dict().items()}
+    trainer._begin(False, tmp_path / "pu")
+    got = trainer.net.state_dict()
+    for k, v in trained.state_dict().items():
+        assert torch.equal(got[k], v), k
+    for k, v in fresh.items():
+        assert torch.equal(got[f"personalizer.{k}"], v), k
+    with pytest.raises(CheckpointError, match="differs"):  # not a phase 2 alone: the configs must match
+        load_training_state(tmp_path / "pu", HarmonizerNet(heads_cfg), None)
+    other = HarmonizerNet(HarmonizerConfig.small(num_raters=3, use_ged_loss=False, personalizer="dpersona"))
+    with pytest.raises(CheckpointError, match="use_harmonizer"):  # a phase-1 field differs
+        load_training_state(tmp_path / "pu", other, None, fresh_personalizer=True)

@@ -146,6 +146,10 @@ class HarmonizerConfig:
 
 PRESETS = ("paper", "small")
 PERSONALIZERS = ("frequency", "dpersona")
+# The fields only the personalizer reads (section 3.2; phase 2): a phase-1 model trained with other values, or
+# with no personalizer, starts a phase 2 of these values (checkpoint.load_training_state, fresh_personalizer).
+PERSONALIZER_FIELDS = ("use_personalizer", "personalizer", "prompt_components", "prompt_size", "prior_bank",
+                       "personalizer_attn_dim", "personalizer_hidden")  # fmt: skip
 GED_THROUGH_PRIOR = ("none", "mean", "full")
 INITS = ("he", "torch")
 
