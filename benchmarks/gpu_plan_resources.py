@@ -19,26 +19,11 @@ import torch
 
 
 def _exercise(dtype: torch.dtype) -> None:
-    import harmonizer_fast as hf
+    """Every op of every family on its benchmark-scale example inputs (ops/_examples.py), on the GPU."""
+    from harmonizer_fast import ops
 
-    dev = "cuda"
-    x = torch.randn(16, 64, 128, 128, device=dev, dtype=dtype, requires_grad=True)
-    gamma = torch.randn(16, 64, device=dev, dtype=dtype, requires_grad=True)
-    beta = torch.randn(16, 64, device=dev, dtype=dtype, requires_grad=True)
-    hf.film(x, gamma, beta).sum().backward()
-    hf.haar_idwt2d(hf.haar_dwt2d(x.detach()))
-    feats = torch.randn(16, 256, 16, 16, device=dev, dtype=dtype, requires_grad=True)
-    q = torch.randn(8, 32, device=dev, dtype=dtype)
-    wk = torch.randn(32, 256, device=dev, dtype=dtype)
-    hf.token_attention_pool(feats, q, wk, wk).sum().backward()
-    samples = torch.rand(16, 50, 128, 128, device=dev, dtype=dtype)
-    raters = (torch.rand(16, 4, 128, 128, device=dev) > 0.5).to(dtype)
-    hf.ged(samples, raters)
-    hf.pairwise_iou(samples, raters)
-    from harmonizer_fast.ops.fcomb import fcomb_head
-
-    w = [torch.randn(*s, device=dev, dtype=dtype) for s in ((16, 16, 128 * 128), (16, 50, 16), (3, 16, 16), (3, 16))]
-    fcomb_head(*w, torch.randn(16, device=dev, dtype=dtype), torch.randn(1, device=dev, dtype=dtype))
+    for name, args in ops.examples("bench", dtype, "cuda").items():
+        getattr(torch.ops.harmonizer_fast, name)(*args)
     torch.cuda.synchronize()
 
 
@@ -66,13 +51,14 @@ def main() -> int:
         print("gpu_plan_resources: no CUDA device; nothing to record")
         return 0
     os.environ["HARMONIZER_FAST_BACKEND"] = "triton"  # every call on the Triton path, or an error
-    from harmonizer_fast import _backend
-    from harmonizer_fast.kernels import attention_pool, fcomb, film, ged, haar
+    import importlib
+
+    from harmonizer_fast import _backend, ops
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         _exercise(dtype)
     rows = []
-    for mod in (haar, film, attention_pool, fcomb, ged):
+    for mod in (importlib.import_module(f"harmonizer_fast.kernels.{f}") for f in ops.families()):
         for name in dir(mod):
             obj = getattr(mod, name)
             if hasattr(obj, "device_caches") and name.endswith("_kernel"):

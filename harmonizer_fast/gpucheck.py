@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
+import importlib
 import io
 import json
 import multiprocessing
@@ -58,10 +60,22 @@ def _kernel_families() -> tuple[str, ...]:
 
 
 FAMILIES = _kernel_families()
-# Kernels that must not spill (the last two: attention pooling's).
-NO_SPILL = ("_haar_dwt2d_kernel", "_haar_idwt2d_kernel", "_haar_dwt3d_kernel", "_haar_idwt3d_kernel",
-            "_film_forward_kernel", "_film_backward_kernel", "_fcomb_head_kernel", "_binarize_kernel",
-            "_forward_kernel", "_backward_kernel")  # fmt: skip
+
+
+@functools.cache
+def _rules() -> dict:
+    """Every family's ``COMPILE_RULES`` (kernel name -> rule), stated beside its kernels (kernels/_plan.py)."""
+    table: dict = {}
+    for family in FAMILIES:
+        table.update(importlib.import_module(f"harmonizer_fast.kernels.{family}").COMPILE_RULES)
+    return table
+
+
+def compile_rules(kernel: str, plan: str) -> frozenset:
+    """What the compile check requires of one compiled plan: a set of ``no_spill``, ``tensor_cores`` and
+    ``ieee_fp32`` (kernels/_plan.py); empty for a kernel its family states no rule for."""
+    rule = _rules().get(kernel, frozenset())
+    return rule(plan) if callable(rule) else rule
 DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
 _TENSOR_CORE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|WGMMA)\S*)")
 
@@ -229,18 +243,17 @@ def problems(record: dict) -> list[str]:
     if record["shared_bytes"] > record["shared_limit"]:
         out.append(f"{where}: {record['shared_bytes']} B of shared memory, the limit is {record['shared_limit']} B")
     spills = record["spill_store_bytes"] + record["spill_load_bytes"]
-    binary_ged = record["kernel"] == "_overlap_kernel" and "IEEE=False" in record["plan"]
-    if spills and (record["kernel"] in NO_SPILL or binary_ged):
+    rules = compile_rules(record["kernel"], record["plan"])
+    if spills and "no_spill" in rules:
         out.append(f"{where}: spills {record['spill_store_bytes']} B stored / {record['spill_load_bytes']} B loaded")
-    if binary_ged and not record["tensor_core"]:
-        out.append(f"{where}: the binary GED kernel has no tensor-core instruction")
+    if "tensor_cores" in rules and not record["tensor_core"]:
+        out.append(f"{where}: {record['kernel']} has no tensor-core instruction")
     if record.get("int32_size_products"):
         out.append(f"{where}: int32 products of a runtime size or stride, which overflow at 2^31 elements: "
                    f"{'; '.join(record['int32_size_products'])} (cast one side with .to(tl.int64))")  # fmt: skip
-    if record["kernel"] == "_overlap_kernel" and "IEEE=True" in record["plan"]:
-        tf32 = [i for i in record["tensor_core"] if "TF32" in i]
-        if tf32:
-            out.append(f"{where}: the soft path must stay IEEE fp32, found {', '.join(tf32)}")
+    tf32 = [i for i in record["tensor_core"] if "TF32" in i] if "ieee_fp32" in rules else []
+    if tf32:
+        out.append(f"{where}: must stay IEEE fp32, found {', '.join(tf32)}")
     return out
 
 

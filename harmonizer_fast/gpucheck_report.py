@@ -102,48 +102,33 @@ def cuda_objects(directory: str) -> list[dict]:
 
 
 def _projection_shapes() -> list[dict[str, Any]]:
-    """The benchmarks' shapes (benchmarks/bench_*.py, paper config at 128 x 128), their chosen plans and
-    their work counted by the profiler's formulas on CPU tensors."""
+    """Every op at the benchmarks' shapes (each family's ``examples("bench")``, paper config at 128 x 128), the
+    plans it launches (its kernels' ``plans_for``) and its work counted by the profiler's formulas on CPU
+    tensors. An op whose plans must use tensor cores (``COMPILE_RULES``) is projected at the fp16 tensor peak."""
+    import importlib
+
     import torch
 
-    from . import profiler
-    from .kernels import attention_pool, fcomb, film, ged, haar
-    from .ops.attention_pool import _core_reference  # noqa: F401  (registers the op)
+    from . import ops, profiler
 
-    ops = torch.ops.harmonizer_fast
-    x = torch.rand(16, 64, 128, 128)
-    gamma, beta = torch.rand(16, 64), torch.rand(16, 64)
-    feats = torch.rand(16, 256, 16, 16)
-    a = torch.rand(16, 8, 256)
-    base, bias = torch.rand(16, 16, 128 * 128), torch.rand(16, 50, 16)
-    hw, hb, lw, lb = torch.rand(3, 16, 16), torch.rand(3, 16), torch.rand(16), torch.rand(1)
-    samples = (torch.rand(16, 50, 128 * 128) > 0.5).float()
-    raters = (torch.rand(16, 4, 128 * 128) > 0.5).float()
-    cases = [
-        ("haar_dwt2d (16, 64, 128, 128) fp32", lambda: ops.haar_dwt2d(x), [haar.plan_dwt(64, torch.float32)]),
-        ("film (16, 64, 128, 128) fp32", lambda: ops.film(x, gamma, beta),
-         [film.plan_forward(128, torch.float32, torch.float32)]),
-        ("attention_pool (16, 256, 16, 16), M = 8", lambda: ops.attention_pool(feats, a),
-         [attention_pool.plan_forward(8, 256, torch.float32)]),
-        ("fcomb_head B = 16, K = 50, 16 ch, 128 x 128", lambda: ops.fcomb_head(base, bias, hw, hb, lw, lb),
-         [fcomb.plan_head(16, 3, torch.float32)]),
-        ("ged_sums B = 16, K = 50, N = 4, 128 x 128", lambda: ops.ged_sums(samples, raters, 0.5, 1e-7, 1.0, True),
-         [ged.plan_overlap(50, 4, ged.MODE_SUM, False, False, True, torch.float16),
-          ged.plan_overlap(50, 50, ged.MODE_SUM, True, True, True, torch.float16),
-          ged.plan_overlap(4, 4, ged.MODE_SUM, True, True, True, torch.float16)]),
-    ]  # fmt: skip
     out = []
-    for name, fn, plans in cases:
-        work = profiler.count_work(fn)
-        flops = sum(w.flops for w in work.values())
-        moved = sum(w.bytes for w in work.values())
-        tensor = name.startswith("ged")  # the binary Gram runs on tensor cores
-        proj = {}
-        for t in TARGETS.values():
-            peak = t.fp16_tensor_flops if tensor else t.fp32_flops
-            proj[t.name] = max(flops / peak, moved / t.dram_bytes_per_s)
-        out.append({"shape": name, "plans": [p.key for p in plans], "flops": flops, "bytes": moved,
-                    "projected_s": proj})  # fmt: skip
+    for family in ops.families():
+        kernels = importlib.import_module(f"harmonizer_fast.kernels.{family}")
+        examples = importlib.import_module(f"harmonizer_fast.ops.{family}").examples("bench", torch.float32)
+        for name, args in examples.items():
+            plans = kernels.plans_for(name, *args)
+            work = profiler.count_work(lambda: getattr(torch.ops.harmonizer_fast, name)(*args))  # noqa: B023
+            flops = sum(w.flops for w in work.values())
+            moved = sum(w.bytes for w in work.values())
+            rules = [kernels.COMPILE_RULES.get(p.name, frozenset()) for p in plans]
+            tensor = any("tensor_cores" in (r(p.key) if callable(r) else r) for r, p in zip(rules, plans))
+            proj = {}
+            for t in TARGETS.values():
+                peak = t.fp16_tensor_flops if tensor else t.fp32_flops
+                proj[t.name] = max(flops / peak, moved / t.dram_bytes_per_s)
+            shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            out.append({"shape": f"{name} {shapes} fp32", "plans": [p.key for p in plans], "flops": flops,
+                        "bytes": moved, "projected_s": proj})  # fmt: skip
     return out
 
 

@@ -2,9 +2,9 @@
 (appendix K: 0.42 s per forward and 2.4 G multiply-accumulates per 128 x 128 image on an RTX 3090) and a
 roofline projection of the counted work onto that card.
 
-MACs and FLOPs are counted with ``torch.utils.flop_counter`` plus formulas registered here for this
-package's custom ops, which the counter would otherwise count as zero (FLOPs = 2 x MACs for products; the
-memory-bound ops count one FLOP per arithmetic operation per element).
+MACs and FLOPs are counted with ``torch.utils.flop_counter`` plus the formulas each op family declares beside
+its code (``FLOPS``, registered here), which the counter would otherwise count as zero (FLOPs = 2 x MACs for
+products; the memory-bound ops count one FLOP per arithmetic operation per element).
 
 Bytes are the compulsory traffic of each op, derived from the shapes: every input read once and every output
 written once (views move nothing; a broadcast operand counts the memory it spans, not its logical size).
@@ -14,7 +14,6 @@ That is what a kernel that keeps its working set on chip moves, so it is the mem
 from __future__ import annotations
 
 import functools
-import math
 import resource
 import statistics
 import time
@@ -27,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
-from . import ops  # noqa: F401  (defines the custom ops the formulas attach to)
+from . import ops
 from ._deprecation import renamed_kwargs
 from .model import HarmonizerConfig, HarmonizerNet
 
@@ -50,84 +49,15 @@ RTX_3090 = {
 LAUNCH_OVERHEAD_S = 5e-6
 
 
-def _numel(shape) -> int:
-    return math.prod(shape)
+# FLOP formulas of the custom ops: each family's FLOPS, beside its code (ops/_examples.py), registered here.
 
 
-# ---------------------------------------------------------------------------------------------------------
-# FLOP formulas of the custom ops (arguments arrive as shapes).
-
-_hf = torch.ops.harmonizer_fast
-
-
-@register_flop_formula(_hf.film)
-def _film_flops(x_shape, gamma_shape, beta_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _numel(x_shape)  # one multiply-add per element
+def _register_flop_formulas() -> None:
+    for name, formula in ops.flop_formulas().items():
+        register_flop_formula(getattr(torch.ops.harmonizer_fast, name))(formula)
 
 
-@register_flop_formula(_hf.film_backward)
-def _film_backward_flops(dy_shape, x_shape, gamma_shape, *args, out_shape=None, **kwargs) -> int:
-    return 4 * _numel(x_shape)  # dx = g dy; dgamma += dy x; dbeta += dy
-
-
-@register_flop_formula(_hf.attention_pool)
-def _attention_pool_flops(x_shape, a_shape, *args, out_shape=None, **kwargs) -> int:
-    b, c = x_shape[:2]
-    n = _numel(x_shape[2:])
-    m = a_shape[1]
-    return 4 * b * m * c * n  # scores (a x) and the weighted sum over positions
-
-
-@register_flop_formula(_hf.attention_pool_backward)
-def _attention_pool_backward_flops(dz_shape, x_shape, a_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _attention_pool_flops(x_shape, a_shape)
-
-
-def _haar_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
-    return 4 * _numel(x_shape)  # each output: three additions and one scaling
-
-
-for _name in ("haar_dwt2d", "haar_dwt2d_split"):
-    register_flop_formula(getattr(_hf, _name))(_haar_flops)
-
-
-@register_flop_formula(_hf.haar_idwt2d)
-def _haar_idwt_flops(y_shape, *args, out_shape=None, **kwargs) -> int:
-    return 4 * _numel(y_shape)
-
-
-@register_flop_formula(_hf.haar_idwt2d_split)
-def _haar_idwt_split_flops(lo_shape, hi_shape, *args, out_shape=None, **kwargs) -> int:
-    return 4 * (_numel(lo_shape) + _numel(hi_shape))
-
-
-@register_flop_formula(_hf.haar_dwt3d)
-def _haar3d_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
-    return 4 * _numel(x_shape)  # each coefficient: three butterfly additions and one scaling
-
-
-@register_flop_formula(_hf.haar_idwt3d)
-def _haar_idwt3d_flops(y_shape, *args, out_shape=None, **kwargs) -> int:
-    return 4 * _numel(y_shape)
-
-
-@register_flop_formula(_hf.fcomb_head)
-def _fcomb_head_flops(base_shape, bias_shape, hw_shape, *args, out_shape=None, **kwargs) -> int:
-    b, c, p = base_shape
-    k, layers = bias_shape[1], hw_shape[0]
-    return b * k * p * (c + 2 * layers * c * c + 2 * c)  # bias add, hidden products, last dot
-
-
-@register_flop_formula(_hf.pairwise_overlap)
-def _overlap_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1] * a_shape[2]  # the Gram product
-
-
-@register_flop_formula(_hf.ged_sums)
-def _ged_sums_flops(s_shape, r_shape, *args, out_shape=None, **kwargs) -> int:
-    b, k, p = s_shape
-    n = r_shape[1]
-    return 2 * b * p * (k * n + k * k + n * n)
+_register_flop_formulas()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from conftest import rand
 
 import harmonizer_fast as hf
 from harmonizer_fast import export as ex
+from harmonizer_fast import ops
 from harmonizer_fast.cli import main as cli
 from harmonizer_fast.model import HarmonizerConfig, HarmonizerNet
 from harmonizer_fast.ops import decompositions
@@ -22,40 +23,12 @@ K = 3
 TRACED = (64, 96)
 
 
-def _op_cases():
-    """One argument tuple per op of torch.ops.harmonizer_fast, float64 so that the comparison is tight."""
-    g = torch.Generator().manual_seed(0)
-    x4, y5 = rand((2, 3, 7, 9), seed=1), rand((2, 3, 4, 4, 5), seed=2)
-    x5, y6 = rand((1, 2, 3, 5, 6), seed=3), rand((1, 2, 8, 2, 3, 3), seed=4)
-    fx, gamma, beta = rand((2, 3, 4, 5), seed=5), rand((2, 3), seed=6), rand((2, 3), seed=7)
-    ax, a = rand((2, 6, 5, 7), seed=8), rand((2, 3, 6), seed=9) * 0.3
-    z, lse = torch.ops.harmonizer_fast.attention_pool(ax, a)
-    probs = torch.rand(2, 4, 30, generator=g, dtype=torch.float64)
-    masks = (torch.rand(2, 3, 30, generator=g) > 0.6).double()
-    return {
-        "haar_dwt2d": (x4,),
-        "haar_idwt2d": (y5, 7, 9),
-        "haar_dwt2d_split": (x4,),
-        "haar_idwt2d_split": (y5[:, :, 0].contiguous(), y5[:, :, 1:].contiguous(), 8, 9),
-        "haar_dwt3d": (x5,),
-        "haar_idwt3d": (y6, 3, 5, 6),
-        "film": (fx, gamma, beta),
-        "film_backward": (rand((2, 3, 4, 5), seed=10), fx, gamma),
-        "attention_pool": (ax, a),
-        "attention_pool_backward": (rand((2, 3, 6), seed=11), ax, a, z, lse),
-        "fcomb_head": (rand((2, 8, 30), seed=12), rand((2, 3, 8), seed=13), rand((2, 8, 8), seed=14) * 0.3,
-                       rand((2, 8), seed=15), rand((8,), seed=16), rand((1,), seed=17)),  # fmt: skip
-        "pairwise_overlap": (probs, masks, 0.5, False, 1e-8, 0.0, int(OverlapMode.IOU)),
-        "ged_sums": (probs, masks, 0.5, 1e-8, 0.0, True),
-    }
-
-
 def test_every_op_decomposes_to_its_reference():
     """The table that torch.export's run_decompositions takes covers every op of the namespace, and each entry
     computes what the op computes (the op runs the C++ kernels here), so an export keeps the model's values."""
     names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("harmonizer_fast::")}
     table = {op.name().split("::")[1].split(".")[0]: fn for op, fn in decompositions().items()}
-    cases = _op_cases()
+    cases = ops.examples("test")  # each family's own example inputs, float64 so that the comparison is tight
     assert set(table) == names == set(cases)
     for name, args in cases.items():
         want = getattr(torch.ops.harmonizer_fast, name)(*args)

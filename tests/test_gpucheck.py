@@ -55,14 +55,20 @@ def test_every_plan_compiles_for_every_target_within_its_limits(report):
 @needs_nvidia
 def test_no_spills_and_tensor_cores_where_promised(report):
     _, data = report
+    binary_ged = 0
     for r in data["records"]:
-        binary_ged = r["kernel"] == "_overlap_kernel" and "IEEE=False" in r["plan"]
-        if r["kernel"] in gpucheck.NO_SPILL or binary_ged:
+        rules = gpucheck.compile_rules(r["kernel"], r["plan"])  # each family's COMPILE_RULES
+        if "no_spill" in rules:
             assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
-        if binary_ged:
+        if "tensor_cores" in rules:
             assert any(i.startswith(("HMMA", "HGMMA")) for i in r["tensor_core"]), r
-        if r["kernel"] == "_overlap_kernel" and "IEEE=True" in r["plan"]:
+        if "ieee_fp32" in rules:
             assert not any("TF32" in i for i in r["tensor_core"]), r
+        binary_ged += r["kernel"] == "_overlap_kernel" and "IEEE=False" in r["plan"]
+    # the rules reach the kernels they were written for: every plain kernel must not spill, and the binary GED
+    # path must run on tensor cores
+    assert all("no_spill" in gpucheck.compile_rules(k, "") for k in ("_film_forward_kernel", "_haar_dwt3d_kernel"))
+    assert binary_ged and gpucheck.compile_rules("_overlap_kernel", "x[IEEE=False]") >= {"no_spill", "tensor_cores"}
 
 
 @needs_nvidia

@@ -32,6 +32,12 @@ _PTR_TYPES = {
     torch.int64: "*i64",
 }
 
+# The compile check's rules (harmonizer_fast.gpucheck.problems), which each kernel family states for its kernels
+# in ``COMPILE_RULES`` (kernel name -> a set of these, or a function of the plan key giving one).
+NO_SPILL = frozenset({"no_spill"})  # registers only: a spill on any target is a failure
+TENSOR_CORES = frozenset({"tensor_cores"})  # the SASS must hold tensor-core instructions
+IEEE_FP32 = frozenset({"ieee_fp32"})  # the SASS must hold no TF32 tensor-core instruction
+
 # Plans that failed on this machine, by key, with the error; see harmonizer_fast._backend.dispatch.
 FAILED: dict[str, str] = {}
 

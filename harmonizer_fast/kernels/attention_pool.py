@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._plan import LaunchPlan, make_plan
+from ._plan import NO_SPILL, LaunchPlan, make_plan
 
 
 @triton.jit
@@ -221,3 +221,13 @@ def attention_pool_backward(
         grid, dz.contiguous(), x, a, lse.contiguous(), d, dx, part_da, c, n, m, splits, chunk, x.stride(0), x.stride(1)
     )
     return dx, part_da.sum(dim=1).to(a.dtype)
+
+
+# What this family describes about itself (ops/_examples.py): the plans a call runs, the compile check's rules.
+def plans_for(op: str, *args) -> list[LaunchPlan]:
+    x, a = (args[0], args[1]) if op == "attention_pool" else (args[1], args[2])
+    plan = plan_forward if op == "attention_pool" else plan_backward
+    return [plan(a.shape[1], x.shape[1], x.dtype)]
+
+
+COMPILE_RULES = {"_forward_kernel": NO_SPILL, "_backward_kernel": NO_SPILL}

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._plan import LaunchPlan, make_plan
+from ._plan import NO_SPILL, LaunchPlan, make_plan
 
 
 @triton.jit
@@ -93,3 +93,12 @@ def fcomb_head(base, bias, hidden_w, hidden_b, last_w, last_b) -> torch.Tensor:
     npb = triton.cdiv(p, dict(plan.constexprs)["BLOCK_P"])
     plan.launch((b * npb,), base, bias, hidden_w, hidden_b, last_w, last_b, out, k, c, p, npb)
     return out
+
+
+# What this family describes about itself (ops/_examples.py): the plans a call runs, the compile check's rules.
+def plans_for(op: str, *args) -> list[LaunchPlan]:
+    base, hidden_w = args[0], args[2]
+    return [plan_head(base.shape[1], hidden_w.shape[0], base.dtype)]
+
+
+COMPILE_RULES = {"_fcomb_head_kernel": NO_SPILL}

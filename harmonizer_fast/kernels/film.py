@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._plan import LaunchPlan, make_plan
+from ._plan import NO_SPILL, LaunchPlan, make_plan
 
 
 @triton.jit
@@ -135,3 +135,13 @@ def film_backward(dy: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor):
     )  # fmt: skip
     # fixed-order reduction over the chunks; two separate tensors (outputs of an op must not alias)
     return dx, partials[0].sum(-1).to(x.dtype), partials[1].sum(-1).to(x.dtype)
+
+
+# What this family describes about itself (ops/_examples.py): the plans a call runs, the compile check's rules.
+def plans_for(op: str, *args) -> list[LaunchPlan]:
+    x, gamma = (args[0], args[1]) if op == "film" else (args[1], args[2])
+    plan = plan_forward if op == "film" else plan_backward
+    return [plan(x.shape[-1], x.dtype, gamma.dtype)]
+
+
+COMPILE_RULES = {"_film_forward_kernel": NO_SPILL, "_film_backward_kernel": NO_SPILL}

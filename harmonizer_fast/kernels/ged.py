@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._plan import LaunchPlan, make_plan
+from ._plan import IEEE_FP32, NO_SPILL, TENSOR_CORES, LaunchPlan, make_plan
 
 # Under the CPU interpreter few large programs are fastest (each program is a numpy call sequence); on a
 # GPU the tiles follow the set sizes (plan_overlap).
@@ -323,3 +323,30 @@ def ged_sums(
             _launch(u, v, partials, MODE_SUM, sym, offdiag and sym, eps, empty_iou, True)
             sums[s:e, term] = partials.flatten(1).to(torch.float64).sum(-1)
     return sums, flags
+
+
+# What this family describes about itself (ops/_examples.py): the plans a call runs, the compile check's rules.
+def plans_for(op: str, *args) -> list[LaunchPlan]:
+    """The plans of a call that runs one pixel split per image (the compile report's projections)."""
+    a, b = args[0], args[1]
+    ka, kb = a.shape[1], b.shape[1]
+    if op == "ged_sums":
+        offdiag = args[5]
+        return [plan_binarize(a.dtype, _value_check(a)), plan_binarize(b.dtype, CHECK_BINARY)] + [
+            plan_overlap(u, v, MODE_SUM, sym, offdiag and sym, True, torch.float16)
+            for u, v, sym in ((ka, kb, False), (ka, ka, True), (kb, kb, True))
+        ]
+    soft, mode = args[3], args[6]
+    if soft:
+        return [plan_overlap(ka, kb, mode, False, False, False, a.dtype)]
+    return [plan_binarize(a.dtype, _value_check(a)), plan_binarize(b.dtype, _value_check(b)),
+            plan_overlap(ka, kb, mode, False, False, True, torch.float16)]  # fmt: skip
+
+
+def _overlap_rules(plan_key: str) -> frozenset:
+    """The binary path (IEEE=False) runs its Gram on tensor cores and must not spill; the soft path must stay
+    IEEE fp32 (no TF32), where a spill is reported in the table, not a failure."""
+    return NO_SPILL | TENSOR_CORES if "IEEE=False" in plan_key else IEEE_FP32
+
+
+COMPILE_RULES = {"_binarize_kernel": NO_SPILL, "_overlap_kernel": _overlap_rules}

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._plan import LaunchPlan, make_plan
+from ._plan import NO_SPILL, LaunchPlan, make_plan
 
 
 @triton.jit
@@ -176,3 +176,14 @@ def haar_idwt2d(lo: torch.Tensor, hi: torch.Tensor, height: int, width: int) -> 
         lo, hi, x, c, hh, ww, height, width, *lo.stride(), *hi.stride(),
     )  # fmt: skip
     return x
+
+
+# What this family describes about itself (ops/_examples.py): the plans a call runs, the compile check's rules.
+def plans_for(op: str, *args) -> list[LaunchPlan]:
+    x = args[0]
+    if op.startswith("haar_dwt2d"):
+        return [plan_dwt(-(-x.shape[-1] // 2), x.dtype)]
+    return [plan_idwt(x.shape[-1], x.dtype)]  # the low band's width: (N, C, 4, h, w) or (N, C, h, w)
+
+
+COMPILE_RULES = {"_haar_dwt2d_kernel": NO_SPILL, "_haar_idwt2d_kernel": NO_SPILL}

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._plan import LaunchPlan, make_plan
+from ._plan import NO_SPILL, LaunchPlan, make_plan
 
 # 1 / (2 sqrt 2). Kernels splat it in their compute dtype (tl.full): a bare float literal would be rounded to
 # float32, which float64 inputs cannot afford.
@@ -211,3 +211,14 @@ def haar_idwt3d(y: torch.Tensor, depth: int, height: int, width: int) -> torch.T
         y, x, c, depth, height, width, bd, bh, bw, *y.stride(),
     )  # fmt: skip
     return x
+
+
+# What this family describes about itself (ops/_examples.py): the plans a call runs, the compile check's rules.
+def plans_for(op: str, *args) -> list[LaunchPlan]:
+    x = args[0]
+    if op == "haar_dwt3d":
+        return [plan_dwt(-(-x.shape[-1] // 2), x.dtype)]
+    return [plan_idwt(x.shape[-1], x.dtype)]
+
+
+COMPILE_RULES = {"_haar_dwt3d_kernel": NO_SPILL, "_haar_idwt3d_kernel": NO_SPILL}

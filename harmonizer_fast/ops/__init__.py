@@ -23,16 +23,35 @@ def families() -> tuple[str, ...]:
     return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 
 
-def decompositions() -> dict:
-    """Every custom op of ``torch.ops.harmonizer_fast`` mapped to its pure-torch reference: the table that
-    ``torch.export``'s ``run_decompositions`` takes to turn a program into standard ATen ops (for ONNX, or a
-    runtime without this package)."""
+def _merged(attr: str, *args) -> dict:
+    """The families' tables ``attr`` (a dict, or a function of ``args`` giving one) merged into one."""
     import importlib
 
     table = {}
     for name in families():
-        table.update(importlib.import_module(f"{__name__}.{name}").DECOMPOSITIONS)
+        part = getattr(importlib.import_module(f"{__name__}.{name}"), attr)
+        table.update(part(*args) if callable(part) else part)
     return table
+
+
+def decompositions() -> dict:
+    """Every custom op of ``torch.ops.harmonizer_fast`` mapped to its pure-torch reference: the table that
+    ``torch.export``'s ``run_decompositions`` takes to turn a program into standard ATen ops (for ONNX, or a
+    runtime without this package)."""
+    return _merged("DECOMPOSITIONS")
+
+
+def flop_formulas() -> dict:
+    """Op name -> FLOPs of a call from its argument shapes, every op of every family (ops/_examples.py)."""
+    return _merged("FLOPS")
+
+
+def examples(scale: str = "test", dtype=None, device="cpu") -> dict:
+    """Op name -> one argument tuple, every op of every family, at ``"test"`` or ``"bench"`` scale
+    (ops/_examples.py); float64 by default."""
+    import torch
+
+    return _merged("examples", scale, dtype or torch.float64, device)
 
 
 def _register_decompositions() -> None:

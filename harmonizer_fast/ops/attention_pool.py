@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
+from . import _examples as _ex
 from ._checks import check_float_tensor, check_same_device_dtype
 
 
@@ -208,3 +209,19 @@ def token_attention_pool(
     a = a.expand(b, *a.shape[-2:]) if a.dim() == 2 else a
     z, _ = _core_op(x, a)
     return torch.matmul(z, w_v.t())
+
+
+# What this family describes about itself (ops/_examples.py): example inputs and FLOP formulas.
+def examples(scale: str = "test", dtype: torch.dtype = torch.float64, device="cpu") -> dict:
+    b, c, h, w, m = _ex.pick(scale, (2, 6, 5, 7, 3), (16, 256, 16, 16, 8))
+    x, a = _ex.normal((b, c, h, w), 8, dtype, device), _ex.normal((b, m, c), 9, dtype, device, scale=0.3)
+    z, lse = torch.ops.harmonizer_fast.attention_pool(x, a)
+    return {"attention_pool": (x, a),
+            "attention_pool_backward": (_ex.normal((b, m, c), 11, dtype, device), x, a, z, lse)}  # fmt: skip
+
+
+def _pool_flops(x, a, **_) -> int:
+    return 4 * x[0] * a[1] * x[1] * _ex.numel(x[2:])  # scores (a x) and the weighted sum over positions
+
+
+FLOPS = {"attention_pool": _pool_flops, "attention_pool_backward": lambda dz, x, a, *_, **__: 2 * _pool_flops(x, a)}

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
+from . import _examples as _ex
 
 REFERENCE_CHUNK = 1 << 22  # elements of one (B, k, C, H, W) temporary in the reference
 
@@ -114,3 +115,20 @@ def fcomb_head(
     args = [t.detach().contiguous() for t in (bias, hidden_w, hidden_b, last_w.reshape(-1), last_b.reshape(-1))]
     out = _fcomb_head_op(base.detach().reshape(b, c, h * w).contiguous(), *args)
     return out.reshape(b, bias.shape[1], h, w)
+
+
+# What this family describes about itself (ops/_examples.py): example inputs and FLOP formulas.
+def examples(scale: str = "test", dtype: torch.dtype = torch.float64, device="cpu") -> dict:
+    b, k, c, p, layers = _ex.pick(scale, (2, 3, 8, 30, 2), (16, 50, 16, 128 * 128, 3))
+    args = [_ex.normal(s, 12 + i, dtype, device, scale=0.3 if i == 2 else 1.0)
+            for i, s in enumerate(((b, c, p), (b, k, c), (layers, c, c), (layers, c), (c,), (1,)))]  # fmt: skip
+    return {"fcomb_head": tuple(args)}
+
+
+def _head_flops(base, bias, hidden_w, *_, **__) -> int:
+    b, c, p = base
+    k, layers = bias[1], hidden_w[0]
+    return b * k * p * (c + 2 * layers * c * c + 2 * c)  # bias add, hidden products, last dot
+
+
+FLOPS = {"fcomb_head": _head_flops}

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
+from . import _examples as _ex
 from ._checks import check_float_tensor, check_same_device_dtype
 
 
@@ -127,3 +128,17 @@ def film(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """
     check_float_tensor(x, "film", "x", 4, "(B, C, H, W)")
     return _film_op(x, _as_batch_param(gamma, x, "gamma"), _as_batch_param(beta, x, "beta"))
+
+
+# What this family describes about itself (ops/_examples.py): example inputs and FLOP formulas.
+def examples(scale: str = "test", dtype: torch.dtype = torch.float64, device="cpu") -> dict:
+    b, c, h, w = _ex.pick(scale, (2, 3, 4, 5), (16, 64, 128, 128))
+    x = _ex.normal((b, c, h, w), 5, dtype, device)
+    gamma, beta = _ex.normal((b, c), 6, dtype, device), _ex.normal((b, c), 7, dtype, device)
+    return {"film": (x, gamma, beta), "film_backward": (_ex.normal((b, c, h, w), 10, dtype, device), x, gamma)}
+
+
+FLOPS = {
+    "film": lambda x, gamma, beta, **_: 2 * _ex.numel(x),  # one multiply-add per element
+    "film_backward": lambda dy, x, gamma, **_: 4 * _ex.numel(x),  # dx = g dy; dgamma += dy x; dbeta += dy
+}

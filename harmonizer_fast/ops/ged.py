@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
+from . import _examples as _ex
 from ._checks import NOT_BINARY, NOT_PROBABILITY, check_binary, check_probabilities, check_threshold
 
 
@@ -361,3 +362,18 @@ def soft_gram(a: Tensor, b: Tensor) -> Tensor:
     """Differentiable ``sum_p a(p) b(p)`` for every pair: ``(B, Ka, H, W)`` x ``(B, Kb, H, W)`` -> ``(B, Ka, Kb)``."""
     check_pair(a, b, "soft_gram", "a", "b")
     return _overlap_op(_flat(a), _flat(b), 0.0, True, 0.0, 0.0, OverlapMode.GRAM)
+
+
+# What this family describes about itself (ops/_examples.py): example inputs and FLOP formulas.
+def examples(scale: str = "test", dtype: torch.dtype = torch.float64, device="cpu") -> dict:
+    b, k, n, p = _ex.pick(scale, (2, 4, 3, 30), (16, 50, 4, 128 * 128))
+    probs = _ex.uniform((b, k, p), 18, dtype, device) if scale == "test" else _ex.binary((b, k, p), 18, dtype, device)
+    masks = _ex.binary((b, n, p), 19, dtype, device)
+    return {"pairwise_overlap": (probs, masks, 0.5, False, 1e-8, 0.0, int(OverlapMode.IOU)),
+            "ged_sums": (probs, masks, 0.5, 1e-8, 0.0, True)}  # fmt: skip
+
+
+FLOPS = {
+    "pairwise_overlap": lambda a, b, *_, **__: 2 * a[0] * a[1] * b[1] * a[2],  # the Gram product
+    "ged_sums": lambda s, r, *_, **__: 2 * s[0] * s[2] * (s[1] * r[1] + s[1] * s[1] + r[1] * r[1]),
+}

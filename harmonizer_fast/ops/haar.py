@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
+from . import _examples as _ex
 from ._checks import check_float_tensor, check_same_device_dtype, check_shape
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,3 +291,20 @@ def haar_idwt2d_split(lo: Tensor, hi: Tensor, size: Optional[Sequence[int]] = No
     check_shape(hi, (n, c, 3, h, w), op, "hi", "(N, C, 3, h, w)")
     height, width = _output_size(h, w, size, op)
     return _idwt_split_op(lo, hi, height, width)
+
+
+# What this family describes about itself (ops/_examples.py): example inputs and FLOP formulas.
+def examples(scale: str = "test", dtype: torch.dtype = torch.float64, device="cpu") -> dict:
+    n, c, h, w = _ex.pick(scale, (2, 3, 7, 9), (16, 64, 128, 128))
+    hh, hw = -(-h // 2), -(-w // 2)
+    x, y = _ex.normal((n, c, h, w), 1, dtype, device), _ex.normal((n, c, 4, hh, hw), 2, dtype, device)
+    return {"haar_dwt2d": (x,), "haar_idwt2d": (y, h, w), "haar_dwt2d_split": (x,),
+            "haar_idwt2d_split": (y[:, :, 0].contiguous(), y[:, :, 1:].contiguous(), 2 * hh, w)}  # fmt: skip
+
+
+FLOPS = {
+    "haar_dwt2d": lambda x, **_: 4 * _ex.numel(x),  # each output: three additions and one scaling
+    "haar_dwt2d_split": lambda x, **_: 4 * _ex.numel(x),
+    "haar_idwt2d": lambda y, *_, **__: 4 * _ex.numel(y),
+    "haar_idwt2d_split": lambda lo, hi, *_, **__: 4 * (_ex.numel(lo) + _ex.numel(hi)),
+}

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _autocast
+from . import _examples as _ex
 from ._checks import check_float_tensor
 from .haar import _as_size
 
@@ -208,3 +209,16 @@ def haar_idwt3d(y: Tensor, size: Optional[Sequence[int]] = None) -> Tensor:
         raise ValueError(f"haar_idwt3d: y must have 8 sub-bands ({', '.join(KEYS)}) in dim 2, got shape "
                          f"{tuple(y.shape)}")  # fmt: skip
     return _idwt_op(y, *_output_size(y.shape[-3:], size, "haar_idwt3d"))
+
+
+# What this family describes about itself (ops/_examples.py): example inputs and FLOP formulas.
+def examples(scale: str = "test", dtype: torch.dtype = torch.float64, device="cpu") -> dict:
+    n, c, d, h, w = _ex.pick(scale, (1, 2, 3, 5, 6), (2, 8, 64, 128, 128))  # bench: bench_haar.py --3d's first
+    y = _ex.normal((n, c, 8, -(-d // 2), -(-h // 2), -(-w // 2)), 4, dtype, device)
+    return {"haar_dwt3d": (_ex.normal((n, c, d, h, w), 3, dtype, device),), "haar_idwt3d": (y, d, h, w)}
+
+
+FLOPS = {
+    "haar_dwt3d": lambda x, **_: 4 * _ex.numel(x),  # each coefficient: three butterfly additions and one scaling
+    "haar_idwt3d": lambda y, *_, **__: 4 * _ex.numel(y),
+}
