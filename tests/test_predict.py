@@ -295,7 +295,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
                 record = json.loads(f.read_text())
                 record["row"].pop("seconds")
                 files[str(f.relative_to(out))] = json.dumps(record).encode()
-            elif f.suffix in (".png", ".npy") or f.name == "summary.csv":
+            elif f.suffix in (".png", ".npy", ".gz") or f.name == "summary.csv":
                 files[str(f.relative_to(out))] = f.read_bytes() if f.name != "summary.csv" else b""
     return files
 
@@ -306,28 +306,38 @@ def _cli_env() -> dict:
 
 @pytest.mark.slow
 def test_two_gloo_processes_write_what_one_writes(run_dir, tmp_path):
+    nib = pytest.importorskip("nibabel")
     src = tmp_path / "in"
     _make_pngs(src, 7)
+    rng = np.random.default_rng(3)
+    for name, slices in (("vol-a", 7), ("vol-b", 1)):  # under torchrun each volume's batches split over the ranks
+        nib.save(nib.Nifti1Image(rng.normal(0, 300, (36, 40, slices)).astype(np.int16), np.eye(4)),
+                 str(src / f"{name}.nii.gz"))  # fmt: skip
+    (src / "vol-c.nii.gz").write_bytes(b"not a volume")  # fails on every rank alike; none waits for the others
     base = ["-m", "harmonizer_fast.cli", "predict", "-i", str(src), "-m", str(run_dir), "-k", str(K), "--no-progress",
-            "--batch", "2"]  # 4 work units of 2, 2, 2 and 1 images, shared out over the parts
+            "--batch", "2", "--save-samples"]  # 4 work units of 2, 2, 2 and 1 images, shared out over the parts
     one = subprocess.run([sys.executable, *base, "-o", str(tmp_path / "one")], env=_cli_env(), capture_output=True,
                          text=True, timeout=600)  # fmt: skip
-    assert one.returncode == 0, one.stderr
+    assert one.returncode == 3, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           "29561", *base, "-o", str(tmp_path / "two")], env=_cli_env(), capture_output=True,
                          text=True, timeout=600)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode != 0 and "1 case(s) failed" in two.stderr, two.stderr[-3000:]  # torchrun exits 1
     a, b = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
-    assert len(a) == 7 * (len(MAPS) + 1) + 1 and a == b
-    assert json.loads((tmp_path / "two" / "predict.json").read_text())["parts"] == 2
+    assert len(a) == 9 * (len(MAPS) + 2) + 1 and a == b  # maps, case.json and samples.npy per case; summary
+    assert {k for k in a if k.endswith(".nii.gz")} == {f"{v}/{m}.nii.gz" for v in ("vol-a", "vol-b") for m in MAPS}
+    record = json.loads((tmp_path / "two" / "predict.json").read_text())
+    assert record["parts"] == 2 and record["volumes_split_over_ranks"] == 3
     # --num-parts/--part-id without torchrun: the same again, part by part into one folder. (Same thread count:
     # oneDNN's convolutions split their float sums by threads, so 1 and 2 threads differ in the last bits.)
     for part in (1, 0):
         r = subprocess.run([sys.executable, *base, "-o", str(tmp_path / "parts"), "--num-parts", "2", "--part-id",
                             str(part)], env=_cli_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert r.returncode == 0, r.stderr
+        assert r.returncode in (0, 3), r.stderr
     assert _outputs(tmp_path / "parts") == a
-    assert {r["status"] for r in _rows(tmp_path / "parts").values()} == {"ok"}
+    for out in ("one", "two", "parts"):
+        rows = _rows(tmp_path / out)
+        assert rows.pop("vol-c")["status"] == "failed" and {r["status"] for r in rows.values()} == {"ok"}, out
 
 
 @pytest.mark.slow

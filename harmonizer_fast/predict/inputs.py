@@ -49,6 +49,9 @@ class Case:
     item: Optional[int] = None  # the item of a stacked .npy/.npz
 
 
+VOLUME_KINDS = ("nifti", "dicom")  # inputs that may hold many slices of one case (split over torchrun's ranks)
+
+
 @dataclass
 class Geometry:
     """What the writer needs to put maps back where the input was, and the pixel size for areas."""

@@ -26,7 +26,8 @@ and then the personalizer's bank from ``torch.Generator().manual_seed(slice_seed
 CPU, exactly as ``model.predict(image[None], K, generator=...)`` would. So the outputs do not depend on the
 order of cases, the sharding over processes (``num_parts``/``part_id``, or torchrun's ranks) or the device's
 draw order. Batches are fixed by the input alone (:func:`work_units`: consecutive 2-D cases share a batch of
-``batch_size``, a volume's slices batch among themselves), and parts take whole units, so sharded and
+``batch_size``, a volume's slices batch among themselves), and parts take whole units (under torchrun a
+volume's batches are split over the ranks and gathered, bit for bit, on the rank that writes it), so sharded and
 resumed runs write the same bytes as one uninterrupted process with the same batch size and thread count
 (another batch size or thread count moves the float maps in their last bits, as oneDNN splits its sums
 differently).
@@ -60,7 +61,7 @@ from ..model import HarmonizerNet
 from ..model.net import resolve_heads
 from ..ops import pairwise_intersection
 from ..preprocessing import Preprocessing
-from .inputs import Case, CaseError, LoadedCase, encode_map, find_cases, load_case
+from .inputs import VOLUME_KINDS, Case, CaseError, LoadedCase, encode_map, find_cases, load_case
 
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 MAX_SAMPLES = 4096
@@ -258,6 +259,51 @@ class Predictor:
                 parts["head_counts"].append(_pair_counts(heads >= 0.5).cpu())
         return {k: torch.cat(v) for k, v in parts.items() if v}
 
+    def _forward_shared(self, x: np.ndarray, keys: list[tuple[str, int]], keep_samples: bool, rank: int,
+                        world: int, owner: int) -> Optional[dict[str, torch.Tensor]]:  # fmt: skip
+        """:meth:`_forward` of one volume with its batches split over the process group: rank r computes batches
+        r, r + world, ... (each batch exactly as one process computes it, so the bytes do not change), and the
+        slices are summed onto ``owner`` as integers (each slice computed by one rank, zeros elsewhere: the sum
+        is the value, bit for bit). Returns the whole result on ``owner``, None on the other ranks. A rank that
+        fails makes every rank raise, so no rank waits on a reduction that never comes."""
+        import torch.distributed as dist
+
+        n, bs = x.shape[0], self.batch_size
+        full: dict[str, torch.Tensor] = {}
+        error: Optional[BaseException] = None
+        try:
+            for b in range(rank, -(-n // bs), world):
+                t = self._forward(x[b * bs : (b + 1) * bs], keys[b * bs : (b + 1) * bs], keep_samples)
+                for k, v in t.items():
+                    if k not in full:
+                        full[k] = v.new_zeros((n, *v.shape[1:]))
+                    full[k][b * bs : b * bs + len(v)] = v
+        except (MemoryError, RuntimeError) as exc:
+            error = exc
+        # every rank makes the same buffers, including a rank with no batch: their shapes from a one-slice meta
+        # pass would cost a forward, so they come from the configuration (_result_shapes)
+        if _any_rank_failed(error):
+            raise error or CaseError(f"case {keys[0][0]!r}: failed on another rank")
+        for k, (shape, dtype) in self._result_shapes(x, keep_samples).items():
+            buf = full.get(k, torch.zeros(shape, dtype=dtype))
+            full[k] = buf
+            # summed as bytes: a byte plus zero bytes is that byte (no carry), so every map arrives bit for bit
+            # (-0.0 and NaN included), and gloo reduces uint8 where it has no int16 or bool sum
+            dist.reduce(buf.view(torch.uint8), dst=owner, op=dist.ReduceOp.SUM)
+        return full if rank == owner else None
+
+    def _result_shapes(self, x: np.ndarray, keep_samples: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The shapes and dtypes of :meth:`_forward`'s output for slices ``x``."""
+        n, _, h, w = x.shape
+        k, r = self.num_samples, self.model.config.num_raters
+        out = {"probability": ((n, h, w), torch.float32), "votes": ((n, k, h, w), torch.bool),
+               "vote_counts": ((n, k, k), torch.float64)}  # fmt: skip
+        if self.heads != "none":
+            out.update(heads=((n, r, h, w), torch.float32), head_counts=((n, r, r), torch.float64))
+        if keep_samples:
+            out["samples"] = ((n, k, h, w), torch.float16)
+        return out
+
     @staticmethod
     def _result(x: np.ndarray, t: dict[str, torch.Tensor], lo: int, hi: int) -> CasePrediction:
         """The case made of slices ``lo:hi`` of :meth:`_forward`'s output."""
@@ -331,7 +377,10 @@ class Predictor:
         if any(c.kind == "dicom" for c in cases):
             require("pydicom", "reading DICOM")  # one line naming the extra, before any work
         units = work_units(cases, self.batch_size)
-        mine = units[part::parts]
+        # under torchrun a volume's slices are split over the ranks of its part (_forward_shared), one rank
+        # writing it; every other unit goes whole to one rank, as with --num-parts alone
+        shared = [u for u in units if world > 1 and u[0].kind in VOLUME_KINDS][part_id::num_parts]
+        mine = [u for u in units if not (world > 1 and u[0].kind in VOLUME_KINDS)][part::parts]
         out.mkdir(parents=True, exist_ok=True)
         _clean_stale(out)
         started = time.time()
@@ -340,16 +389,25 @@ class Predictor:
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=sum(map(len, mine)), desc=f"predict {part + 1}/{parts}" if parts > 1 else "predict",
-                       unit="case", disable=None)  # fmt: skip
+            bar = tqdm(total=sum(map(len, mine)) + len(shared[rank::world]), unit="case", disable=None,
+                       desc=f"predict {part + 1}/{parts}" if parts > 1 else "predict")  # fmt: skip
         # One reader thread loads the next unit and one writer thread commits the last one's cases while this
         # unit computes (PNG decoding, PNG/gzip encoding and fsync release the GIL); at most one unit waits on
         # each side, which bounds the memory held.
+        # decided before any collective, so every rank skips the same shared volumes
+        volumes = [u[0] for u in shared if overwrite or not (out / u[0].name / "case.json").is_file()]
         todo = [(unit, [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]) for unit in mine]
         work = [(unit, pending) for unit, pending in todo if pending]
         counts["skipped"] = sum(len(unit) - len(pending) for unit, pending in todo)
+        counts["skipped"] += sum(1 for i, u in enumerate(shared) if i % world == rank and u[0] not in volumes)
         if bar is not None:
             bar.update(counts["skipped"])
+        for i, case in ((i, u[0]) for i, u in enumerate(shared) if u[0] in volumes):  # volume i: rank i % world writes
+            status = self._run_shared(out, case, slice_axis, save_samples, report, rank, world, owner=i % world)
+            if status:
+                counts[status] += 1
+                if bar is not None:
+                    bar.update(1)
         writes: list[Future] = []
         with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="predict-reader") as reader:  # fmt: skip
@@ -379,6 +437,7 @@ class Predictor:
 
             dist.barrier()  # every rank's cases are on disk before rank 0 summarises
         record = self._record(src, out, cases, unlisted, counts, parts, part, started)
+        record["volumes_split_over_ranks"] = len(shared)  # this part's volumes, each computed by all its ranks
         if rank == 0:
             rows = write_summary(out, [c.name for c in cases] + [n for n, _ in unlisted])
             write_atomic(out / "predict.json", json.dumps(record, indent=1) + "\n")
@@ -388,6 +447,37 @@ class Predictor:
                 write_report(out, rows)
             record["rows"] = rows
         return record
+
+    def _run_shared(self, out: Path, case: Case, slice_axis, save_samples: bool, report: bool, rank: int,
+                    world: int, owner: int) -> Optional[str]:  # fmt: skip
+        """One volume predicted by every rank together (:meth:`_forward_shared`) and written by ``owner``;
+        returns its status there ("done" or "failed"), None on the other ranks. Every rank reads the volume, so
+        a file that cannot be read fails on all of them alike."""
+        t0 = time.perf_counter()
+        error: Optional[BaseException] = None
+        try:
+            loaded = load_case(case, self.channels, slice_axis)
+            x = self._prepare(loaded.images, case.name)
+        except (CaseError, OSError, MemoryError) as exc:
+            error = exc
+        try:
+            if _any_rank_failed(error):  # a read that failed on one rank only must not leave the others waiting
+                raise error or CaseError(f"case {case.name!r}: could not be read on another rank")
+            with torch.no_grad():
+                t = self._forward_shared(x, [(case.name, j) for j in range(x.shape[0])], save_samples, rank, world,
+                                         owner)  # fmt: skip
+        except (CaseError, OSError, MemoryError, RuntimeError) as exc:
+            if rank == owner:
+                if not isinstance(exc, CaseError):
+                    exc = CaseError(f"case {case.name!r}: {type(exc).__name__}: {exc}")
+                _record_failure(out, case.name, exc)
+                return "failed"
+            return None
+        if rank != owner:
+            return None
+        pred = self._result(x, t, 0, x.shape[0])
+        row = summary_row(case.name, loaded, pred, time.perf_counter() - t0)
+        return self._commit_unit(out, [(loaded, pred, row)], save_samples, report)[0]
 
     def _load_unit(self, unit: list[Case], slice_axis) -> list[Union[LoadedCase, Exception]]:
         """Each case of ``unit`` read and checked, or the error that refused it (run in the reader thread)."""
@@ -521,6 +611,15 @@ class Predictor:
             "part": part, "this_part": counts, "seconds": round(time.time() - started, 3),
             "seeding": "slice j of case c: torch.Generator().manual_seed(slice_seed(seed, c, j))",
         }  # fmt: skip
+
+
+def _any_rank_failed(error: Optional[BaseException]) -> bool:
+    """Whether any rank of the process group passes an error (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    failed = torch.tensor([error is not None], dtype=torch.int32)
+    dist.all_reduce(failed)
+    return bool(int(failed))
 
 
 def work_units(cases: list[Case], batch_size: int) -> list[list[Case]]:
