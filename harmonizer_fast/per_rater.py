@@ -45,6 +45,7 @@ from .model.backbone import Backbone
 from .model.fcomb import FOREGROUND_PRIOR
 from .rundir import prepare
 from .schedule import CosineSchedule
+from .train import epoch_batches
 
 MANIFEST = "per-rater.json"
 FORMAT = "harmonizer-fast-per-rater"
@@ -95,14 +96,6 @@ def data_split(data: MultiRaterData, r: PerRaterRecipe) -> Split:
     return split.keep(data.raters_drawn() >= r.min_raters) if r.min_raters else split
 
 
-def _batches(train: np.ndarray, epoch: int, r: PerRaterRecipe) -> list[np.ndarray]:
-    # the trainer's batching (StepRunner.batches): every image once, the last batch filled from the start
-    order = train[torch.randperm(len(train), generator=generator(r.seed, 1, epoch)).numpy()]
-    n = -(-len(order) // r.batch_size)
-    padded = np.concatenate([order, order[: n * r.batch_size - len(order)]]) if len(order) >= r.batch_size else order
-    return [padded[i * r.batch_size : (i + 1) * r.batch_size] for i in range(n)]
-
-
 def score_heads(model: PerRaterUNet, data: MultiRaterData, indices: np.ndarray, batch: int = 32) -> MetricAccumulator:
     """Table 2 of the heads on ``data[indices]``: the heads are both the set of maps and the per-rater maps."""
     was = model.training
@@ -132,7 +125,7 @@ def train_per_rater(data: MultiRaterData, config: HarmonizerConfig, recipe: PerR
     for epoch in range(recipe.epochs):
         model.train()
         losses = []
-        for step, idx in enumerate(_batches(split.train, epoch, recipe)):
+        for step, idx in enumerate(epoch_batches(split.train, recipe.batch_size, recipe.seed, epoch)):
             x, y = augment(images[idx], masks[idx].float(), generator(recipe.seed, 2, epoch, step))
             logits = model(x)
             loss = torch.stack([dice_bce(logits[:, r], y[:, r]) for r in range(y.shape[1])]).mean()

@@ -272,6 +272,18 @@ class _Budget:
         return self.limit is not None and self._now() - self.t0 > self.limit
 
 
+def epoch_batches(train: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """One epoch's batches of the items ``train``, shuffled by (seed, epoch): every image once, the last batch
+    filled up from the start of the order (as torch's DistributedSampler pads): dropping the remainder dropped
+    a third of the images and half the steps of a small dataset, and a full last batch keeps the processes'
+    slices equal (DDP averages them with equal weights) and the batches the same for any process count."""
+    order = train[torch.randperm(len(train), generator=generator(seed, 1, epoch)).numpy()]
+    b = batch_size
+    n = -(-len(order) // b)
+    padded = np.concatenate([order, order[: n * b - len(order)]]) if len(order) >= b else order
+    return [padded[i * b : (i + 1) * b] for i in range(n)]
+
+
 class StepRunner:
     """One optimizer step of a global batch: the epoch's batch order, augmentation and noise from generators
     keyed by (seed, epoch, step), this process's slice of the batch, the loss, guards and the update."""
@@ -292,15 +304,7 @@ class StepRunner:
         return DDP(self.net, device_ids=ids)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        order = self.train[torch.randperm(len(self.train), generator=generator(self.tc.seed, 1, epoch)).numpy()]
-        b = self.tc.batch_size
-        # every image once, the last batch filled up from the start of the order (as torch's
-        # DistributedSampler pads): dropping the remainder dropped a third of the images and half the steps of
-        # a small dataset, and a full last batch keeps the processes' slices equal (DDP averages them with
-        # equal weights) and the batches the same for any process count
-        n = -(-len(order) // b)
-        padded = np.concatenate([order, order[: n * b - len(order)]]) if len(order) >= b else order
-        return [padded[i * b : (i + 1) * b] for i in range(n)]
+        return epoch_batches(self.train, self.tc.batch_size, self.tc.seed, epoch)
 
     def step(self, ddp: torch.nn.Module, opt, idx: np.ndarray, epoch: int, step: int,
              progress: float = 0.0) -> dict[str, float]:  # fmt: skip
