@@ -11,6 +11,15 @@ for each run against the first: the per-patient mean difference, patients better
 Wilcoxon p-value per metric. Writes ``<out>.json`` and ``<out>.md`` (``--render`` redraws the markdown).
 One fold and one seed: an ordering here is one draw of the split, not a result over folds;
 ``--pool F0 F1 F2 --out OUT`` pools such results of disjoint test folds over all their patients.
+
+``--table 2`` scores heads instead ([science] #35 item 6): ``RUN@personalized`` (a two-phase run's selected
+model), ``RUN@identity`` (its phase-1 model, every head the prior mean) or the directory of a per-rater
+baseline (``python -m harmonizer_fast.per_rater``), with GED, Dice_mean diagonal (``dice_each_mean``: head i
+against rater i) and matched (``dice_match``: Hungarian, D-Persona's code), Dice_A(i) and head identity.
+
+    python benchmarks/lidc_paired.py --table 2 --runs full=runs/conv-a@personalized \
+        identity=runs/conv-a@identity dpersona=runs/dp-f0-lr3e-3@personalized per-rater=runs/pr-f0 \
+        --out benchmarks/results/lidc-table2-f0-small-cpu
 """
 
 from __future__ import annotations
