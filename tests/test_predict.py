@@ -508,7 +508,7 @@ def test_a_failing_disk_fails_the_units_cases_and_publishes_none(run_dir, tmp_pa
     writes what an undisturbed run writes."""
     import errno
 
-    from harmonizer_fast.predict import runner
+    from harmonizer_fast.predict import output
 
     src, out, ref = tmp_path / "in", tmp_path / "out", tmp_path / "ref"
     _make_pngs(src, 3)
@@ -517,7 +517,7 @@ def test_a_failing_disk_fails_the_units_cases_and_publishes_none(run_dir, tmp_pa
     def full(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(runner, "sync_filesystem", full)
+    monkeypatch.setattr(output, "sync_filesystem", full)
     assert _predict("-i", src, "-o", out, "-m", run_dir) == 3
     rows = _rows(out)
     assert {r["status"] for r in rows.values()} == {"failed"} and len(rows) == 3

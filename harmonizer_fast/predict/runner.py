@@ -9,7 +9,7 @@ samples and the rater heads slice by slice, crop the padding, and write in the i
     OUT/<case>/rater-<i>.<ext>     head i's mask (personalized heads; i = 1..R), when the model has them
     OUT/<case>/samples.npy         the K samples (K, S, H, W) float16, with save_samples
     OUT/<case>/case.json           the case's summary row, its seeds and timing (written last: the case is done)
-    OUT/summary.csv                one row per case of the input (see SUMMARY_FIELDS)
+    OUT/summary.csv                one row per case of the input (see output.SUMMARY_FIELDS)
     OUT/predict.json               model and its SHA-256, K, seed, device, preprocessing, version, parts
     OUT/report.html                with report=True (:mod:`.report`)
 
@@ -35,13 +35,10 @@ differently).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +49,7 @@ import numpy as np
 import torch
 
 from .._extras import require
-from .._io import PathLike, check_not_input, fsync_dir, sync_filesystem, write_atomic
+from .._io import PathLike, write_atomic
 from .._version import __version__
 from ..checkpoint import load_model, preprocessing_of, read_manifest
 from ..metrics import entropy_map, sample_diversity
@@ -61,9 +58,9 @@ from ..model import HarmonizerNet
 from ..model.net import resolve_heads
 from ..ops import pairwise_intersection
 from ..preprocessing import Preprocessing
-from .inputs import VOLUME_KINDS, Case, CaseError, LoadedCase, encode_map, find_cases, load_case
+from .inputs import VOLUME_KINDS, Case, CaseError, LoadedCase, find_cases, load_case
+from .output import STATUS_OK, CaseWriter, check_not_inside, clean_stale, record_failure, write_summary
 
-STATUS_OK, STATUS_FAILED = "ok", "failed"
 MAX_SAMPLES = 4096
 
 
@@ -140,8 +137,6 @@ class CasePrediction:
         return self.probability >= 0.5
 
 
-SUMMARY_FIELDS = ("case", "status", "error", "kind", "slices", "height", "width", "unit", "area",
-                  "uncertainty", "uncertain_area", "heads_disagreement", "seconds")  # fmt: skip
 
 
 def summary_row(name: str, loaded: LoadedCase, pred: CasePrediction, seconds: float) -> dict[str, Any]:
@@ -382,7 +377,7 @@ class Predictor:
         shared = [u for u in units if world > 1 and u[0].kind in VOLUME_KINDS][part_id::num_parts]
         mine = [u for u in units if not (world > 1 and u[0].kind in VOLUME_KINDS)][part::parts]
         out.mkdir(parents=True, exist_ok=True)
-        _clean_stale(out)
+        clean_stale(out)
         started = time.time()
         counts = {"done": 0, "skipped": 0, "failed": 0}
         bar = None
@@ -391,9 +386,6 @@ class Predictor:
 
             bar = tqdm(total=sum(map(len, mine)) + len(shared[rank::world]), unit="case", disable=None,
                        desc=f"predict {part + 1}/{parts}" if parts > 1 else "predict")  # fmt: skip
-        # One reader thread loads the next unit and one writer thread commits the last one's cases while this
-        # unit computes (PNG decoding, PNG/gzip encoding and fsync release the GIL); at most one unit waits on
-        # each side, which bounds the memory held.
         # decided before any collective, so every rank skips the same shared volumes
         volumes = [u[0] for u in shared if overwrite or not (out / u[0].name / "case.json").is_file()]
         todo = [(unit, [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]) for unit in mine]
@@ -408,6 +400,34 @@ class Predictor:
                 counts[status] += 1
                 if bar is not None:
                     bar.update(1)
+        self._run_units(out, work, slice_axis, save_samples, report, counts, bar)
+        if bar is not None:
+            bar.close()
+        for name, error in unlisted if part == 0 else []:
+            record_failure(out, name, CaseError(error))
+            counts["failed"] += 1
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank's cases are on disk before rank 0 summarises
+        record = self._record(src, out, cases, unlisted, counts, parts, part, started)
+        record["volumes_split_over_ranks"] = len(shared)  # this part's volumes, each computed by all its ranks
+        if rank == 0:
+            rows = write_summary(out, [c.name for c in cases] + [n for n, _ in unlisted])
+            write_atomic(out / "predict.json", json.dumps(record, indent=1) + "\n")
+            if report:
+                from .report import write_report
+
+                write_report(out, rows)
+            record["rows"] = rows
+        return record
+
+    def _run_units(self, out: Path, work: list[tuple[list[Case], list[Case]]], slice_axis, save_samples: bool,
+                   report: bool, counts: dict[str, int], bar) -> None:  # fmt: skip
+        """This rank's work units ``(unit, its pending cases)``, their statuses added to ``counts``. One reader
+        thread loads the next unit and one writer thread commits the last one's cases while this unit computes
+        (PNG decoding, PNG/gzip encoding and fsync release the GIL); at most one unit waits on each side, which
+        bounds the memory held."""
         writes: list[Future] = []
         with ThreadPoolExecutor(1, thread_name_prefix="predict-writer") as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="predict-reader") as reader:  # fmt: skip
@@ -427,26 +447,6 @@ class Predictor:
             for job in writes:
                 for status in job.result():
                     counts[status] += 1
-        if bar is not None:
-            bar.close()
-        for name, error in unlisted if part == 0 else []:
-            _record_failure(out, name, CaseError(error))
-            counts["failed"] += 1
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # every rank's cases are on disk before rank 0 summarises
-        record = self._record(src, out, cases, unlisted, counts, parts, part, started)
-        record["volumes_split_over_ranks"] = len(shared)  # this part's volumes, each computed by all its ranks
-        if rank == 0:
-            rows = write_summary(out, [c.name for c in cases] + [n for n, _ in unlisted])
-            write_atomic(out / "predict.json", json.dumps(record, indent=1) + "\n")
-            if report:
-                from .report import write_report
-
-                write_report(out, rows)
-            record["rows"] = rows
-        return record
 
     def _run_shared(self, out: Path, case: Case, slice_axis, save_samples: bool, report: bool, rank: int,
                     world: int, owner: int) -> Optional[str]:  # fmt: skip
@@ -470,14 +470,14 @@ class Predictor:
             if rank == owner:
                 if not isinstance(exc, CaseError):
                     exc = CaseError(f"case {case.name!r}: {type(exc).__name__}: {exc}")
-                _record_failure(out, case.name, exc)
+                record_failure(out, case.name, exc)
                 return "failed"
             return None
         if rank != owner:
             return None
         pred = self._result(x, t, 0, x.shape[0])
         row = summary_row(case.name, loaded, pred, time.perf_counter() - t0)
-        return self._commit_unit(out, [(loaded, pred, row)], save_samples, report)[0]
+        return CaseWriter(out, self._seeds).commit_unit([(loaded, pred, row)], save_samples, report)[0]
 
     def _load_unit(self, unit: list[Case], slice_axis) -> list[Union[LoadedCase, Exception]]:
         """Each case of ``unit`` read and checked, or the error that refused it (run in the reader thread)."""
@@ -504,7 +504,7 @@ class Predictor:
             if isinstance(item, LoadedCase):
                 loaded.append(item)
             elif case in pending:
-                _record_failure(out, case.name, item)
+                record_failure(out, case.name, item)
                 counts["failed"] += 1
         preds: list = []
         try:
@@ -527,80 +527,18 @@ class Predictor:
             if lc.case not in pending:
                 continue
             if isinstance(pred, CaseError):
-                _record_failure(out, lc.case.name, pred)
+                record_failure(out, lc.case.name, pred)
                 counts["failed"] += 1
                 continue
             row = summary_row(lc.case.name, lc, pred, seconds)
             ready.append((lc, pred, row))
-        if ready:  # one job per unit: its cases are flushed to disk together (_commit_unit)
-            jobs.append(writer.submit(self._commit_unit, out, ready, save_samples, report))
+        if ready:  # one job per unit: its cases are flushed to disk together (CaseWriter.commit_unit)
+            jobs.append(writer.submit(CaseWriter(out, self._seeds).commit_unit, ready, save_samples, report))
         return counts["failed"], jobs
 
-    def _commit_unit(self, out: Path, ready: list[tuple[LoadedCase, CasePrediction, dict]], samples: bool,
-                     preview: bool) -> list[str]:
-        """Write each case of a unit into a hidden folder of ``out``, flush them all to disk at once, then rename
-        each into place (one atomic step per case); returns "done" or "failed" per case. A case that cannot be
-        written becomes a failed row and the others are committed."""
-        staged: dict[int, tuple[Path, list[Path]]] = {}
-        for i, (lc, pred, row) in enumerate(ready):
-            tmp = out / f".tmp-{lc.case.name}-{os.getpid()}"
-            try:
-                staged[i] = (tmp, self._stage(tmp, lc, pred, row, samples, preview))
-            except (CaseError, OSError, MemoryError) as exc:
-                shutil.rmtree(tmp, ignore_errors=True)
-                _record_failure(out, lc.case.name, exc)
-        status = ["failed"] * len(ready)
-        try:
-            # the data before the renames that publish it: after a crash or a power loss a case is complete or
-            # absent, never a folder of empty files that a rerun would skip as done
-            _flush([f for _, files in staged.values() for f in files], out)
-            for i, (tmp, _) in staged.items():
-                _publish(out, ready[i][0].case, tmp)
-                status[i] = "done"
-            if staged:
-                fsync_dir(out)
-        except OSError as exc:  # a full or failing disk: the cases not yet published fail, none half-written
-            for i in staged:
-                if status[i] != "done":
-                    _record_failure(out, ready[i][0].case.name, exc)
-        finally:
-            for tmp, _ in staged.values():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return status
-
-    def _stage(self, tmp: Path, loaded: LoadedCase, pred: CasePrediction, row: dict, samples: bool,
-               preview: bool) -> list[Path]:
-        """Write the case's files into the hidden folder ``tmp`` (not yet flushed); returns their paths."""
-        case = loaded.case
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        g = loaded.geometry
-        maps = [("mask", pred.mask, "mask"), ("probability", pred.probability, "probability"),
-                ("uncertainty", pred.uncertainty, "probability")]  # fmt: skip
-        if pred.heads is not None:
-            maps += [(f"rater-{i + 1}", head, "mask") for i, head in enumerate(pred.heads >= 0.5)]
-        if pred.probability.size >= 1 << 20:  # a volume: its maps are encoded side by side (zlib frees the GIL)
-            with ThreadPoolExecutor(max_workers=min(len(maps), os.cpu_count() or 1)) as pool:
-                files = [f for fs in pool.map(lambda m: encode_map(m[0], m[1], g, m[2]), maps) for f in fs]
-        else:
-            files = [f for name, arr, kind in maps for f in encode_map(name, arr, g, kind)]
-        if samples:
-            buf = io.BytesIO()
-            np.save(buf, pred.samples)
-            files.append(("samples.npy", buf.getvalue()))
-        if preview:
-            from .report import render_preview
-
-            heads = None if pred.heads is None else pred.heads >= 0.5
-            image = np.moveaxis(pred.image, 1, 0)
-            files.append(("preview.png", render_preview(image, pred.mask, pred.uncertainty, heads)))
-        seeds = {"seed": self.seed, "slice_seeds": [slice_seed(self.seed, case.name, j) for j in
-                                                    range(pred.probability.shape[0])]}  # fmt: skip
-        record = {"row": row, "sources": [str(p) for p in case.sources], "item": case.item, **seeds}
-        files.append(("case.json", (json.dumps(record, indent=1) + "\n").encode()))  # last: the case is done
-        for name, data in files:
-            _write_new(tmp / name, data)
-        return [tmp / name for name, _ in files]
+    def _seeds(self, name: str, slices: int) -> dict[str, Any]:
+        """What a case.json records of its randomness (see the module docstring)."""
+        return {"seed": self.seed, "slice_seeds": [slice_seed(self.seed, name, j) for j in range(slices)]}
 
     def _record(self, src, out, cases, unlisted, counts, parts, part, started) -> dict[str, Any]:
         return {
@@ -658,86 +596,3 @@ def _load(model: Union[HarmonizerNet, PathLike]) -> tuple[HarmonizerNet, dict[st
     net, manifest = load_model(manifest_path)
     info = {"name": name, "manifest": str(manifest_path), "sha256": manifest["sha256"]["weights"]}
     return net, info, preprocessing_of(manifest)
-
-
-def check_not_inside(src: Path, out: Path) -> None:
-    """Outputs never land on inputs: ``out`` may be neither the input nor inside an input folder."""
-    check_not_input(out, [src], "output")  # an OutputPathError, which is a ValueError
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} exists and is not a folder")
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (and its folder) with ``data``; flushed to disk with the rest of its unit."""
-    path.parent.mkdir(exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-
-
-def _flush(files: list[Path], out: Path) -> None:
-    """Make ``files`` and their folders durable: one ``syncfs`` for all of them where Linux has it, else one
-    fsync per file; then each folder's entries."""
-    if files and not sync_filesystem(out):
-        for f in files:
-            fsync_dir(f)  # open, fsync, close: the same call flushes a file's data
-    for folder in {f.parent for f in files}:
-        fsync_dir(folder)
-
-
-def _publish(out: Path, case: Case, tmp: Path) -> None:
-    """Rename the flushed folder ``tmp`` to ``out/<case>``, replacing an earlier result of the case."""
-    target = out / case.name
-    old = out / f".old-{case.name}-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    (out / ".failed" / f"{case.name}.json").unlink(missing_ok=True)
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove the hidden working folders of killed runs (their process is gone; live ones are left alone)."""
-    for d in [*out.glob(".tmp-*"), *out.glob(".old-*")]:
-        pid = d.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
-
-
-def _record_failure(out: Path, name: str, exc: BaseException) -> None:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    record = {"row": {"case": name, "status": STATUS_FAILED, "error": text}}
-    write_atomic(out / ".failed" / f"{name}.json", json.dumps(record) + "\n")
-
-
-def _row_of(out: Path, name: str) -> dict[str, Any]:
-    for path in (out / name / "case.json", out / ".failed" / f"{name}.json"):
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())["row"]
-            except (OSError, ValueError, KeyError):
-                return {"case": name, "status": STATUS_FAILED, "error": f"{path}: unreadable record"}
-    return {"case": name, "status": "pending", "error": "not predicted yet (another part, or an interrupted run)"}
-
-
-def write_summary(out: Path, names: list[str]) -> list[dict[str, Any]]:
-    """``out/summary.csv``: one row per case of the input, from each case's own record on disk."""
-    rows = [_row_of(out, n) for n in sorted(names)]
-    raters = sorted({k for r in rows for k in r if k.startswith("area_rater")}, key=lambda k: int(k[10:]))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*SUMMARY_FIELDS, *raters], restval="", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_atomic(out / "summary.csv", buf.getvalue())
-    return rows
