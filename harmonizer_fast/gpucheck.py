@@ -74,8 +74,11 @@ def _rules() -> dict:
 def compile_rules(kernel: str, plan: str) -> frozenset:
     """What the compile check requires of one compiled plan: a set of ``no_spill``, ``tensor_cores`` and
     ``ieee_fp32`` (kernels/_plan.py); empty for a kernel its family states no rule for."""
-    rule = _rules().get(kernel, frozenset())
-    return rule(plan) if callable(rule) else rule
+    from .kernels._plan import rules_for
+
+    return rules_for(_rules(), kernel, plan)
+
+
 DEFAULT_DTYPES = ("fp32", "fp16", "bf16")
 _TENSOR_CORE = re.compile(r"\b((?:HMMA|HGMMA|IMMA|IGMMA|DMMA|WGMMA)\S*)")
 

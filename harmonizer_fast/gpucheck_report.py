@@ -110,6 +110,7 @@ def _projection_shapes() -> list[dict[str, Any]]:
     import torch
 
     from . import ops, profiler
+    from .kernels._plan import rules_for
 
     out = []
     for family in ops.families():
@@ -120,8 +121,7 @@ def _projection_shapes() -> list[dict[str, Any]]:
             work = profiler.count_work(lambda: getattr(torch.ops.harmonizer_fast, name)(*args))  # noqa: B023
             flops = sum(w.flops for w in work.values())
             moved = sum(w.bytes for w in work.values())
-            rules = [kernels.COMPILE_RULES.get(p.name, frozenset()) for p in plans]
-            tensor = any("tensor_cores" in (r(p.key) if callable(r) else r) for r, p in zip(rules, plans))
+            tensor = any("tensor_cores" in rules_for(kernels.COMPILE_RULES, p.name, p.key) for p in plans)
             proj = {}
             for t in TARGETS.values():
                 peak = t.fp16_tensor_flops if tensor else t.fp32_flops

@@ -38,6 +38,12 @@ NO_SPILL = frozenset({"no_spill"})  # registers only: a spill on any target is a
 TENSOR_CORES = frozenset({"tensor_cores"})  # the SASS must hold tensor-core instructions
 IEEE_FP32 = frozenset({"ieee_fp32"})  # the SASS must hold no TF32 tensor-core instruction
 
+
+def rules_for(table: dict[str, Any], kernel: str, plan_key: str) -> frozenset:
+    """The rules ``table`` (a family's ``COMPILE_RULES``) states for one plan of ``kernel``; empty if none."""
+    rule = table.get(kernel, frozenset())
+    return rule(plan_key) if callable(rule) else rule
+
 # Plans that failed on this machine, by key, with the error; see harmonizer_fast._backend.dispatch.
 FAILED: dict[str, str] = {}
 

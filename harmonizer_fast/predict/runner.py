@@ -137,8 +137,6 @@ class CasePrediction:
         return self.probability >= 0.5
 
 
-
-
 def summary_row(name: str, loaded: LoadedCase, pred: CasePrediction, seconds: float) -> dict[str, Any]:
     """Areas (mask, each head) in mm^2 (2-D) or mm^3 (volumes) where the input records its spacing, else in
     pixels or voxels; ``uncertainty``: the K samples' mean pairwise 1 - IoU over the case; ``uncertain_area``:
@@ -258,33 +256,30 @@ class Predictor:
                         world: int, owner: int) -> Optional[dict[str, torch.Tensor]]:  # fmt: skip
         """:meth:`_forward` of one volume with its batches split over the process group: rank r computes batches
         r, r + world, ... (each batch exactly as one process computes it, so the bytes do not change), and the
-        slices are summed onto ``owner`` as integers (each slice computed by one rank, zeros elsewhere: the sum
+        slices are summed onto ``owner`` byte by byte (each slice computed by one rank, zeros elsewhere: the sum
         is the value, bit for bit). Returns the whole result on ``owner``, None on the other ranks. A rank that
         fails makes every rank raise, so no rank waits on a reduction that never comes."""
         import torch.distributed as dist
 
         n, bs = x.shape[0], self.batch_size
-        full: dict[str, torch.Tensor] = {}
+        # every rank makes the same buffers, a rank with no batch included, from the configuration
+        # (_result_shapes): a one-slice pass to learn them would cost a forward
+        shapes = self._result_shapes(x, keep_samples)
+        full = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
         error: Optional[BaseException] = None
         try:
             for b in range(rank, -(-n // bs), world):
                 t = self._forward(x[b * bs : (b + 1) * bs], keys[b * bs : (b + 1) * bs], keep_samples)
                 for k, v in t.items():
-                    if k not in full:
-                        full[k] = v.new_zeros((n, *v.shape[1:]))
                     full[k][b * bs : b * bs + len(v)] = v
         except (MemoryError, RuntimeError) as exc:
             error = exc
-        # every rank makes the same buffers, including a rank with no batch: their shapes from a one-slice meta
-        # pass would cost a forward, so they come from the configuration (_result_shapes)
         if _any_rank_failed(error):
             raise error or CaseError(f"case {keys[0][0]!r}: failed on another rank")
-        for k, (shape, dtype) in self._result_shapes(x, keep_samples).items():
-            buf = full.get(k, torch.zeros(shape, dtype=dtype))
-            full[k] = buf
+        for k in sorted(full):  # the same order on every rank
             # summed as bytes: a byte plus zero bytes is that byte (no carry), so every map arrives bit for bit
             # (-0.0 and NaN included), and gloo reduces uint8 where it has no int16 or bool sum
-            dist.reduce(buf.view(torch.uint8), dst=owner, op=dist.ReduceOp.SUM)
+            dist.reduce(full[k].view(torch.uint8), dst=owner, op=dist.ReduceOp.SUM)
         return full if rank == owner else None
 
     def _result_shapes(self, x: np.ndarray, keep_samples: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -374,8 +369,9 @@ class Predictor:
         units = work_units(cases, self.batch_size)
         # under torchrun a volume's slices are split over the ranks of its part (_forward_shared), one rank
         # writing it; every other unit goes whole to one rank, as with --num-parts alone
-        shared = [u for u in units if world > 1 and u[0].kind in VOLUME_KINDS][part_id::num_parts]
-        mine = [u for u in units if not (world > 1 and u[0].kind in VOLUME_KINDS)][part::parts]
+        split = [world > 1 and u[0].kind in VOLUME_KINDS for u in units]
+        shared = [u for u, s in zip(units, split) if s][part_id::num_parts]
+        mine = [u for u, s in zip(units, split) if not s][part::parts]
         out.mkdir(parents=True, exist_ok=True)
         clean_stale(out)
         started = time.time()
@@ -386,9 +382,11 @@ class Predictor:
 
             bar = tqdm(total=sum(map(len, mine)) + len(shared[rank::world]), unit="case", disable=None,
                        desc=f"predict {part + 1}/{parts}" if parts > 1 else "predict")  # fmt: skip
-        # decided before any collective, so every rank skips the same shared volumes
-        volumes = [u[0] for u in shared if overwrite or not (out / u[0].name / "case.json").is_file()]
-        todo = [(unit, [c for c in unit if overwrite or not (out / c.name / "case.json").is_file()]) for unit in mine]
+        def pending(case: Case) -> bool:
+            return overwrite or not (out / case.name / "case.json").is_file()
+
+        volumes = [u[0] for u in shared if pending(u[0])]  # decided before any collective: every rank skips alike
+        todo = [(unit, [c for c in unit if pending(c)]) for unit in mine]
         work = [(unit, pending) for unit, pending in todo if pending]
         counts["skipped"] = sum(len(unit) - len(pending) for unit, pending in todo)
         counts["skipped"] += sum(1 for i, u in enumerate(shared) if i % world == rank and u[0] not in volumes)
