@@ -13,8 +13,9 @@
                             [--num-parts N --part-id I] [--overwrite] [--report] [--window LOW HIGH] ...
     harmonizer-fast export --checkpoint RUN_DIR_OR_FILE --format onnx|pt2 --out FILE [--num-samples K]
                            [--heads auto|personalized|identity|none] [--size H W]
-    harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,...] [--folds 0,1]
-                            [--seeds 0] [--minutes1 M] [--minutes2 M] [--report-dir DIR] [--stem NAME]
+    harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,per-rater,...] [--folds 0,1,2]
+                            [--seeds 0] [--epochs1 30 --epochs2 20 | --minutes1 M --minutes2 M] [--min-raters N]
+                            [--reuse UNIT=RUN ...] [--report-dir DIR] [--stem NAME]
     harmonizer-fast compare --render RESULT.json
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
@@ -70,7 +71,7 @@ EXAMPLES = {
     "evaluate": "harmonizer-fast evaluate --checkpoint runs/lidc --data ../shared/data/lidc --out eval/lidc",
     "predict": "harmonizer-fast predict -i scans/ -o predictions/ --model lidc-small --report",
     "sample": "harmonizer-fast sample --checkpoint runs/lidc --data ../shared/data/lidc --out samples.npz -k 16",
-    "compare": "harmonizer-fast compare --data ../shared/data/lidc --out runs/cmp --folds 0,1,2 --minutes1 6",
+    "compare": "harmonizer-fast compare --data ../shared/data/lidc --out runs/cmp --folds 0,1,2 --min-raters 4",
     "export": "harmonizer-fast export --checkpoint runs/lidc --format onnx --out lidc.onnx --num-samples 16",
     "demo": "harmonizer-fast demo --out runs/demo",
     "profile": "harmonizer-fast profile --config paper --json profile.json",
@@ -410,6 +411,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UsageError("--out DIR is required (or --render RESULT.json)")
     check_output_dir(args.out, "--out", _inputs(args))
+    reuse = {}
+    for item in args.reuse:
+        unit, eq, run = item.partition("=")
+        if not eq or not unit or not run or unit in reuse:
+            raise UsageError(f"--reuse: expected distinct UNIT=RUN_DIR items, got {item!r}")
+        reuse[unit] = run
     if not args.stem or any(c in args.stem for c in "/\\") or args.stem.startswith("."):
         raise UsageError(f"--stem: expected a file name stem without path separators, got {args.stem!r}")
     if args.report_dir is not None:
@@ -417,12 +424,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         cc = CompareConfig(variants=args.variants, folds=args.folds, seeds=args.seeds, minutes1=args.minutes1,
                            minutes2=args.minutes2, epochs1=args.epochs1, epochs2=args.epochs2, preset=args.config,
-                           samples=args.num_samples, batch_size=args.batch_size,
-                           rater_order=args.rater_order)  # fmt: skip
+                           samples=args.num_samples, batch_size=args.batch_size, rater_order=args.rater_order,
+                           min_raters=args.min_raters, dpersona_lr2=args.dpersona_lr2)  # fmt: skip
         data = _data(args)
         result = run_compare(data, args.out, cc, data_label=args.data or "synthetic", report_dir=args.report_dir,
-                             stem=args.stem, log=lambda line: print(line, flush=True))  # fmt: skip
-    except ValueError as exc:  # a plan that does not fit the options or the directory
+                             stem=args.stem, reuse=reuse, log=lambda line: print(line, flush=True))  # fmt: skip
+    except ValueError as exc:  # a plan that does not fit the options or the directory, a run not reusable
         raise UsageError(str(exc)) from None
     target = args.report_dir or args.out
     print(f"wrote {target}/{args.stem}.json and {args.stem}.md ({len(result['variants'])} variants)")
@@ -648,19 +655,30 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--no-progress", action="store_true")
     sm.set_defaults(func=cmd_sample)
     _add_predict(sub)
+    from .compare.runner import DPERSONA_LR2
     from .compare.variants import VARIANTS
 
-    cp = sub.add_parser("compare", parents=[data], help="variants x folds x seeds at equal budget: Tables 1-2, "
-                        "GED against K, paired tests (resumable)")  # fmt: skip
+    cp = sub.add_parser("compare", parents=[data], help="variants x folds x seeds at equal epochs: Tables 1-2, "
+                        "GED against K, paired tests over patients (resumable)")  # fmt: skip
     cp.add_argument("--out", default=None, help="comparison directory (runs, evaluations; continued when it exists)")
     cp.add_argument("--variants", type=variant_list, default=list(VARIANTS),
                     help=f"comma-separated, from {','.join(VARIANTS)} (default: all; 'full' is always included)")
     cp.add_argument("--folds", type=int_list(0, 4), default=[0], help="test folds of 4, comma-separated")
     cp.add_argument("--seeds", type=int_list(0), default=[0], help="training seeds, comma-separated")
-    cp.add_argument("--minutes1", type=positive_float, default=5.0, help="wall-clock budget of every phase-1 run")
-    cp.add_argument("--minutes2", type=positive_float, default=2.0, help="wall-clock budget of every phase-2 run")
-    cp.add_argument("--epochs1", type=int_at_least(1), default=100, help="phase-1 epoch cap (the cosine schedule)")
-    cp.add_argument("--epochs2", type=int_at_least(1), default=150, help="phase-2 epoch cap")
+    cp.add_argument("--epochs1", type=int_at_least(1), default=30,
+                    help="epochs of every phase-1 training and of the per-rater baseline (default 30)")
+    cp.add_argument("--epochs2", type=int_at_least(1), default=20, help="epochs of every phase-2 training (default 20)")
+    cp.add_argument("--minutes1", type=positive_float, default=None,
+                    help="instead of equal epochs, a budget of compute minutes for every phase-1 run (the epochs "
+                         "become caps)")  # fmt: skip
+    cp.add_argument("--minutes2", type=positive_float, default=None, help="the same for every phase-2 run")
+    cp.add_argument("--min-raters", type=int_at_least(0), default=0,
+                    help="train and score only images where at least N raters drew (LIDC's all-raters protocol: 4)")
+    cp.add_argument("--dpersona-lr2", type=positive_float, default=DPERSONA_LR2,
+                    help=f"D-Persona's heads' learning rate (default {DPERSONA_LR2:g}, chosen on LIDC validation)")
+    cp.add_argument("--reuse", nargs="+", default=[], metavar="UNIT=RUN",
+                    help="take a training done outside the comparison for one of its units (p1-full-f0-s0, "
+                         "p2-dpersona-f0-s0, per-rater-f0-s0, ...) after checking it is that training")  # fmt: skip
     cp.add_argument("--config", choices=("small", "paper"), default="small")
     cp.add_argument("-k", "--num-samples", "--samples", dest="num_samples", type=int_at_least(1), default=16,
                     help="prior samples K per test image (--samples: its old name)")

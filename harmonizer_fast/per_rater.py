@@ -88,11 +88,13 @@ class PerRaterRecipe:
     rater_order: str = "stored"
     min_raters: int = 0
     grad_clip: float = 1.0
+    split_seed: Optional[int] = None  # the patient partition's seed; None: ``seed`` (``TrainConfig.split_seed``)
 
 
 def data_split(data: MultiRaterData, r: PerRaterRecipe) -> Split:
     """The patient split a Harmonizer run of the same fold, seed and protocol uses (``train.Trainer``)."""
-    split = patient_split(data.patient_id, folds=r.folds, fold=r.fold, val_fraction=r.val_fraction, seed=r.seed)
+    seed = r.seed if r.split_seed is None else r.split_seed
+    split = patient_split(data.patient_id, folds=r.folds, fold=r.fold, val_fraction=r.val_fraction, seed=seed)
     return split.keep(data.raters_drawn() >= r.min_raters) if r.min_raters else split
 
 

@@ -1,5 +1,7 @@
 """harmonizer-fast compare: every variant trains and is reported, collapse is flagged, the aggregation's fold
-and image statistics match a numpy transcription, and a killed comparison continues where it stopped."""
+and patient statistics match a numpy transcription, rows sharing a phase 1 are printed once, trainings done
+outside are taken in only when they are the unit's training, and a killed comparison continues where it
+stopped."""
 
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ def test_every_variant_trains_and_the_report_has_every_column(tmp_path):
     assert len(lines) == len(Comparison(tmp_path / "cmp", cc, _data(64)).units())
     assert set(result["variants"]) == set(VARIANTS)
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    for column in ("GED", "Dice_soft", "Dice_max", "Dice_match", "Dice_A1", "Dice_A2", "Dice_mean", "rank-biserial",
-                   "Wilcoxon p", "epochs in budget", "selected epoch", "budget minutes (wall)"):  # fmt: skip
+    for column in ("GED", "Dice_soft", "Dice_max", "Dice_match", "Dice_A1", "Dice_A2", "Dice_mean diagonal",
+                   "Dice_mean matched", "head identity", "rank-biserial", "Wilcoxon p", "selected epoch",
+                   "minutes (wall)", "label-only: majority mask"):  # fmt: skip
         assert column in md, column
-    for what in ("mean ± std over folds", "mean ± std over test images"):
+    for what in ("mean ± std over folds", "mean ± std over test patients"):
         assert what in md
     for name, v in result["variants"].items():
         assert f"| {name}" in md
@@ -40,33 +43,42 @@ def test_every_variant_trains_and_the_report_has_every_column(tmp_path):
         for run in v["runs"]:
             assert all(t["epochs"] >= 1 and t["minutes"] > 0 for t in run["trainings"])
         if v["collapsed_runs"] < v["total_runs"]:
-            assert "table1" in v and v["table1"]["ged"]["folds"][2] == 2 - v["collapsed_runs"]
+            own_prior = v["heads"] != "per-rater" and not v["shares_phase1_with"]
+            assert ("table1" in v) == own_prior
+            if own_prior:
+                assert v["table1"]["ged"]["folds"][2] == 2 - v["collapsed_runs"]
             assert ("table2" in v) == (v["heads"] != "none")
     assert (tmp_path / "cmp" / "compare-ged-vs-k.png").is_file() or result["figure"] is None
-    # the full model and its identity heads share phase 1: Table 1 is the same run, scored identically
-    full, ident = result["variants"]["full"], result["variants"]["no-personalizer"]
-    if "table1" in full and "table1" in ident:
-        assert full["table1"]["ged"] == ident["table1"]["ged"]
+    # the full model and its identity heads share phase 1, D-Persona and the Prob. U-Net too: one row each
+    assert result["variants"]["no-personalizer"]["shares_phase1_with"] == "full"
+    assert result["variants"]["dpersona"]["shares_phase1_with"] == "probunet"
+    assert set(result["references"]) >= {"all-empty", "majority mask"}
 
 
-def _record(variant, fold, seed, images, t1, t2=None, empty=0.0, val_collapse=False):
-    """A hand-made evaluation record with the per-image scores given."""
+def _record(variant, fold, seed, images, t1, t2=None, empty=0.0, val_collapse=False, patients=None):
+    """A hand-made evaluation record with the per-image scores given (each image its own patient unless
+    ``patients`` says)."""
     n = len(images)
-    per = {f"t1_{k}": list(t1) for k in ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match")}
+    per = {f"t1_{k}": list(t1 if t1 is not None else t2) for k in ("ged", "ged_unbiased", "dice_soft", "dice_max",
+                                                                     "dice_match")}  # fmt: skip
     per["t1_empty_fraction"] = [empty] * n
     table = {"n_images": n, "mean": {"empty_fraction": empty}, "std": {}, "per_rater": {}}
     rec = {"variant": variant, "fold": fold, "seed": seed, "heads": "none" if t2 is None else "personalized",
-           "images": list(images), "per_image": per, "table1": table, "table2": None,
+           "images": list(images), "patients": patients or [f"p{i}" for i in images], "per_image": per,
+           "table1": None if t1 is None else table, "table2": None,
            "runs": [{"run": f"p1-{variant}-f{fold}-s{seed}", "phase": 1, "epochs": 2, "minutes": 1.0,
                      "wall_minutes": 1.1, "best_epoch": 2, "stopped": "time budget",
                      "collapsed_on_validation": val_collapse}],
-           "ged_vs_k": {"1": list(t1), "4": list(t1)}}  # fmt: skip
+           "ged_vs_k": {} if t1 is None else {"1": list(t1), "4": list(t1)}}  # fmt: skip
     if t2 is not None:
         per.update({f"t2_{k}": list(t2) for k in ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match",
                                                    "dice_each_mean")})  # fmt: skip
         per["t2_empty_fraction"] = [empty] * n
+        per["t2_head_identity"] = [0.5] * n
         per["t2_dice_each"] = [[v, v] for v in t2]
         rec["table2"] = dict(table)
+    if t1 is None:
+        rec["heads"] = "per-rater"
     return rec
 
 
@@ -75,26 +87,78 @@ def _meta():
             "machine": {"cpu": "x", "cpu_cores": 2, "torch": "t", "torch_threads": 2, "date": "d"}}  # fmt: skip
 
 
-def test_statistics_over_folds_and_images_match_numpy():
+def test_statistics_over_folds_and_patients_match_numpy():
     rng = np.random.default_rng(1)
-    images = {0: [0, 1, 2], 1: [3, 4, 5, 6]}  # fold -> test images
+    images = {0: [0, 1, 2, 3, 4], 1: [5, 6, 7, 8, 9, 10]}  # fold -> test images
+    patient = {i: f"f{f}-{k // 2}" for f in images for k, i in enumerate(images[f])}  # 2 slices a patient, or 1
     scores = {(f, s): rng.random(len(images[f])) for f in images for s in (0, 1)}
-    recs = [_record("full", f, s, images[f], scores[f, s], t2=scores[f, s]) for f, s in scores]
     other = {(f, s): rng.random(len(images[f])) for f in images for s in (0, 1)}
-    recs += [_record("dpersona", f, s, images[f], other[f, s], t2=other[f, s]) for f, s in other]
-    out = aggregate(recs, _meta())
+
+    def recs(name, table):
+        return [_record(name, f, s, images[f], table[f, s], t2=table[f, s], patients=[patient[i] for i in images[f]])
+                for f, s in table]  # fmt: skip
+
+    out = aggregate(recs("full", scores) + recs("dpersona", other), _meta())
     per_image = {f: (scores[f, 0] + scores[f, 1]) / 2 for f in images}  # seeds averaged per image
     fold_means = [per_image[f].mean() for f in images]
     ged = out["variants"]["full"]["table1"]["ged"]
     assert ged["folds"] == pytest.approx([np.mean(fold_means), np.std(fold_means), 2])
-    flat = np.concatenate([per_image[f] for f in images])
-    assert ged["images"] == pytest.approx([flat.mean(), flat.std(), 7])
-    t = out["paired_tests"]["dpersona"]["t1_ged"]
-    mine = np.concatenate([(other[f, 0] + other[f, 1]) / 2 for f in images])
-    assert t["n_images"] == 7 and t["mean_difference"] == pytest.approx((flat - mine).mean())
-    assert out["variants"]["full"]["table2"]["dice_a2"]["images"][0] == pytest.approx(flat.mean())
-    claim = {o["claim"]: o for o in out["orderings"]}["personalized Dice_mean above D-Persona's (Table 2)"]
-    assert claim["holds"] == bool(flat.mean() > mine.mean())
+
+    def by_patient(table):  # a numpy transcription: images averaged over seeds, then over each patient's images
+        flat = np.concatenate([(table[f, 0] + table[f, 1]) / 2 for f in images])
+        ids = np.array([patient[i] for f in images for i in images[f]])
+        return np.array([flat[ids == p].mean() for p in sorted(set(ids))]), sorted(set(ids))
+
+    mine, ids = by_patient(scores)
+    assert len(ids) == 6 and ged["patients"] == pytest.approx([mine.mean(), mine.std(), 6])
+    theirs, _ = by_patient(other)
+    t = out["paired_tests"]["dpersona"]["t2_ged"]
+    d = mine - theirs
+    assert t["n_patients"] == 6 and t["mean_difference"] == pytest.approx(d.mean())
+    assert (t["patients_better"], t["patients_worse"]) == ((d < 0).sum(), (d > 0).sum())  # lower GED is better
+    from scipy.stats import wilcoxon
+
+    assert t["wilcoxon_p"] == pytest.approx(wilcoxon(d).pvalue)
+    fold0 = [i for i, p in enumerate(ids) if p.startswith("f0-")]
+    assert t["folds"][0]["n_patients"] == len(fold0) == 3
+    assert t["folds"][0]["mean_difference"] == pytest.approx(d[fold0].mean())
+    dice = out["paired_tests"]["dpersona"]["t2_dice_each_mean"]
+    assert dice["patients_better"] == (d > 0).sum()  # higher Dice is better
+    assert out["variants"]["full"]["table2"]["dice_a2"]["patients"][0] == pytest.approx(mine.mean())
+    claim = {o["claim"]: o for o in out["orderings"]}["personalized heads > D-Persona's in Dice_mean (Table 2)"]
+    assert claim["holds"] == bool(d.mean() > 0)
+    assert claim["folds_failing"] == [f["fold"] for f in dice["folds"] if f["mean_difference"] <= 0]
+
+
+def test_rows_that_share_a_phase_1_are_printed_once_with_the_sharing_said():
+    imgs = [0, 1, 2, 3]
+    recs = [_record("full", 0, 0, imgs, [0.2, 0.3, 0.4, 0.1], t2=[0.7, 0.8, 0.6, 0.9]),
+            _record("no-personalizer", 0, 0, imgs, [0.2, 0.3, 0.4, 0.1], t2=[0.6, 0.7, 0.6, 0.8]),
+            _record("probunet", 0, 0, imgs, [0.3, 0.4, 0.4, 0.3]),
+            _record("dpersona", 0, 0, imgs, [0.3, 0.4, 0.4, 0.3], t2=[0.6, 0.6, 0.5, 0.7]),
+            _record("per-rater", 0, 0, imgs, None, t2=[0.7, 0.7, 0.6, 0.9])]  # fmt: skip
+    refs = [{"fold": 0, "images": imgs, "references": {"all-empty": {
+        "table1": {"ged": 0.9, "dice_soft": 0.0, "dice_max": 0.0, "dice_match": 0.1},
+        "table2": {"ged": 0.9, "dice_soft": 0.0, "dice_max": 0.0, "dice_match": 0.1, "dice_each_mean": 0.1,
+                   "head_identity": 0.25}, "dice_each": [0.1, 0.2]}}}]  # fmt: skip
+    out = aggregate(recs, _meta(), refs)
+    md = markdown(out)
+    t1 = md.split("## Table 1")[1].split("## Table 2")[0]
+    assert "| full (its phase 1 is also no-personalizer's: the same samples) |" in t1
+    assert "| probunet (its phase 1 is also dpersona's: the same samples) |" in t1
+    assert "| dpersona" not in t1 and "| no-personalizer" not in t1 and "| per-rater" not in t1
+    assert "| label-only: all-empty | 0.9000 |" in t1
+    t2 = md.split("## Table 2")[1].split("## Table 1")[0]
+    for name in ("full", "no-personalizer", "dpersona", "per-rater"):
+        assert f"| {name} |" in t2
+    assert "| probunet" not in t2 and "| label-only: all-empty |" in t2 and "| 0.2000 |" in t2  # its Dice_A2
+    tests = out["paired_tests"]
+    assert set(tests["probunet"]) == {"t1_ged", "t1_dice_match"}
+    assert "t1_ged" not in tests["dpersona"] and "t1_ged" not in tests["no-personalizer"]
+    assert "t1_ged" not in tests["per-rater"] and "t2_dice_each_mean" in tests["per-rater"]
+    claims = [o["claim"] for o in out["orderings"]]
+    assert "personalized heads > the per-rater baseline in Dice_mean (Table 2)" in claims
+    assert "Harmonizer Network < Prob. U-Net in GED (Table 1)" in claims
 
 
 def test_a_collapsed_run_is_flagged_and_left_out():
@@ -104,7 +168,7 @@ def test_a_collapsed_run_is_flagged_and_left_out():
     out = aggregate([good, fold1, val, _record("probunet", 1, 0, [2, 3], [0.4, 0.6])], _meta())
     full, base = out["variants"]["full"], out["variants"]["probunet"]
     assert (full["collapsed_runs"], base["collapsed_runs"]) == (1, 1)
-    assert full["table1"]["ged"]["images"][:2] == pytest.approx([0.25, 0.05])  # fold 1 left out
+    assert full["table1"]["ged"]["patients"][:2] == pytest.approx([0.25, 0.05])  # fold 1 left out
     assert [r["collapsed"] for r in full["runs"]] == [False, True]
     md = markdown(out)
     assert "full (collapsed in 1 of 2 runs, left out)" in md and "probunet (collapsed in 1 of 2 runs" in md
@@ -126,9 +190,13 @@ def test_render_rewrites_the_same_markdown(tmp_path):
     assert result["figure"] == "compare-ged-vs-k.png"
 
 
-def test_a_killed_comparison_continues_and_a_cut_training_restarts(tmp_path):
+@pytest.mark.parametrize("budget", [False, True], ids=["epochs-resumes", "budget-restarts"])
+def test_a_killed_comparison_continues_and_a_cut_training_restarts(tmp_path, budget):
+    """On epochs a training cut mid-way continues from its last epoch; on a budget it starts again (a second
+    budget would give its variant more compute)."""
     data, out = _data(), tmp_path / "cmp"
-    cc = CompareConfig(variants=["full", "probunet"], **TINY)
+    minutes = {"minutes1": 60.0, "minutes2": 60.0} if budget else {}
+    cc = CompareConfig(variants=["full", "probunet"], **TINY, **minutes)
     cmp = Comparison(out, cc, data, log=lambda _m: None)
     cmp.run()
     first = {v: json.loads(cmp.eval_path(v, 0, 0).read_text()) for v in ("full", "probunet")}
@@ -141,12 +209,16 @@ def test_a_killed_comparison_continues_and_a_cut_training_restarts(tmp_path):
     for v in ("full", "probunet"):
         cmp.eval_path(v, 0, 0).unlink()
     p1_files = sorted(p.name for p in cmp.p1("full", 0, 0).path.iterdir())
+    p2_log = cmp.p2("full", 0, 0).read_log()
     lines: list[str] = []
     Comparison(out, cc, data, log=lines.append).run()
     redone = [ln.split("] ")[1].split(":")[0] for ln in lines if "done before" not in ln]
     assert redone == ["train2 full fold 0 seed 0", "eval full fold 0 seed 0", "eval probunet fold 0 seed 0"]
     assert sorted(p.name for p in cmp.p1("full", 0, 0).path.iterdir()) == p1_files  # phase 1 untouched
-    assert json.loads(last.read_text())["state"]["stopped"] == "completed"  # trained again from the start
+    if budget:
+        assert json.loads(last.read_text())["state"]["stopped"] == "completed"  # trained again from the start
+    else:  # resumed at its last epoch, which was its end: nothing trained again
+        assert cmp.p2("full", 0, 0).read_log() == p2_log
     for v in ("full", "probunet"):  # the same models, the same draws: the same scores
         assert json.loads(cmp.eval_path(v, 0, 0).read_text())["per_image"] == first[v]["per_image"]
 
@@ -166,7 +238,7 @@ def test_the_cli_runs_a_tiny_comparison(tmp_path, capsys):
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert out.count("train1 ") == 2 and "train2 dpersona" in out and "wrote" in out  # full, probunet
-    assert cli(argv) == 0 and capsys.readouterr().out.count("done before") == 6
+    assert cli(argv) == 0 and capsys.readouterr().out.count("done before") == 7  # 3 trainings, 3 evals, refs
 
 
 def test_a_collapsed_prior_is_flagged_by_the_reports(tmp_path):

@@ -37,16 +37,21 @@ def machine() -> dict[str, Any]:
 
 def run_compare(data: MultiRaterData, out: os.PathLike, cc: CompareConfig, *, data_label: str = "",
                 report_dir: Optional[os.PathLike] = None, stem: str = "compare", command: str = "",
+                reuse: Optional[dict[str, os.PathLike]] = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Run (or continue) the comparison in ``out`` and write ``<stem>.json``/``.md``/``-ged-vs-k.png`` to
-    ``report_dir`` (default ``out``); returns the aggregated result."""
+    ``report_dir`` (default ``out``); returns the aggregated result. ``reuse``: unit -> a run directory
+    trained outside the comparison, taken in its place when it is that training (:mod:`.reuse`)."""
     cmp = Comparison(Path(out), cc, data, log=log)
+    if reuse:
+        cmp.reuse(reuse)
     records = [json.loads(p.read_text()) for p in cmp.run()]
+    references = [json.loads(cmp.references_path(f).read_text()) for f in cc.folds if cmp.references_path(f).is_file()]
     meta = {"compare": cc.to_dict(), "data": data_label or f"{len(data)} images", "machine": machine(),
             "command": command or " ".join(["harmonizer-fast", *sys.argv[1:]])}  # fmt: skip
     target = Path(report_dir) if report_dir is not None else Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    return write_report(records, meta, target, stem)
+    return write_report(records, meta, target, stem, references)
 
 
 def render(result_json: os.PathLike) -> Path:

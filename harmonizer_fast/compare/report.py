@@ -1,13 +1,17 @@
 """The comparison's report: aggregate the per-run evaluations into one JSON and a markdown report.
 
-Two kinds of error bar, labelled wherever they appear: **over folds** (D-Persona's convention: the mean of
-each fold's test images, seeds averaged, then mean +- std of those fold means) and **over images** (each test
-image's score averaged over seeds; every image belongs to one test fold). The paired tests pair those
-per-image scores: the reference (the full model) against each other variant, two-sided Wilcoxon signed-rank
-with the rank-biserial effect (:mod:`harmonizer_fast.stats`). A run whose selected model predicted nothing
-on the validation patients, or whose test predictions are all empty, is **collapsed**: it is counted and
-left out of every number of its variant; a variant whose runs all collapsed has no numbers. A run that
-completed no epoch within its budget has no model to score and is counted the same way ("not scored").
+Error bars, labelled wherever they appear: **over folds** (D-Persona's convention: the mean of each fold's
+test images, seeds averaged, then mean +- std of those fold means) and **over patients** (each test image's
+score averaged over seeds, then each patient's images averaged; every patient belongs to one test fold). The
+paired tests pair **patients** (slices of one patient are not independent): the reference (the full model)
+against each other variant, two-sided Wilcoxon signed-rank with the rank-biserial effect
+(:mod:`harmonizer_fast.stats`), over all folds' patients and per fold. Variants that share a phase-1 training
+(``no-personalizer`` the full model's, ``dpersona`` the Prob. U-Net's) draw the same prior samples: their
+Table 1 row is printed once, and the sharing said. A run whose selected model predicted nothing on the
+validation patients, or whose test predictions are all empty, is **collapsed**: it is counted and left out
+of every number of its variant; a variant whose runs all collapsed has no numbers. A run that completed no
+epoch within its budget has no model to score and is counted the same way ("not scored"). The label-only
+references (:mod:`harmonizer_fast.references`) of the same test images stand beside both tables.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -24,14 +28,20 @@ from ..stats import paired_test
 from .variants import REFERENCE, VARIANTS
 
 T1_COLUMNS = (("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("Dice_match", "dice_match"))
+# the paired tests: per table, (record key, what the report calls it, lower is better)
+T1_TESTS = (("t1_ged", "GED (T1)", True), ("t1_dice_match", "Dice_match (T1)", False))
+T2_TESTS = (("t2_dice_each_mean", "Dice_mean diagonal (T2)", False),
+            ("t2_dice_match", "Dice_mean matched (T2)", False), ("t2_ged", "GED of the heads (T2)", True),
+            ("t2_head_identity", "head identity (T2)", False))  # fmt: skip
 LOWER_IS_BETTER = {"ged", "ged_unbiased"}
+ALPHA = 0.05  # an ordering holds when the patients' mean difference goes its way with paired p below this
 
 
 def _collapsed(rec: dict[str, Any]) -> bool:
     """Collapsed, or not scored at all (no epoch within the budget): either way, not a result."""
     if rec.get("unscored"):
         return True
-    tables = [rec["table1"]] + ([rec["table2"]] if rec["table2"] is not None else [])
+    tables = [t for t in (rec["table1"], rec["table2"]) if t is not None]
     return any(r["collapsed_on_validation"] for r in rec["runs"]) or any(
         t["mean"]["empty_fraction"] == 1.0 for t in tables
     )
@@ -43,17 +53,41 @@ def _per_image(recs: list[dict[str, Any]], key: str) -> dict[int, float]:
     for r in recs:
         for i, v in zip(r["images"], r["per_image"][key]):
             acc.setdefault(int(i), []).append(float(v))
-    return {i: float(np.mean(v)) for i, v in acc.items()}
+    return {i: float(np.nanmean(v)) if not np.all(np.isnan(v)) else math.nan for i, v in acc.items()}
 
 
-def _over(recs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """mean +- std of one per-image key over folds and over images."""
+def _patient_of(recs: list[dict[str, Any]]) -> dict[int, str]:
+    """Image index -> its patient (records written before patients were kept: each image its own)."""
+    out: dict[int, str] = {}
+    for r in recs:
+        out.update(zip((int(i) for i in r["images"]), r.get("patients") or (f"image {i}" for i in r["images"])))
+    return out
+
+
+def _per_patient(recs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Patient -> the mean over its images (each averaged over seeds); NaN images left out."""
+    patient = _patient_of(recs)
+    acc: dict[str, list[float]] = {}
+    for i, v in _per_image(recs, key).items():
+        if not math.isnan(v):
+            acc.setdefault(patient[i], []).append(v)
+    return {p: float(np.mean(v)) for p, v in acc.items()}
+
+
+def _by_fold(recs: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     folds: dict[int, list[dict]] = {}
     for r in recs:
         folds.setdefault(r["fold"], []).append(r)
-    fold_means = [float(np.nanmean(list(_per_image(rs, key).values()))) for _, rs in sorted(folds.items())]
+    return dict(sorted(folds.items()))
+
+
+def _over(recs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """mean +- std (and count) of one per-image key over folds, over patients and over images."""
+    fold_means = [float(np.nanmean(list(_per_image(rs, key).values()))) for rs in _by_fold(recs).values()]
+    patients = np.array(list(_per_patient(recs, key).values()))
     images = np.array(list(_per_image(recs, key).values()))
     return {"folds": [float(np.mean(fold_means)), float(np.std(fold_means)), len(fold_means)],
+            "patients": [float(np.mean(patients)), float(np.std(patients)), int(patients.size)],
             "images": [float(np.nanmean(images)), float(np.nanstd(images)), int(images.size)]}  # fmt: skip
 
 
@@ -76,68 +110,131 @@ def _ged_vs_k(recs: list[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
-def aggregate(records: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """Everything the report shows, from the per-run evaluation records."""
+def _phase1_of(name: str) -> Optional[str]:
+    return VARIANTS[name].phase1 if name in VARIANTS else None
+
+
+def aggregate(records: list[dict[str, Any]], meta: dict[str, Any],
+              references: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:  # fmt: skip
+    """Everything the report shows, from the per-run evaluation records and each fold's label-only
+    references (``compare/runner`` writes both)."""
     names = list(dict.fromkeys(r["variant"] for r in records))
     out: dict[str, Any] = {**meta, "variants": {}, "paired_tests": {}}
     # the rater count from any scored record, so Table 2 keeps its Dice_A(i) columns when every run collapsed
     out["num_raters"] = next((len(r["per_image"]["t2_dice_each"][0]) for r in records
                               if r.get("per_image", {}).get("t2_dice_each")), 0)  # fmt: skip
     kept: dict[str, list[dict]] = {}
+    first_of_phase1: dict[str, str] = {}
     for name in names:
         recs = [r for r in records if r["variant"] == name]
         good = [r for r in recs if not _collapsed(r)]
+        phase1 = _phase1_of(name)
+        shares = first_of_phase1.setdefault(phase1, name) if phase1 is not None else name
         v: dict[str, Any] = {"label": VARIANTS[name].label, "heads": recs[0]["heads"],
+                             "shares_phase1_with": None if shares == name else shares,
                              "runs": [{"fold": r["fold"], "seed": r["seed"], "collapsed": _collapsed(r),
                                        "unscored": r.get("unscored"), "trainings": r["runs"],
                                        "latent": r.get("latent"), "prior_flags": r.get("prior_flags", []),
                                        "uncertainty_vs_raters": r.get("uncertainty_vs_raters")} for r in recs],
                              "collapsed_runs": len(recs) - len(good), "total_runs": len(recs)}  # fmt: skip
         if good:
-            v["table1"] = {k: _over(good, f"t1_{k}") for _, k in T1_COLUMNS}
-            v["ged_vs_k"] = _ged_vs_k(good)
+            if good[0]["table1"] is not None and shares == name:  # a shared phase 1 draws the same samples
+                v["table1"] = {k: _over(good, f"t1_{k}") for _, k in T1_COLUMNS}
+                v["ged_vs_k"] = _ged_vs_k(good)
             if good[0]["table2"] is not None:
                 raters = _rater_keys(good)
                 v["table2"] = {k: _over(good, f"t2_{k}") for _, k in T1_COLUMNS}
                 v["table2"].update({k[3:]: _over(good, k) for k in raters})
                 v["table2"]["dice_mean"] = _over(good, "t2_dice_each_mean")
+                if "t2_head_identity" in good[0]["per_image"]:
+                    v["table2"]["head_identity"] = _over(good, "t2_head_identity")
             kept[name] = good
         out["variants"][name] = v
     ref = kept.get(REFERENCE)
     for name, good in kept.items():
         if name == REFERENCE or ref is None:
             continue
-        tests = {"t1_ged": _paired(ref, good, "t1_ged"), "t1_dice_match": _paired(ref, good, "t1_dice_match")}
-        if ref[0]["table2"] is not None and good[0]["table2"] is not None:
-            tests["t2_dice_mean"] = _paired(ref, good, "t2_dice_each_mean")
+        v = out["variants"][name]
+        tests = {}
+        if "table1" in v:
+            tests.update({key: _paired(ref, good, key, lower) for key, _, lower in T1_TESTS})
+        if "table2" in v and ref[0]["table2"] is not None:
+            tests.update({key: _paired(ref, good, key, lower) for key, _, lower in T2_TESTS
+                          if key in good[0]["per_image"] and key in ref[0]["per_image"]})  # fmt: skip
         out["paired_tests"][name] = tests
+    out["references"] = pool_references(references or [])
     out["orderings"] = orderings(out)
     return out
 
 
-def _paired(ref: list[dict], other: list[dict], key: str) -> dict[str, Any]:
-    a, b = _per_image(ref, key), _per_image(other, key)
-    common = sorted(set(a) & set(b))
-    return paired_test(np.array([a[i] for i in common]), np.array([b[i] for i in common]))
+def _paired(ref: list[dict], other: list[dict], key: str, lower: bool) -> dict[str, Any]:
+    """The full model against another variant over their common patients, and per fold: the mean difference
+    is full - other; 'better' counts the patients where the full model is better (for GED: lower)."""
+
+    def test(a_recs: list[dict], b_recs: list[dict]) -> dict[str, Any]:
+        a, b = _per_patient(a_recs, key), _per_patient(b_recs, key)
+        common = sorted(set(a) & set(b))
+        t = paired_test(np.array([a[p] for p in common]), np.array([b[p] for p in common]))
+        if lower:
+            t["images_better"], t["images_worse"] = t["images_worse"], t["images_better"]
+        t["patients_better"], t["patients_worse"] = t.pop("images_better"), t.pop("images_worse")
+        t["n_patients"] = t.pop("n_images")
+        return t
+
+    out = test(ref, other)
+    theirs = _by_fold(other)
+    out["folds"] = [{"fold": f, **{k: t[k] for k in ("n_patients", "mean_difference", "wilcoxon_p")}}
+                    for f, rs in _by_fold(ref).items() if f in theirs for t in [test(rs, theirs[f])]]  # fmt: skip
+    out["folds_better"] = sum((f["mean_difference"] < 0) == lower for f in out["folds"] if f["mean_difference"] != 0)
+    out["lower_is_better"] = lower
+    return out
+
+
+def pool_references(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each label-only reference's Tables 1 and 2 over all folds' test images: the mean of the fold means
+    (``folds``) and the mean over every image (``images``: fold means weighted by their images)."""
+    if not folds:
+        return {}
+    weights = np.array([len(f["images"]) for f in folds], dtype=float)
+    out: dict[str, Any] = {}
+    for name in folds[0]["references"]:
+        entry: dict[str, Any] = {}
+        for table in ("table1", "table2"):
+            keys = folds[0]["references"][name][table]
+            entry[table] = {k: {"folds": float(np.mean([f["references"][name][table][k] for f in folds])),
+                                "images": float(np.average([f["references"][name][table][k] for f in folds],
+                                                           weights=weights))} for k in keys}  # fmt: skip
+        each = np.array([f["references"][name]["dice_each"] for f in folds], dtype=float)
+        entry["dice_each"] = {"folds": each.mean(0).tolist(), "images": np.average(each, 0, weights).tolist()}
+        out[name] = entry
+    return out
 
 
 def orderings(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The paper's orderings at this budget: each a claim, whether the means agree, and the paired p."""
-    v, tests = result["variants"], result["paired_tests"]
+    """The paper's orderings (and the per-rater baseline's) at this protocol: each a claim, its verdict
+    ("holds": the patients' mean difference goes the claimed way with paired p < :data:`ALPHA`; "not shown":
+    the claimed way, p above; "reversed"), the paired p over patients and the folds where it fails."""
+    tests = result["paired_tests"]
+    claims = (("probunet", "t1_ged", "Harmonizer Network < Prob. U-Net in GED (Table 1)"),
+              ("probunet", "t1_dice_match", "Harmonizer Network > Prob. U-Net in Dice_match (Table 1)"),
+              ("dpersona", "t2_dice_each_mean", "personalized heads > D-Persona's in Dice_mean (Table 2)"),
+              ("dpersona", "t2_dice_match", "personalized heads > D-Persona's in matched Dice_mean (Table 2)"),
+              ("no-personalizer", "t2_dice_each_mean", "personalized heads > identity heads in Dice_mean (Table 2)"),
+              ("per-rater", "t2_dice_each_mean", "personalized heads > the per-rater baseline in Dice_mean (Table 2)"),
+              ("per-rater", "t2_ged", "personalized heads < the per-rater baseline in GED of the heads (Table 2)"))
     out = []
-
-    def mean(name: str, table: str, key: str) -> float:
-        return v[name][table][key]["images"][0] if table in v.get(name, {}) else math.nan
-
-    for other, label in (("dpersona", "D-Persona"), ("probunet", "Prob. U-Net")):
-        if other in tests:
-            a, b = mean(REFERENCE, "table1", "ged"), mean(other, "table1", "ged")
-            out.append({"claim": f"Harmonizer Network < {label} in GED (Table 1)", "holds": bool(a < b),
-                        "means": [a, b], "wilcoxon_p": tests[other]["t1_ged"]["wilcoxon_p"]})  # fmt: skip
-    if "dpersona" in tests and "t2_dice_mean" in tests["dpersona"]:
-        a, b = mean(REFERENCE, "table2", "dice_mean"), mean("dpersona", "table2", "dice_mean")
-        out.append({"claim": "personalized Dice_mean above D-Persona's (Table 2)", "holds": bool(a > b),
-                    "means": [a, b], "wilcoxon_p": tests["dpersona"]["t2_dice_mean"]["wilcoxon_p"]})  # fmt: skip
+    for other, key, claim in claims:
+        t = tests.get(other, {}).get(key)
+        if t is None:
+            continue
+        good_way = (t["mean_difference"] < 0) == t["lower_is_better"] and t["mean_difference"] != 0
+        failing = [f["fold"] for f in t["folds"] if (f["mean_difference"] < 0) != t["lower_is_better"]
+                   or f["mean_difference"] == 0]  # fmt: skip
+        verdict = "reversed" if not good_way else "holds" if t["wilcoxon_p"] < ALPHA else "not shown"
+        out.append({"claim": claim, "holds": bool(good_way and t["wilcoxon_p"] < ALPHA), "verdict": verdict,
+                    "mean_difference": t["mean_difference"],
+                    "patients": [t["patients_better"], t["patients_worse"]], "wilcoxon_p": t["wilcoxon_p"],
+                    "folds_failing": failing})  # fmt: skip
     return out
 
 
@@ -149,24 +246,52 @@ def _pm(cell: list[float]) -> str:
     return "n/a" if math.isnan(cell[0]) else f"{cell[0]:.4f} ± {cell[1]:.4f}"
 
 
-def _row_label(name: str, v: dict[str, Any]) -> str:
+def _row_label(name: str, v: dict[str, Any], table: str, sharers: dict[str, list[str]]) -> str:
     unscored = sum(1 for r in v["runs"] if r.get("unscored"))
     note = ""
+    if table == "table1" and sharers.get(name):
+        note = f" (its phase 1 is also {', '.join(sharers[name])}'s: the same samples)"
     if v["collapsed_runs"] - unscored:
-        note = f" (collapsed in {v['collapsed_runs'] - unscored} of {v['total_runs']} runs, left out)"
+        note += f" (collapsed in {v['collapsed_runs'] - unscored} of {v['total_runs']} runs, left out)"
     if unscored:
         note += f" (not scored in {unscored} of {v['total_runs']} runs: no epoch in the budget)"
     return f"{name}{note}"
 
 
+def _sharers(result: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, v in result["variants"].items():
+        if v.get("shares_phase1_with"):
+            out.setdefault(v["shares_phase1_with"], []).append(name)
+    return out
+
+
+def _reference_cells(ref: dict[str, Any], table: str, key: str, over: str, n_raters: int) -> Optional[str]:
+    if key.startswith("dice_a"):
+        each = ref["dice_each"]["images" if over != "folds" else "folds"]
+        i = int(key[6:]) - 1
+        return f"{each[i]:.4f}" if i < len(each) else "n/a"
+    name = {"dice_mean": "dice_each_mean"}.get(key, key)
+    cell = ref[table].get(name)
+    return None if cell is None else f"{cell['images' if over != 'folds' else 'folds']:.4f}"
+
+
 def _table(result: dict[str, Any], table: str, columns: list[tuple[str, str]], over: str) -> list[str]:
     lines = ["| variant | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    sharers = _sharers(result)
     for name, v in result["variants"].items():
         if table not in v:
-            if table == "table1" or (v["collapsed_runs"] and v["heads"] != "none"):
-                lines.append(f"| {_row_label(name, v)} | " + " | ".join("collapsed" for _ in columns) + " |")
+            shared = table == "table1" and v.get("shares_phase1_with")
+            no_prior = table == "table1" and v["heads"] == "per-rater"
+            if not shared and not no_prior and (table == "table1" or (v["collapsed_runs"] and v["heads"] != "none")):
+                lines.append(f"| {_row_label(name, v, table, sharers)} | " + " | ".join("collapsed" for _ in columns)
+                             + " |")  # fmt: skip
             continue
-        lines.append(f"| {_row_label(name, v)} | " + " | ".join(_pm(v[table][k][over]) for _, k in columns) + " |")
+        cells = [_pm(v[table][k][over]) if k in v[table] else "n/a" for _, k in columns]
+        lines.append(f"| {_row_label(name, v, table, sharers)} | " + " | ".join(cells) + " |")
+    for name, ref in result.get("references", {}).items():
+        cells = [_reference_cells(ref, table, k, over, result.get("num_raters", 0)) for _, k in columns]
+        lines.append(f"| label-only: {name} | " + " | ".join(c if c is not None else "" for c in cells) + " |")
     return lines
 
 
@@ -174,25 +299,28 @@ def _t2_columns(result: dict[str, Any]) -> list[tuple[str, str]]:
     n = max((sum(1 for k in v.get("table2", {}) if k.startswith("dice_a")) for v in result["variants"].values()),
             default=0)  # fmt: skip
     n = max(n, result.get("num_raters", 0))
-    return [*T1_COLUMNS, *[(f"Dice_A{i + 1}", f"dice_a{i + 1}") for i in range(n)], ("Dice_mean", "dice_mean")]
+    return [("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"),
+            ("Dice_mean matched", "dice_match"), *[(f"Dice_A{i + 1}", f"dice_a{i + 1}") for i in range(n)],
+            ("Dice_mean diagonal", "dice_mean"), ("head identity", "head_identity")]  # fmt: skip
 
 
 def _tests_lines(result: dict[str, Any]) -> list[str]:
-    lines = ["| full model vs | score | images | mean difference (full - other) | better / worse | rank-biserial | "
-             "Wilcoxon p |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    what = {key: label for key, label, _ in (*T1_TESTS, *T2_TESTS)}
+    lines = ["| full model vs | score | patients | mean difference (full - other) | patients better / worse | "
+             "rank-biserial | Wilcoxon p | per fold: difference (p) |", "|---" * 8 + "|"]
     for name, tests in result["paired_tests"].items():
         for key, t in tests.items():
-            what = {"t1_ged": "GED (T1, lower is better)", "t1_dice_match": "Dice_match (T1)",
-                    "t2_dice_mean": "Dice_mean (T2)"}[key]  # fmt: skip
-            lines.append(f"| {name} | {what} | {t['n_images']} | {t['mean_difference']:+.4f} | "
-                         f"{t['images_better']} / {t['images_worse']} | {t['rank_biserial']:+.3f} | "
-                         f"{t['wilcoxon_p']:.2g} |")  # fmt: skip
+            folds = "; ".join(f"f{f['fold']} {f['mean_difference']:+.4f} ({f['wilcoxon_p']:.2g})" for f in t["folds"])
+            lines.append(f"| {name} | {what[key]} | {t['n_patients']} | {t['mean_difference']:+.4f} | "
+                         f"{t['patients_better']} / {t['patients_worse']} | {t['rank_biserial']:+.3f} | "
+                         f"{t['wilcoxon_p']:.2g} | {folds} |")  # fmt: skip
     return lines
 
 
-def _runs_lines(result: dict[str, Any]) -> list[str]:
-    lines = ["| run | phase | fold | seed | epochs in budget | selected epoch | budget minutes (wall) | stopped | "
-             "collapsed |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+def _runs_lines(result: dict[str, Any], budgeted: bool) -> list[str]:
+    epochs = "epochs in budget" if budgeted else "epochs"
+    lines = [f"| run | phase | fold | seed | {epochs} | selected epoch | minutes (wall) | stopped | trained by | "
+             "collapsed |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     seen = set()
     for v in result["variants"].values():
         for r in v["runs"]:
@@ -200,9 +328,11 @@ def _runs_lines(result: dict[str, Any]) -> list[str]:
                 if t["run"] in seen:
                     continue
                 seen.add(t["run"])
+                by = f"`{t['reused_from']}` (reused)" if t.get("reused_from") else "compare"
+                collapsed = "yes (validation all empty)" if t["collapsed_on_validation"] else "no"
                 lines.append(f"| {t['run']} | {t['phase']} | {r['fold']} | {r['seed']} | {t['epochs']} | "
                              f"{t['best_epoch']} | {t['minutes']:.1f} ({t['wall_minutes']:.1f}) | {t['stopped']} | "
-                             f"{'yes (validation all empty)' if t['collapsed_on_validation'] else 'no'} |")  # fmt: skip
+                             f"{by} | {collapsed} |")  # fmt: skip
     return lines
 
 
@@ -210,6 +340,8 @@ def _latent_lines(result: dict[str, Any]) -> list[str]:
     lines = ["| variant | fold | seed | spread | sigma median | sigma at clamp | KL (nats) | Spearman | prior flags |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, v in result["variants"].items():
+        if v.get("shares_phase1_with"):  # the same prior as the row it shares with
+            continue
         for r in v["runs"]:
             lat, uv = r.get("latent"), r.get("uncertainty_vs_raters") or {}
             if lat is None:
@@ -221,42 +353,61 @@ def _latent_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _protocol(result: dict[str, Any]) -> str:
     m, c = result["machine"], result["compare"]
-    lines = [
-        f"# Comparison at equal budget: {result['data']}",
-        "",
-        f"`{result['command']}` on {m['date']}: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}. "
-        f"Config {c['preset']}; folds {c['folds']} of {c['num_folds']} (patient-level), seeds {c['seeds']}; "
-        f"every phase-1 training {c['minutes1']:g} min, every phase-2 training {c['minutes2']:g} min of compute "
-        f"(the process's CPU time over its {m['torch_threads']} threads; epoch caps {c['epochs1']} and "
-        f"{c['epochs2']}; the runs table gives each run's minutes at its last complete epoch and its wall clock); "
-        f"K = {c['samples']} prior samples; raters in the '{c['rater_order']}' order; GED in the dpersona "
-        "convention.",
-        "",
-        "Variants:",
-        *[f"- **{n}**: {v['label']}" for n, v in result["variants"].items()],
-        "",
-    ]
+    budgeted = c.get("minutes1") is not None or c.get("minutes2") is not None
+    if budgeted:
+        training = (f"every phase-1 training {c['minutes1'] or 'its epochs'}, every phase-2 training "
+                    f"{c['minutes2'] or 'its epochs'} min of compute (the process's CPU time over its "
+                    f"{m['torch_threads']} threads; epoch caps {c['epochs1']} and {c['epochs2']})")  # fmt: skip
+    else:
+        training = (f"equal epochs: every phase-1 training and the per-rater baseline {c['epochs1']}, every "
+                    f"phase-2 training {c['epochs2']} (the cosine schedule over those epochs); the runs table "
+                    "gives each run's minutes")  # fmt: skip
+    rates = f"; D-Persona's heads at their own learning rate {c['dpersona_lr2']:g}" if "dpersona_lr2" in c else ""
+    only = (f"; only the images where at least {c['min_raters']} raters drew (training and test)"
+            if c.get("min_raters") else "")  # fmt: skip
+    return (f"`{result['command']}` on {m['date']}: {m['cpu']} ({m['cpu_cores']} cores), torch {m['torch']}. "
+            f"Config {c['preset']}; folds {c['folds']} of {c['num_folds']} (patient-level), seeds {c['seeds']}; "
+            f"{training}{rates}{only}; K = {c['samples']} prior samples; raters in the '{c['rater_order']}' order; "
+            "GED in the dpersona convention.")  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c = result["compare"]
+    budgeted = c.get("minutes1") is not None or c.get("minutes2") is not None
+    lines = [f"# Comparison at equal {'budget' if budgeted else 'epochs'}: {result['data']}", "", _protocol(result),
+             "", "Variants:", *[f"- **{n}**: {v['label']}" for n, v in result["variants"].items()], ""]  # fmt: skip
+    if result.get("references"):
+        lines += ["Label-only rows: predictors that never look at the image, on the same test images "
+                  "(`harmonizer_fast.references`; their means are over images, by fold or pooled).", ""]  # fmt: skip
     for over, what in (("folds", "mean ± std over folds (each fold: the mean of its test images, seeds "
                                   "averaged; D-Persona's convention)"),
-                       ("images", "mean ± std over test images (each image averaged over seeds)")):  # fmt: skip
+                       ("patients", "mean ± std over test patients (each patient: the mean of its images, seeds "
+                                    "averaged)")):  # fmt: skip
         lines += [f"## Table 1 (K prior samples), {what}", "", *_table(result, "table1", list(T1_COLUMNS), over), ""]
         lines += [f"## Table 2 (the R rater heads; Dice_A(i) head i against rater i), {what}", "",
                   *_table(result, "table2", _t2_columns(result), over), ""]  # fmt: skip
-    lines += ["Variants without a row in Table 2 have no heads (Prob. U-Net, the phase-1 ablations).", "",
-              "## Paired tests over test images", "", *_tests_lines(result), "",
-              "Rank-biserial: +1 when the full model scores higher on every image (for GED, higher is worse).", "",
-              "## The paper's orderings at this budget", ""]  # fmt: skip
+    lines += ["Variants without a Table 2 row have no heads (Prob. U-Net, the phase-1 ablations); the per-rater "
+              "baseline has no prior, so no Table 1 row. Dice_mean diagonal scores head i against rater i (the "
+              "paper's text); matched pairs heads and raters by the Hungarian assignment (D-Persona's code). Head "
+              "identity: the share of head-image pairs where head i overlaps rater i best.", "",
+              "## Paired tests over patients", "", *_tests_lines(result), "",
+              "Each patient's images averaged first; 'better' counts the patients where the full model is better "
+              "(lower GED, higher Dice and head identity); rank-biserial +1 when the full model scores higher on "
+              "every patient (for GED, higher is worse); two-sided Wilcoxon signed-rank.", "",
+              "## The paper's orderings", ""]  # fmt: skip
     for o in result["orderings"]:
-        verdict = "holds" if o["holds"] else "does not hold"
-        lines.append(f"- {o['claim']}: **{verdict}** ({o['means'][0]:.4f} against {o['means'][1]:.4f}, "
-                     f"paired p = {o['wilcoxon_p']:.2g})")  # fmt: skip
+        verdict = {"holds": "holds", "not shown": "not shown (the claimed direction, p >= 0.05)",
+                   "reversed": "reversed"}[o.get("verdict", "holds" if o["holds"] else "reversed")]  # fmt: skip
+        fails = f"; fails in fold {', '.join(map(str, o['folds_failing']))}" if o["folds_failing"] else "; every fold"
+        lines.append(f"- {o['claim']}: **{verdict}** (difference {o['mean_difference']:+.4f}, patients "
+                     f"{o['patients'][0]} / {o['patients'][1]}, paired p = {o['wilcoxon_p']:.2g}{fails})")  # fmt: skip
     if "dpersona" in result["variants"] and "probunet" in result["variants"]:
         lines.append("- D-Persona < Prob. U-Net in GED: not tested. D-Persona's Table 1 here is its backbone, the "
                      "Prob. U-Net run itself (the comparison's 'same backbone'); D-Persona's own stage 1 adds a "
                      "bound loss that is not reproduced.")  # fmt: skip
-    lines += ["", "## Runs (equal budget)", "", *_runs_lines(result), ""]
+    lines += ["", f"## Runs (equal {'budget' if budgeted else 'epochs'})", "", *_runs_lines(result, budgeted), ""]
     lines += ["## The latent space of each scored run (test patients)", "", *_latent_lines(result), "",
               "Spread: the prior mean's std across images over its mean sigma (below 0.1: image-independent). "
               "Spearman: the samples' mean pairwise 1 - IoU against the raters', over images where every rater "
@@ -273,7 +424,7 @@ def ged_vs_k_figure(path: Path, result: dict[str, Any]) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for name, v in result["variants"].items():
-        if "ged_vs_k" not in v or name == "no-personalizer":  # its samples are the full model's
+        if "ged_vs_k" not in v:  # no prior, or the samples of a variant it shares its phase 1 with
             continue
         ks = sorted(v["ged_vs_k"], key=int)
         ax.errorbar([int(k) for k in ks], [v["ged_vs_k"][k][0] for k in ks], [v["ged_vs_k"][k][1] for k in ks],
@@ -285,9 +436,10 @@ def ged_vs_k_figure(path: Path, result: dict[str, Any]) -> str:
     return _save(fig, path)
 
 
-def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: str = "compare") -> dict:
+def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: str = "compare",
+                 references: Optional[list[dict[str, Any]]] = None) -> dict:  # fmt: skip
     """``<stem>.json``, ``<stem>.md`` and ``<stem>-ged-vs-k.png`` in ``out``; returns the result."""
-    result = aggregate(records, meta)
+    result = aggregate(records, meta, references)
     fig = out / f"{stem}-ged-vs-k.png"
     result["figure"] = Path(ged_vs_k_figure(fig, result)).name if any(
         "ged_vs_k" in v for v in result["variants"].values()) else None

@@ -1,19 +1,25 @@
-"""Running a comparison: variants x patient folds x seeds, each training at a fixed CPU budget, resumable.
+"""Running a comparison: variants x patient folds x seeds, each training for the same epochs (or, with
+``minutes1``/``minutes2``, at a fixed CPU budget), resumable.
 
     OUT/plan.json                       what is compared (a resumed run must ask for the same)
+    OUT/reused.json                     trainings done outside the comparison and checked into it (:mod:`.reuse`)
     OUT/runs/p1-<training>-f<F>-s<S>/   phase-1 run directories (:class:`~harmonizer_fast.rundir.RunDir`)
     OUT/runs/p2-<variant>-f<F>-s<S>/    phase-2 runs (variants with trained heads)
+    OUT/runs/per-rater-f<F>-s<S>/       the per-rater baseline (:mod:`harmonizer_fast.per_rater`)
     OUT/evals/<variant>-f<F>-s<S>.json  per-image scores on the fold's held-out test patients
+    OUT/evals/references-f<F>.json      the label-only references on the same images
 
 A unit of work is done when its file is committed (an evaluation's JSON, written atomically; a training
-whose ``last`` checkpoint says it stopped on its epochs or its budget). A killed comparison started again
-skips what is done and *restarts* a training that was cut mid-way, from its beginning: resuming it would
-give it a second time budget, and its variant more CPU than the others.
+whose ``last`` checkpoint says it stopped on its epochs or its budget; the per-rater manifest). A killed
+comparison started again skips what is done. A training cut mid-way *resumes* from its last epoch when the
+comparison runs on epochs (the same epochs either way), and *restarts* from its beginning when it runs on a
+budget: resuming would give it a second budget, and its variant more CPU than the others.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from .. import per_rater
 from .._io import write_atomic
 from ..data import MultiRaterData
 from ..data.dataset import RATER_ORDERS
@@ -30,49 +37,65 @@ from ..evaluate import K_VALUES, evaluate_model, summarize
 from ..latent_stats import collapse_flags, latent_statistics
 from ..model import HarmonizerConfig
 from ..model.config import PRESETS
-from ..rundir import RunDir
+from ..per_rater import PerRaterRecipe
+from ..references import label_only_references
+from ..rundir import RunDir, prepare
 from ..train import TrainConfig, Trainer
 from .variants import PHASE1, VARIANTS, Variant, resolve
 
 SPLIT_SEED = 0  # one patient partition for every seed, so each fold's test images are the same across seeds
 T1_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match", "empty_fraction")
-T2_KEYS = (*T1_KEYS, "dice_each_mean")
+T2_KEYS = (*T1_KEYS, "dice_each_mean", "head_identity")
+DPERSONA_LR2 = 3e-3  # D-Persona's heads: chosen on fold 0's validation patients of LIDC over 1e-2 (README)
 
 
-def _positive(name: str, v: Any, integer: bool = False) -> None:
+def _positive(name: str, v: Any, integer: bool = False, optional: bool = False) -> None:
+    if optional and v is None:
+        return
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok or not v > 0 or v != v or v == float("inf"):
-        raise ValueError(f"CompareConfig.{name}: expected a finite {'integer' if integer else 'number'} > 0, got {v!r}")
+        what = f"a finite {'integer' if integer else 'number'} > 0" + (" or None" if optional else "")
+        raise ValueError(f"CompareConfig.{name}: expected {what}, got {v!r}")
 
 
 @dataclass
 class CompareConfig:
-    """What one comparison runs. Budgets are minutes of compute per training: the process's CPU time over its
-    threads (``TrainConfig.budget_clock="cpu"``), so a comparison that shares the machine stays equal."""
+    """What one comparison runs: every training for ``epochs1`` (phase 1, and the per-rater baseline) and
+    ``epochs2`` (phase 2) epochs, each run's minutes reported. ``minutes1``/``minutes2`` turn a phase into a
+    budget of compute minutes instead (the process's CPU time over its threads,
+    ``TrainConfig.budget_clock="cpu"``, so a comparison that shares the machine stays equal), the epochs then
+    being caps over which the cosine schedule runs. ``min_raters``: train and score only the images where at
+    least that many raters drew (4 on LIDC: the all-raters protocol, README "Protocols")."""
 
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     folds: list[int] = field(default_factory=lambda: [0])
     seeds: list[int] = field(default_factory=lambda: [0])
-    minutes1: float = 5.0
-    minutes2: float = 2.0
-    epochs1: int = 100  # caps; the budget usually stops a run first (the cosine schedule runs over these)
-    epochs2: int = 150
+    minutes1: Optional[float] = None
+    minutes2: Optional[float] = None
+    epochs1: int = 30
+    epochs2: int = 20
     preset: str = "small"
     samples: int = 16
     batch_size: int = 16
     rater_order: str = "stored"
     num_folds: int = 4
+    min_raters: int = 0
+    dpersona_lr2: float = DPERSONA_LR2
 
     def __post_init__(self) -> None:
         resolve(list(self.variants))
         for name in ("minutes1", "minutes2"):
-            _positive(name, getattr(self, name))
+            _positive(name, getattr(self, name), optional=True)
         for name in ("epochs1", "epochs2", "samples", "batch_size"):
             _positive(name, getattr(self, name), integer=True)
+        _positive("dpersona_lr2", self.dpersona_lr2)
         if self.preset not in PRESETS:
             raise ValueError(f"CompareConfig.preset: expected one of {PRESETS}, got {self.preset!r}")
         if self.rater_order not in RATER_ORDERS:
             raise ValueError(f"CompareConfig.rater_order: expected one of {RATER_ORDERS}, got {self.rater_order!r}")
+        mr = self.min_raters
+        if isinstance(mr, bool) or not isinstance(mr, int) or mr < 0:
+            raise ValueError(f"CompareConfig.min_raters: expected an integer >= 0, got {mr!r}")
         bad = [f for f in self.folds if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < self.num_folds]
         if not self.folds or bad or len(set(self.folds)) != len(self.folds):
             raise ValueError(f"CompareConfig.folds: expected distinct fold indices in [0, {self.num_folds}), "
@@ -80,23 +103,47 @@ class CompareConfig:
         bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63]
         if not self.seeds or bad or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"CompareConfig.seeds: expected distinct integers in [0, 2**63), got {self.seeds}")
+        if self.budgeted and "per-rater" in self.variants:
+            raise ValueError("CompareConfig.variants: the per-rater baseline trains for epochs, not minutes; leave "
+                             "minutes1 and minutes2 unset (equal epochs) or drop the variant")  # fmt: skip
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a phase runs on a budget of minutes rather than on its epochs."""
+        return self.minutes1 is not None or self.minutes2 is not None
 
     def variant_list(self) -> list[Variant]:
         return resolve(list(self.variants))
 
     def phase1_trainings(self) -> list[str]:
-        return list(dict.fromkeys(v.phase1 for v in self.variant_list()))
+        return list(dict.fromkeys(v.phase1 for v in self.variant_list() if v.has_prior))
+
+    def base_config(self, data: MultiRaterData) -> HarmonizerConfig:
+        preset = HarmonizerConfig.paper if self.preset == "paper" else HarmonizerConfig.small
+        return preset(in_channels=data.in_channels, num_raters=data.num_raters)
 
     def model_config(self, training: str, data: MultiRaterData) -> HarmonizerConfig:
         preset = HarmonizerConfig.paper if self.preset == "paper" else HarmonizerConfig.small
         return preset(in_channels=data.in_channels, num_raters=data.num_raters, **PHASE1[training])
 
-    def train_config(self, model_config: HarmonizerConfig, phase: str, fold: int, seed: int) -> TrainConfig:
+    def train_config(self, model_config: HarmonizerConfig, phase: str, fold: int, seed: int,
+                     variant: str = "") -> TrainConfig:  # fmt: skip
+        """A training's recipe: the preset's learning rates, D-Persona's heads their own (validated)."""
+        minutes = self.minutes1 if phase == "1" else self.minutes2
+        own = {"lr_phase2": self.dpersona_lr2} if variant == "dpersona" else {}
         return TrainConfig.for_model(
             model_config, phase=phase, epochs_phase1=self.epochs1, epochs_phase2=self.epochs2, fold=fold, seed=seed,
             split_seed=SPLIT_SEED, folds=self.num_folds, batch_size=self.batch_size, rater_order=self.rater_order,
-            max_minutes=self.minutes1 if phase == "1" else self.minutes2, budget_clock="cpu",
+            min_raters=self.min_raters, max_minutes=minutes, budget_clock="cpu", **own,
         )  # fmt: skip
+
+    def per_rater_recipe(self, fold: int, seed: int) -> PerRaterRecipe:
+        """The per-rater baseline's recipe: phase 1's learning rate, batch, split and epochs."""
+        tc = TrainConfig.for_model(HarmonizerConfig.small() if self.preset == "small" else HarmonizerConfig.paper())
+        return PerRaterRecipe(epochs=self.epochs1, lr=tc.lr_phase1, weight_decay=tc.weight_decay,
+                              batch_size=self.batch_size, seed=seed, split_seed=SPLIT_SEED, folds=self.num_folds,
+                              fold=fold, val_fraction=tc.val_fraction, rater_order=self.rater_order,
+                              min_raters=self.min_raters, grad_clip=tc.grad_clip)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,8 +169,19 @@ class Comparison:
     def p2(self, variant: str, fold: int, seed: int) -> RunDir:
         return RunDir(self.out / "runs" / f"p2-{variant}-{_cell(fold, seed)}")
 
+    def per_rater_dir(self, fold: int, seed: int) -> Path:
+        return self.out / "runs" / f"per-rater-{_cell(fold, seed)}"
+
     def eval_path(self, variant: str, fold: int, seed: int) -> Path:
         return self.out / "evals" / f"{variant}-{_cell(fold, seed)}.json"
+
+    def references_path(self, fold: int) -> Path:
+        return self.out / "evals" / f"references-f{fold}.json"
+
+    def reused(self) -> dict[str, Any]:
+        """Unit directory name -> where the training came from and what was checked (:mod:`.reuse`)."""
+        path = self.out / "reused.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     # ---- the plan
 
@@ -143,14 +201,31 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(plan, indent=1) + "\n")
 
+    def reuse(self, runs: dict[str, os.PathLike]) -> None:
+        """Take trainings done outside the comparison in place of its units (``UNIT -> run directory``),
+        each checked to be the training the unit would run (:mod:`.reuse`); one taken before is kept."""
+        from .reuse import reuse
+
+        self.check_plan()
+        for unit, source in runs.items():
+            before = self.reused().get(unit)
+            if before is not None and before.get("resolved") == str(Path(source).resolve()):
+                continue
+            checks = reuse(self, unit, source)
+            self.log(f"reused {unit} from {source}: {len(checks)} checks passed")
+
     def units(self) -> list[tuple[str, str, int, int]]:
-        """Every unit of work in order: (kind, name, fold, seed), kind "train1", "train2" or "eval"."""
+        """Every unit of work in order: (kind, name, fold, seed), kind "train1", "train2", "trainpr" (the
+        per-rater baseline), "eval" or "refs" (the fold's label-only references, once per fold)."""
         out = []
+        per_rater = any(v.heads == "per-rater" for v in self.cc.variant_list())
         for fold in self.cc.folds:
             for seed in self.cc.seeds:
                 out += [("train1", t, fold, seed) for t in self.cc.phase1_trainings()]
                 out += [("train2", v.name, fold, seed) for v in self.cc.variant_list() if v.trains_phase2]
+                out += [("trainpr", "per-rater", fold, seed)] if per_rater else []
                 out += [("eval", v.name, fold, seed) for v in self.cc.variant_list()]
+            out.append(("refs", "label-only", fold, self.cc.seeds[0]))
         return out
 
     def run(self) -> list[Path]:
@@ -174,21 +249,23 @@ class Comparison:
     def _fit(self, run: RunDir, model_config: HarmonizerConfig, tc: TrainConfig, init: Optional[Path]) -> str:
         if self._finished(run):
             return ""
-        if run.path.exists():  # cut mid-way by a kill: start again, with the whole budget and no more
+        resume = run.path.exists() and not self.cc.budgeted  # the same epochs either way: continue it
+        if run.path.exists() and self.cc.budgeted:  # cut mid-way: start again, with the whole budget and no more
             shutil.rmtree(run.path)
         Trainer(self.data, model_config, tc, run.path, device=self.device, progress=False,
-                log=lambda _msg: None).fit(init_from=init)  # fmt: skip
+                log=lambda _msg: None).fit(resume=resume, init_from=init)  # fmt: skip
         return "trained"
 
-    def _train_facts(self, run: RunDir) -> str:
+    def _train_facts(self, run: RunDir, phase: int) -> str:
         log = [r for r in run.read_log() if "partial_steps" not in r]
-        return f"{len(log)} epochs, {log[-1]['minutes']:.1f} min" if log else "no complete epoch"
+        epochs = sum(r["phase"] == phase for r in log)
+        return f"{epochs} epochs, {_phase_minutes(log, phase, 'minutes'):.1f} min" if epochs else "no complete epoch"
 
     def _train1(self, training: str, fold: int, seed: int) -> tuple[bool, str]:
         run = self.p1(training, fold, seed)
         cfg = self.cc.model_config(training, self.data)
         fresh = self._fit(run, cfg, self.cc.train_config(cfg, "1", fold, seed), None)
-        return not fresh, self._train_facts(run)
+        return not fresh, self._train_facts(run, 1)
 
     def _train2(self, variant: str, fold: int, seed: int) -> tuple[bool, str]:
         v = resolve([variant])[-1]
@@ -197,27 +274,69 @@ class Comparison:
         run = self.p2(variant, fold, seed)
         if not base.has("best_phase1"):
             return False, "skipped: its phase 1 completed no epoch in the budget"
-        fresh = self._fit(run, cfg, self.cc.train_config(cfg, "2", fold, seed), base.manifest_path("best_phase1"))
-        return not fresh, self._train_facts(run)
+        tc = self.cc.train_config(cfg, "2", fold, seed, variant)
+        fresh = self._fit(run, cfg, tc, base.manifest_path("best_phase1"))
+        return not fresh, self._train_facts(run, 2)
+
+    def _trainpr(self, _name: str, fold: int, seed: int) -> tuple[bool, str]:
+        path = self.per_rater_dir(fold, seed)
+        done = (path / per_rater.MANIFEST).is_file()
+        if not done:  # not resumable: a cut training starts again (its manifest is its last write)
+            if path.exists():
+                shutil.rmtree(path)
+            per_rater.train_per_rater(self.data, self.cc.base_config(self.data), self.cc.per_rater_recipe(fold, seed),
+                                      path, log=lambda _msg: None)  # fmt: skip
+        m = json.loads((path / per_rater.MANIFEST).read_text())
+        return done, f"{len(m['history'])} epochs, {m['history'][-1]['minutes']:.1f} min"
 
     def _eval(self, variant: str, fold: int, seed: int) -> tuple[bool, str]:
         path = self.eval_path(variant, fold, seed)
         if path.is_file():
             return True, "evaluated"
         v = resolve([variant])[-1]
-        record = evaluate_variant(self, v, fold, seed)
+        if v.heads == "per-rater":
+            record = evaluate_per_rater(self, fold, seed)
+        else:
+            record = evaluate_variant(self, v, fold, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(record, default=float) + "\n")
         if record.get("unscored"):
             return False, f"not scored: {record['unscored']}"
-        t1 = record["table1"]["mean"]
-        return False, f"GED {t1['ged']:.4f}, Dice_match {t1['dice_match']:.4f}" + (
-            f", Dice_mean {record['table2']['mean']['dice_each_mean']:.4f}" if record["table2"] else "")
+        t1 = f"GED {record['table1']['mean']['ged']:.4f}, " if record["table1"] else ""
+        return False, t1 + (f"Dice_mean {record['table2']['mean']['dice_each_mean']:.4f}" if record["table2"] else
+                            f"Dice_match {record['table1']['mean']['dice_match']:.4f}")  # fmt: skip
+
+    def _refs(self, _name: str, fold: int, seed: int) -> tuple[bool, str]:
+        path = self.references_path(fold)
+        if path.is_file():
+            return True, "computed"
+        images = self._fold_images(fold, seed)
+        if images is None:
+            return False, "skipped: no scored run of this fold"
+        prepared = prepare(self.data, self.cc.base_config(self.data), self.cc.rater_order)
+        refs = label_only_references(prepared, images, self.cc.samples)
+        record = {"fold": fold, "images": images.tolist(), "references": {
+            name: {"table1": r["table1"]["mean"], "table2": {**r["table2"]["mean"],
+                                                             "head_identity": r["table2"]["head_identity"][0]},
+                   "dice_each": [d["dice"][0] for d in r["table2"]["per_rater"].values()]}
+            for name, r in refs.items()}}  # fmt: skip
+        write_atomic(path, json.dumps(record, default=float) + "\n")
+        return False, f"{len(images)} images"
+
+    def _fold_images(self, fold: int, seed: int) -> Optional[np.ndarray]:
+        """The fold's test images, as its first scored evaluation recorded them."""
+        for v in self.cc.variant_list():
+            path = self.eval_path(v.name, fold, seed)
+            if path.is_file():
+                rec = json.loads(path.read_text())
+                if not rec.get("unscored"):
+                    return np.asarray(rec["images"], dtype=np.int64)
+        return None
 
 
-def _run_record(run: RunDir, stem: str) -> dict[str, Any]:
-    """Epochs, minutes, the selected epoch, why it stopped, and whether the selected model's validation
-    predictions were all empty (the collapse the report flags)."""
+def _run_record(run: RunDir, stem: str, reused: dict[str, Any]) -> dict[str, Any]:
+    """Epochs, minutes, the selected epoch, why it stopped, whether the selected model's validation
+    predictions were all empty (the collapse the report flags), and where a reused training came from."""
     log = run.read_log()
     done = [r for r in log if "partial_steps" not in r]
     best = run.state(stem)
@@ -226,25 +345,46 @@ def _run_record(run: RunDir, stem: str) -> dict[str, Any]:
     key = "val_empty_fraction" if phase == 1 else "val_heads_empty_fraction"
     chosen = next((r for r in done if r["epoch"] == best_epoch and r["phase"] == phase), None)
     phase_done = [r for r in done if r["phase"] == phase]
-    last = phase_done[-1] if phase_done else {}
-    return {"run": run.path.name, "phase": phase, "epochs": len(phase_done), "minutes": last.get("minutes", 0.0),
-            "wall_minutes": last.get("wall_minutes", last.get("minutes", 0.0)), "best_epoch": best_epoch,
-            "stopped": run.state()["stopped"],
+    earlier = sum(r["phase"] < phase for r in done)  # a run of both phases counts its epochs from phase 1's first
+    return {"run": run.path.name, "phase": phase, "epochs": len(phase_done),
+            "minutes": _phase_minutes(done, phase, "minutes"),
+            "wall_minutes": _phase_minutes(done, phase, "wall_minutes"), "best_epoch": best_epoch - earlier,
+            "stopped": run.state()["stopped"], "reused_from": reused.get(run.path.name, {}).get("source"),
             "val_empty_fraction": None if chosen is None else chosen.get(key),
             "collapsed_on_validation": chosen is not None and chosen.get(key) == 1.0}  # fmt: skip
+
+
+def _phase_minutes(done: list[dict[str, Any]], phase: int, key: str) -> float:
+    """The minutes a phase's epochs took. Each ``fit`` process logs minutes from its own start (a run of both
+    phases through phase 1 into phase 2; a resumed run from 0 again), so each epoch adds its increase over
+    the record before it, or its whole value where a new process began."""
+    total, before = 0.0, 0.0
+    for r in done:
+        m = r.get(key, r.get("minutes", 0.0))
+        if m < before:  # a resumed process
+            before = 0.0
+        if r["phase"] == phase:
+            total += m - before
+        before = m
+    return total
 
 
 def _unfinished(run: RunDir) -> dict[str, Any]:
     log = run.read_log()
     return {"run": run.path.name, "phase": log[-1]["phase"] if log else 0, "epochs": 0, "minutes": 0.0,
             "wall_minutes": 0.0, "best_epoch": 0, "stopped": run.state()["stopped"] if run.has("last") else "",
-            "val_empty_fraction": None, "collapsed_on_validation": False}  # fmt: skip
+            "reused_from": None, "val_empty_fraction": None, "collapsed_on_validation": False}  # fmt: skip
+
+
+def _tables(summary: dict[str, Any]) -> dict[str, Any]:
+    """The report's part of an accumulator summary (the reliability bins are the evaluate command's)."""
+    return {k: summary[k] for k in ("n_images", "mean", "std", "per_rater")}
 
 
 @torch.no_grad()
 def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[str, Any]:
-    """Tables 1 and 2 of one variant on its fold's held-out test patients, kept per image for the paired
-    tests and the fold statistics; GED per image for each K of appendix B."""
+    """Tables 1 and 2 of one variant on its fold's held-out test patients, kept per image (with each image's
+    patient) for the paired tests and the fold statistics; GED per image for each K of appendix B."""
     base = cmp.p1(v.phase1, fold, seed)
     needed = [(base, "best_phase1")] + ([(cmp.p2(v.name, fold, seed), "best")] if v.trains_phase2 else [])
     missing = [run.path.name for run, stem in needed if not run.has(stem)]
@@ -252,11 +392,12 @@ def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[
         return {"variant": v.name, "fold": fold, "seed": seed, "heads": v.heads, "table1": None, "table2": None,
                 "unscored": f"{', '.join(missing)} completed no epoch in the budget",
                 "runs": [_unfinished(run) for run, _ in needed]}  # fmt: skip
-    runs = [_run_record(base, "best_phase1")]
+    reused = cmp.reused()
+    runs = [_run_record(base, "best_phase1", reused)]
     if v.trains_phase2:
         run2 = cmp.p2(v.name, fold, seed)
         model, _ = run2.load_model("best")
-        runs.append(_run_record(run2, "best"))
+        runs.append(_run_record(run2, "best", reused))
     else:
         model, _ = base.load_model("best_phase1")
     scoring = base.scoring_set(cmp.data, model.config, "test")
@@ -266,15 +407,43 @@ def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[
     latent = latent_statistics(model, scoring.data, scoring.indices) if len(scoring.indices) >= 2 else None
     uncertainty = tables["table1"]["uncertainty_vs_raters"]
     for t in ("table1", "table2"):
-        if tables[t] is not None:  # the reliability bins are the evaluate command's business, not this report's
-            tables[t] = {k: tables[t][k] for k in ("n_images", "mean", "std", "per_rater")}
+        if tables[t] is not None:
+            tables[t] = _tables(tables[t])
     per_image = {f"t1_{k}": scores.prior.per_image(k).tolist() for k in T1_KEYS}
     if scores.heads is not None:
         per_image.update({f"t2_{k}": scores.heads.per_image(k).tolist() for k in T2_KEYS})
         per_image["t2_dice_each"] = scores.heads.per_image("dice_each").tolist()
     return {
         "variant": v.name, "fold": fold, "seed": seed, "heads": v.heads, "scored": scoring.description,
-        "images": np.asarray(scoring.indices).tolist(), "samples": cmp.cc.samples, "runs": runs, **tables,
+        "images": np.asarray(scoring.indices).tolist(), "patients": _patients(cmp.data, scoring.indices),
+        "samples": cmp.cc.samples, "runs": runs, **tables,
         "per_image": per_image, "ged_vs_k": {str(k): scores.per_k[k]["ged"] for k in scores.per_k},
         "latent": latent, "prior_flags": collapse_flags(latent) if latent else [], "uncertainty_vs_raters": uncertainty,
     }  # fmt: skip
+
+
+def _patients(data: MultiRaterData, indices: np.ndarray) -> list[str]:
+    return [str(p) for p in np.asarray(data.patient_id)[np.asarray(indices)]]
+
+
+@torch.no_grad()
+def evaluate_per_rater(cmp: Comparison, fold: int, seed: int) -> dict[str, Any]:
+    """Table 2 of the per-rater baseline on the fold's held-out test patients (its heads are its only maps:
+    they are both the set GED scores and the per-rater maps), per image."""
+    path = cmp.per_rater_dir(fold, seed)
+    model, manifest = per_rater.load_per_rater(path)
+    idx = per_rater.held_out(manifest, cmp.data)
+    prepared = prepare(cmp.data, model.config, manifest["recipe"]["rater_order"])
+    acc = per_rater.score_heads(model.to(cmp.device), prepared, idx)
+    h = manifest["history"]
+    run = {"run": path.name, "phase": 1, "epochs": len(h), "minutes": h[-1]["minutes"],
+           "wall_minutes": h[-1]["minutes"], "best_epoch": manifest["selected_epoch"], "stopped": "completed",
+           "reused_from": cmp.reused().get(path.name, {}).get("source"),
+           "val_empty_fraction": None, "collapsed_on_validation": False}  # fmt: skip
+    per_image = {f"t2_{k}": acc.per_image(k).tolist() for k in T2_KEYS}
+    per_image["t2_dice_each"] = acc.per_image("dice_each").tolist()
+    return {"variant": "per-rater", "fold": fold, "seed": seed, "heads": "per-rater",
+            "scored": f"the {len(idx)} images of the run's held-out test patients", "images": idx.tolist(),
+            "patients": _patients(cmp.data, idx), "samples": 0, "runs": [run], "table1": None,
+            "table2": _tables(acc.summary()), "per_image": per_image, "ged_vs_k": {}, "latent": None,
+            "prior_flags": [], "uncertainty_vs_raters": None}  # fmt: skip
