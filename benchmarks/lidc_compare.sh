@@ -1,21 +1,58 @@
 #!/usr/bin/env bash
-# The committed comparison (issue [science-compare]) on the real LIDC slices (../shared/data/lidc, raters
-# ordered by area, smallest first, as the LIDC readers store them): the full model, the Prob. U-Net,
-# D-Persona's heads on it, and the no-personalizer, no-harmonizer and no-GED-loss ablations; the small config,
-# patient folds 0 and 1 of 4, seed 0, 6 minutes of compute for every phase-1 training and 4.5 for every
-# phase-2 training (the process's CPU time over its threads), K = 16 prior samples on each fold's held-out
-# test patients. About 90 minutes on 2 cores, the issue's limit. At 3 phase-2 minutes D-Persona's heads (four
-# conv blocks at full resolution, 1.7 s a step here) finished 106 of the 123 steps of their first epoch, so
-# they had no validated model; 4.5 gives both personalizers one epoch and part of a second. The
-# unshared-harmonizer ablation (one more phase-1 training per fold) does not fit and is left to a longer run. Resumable: run it again to continue a killed
-# comparison. Writes benchmarks/results/lidc-compare-small-cpu.{json,md} and its GED-against-K figure.
+# The committed comparisons on the real LIDC slices (../shared/data/lidc, raters in their stored area order).
 #
-#     bash benchmarks/lidc_compare.sh [RUNS_DIR]          (default runs/lidc-compare)
+#   bash benchmarks/lidc_compare.sh train    # the trainings of the equal-epochs comparison, one per command
+#   bash benchmarks/lidc_compare.sh epochs   # [science] #35 item 6: `compare` over folds 0-2 at equal epochs
+#   bash benchmarks/lidc_compare.sh budget   # the earlier comparison at an equal CPU budget, with the ablations
+#
+# epochs: the all-raters protocol (--min-raters 4), the small config, seed 0, folds 0, 1 and 2 of 4; every
+# phase-1 training and the per-rater baseline 30 epochs, every phase-2 training 20 (D-Persona's heads at their
+# own learning rate, 3e-3, chosen on fold 0's validation patients over 1e-2); K = 16. Variants: the full model,
+# its identity heads (no-personalizer), the Prob. U-Net, D-Persona's heads on it, the per-rater baseline. The
+# trainings of `train` (about 6 hours of one core, run two at a time; OMP_NUM_THREADS=1 each) are the runs of
+# README "A convergence run on the all-raters protocol"; `epochs` takes them in with --reuse, which checks each
+# is the training `compare` would run (data, split, model config, recipe, phase-1 weights) and trains nothing
+# else; without them `compare` trains every unit itself (drop the --reuse list). Writes
+# benchmarks/results/lidc-compare-epochs-small-cpu.{json,md} and its GED-against-K figure; about 10 minutes.
+#
+# budget: the full model, the Prob. U-Net, D-Persona's heads and the no-personalizer, no-harmonizer and
+# no-GED-loss ablations; folds 0 and 1, 6 minutes of compute for every phase-1 training and 4.5 for every
+# phase-2 training; about 90 minutes on 2 cores. Writes benchmarks/results/lidc-compare-small-cpu.{json,md}.
+#
+# Each mode is resumable: run it again to continue a killed one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${1:-runs/lidc-compare}
 DATA=${DATA:-../shared/data/lidc}
-PY=${PY:-python3}
-"$PY" -m harmonizer_fast.cli compare --data "$DATA" --out "$RUNS" --folds 0,1 --seeds 0 --minutes1 6 \
-  --minutes2 4.5 --variants full,probunet,dpersona,no-personalizer,no-harmonizer,no-ged-loss --samples 16 \
-  --report-dir benchmarks/results --stem lidc-compare-small-cpu
+PY=${PY:-.venv/bin/python}
+suffix() { [ "$1" = 0 ] && echo "" || echo "-f$1"; }
+case "${1:-epochs}" in
+  train)
+    for F in 0 1 2; do
+      S=$(suffix $F)
+      OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small --out runs/conv-a$S \
+        --min-raters 4 --epochs 30 --epochs2 20 --fold $F --no-progress
+      OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small --out runs/conv-pu$S \
+        --min-raters 4 --phase 1 --epochs 30 --fold $F --no-harmonizer --no-personalizer --no-ged-loss --no-progress
+      OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small --out runs/dp-f$F-lr3e-3 \
+        --min-raters 4 --phase 2 --epochs2 20 --lr2 3e-3 --fold $F --init runs/conv-pu$S --no-harmonizer \
+        --no-ged-loss --personalizer dpersona --no-progress
+      OMP_NUM_THREADS=1 $PY -m harmonizer_fast.per_rater --data "$DATA" --config small --out runs/pr-f$F \
+        --fold $F --min-raters 4 --epochs 30
+    done ;;
+  epochs)
+    REUSE=()
+    for F in 0 1 2; do
+      S=$(suffix $F)
+      REUSE+=("p1-full-f$F-s0=runs/conv-a$S" "p2-full-f$F-s0=runs/conv-a$S" "p1-probunet-f$F-s0=runs/conv-pu$S"
+              "p2-dpersona-f$F-s0=runs/dp-f$F-lr3e-3" "per-rater-f$F-s0=runs/pr-f$F")
+    done
+    OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-lidc \
+      --variants full,no-personalizer,probunet,dpersona,per-rater --folds 0,1,2 --min-raters 4 --epochs1 30 \
+      --epochs2 20 --samples 16 --report-dir benchmarks/results --stem lidc-compare-epochs-small-cpu \
+      --reuse "${REUSE[@]}" ;;
+  budget)
+    $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/lidc-compare --folds 0,1 --seeds 0 --minutes1 6 \
+      --minutes2 4.5 --variants full,probunet,dpersona,no-personalizer,no-harmonizer,no-ged-loss --samples 16 \
+      --report-dir benchmarks/results --stem lidc-compare-small-cpu ;;
+  *) echo "usage: bash benchmarks/lidc_compare.sh train|epochs|budget" >&2; exit 2 ;;
+esac
