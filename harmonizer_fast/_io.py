@@ -7,6 +7,7 @@ that a test can stop the process at any one of them and check what a kill at tha
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,20 +29,30 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
-def sync_filesystem(path: PathLike) -> bool:
-    """Flush every file written on the filesystem holding ``path`` with one call (Linux ``syncfs``); False where
-    there is none, and the caller fsyncs file by file. One journal commit for a batch of files instead of one
-    per file: ``predict`` writes about eight files per case."""
+@functools.lru_cache(maxsize=1)
+def _syncfs():
+    """libc's ``syncfs``, or None off Linux. Looked up once: ``find_library`` runs ``ldconfig`` in a subprocess,
+    which cost a fork per flushed work unit."""
     import ctypes
     import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        syncfs = libc.syncfs
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).syncfs
     except (OSError, AttributeError):
+        return None
+
+
+def sync_filesystem(path: PathLike) -> bool:
+    """Flush every file written on the filesystem holding ``path`` with one call (Linux ``syncfs``); False where
+    there is none, and the caller fsyncs file by file. One journal commit for a batch of files instead of one
+    per file: ``predict`` writes about eight files per case."""
+    import ctypes
+
+    syncfs = _syncfs()
+    if syncfs is None:
         return False
     fd = os.open(path, os.O_RDONLY)
     try:

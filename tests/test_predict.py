@@ -80,10 +80,12 @@ def _expected(model: HarmonizerNet, raw: np.ndarray, name: str, seed: int = 0):
 # predict batches slices, the reference runs them one by one: oneDNN's convolutions sum in another order per
 # batch size (4e-6 at most measured with He-initialized untrained models, whose logits are larger)
 ATOL = 1e-5
+# NIfTI maps are uint16 with scl_slope 1/65535 (predict/inputs.NIFTI_SCALE): half a step more
+NIFTI_ATOL = ATOL + 0.5 / 65535
 
 
-def _assert_close_maps(prob_got, prob_want, mask_got, heads_got, heads_want):
-    np.testing.assert_allclose(prob_got, prob_want, atol=ATOL)
+def _assert_close_maps(prob_got, prob_want, mask_got, heads_got, heads_want, atol=ATOL):
+    np.testing.assert_allclose(prob_got, prob_want, atol=atol)
     decided = np.abs(prob_want - 0.5) > 1e-4  # a pixel at 0.5 to float noise may go either way
     np.testing.assert_array_equal(mask_got[decided], (prob_want >= 0.5)[decided])
     for got, want in zip(heads_got, heads_want):
@@ -157,7 +159,9 @@ def test_nifti_volume_keeps_shape_affine_and_spacing(run_dir, tmp_path):
     prob = np.moveaxis(maps["probability"].get_fdata(), 1, 0)
     mask = np.moveaxis(np.asarray(maps["mask"].dataobj), 1, 0) > 0
     heads = [np.moveaxis(np.asarray(maps[f"rater-{i}"].dataobj), 1, 0) > 0 for i in (1, 2, 3)]
-    _assert_close_maps(prob, prob_want, mask, heads, heads_want)
+    _assert_close_maps(prob, prob_want, mask, heads, heads_want, atol=NIFTI_ATOL)
+    assert maps["probability"].get_data_dtype() == np.uint16  # 16 bits with a slope, not 32-bit floats
+    np.testing.assert_allclose(maps["probability"].dataobj.slope, 1 / 65535)
     row = _rows(out)["scan"]
     assert row["unit"] == "mm3" and float(row["area"]) == pytest.approx(mask.sum() * 0.7 * 2.5 * 0.8, rel=1e-5)
 
@@ -176,7 +180,7 @@ def test_two_channel_nnunet_named_case(run_dir, run_dir2, tmp_path):
     raw = np.stack([np.moveaxis(v, 2, 0) for v in chans], 1)  # (S, 2, H, W)
     prob_want, _, _ = _expected(_model(2), raw, "case")
     got = np.moveaxis(nib.load(str(out / "case" / "probability.nii.gz")).get_fdata(), 2, 0)
-    np.testing.assert_allclose(got, prob_want, atol=ATOL)
+    np.testing.assert_allclose(got, prob_want, atol=NIFTI_ATOL)
     # a one-channel model refuses the two-channel case with a row saying so
     assert _predict("-i", src, "-o", tmp_path / "out1", "-m", run_dir) == 3
     assert "2 channel(s), the model takes 1" in _rows(tmp_path / "out1")["case"]["error"]

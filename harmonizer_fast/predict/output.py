@@ -88,7 +88,8 @@ class CaseWriter:
             files.append(("preview.png", render_preview(image, pred.mask, pred.uncertainty, heads)))
         seeds = self.seeds_of(case.name, pred.probability.shape[0])
         record = {"row": row, "sources": [str(p) for p in case.sources], "item": case.item, **seeds}
-        files.append(("case.json", (json.dumps(record, indent=1) + "\n").encode()))  # last: the case is done
+        # last: the case is done. One line: json's C encoder (indent= falls back to the Python one, 0.4 ms a case)
+        files.append(("case.json", (json.dumps(record) + "\n").encode()))
         for name, data in files:
             _write_new(tmp / name, data)
         return [tmp / name for name, _ in files]

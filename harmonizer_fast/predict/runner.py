@@ -91,9 +91,9 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
-def _binary_entropy(p: np.ndarray) -> np.ndarray:
-    """H(p) in bits of the sample mean ``p (S, H, W)`` (:func:`harmonizer_fast.metrics.entropy_map`), float32."""
-    return entropy_map(torch.from_numpy(p)[:, None]).float().numpy()
+def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in bits of the sample mean ``p (n, H, W)`` (:func:`harmonizer_fast.metrics.entropy_map`), float32."""
+    return entropy_map(p[:, None]).float()
 
 
 def mean_pairwise_disagreement(masks: np.ndarray) -> float:
@@ -231,8 +231,8 @@ class Predictor:
         slices), so a volume never holds its K float32 maps at once."""
         h, w = x.shape[2:]
         padded = self.preprocessing.pad(x)
-        parts: dict[str, list[torch.Tensor]] = {"probability": [], "votes": [], "heads": [], "samples": [],
-                                                "vote_counts": [], "head_counts": []}  # fmt: skip
+        parts: dict[str, list[torch.Tensor]] = {"probability": [], "uncertainty": [], "votes": [], "heads": [],
+                                                "samples": [], "vote_counts": [], "head_counts": []}  # fmt: skip
         for first in range(0, len(keys), self.batch_size):
             part = keys[first : first + self.batch_size]
             batch = torch.from_numpy(np.ascontiguousarray(padded[first : first + len(part)])).to(self.device)
@@ -240,7 +240,10 @@ class Predictor:
             p, hd = self.model.decode_draws(batch, z.to(self.device), None if bank is None else bank.to(self.device),
                                             heads=self.heads)  # fmt: skip
             p = p[..., :h, :w].float()
-            parts["probability"].append(p.mean(1).cpu())
+            mean = p.mean(1)
+            parts["probability"].append(mean.cpu())
+            # per batch, not per case: one elementwise pass for 16 PNG cases, none over a whole volume at the end
+            parts["uncertainty"].append(_binary_entropy(mean).cpu())
             votes = p >= 0.5
             parts["votes"].append(votes.cpu())
             parts["vote_counts"].append(_pair_counts(votes).cpu())
@@ -286,7 +289,8 @@ class Predictor:
         """The shapes and dtypes of :meth:`_forward`'s output for slices ``x``."""
         n, _, h, w = x.shape
         k, r = self.num_samples, self.model.config.num_raters
-        out = {"probability": ((n, h, w), torch.float32), "votes": ((n, k, h, w), torch.bool),
+        out = {"probability": ((n, h, w), torch.float32), "uncertainty": ((n, h, w), torch.float32),
+               "votes": ((n, k, h, w), torch.bool),
                "vote_counts": ((n, k, k), torch.float64)}  # fmt: skip
         if self.heads != "none":
             out.update(heads=((n, r, h, w), torch.float32), head_counts=((n, r, r), torch.float64))
@@ -306,7 +310,7 @@ class Predictor:
 
         probability = t["probability"][lo:hi].numpy()
         pixels = probability.shape[1] * probability.shape[2]
-        return CasePrediction(probability, _binary_entropy(probability), take("heads"), take("votes"), x,
+        return CasePrediction(probability, t["uncertainty"][lo:hi].numpy(), take("heads"), take("votes"), x,
                               take("samples"), disagreement("vote_counts"), disagreement("head_counts"))  # fmt: skip
 
     @torch.no_grad()
