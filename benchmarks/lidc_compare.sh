@@ -8,7 +8,8 @@
 # epochs: the all-raters protocol (--min-raters 4), the small config, seed 0, folds 0, 1 and 2 of 4; every
 # phase-1 training and the per-rater baseline 30 epochs, every phase-2 training 20 (D-Persona's heads at their
 # own learning rate, 3e-3, chosen on fold 0's validation patients over 1e-2); K = 16. Variants: the full model,
-# its identity heads (no-personalizer), the Prob. U-Net, D-Persona's heads on it, the per-rater baseline. The
+# its identity heads (no-personalizer), the Prob. U-Net, D-Persona's heads on it, the per-rater baseline and the
+# no-GED-loss ablation (the harmonizer kept). The
 # trainings of `train` (about 6 hours of one core, run two at a time; OMP_NUM_THREADS=1 each) are the runs of
 # README "A convergence run on the all-raters protocol"; `epochs` takes them in with --reuse, which checks each
 # is the training `compare` would run (data, split, model config, recipe, phase-1 weights) and trains nothing
@@ -38,16 +39,19 @@ case "${1:-epochs}" in
         --no-ged-loss --personalizer dpersona --no-progress
       OMP_NUM_THREADS=1 $PY -m harmonizer_fast.per_rater --data "$DATA" --config small --out runs/pr-f$F \
         --fold $F --min-raters 4 --epochs 30
+      OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small --out runs/ngl-f$F \
+        --min-raters 4 --phase 1 --epochs 30 --fold $F --no-ged-loss --no-progress
     done ;;
   epochs)
     REUSE=()
     for F in 0 1 2; do
       S=$(suffix $F)
       REUSE+=("p1-full-f$F-s0=runs/conv-a$S" "p2-full-f$F-s0=runs/conv-a$S" "p1-probunet-f$F-s0=runs/conv-pu$S"
-              "p2-dpersona-f$F-s0=runs/dp-f$F-lr3e-3" "per-rater-f$F-s0=runs/pr-f$F")
+              "p2-dpersona-f$F-s0=runs/dp-f$F-lr3e-3" "per-rater-f$F-s0=runs/pr-f$F"
+              "p1-no-ged-loss-f$F-s0=runs/ngl-f$F")
     done
     OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-lidc \
-      --variants full,no-personalizer,probunet,dpersona,per-rater --folds 0,1,2 --min-raters 4 --epochs1 30 \
+      --variants full,no-personalizer,probunet,dpersona,per-rater,no-ged-loss --folds 0,1,2 --min-raters 4 --epochs1 30 \
       --epochs2 20 --samples 16 --report-dir benchmarks/results --stem lidc-compare-epochs-small-cpu \
       --reuse "${REUSE[@]}" ;;
   budget)

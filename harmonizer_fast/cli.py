@@ -399,11 +399,13 @@ def variant_list(text: str) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, render, run_compare
+    from .compare import CompareConfig, EarlierResultError, render, run_compare
 
     if args.render is not None:
         try:
             print(f"wrote {render(args.render)}")
+        except EarlierResultError as exc:
+            raise UsageError(f"--render: {exc}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not a comparison's
             raise UsageError(f"--render {args.render}: not a comparison result JSON ({type(exc).__name__}: "
                              f"{exc})") from None  # fmt: skip
@@ -661,8 +663,9 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", parents=[data], help="variants x folds x seeds at equal epochs: Tables 1-2, "
                         "GED against K, paired tests over patients (resumable)")  # fmt: skip
     cp.add_argument("--out", default=None, help="comparison directory (runs, evaluations; continued when it exists)")
-    cp.add_argument("--variants", type=variant_list, default=list(VARIANTS),
-                    help=f"comma-separated, from {','.join(VARIANTS)} (default: all; 'full' is always included)")
+    cp.add_argument("--variants", type=variant_list, default=None,
+                    help=f"comma-separated, from {','.join(VARIANTS)} (default: all; with --minutes1/2 all but "
+                         "per-rater; 'full' is always included)")
     cp.add_argument("--folds", type=int_list(0, 4), default=[0], help="test folds of 4, comma-separated")
     cp.add_argument("--seeds", type=int_list(0), default=[0], help="training seeds, comma-separated")
     cp.add_argument("--epochs1", type=int_at_least(1), default=30,

@@ -31,7 +31,7 @@ def test_every_variant_trains_and_the_report_has_every_column(tmp_path):
     assert len(lines) == len(Comparison(tmp_path / "cmp", cc, _data(64)).units())
     assert set(result["variants"]) == set(VARIANTS)
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    for column in ("GED", "Dice_soft", "Dice_max", "Dice_match", "Dice_A1", "Dice_A2", "Dice_mean diagonal",
+    for column in ("GED", "Dice_soft", "Dice_max", "Dice_match", "S_NCC", "Dice_A1", "Dice_A2", "Dice_mean diagonal",
                    "Dice_mean matched", "head identity", "rank-biserial", "Wilcoxon p", "selected epoch",
                    "minutes (wall)", "label-only: majority mask"):  # fmt: skip
         assert column in md, column
@@ -60,7 +60,7 @@ def _record(variant, fold, seed, images, t1, t2=None, empty=0.0, val_collapse=Fa
     ``patients`` says)."""
     n = len(images)
     per = {f"t1_{k}": list(t1 if t1 is not None else t2) for k in ("ged", "ged_unbiased", "dice_soft", "dice_max",
-                                                                     "dice_match")}  # fmt: skip
+                                                                     "dice_match", "ncc")}  # fmt: skip
     per["t1_empty_fraction"] = [empty] * n
     table = {"n_images": n, "mean": {"empty_fraction": empty}, "std": {}, "per_rater": {}}
     rec = {"variant": variant, "fold": fold, "seed": seed, "heads": "none" if t2 is None else "personalized",
@@ -72,7 +72,7 @@ def _record(variant, fold, seed, images, t1, t2=None, empty=0.0, val_collapse=Fa
            "ged_vs_k": {} if t1 is None else {"1": list(t1), "4": list(t1)}}  # fmt: skip
     if t2 is not None:
         per.update({f"t2_{k}": list(t2) for k in ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match",
-                                                   "dice_each_mean")})  # fmt: skip
+                                                   "dice_each_mean", "ncc")})  # fmt: skip
         per["t2_empty_fraction"] = [empty] * n
         per["t2_head_identity"] = [0.5] * n
         per["t2_dice_each"] = [[v, v] for v in t2]
@@ -221,6 +221,18 @@ def test_a_killed_comparison_continues_and_a_cut_training_restarts(tmp_path, bud
         assert cmp.p2("full", 0, 0).read_log() == p2_log
     for v in ("full", "probunet"):  # the same models, the same draws: the same scores
         assert json.loads(cmp.eval_path(v, 0, 0).read_text())["per_image"] == first[v]["per_image"]
+
+
+def test_a_result_of_the_earlier_format_is_not_redrawn(tmp_path, capsys):
+    """A result aggregated over images by an earlier compare (the committed budget comparison) keeps the
+    markdown it was written with: --render says so in one line instead of failing on a missing key."""
+    result = {"variants": {"full": {"table1": {"ged": {"folds": [0.2, 0.0, 1], "images": [0.2, 0.1, 3]}}}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(result))
+    assert cli(["compare", "--render", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "earlier version of compare" in err
+    assert not path.with_suffix(".md").exists()
 
 
 def test_another_plan_in_the_same_directory_is_refused(tmp_path):

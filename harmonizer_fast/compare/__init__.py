@@ -24,7 +24,8 @@ from .report import markdown, write_report
 from .runner import CompareConfig, Comparison
 from .variants import PHASE1, REFERENCE, VARIANTS, Variant
 
-__all__ = ["PHASE1", "REFERENCE", "VARIANTS", "CompareConfig", "Comparison", "Variant", "render", "run_compare"]
+__all__ = ["PHASE1", "REFERENCE", "VARIANTS", "CompareConfig", "Comparison", "EarlierResultError", "Variant", "render",
+           "run_compare"]
 
 
 def machine() -> dict[str, Any]:
@@ -54,10 +55,19 @@ def run_compare(data: MultiRaterData, out: os.PathLike, cc: CompareConfig, *, da
     return write_report(records, meta, target, stem, references)
 
 
+class EarlierResultError(ValueError):
+    """A comparison result of an earlier format, which :func:`render` does not redraw."""
+
+
 def render(result_json: os.PathLike) -> Path:
     """Rewrite the markdown report next to an aggregated ``<stem>.json`` from that JSON alone."""
     path = Path(result_json)
     result = json.loads(path.read_text())
+    tables = [t for v in result["variants"].values() for t in (v.get("table1"), v.get("table2")) if t]
+    if any("patients" not in cell for t in tables for cell in t.values()):
+        raise EarlierResultError(f"{path}: written by an earlier version of compare (statistics over images, not "
+                                 "patients); its markdown is the one it wrote, and running the comparison again gives "
+                                 "the current one")  # fmt: skip
     md = path.with_suffix(".md")
     from .._io import write_atomic
 

@@ -27,7 +27,8 @@ from .._io import write_atomic
 from ..stats import paired_test
 from .variants import REFERENCE, VARIANTS
 
-T1_COLUMNS = (("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("Dice_match", "dice_match"))
+T1_COLUMNS = (("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("Dice_match", "dice_match"),
+              ("S_NCC", "ncc"))  # fmt: skip
 # the paired tests: per table, (record key, what the report calls it, lower is better)
 T1_TESTS = (("t1_ged", "GED (T1)", True), ("t1_dice_match", "Dice_match (T1)", False))
 T2_TESTS = (("t2_dice_each_mean", "Dice_mean diagonal (T2)", False),
@@ -110,6 +111,11 @@ def _ged_vs_k(recs: list[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
+def _kept(recs: list[dict[str, Any]], key: str) -> bool:
+    """Whether every record has the per-image ``key`` (records written before a column was added lack it)."""
+    return all(key in r["per_image"] for r in recs)
+
+
 def _phase1_of(name: str) -> Optional[str]:
     return VARIANTS[name].phase1 if name in VARIANTS else None
 
@@ -139,11 +145,11 @@ def aggregate(records: list[dict[str, Any]], meta: dict[str, Any],
                              "collapsed_runs": len(recs) - len(good), "total_runs": len(recs)}  # fmt: skip
         if good:
             if good[0]["table1"] is not None and shares == name:  # a shared phase 1 draws the same samples
-                v["table1"] = {k: _over(good, f"t1_{k}") for _, k in T1_COLUMNS}
+                v["table1"] = {k: _over(good, f"t1_{k}") for _, k in T1_COLUMNS if _kept(good, f"t1_{k}")}
                 v["ged_vs_k"] = _ged_vs_k(good)
             if good[0]["table2"] is not None:
                 raters = _rater_keys(good)
-                v["table2"] = {k: _over(good, f"t2_{k}") for _, k in T1_COLUMNS}
+                v["table2"] = {k: _over(good, f"t2_{k}") for _, k in T1_COLUMNS if _kept(good, f"t2_{k}")}
                 v["table2"].update({k[3:]: _over(good, k) for k in raters})
                 v["table2"]["dice_mean"] = _over(good, "t2_dice_each_mean")
                 if "t2_head_identity" in good[0]["per_image"]:
@@ -221,7 +227,9 @@ def orderings(result: dict[str, Any]) -> list[dict[str, Any]]:
               ("dpersona", "t2_dice_match", "personalized heads > D-Persona's in matched Dice_mean (Table 2)"),
               ("no-personalizer", "t2_dice_each_mean", "personalized heads > identity heads in Dice_mean (Table 2)"),
               ("per-rater", "t2_dice_each_mean", "personalized heads > the per-rater baseline in Dice_mean (Table 2)"),
-              ("per-rater", "t2_ged", "personalized heads < the per-rater baseline in GED of the heads (Table 2)"))
+              ("per-rater", "t2_ged", "personalized heads < the per-rater baseline in GED of the heads (Table 2)"),
+              ("no-ged-loss", "t1_ged", "the GED loss lowers GED (appendix B: full < no GED loss, Table 1)"),
+              ("no-harmonizer", "t1_ged", "the harmonizer lowers GED (full < no harmonizer, Table 1)"))
     out = []
     for other, key, claim in claims:
         t = tests.get(other, {}).get(key)
@@ -299,7 +307,7 @@ def _t2_columns(result: dict[str, Any]) -> list[tuple[str, str]]:
     n = max((sum(1 for k in v.get("table2", {}) if k.startswith("dice_a")) for v in result["variants"].values()),
             default=0)  # fmt: skip
     n = max(n, result.get("num_raters", 0))
-    return [("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"),
+    return [("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("S_NCC", "ncc"),
             ("Dice_mean matched", "dice_match"), *[(f"Dice_A{i + 1}", f"dice_a{i + 1}") for i in range(n)],
             ("Dice_mean diagonal", "dice_mean"), ("head identity", "head_identity")]  # fmt: skip
 

@@ -165,7 +165,9 @@ def _check_per_rater(cmp: Comparison, src: Path, fold: int, seed: int) -> list[s
     unit = f"per-rater-f{fold}-s{seed}"
     try:
         _, manifest = per_rater.load_per_rater(src)
-    except (OSError, ValueError, KeyError) as exc:
+    except KeyError as exc:
+        raise ReuseError(f"--reuse {unit}={src}: not a per-rater baseline (its manifest lacks {exc})") from None
+    except (OSError, ValueError) as exc:
         raise ReuseError(f"--reuse {unit}={src}: not a per-rater baseline ({exc})") from None
     if manifest["data"]["fingerprint"] != cmp.data.fingerprint():
         raise ReuseError(f"--reuse {unit}={src}: trained on another dataset")

@@ -44,7 +44,7 @@ from ..train import TrainConfig, Trainer
 from .variants import PHASE1, VARIANTS, Variant, resolve
 
 SPLIT_SEED = 0  # one patient partition for every seed, so each fold's test images are the same across seeds
-T1_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match", "empty_fraction")
+T1_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match", "ncc", "empty_fraction")
 T2_KEYS = (*T1_KEYS, "dice_each_mean", "head_identity")
 DPERSONA_LR2 = 3e-3  # D-Persona's heads: chosen on fold 0's validation patients of LIDC over 1e-2 (README)
 
@@ -67,7 +67,7 @@ class CompareConfig:
     being caps over which the cosine schedule runs. ``min_raters``: train and score only the images where at
     least that many raters drew (4 on LIDC: the all-raters protocol, README "Protocols")."""
 
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: Optional[list[str]] = None  # None: every variant the protocol runs (on a budget, all but per-rater)
     folds: list[int] = field(default_factory=lambda: [0])
     seeds: list[int] = field(default_factory=lambda: [0])
     minutes1: Optional[float] = None
@@ -83,6 +83,8 @@ class CompareConfig:
     dpersona_lr2: float = DPERSONA_LR2
 
     def __post_init__(self) -> None:
+        if self.variants is None:
+            self.variants = [n for n in VARIANTS if not (self.budgeted and VARIANTS[n].heads == "per-rater")]
         resolve(list(self.variants))
         for name in ("minutes1", "minutes2"):
             _positive(name, getattr(self, name), optional=True)
