@@ -274,7 +274,9 @@ def _sharers(result: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def _reference_cells(ref: dict[str, Any], table: str, key: str, over: str, n_raters: int) -> Optional[str]:
+def _reference_cell(ref: dict[str, Any], table: str, key: str, over: str) -> Optional[str]:
+    """A label-only reference's value in a table column: its mean of fold means in the table over folds, its
+    mean over images in the table over patients (it has no per-patient scores)."""
     if key.startswith("dice_a"):
         each = ref["dice_each"]["images" if over != "folds" else "folds"]
         i = int(key[6:]) - 1
@@ -298,7 +300,7 @@ def _table(result: dict[str, Any], table: str, columns: list[tuple[str, str]], o
         cells = [_pm(v[table][k][over]) if k in v[table] else "n/a" for _, k in columns]
         lines.append(f"| {_row_label(name, v, table, sharers)} | " + " | ".join(cells) + " |")
     for name, ref in result.get("references", {}).items():
-        cells = [_reference_cells(ref, table, k, over, result.get("num_raters", 0)) for _, k in columns]
+        cells = [_reference_cell(ref, table, k, over) for _, k in columns]
         lines.append(f"| label-only: {name} | " + " | ".join(c if c is not None else "" for c in cells) + " |")
     return lines
 

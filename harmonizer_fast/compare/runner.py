@@ -120,13 +120,13 @@ class CompareConfig:
     def phase1_trainings(self) -> list[str]:
         return list(dict.fromkeys(v.phase1 for v in self.variant_list() if v.has_prior))
 
-    def base_config(self, data: MultiRaterData) -> HarmonizerConfig:
+    def base_config(self, data: MultiRaterData, **switches: Any) -> HarmonizerConfig:
+        """The preset's config for ``data`` (the per-rater baseline's backbone), with ``switches``."""
         preset = HarmonizerConfig.paper if self.preset == "paper" else HarmonizerConfig.small
-        return preset(in_channels=data.in_channels, num_raters=data.num_raters)
+        return preset(in_channels=data.in_channels, num_raters=data.num_raters, **switches)
 
     def model_config(self, training: str, data: MultiRaterData) -> HarmonizerConfig:
-        preset = HarmonizerConfig.paper if self.preset == "paper" else HarmonizerConfig.small
-        return preset(in_channels=data.in_channels, num_raters=data.num_raters, **PHASE1[training])
+        return self.base_config(data, **PHASE1[training])
 
     def train_config(self, model_config: HarmonizerConfig, phase: str, fold: int, seed: int,
                      variant: str = "") -> TrainConfig:  # fmt: skip
@@ -141,7 +141,7 @@ class CompareConfig:
 
     def per_rater_recipe(self, fold: int, seed: int) -> PerRaterRecipe:
         """The per-rater baseline's recipe: phase 1's learning rate, batch, split and epochs."""
-        tc = TrainConfig.for_model(HarmonizerConfig.small() if self.preset == "small" else HarmonizerConfig.paper())
+        tc = TrainConfig.for_model(HarmonizerConfig.paper() if self.preset == "paper" else HarmonizerConfig.small())
         return PerRaterRecipe(epochs=self.epochs1, lr=tc.lr_phase1, weight_decay=tc.weight_decay,
                               batch_size=self.batch_size, seed=seed, split_seed=SPLIT_SEED, folds=self.num_folds,
                               fold=fold, val_fraction=tc.val_fraction, rater_order=self.rater_order,
