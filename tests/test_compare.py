@@ -126,7 +126,9 @@ def test_statistics_over_folds_and_patients_match_numpy():
     assert dice["patients_better"] == (d > 0).sum()  # higher Dice is better
     assert out["variants"]["full"]["table2"]["dice_a2"]["patients"][0] == pytest.approx(mine.mean())
     claim = {o["claim"]: o for o in out["orderings"]}["personalized heads > D-Persona's in Dice_mean (Table 2)"]
-    assert claim["holds"] == bool(d.mean() > 0)
+    p_value = wilcoxon(d).pvalue  # the Dice records hold the same numbers as the GED ones
+    assert claim["verdict"] == ("not shown" if p_value >= 0.05 else "holds" if d.mean() > 0 else "reversed")
+    assert claim["holds"] == (claim["verdict"] == "holds")
     assert claim["folds_failing"] == [f["fold"] for f in dice["folds"] if f["mean_difference"] <= 0]
 
 
@@ -159,6 +161,22 @@ def test_rows_that_share_a_phase_1_are_printed_once_with_the_sharing_said():
     claims = [o["claim"] for o in out["orderings"]]
     assert "personalized heads > the per-rater baseline in Dice_mean (Table 2)" in claims
     assert "Harmonizer Network < Prob. U-Net in GED (Table 1)" in claims
+
+
+def test_an_ordering_holds_is_reversed_or_is_not_shown_by_its_paired_test():
+    """'holds' and 'reversed' need the paired p below 0.05 (8 patients all one way: exact p = 0.0078); a
+    difference that changes sign from patient to patient is 'not shown', whichever way its mean goes."""
+    imgs = list(range(8))
+    base = np.linspace(0.6, 0.8, 8)
+    mixed = base + np.array([0.05, -0.04, 0.03, -0.05, 0.04, -0.03, 0.02, -0.01])
+    recs = [_record("full", 0, 0, imgs, base, t2=base),
+            _record("dpersona", 0, 0, imgs, base, t2=base - 0.05),  # below the full model on every patient
+            _record("per-rater", 0, 0, imgs, None, t2=base + 0.05),  # above it on every patient
+            _record("no-personalizer", 0, 0, imgs, base, t2=mixed)]  # fmt: skip
+    verdicts = {o["claim"]: o["verdict"] for o in aggregate(recs, _meta())["orderings"]}
+    assert verdicts["personalized heads > D-Persona's in Dice_mean (Table 2)"] == "holds"
+    assert verdicts["personalized heads > the per-rater baseline in Dice_mean (Table 2)"] == "reversed"
+    assert verdicts["personalized heads > identity heads in Dice_mean (Table 2)"] == "not shown"
 
 
 def test_a_collapsed_run_is_flagged_and_left_out():

@@ -218,8 +218,9 @@ def pool_references(folds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def orderings(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The paper's orderings (and the per-rater baseline's) at this protocol: each a claim, its verdict
-    ("holds": the patients' mean difference goes the claimed way with paired p < :data:`ALPHA`; "not shown":
-    the claimed way, p above; "reversed"), the paired p over patients and the folds where it fails."""
+    ("holds": the patients' mean difference goes the claimed way with paired p < :data:`ALPHA`; "reversed":
+    the other way with p < :data:`ALPHA`; "not shown": p above it, either way), the paired p over patients and
+    the folds where it fails."""
     tests = result["paired_tests"]
     claims = (("probunet", "t1_ged", "Harmonizer Network < Prob. U-Net in GED (Table 1)"),
               ("probunet", "t1_dice_match", "Harmonizer Network > Prob. U-Net in Dice_match (Table 1)"),
@@ -238,7 +239,7 @@ def orderings(result: dict[str, Any]) -> list[dict[str, Any]]:
         good_way = (t["mean_difference"] < 0) == t["lower_is_better"] and t["mean_difference"] != 0
         failing = [f["fold"] for f in t["folds"] if (f["mean_difference"] < 0) != t["lower_is_better"]
                    or f["mean_difference"] == 0]  # fmt: skip
-        verdict = "reversed" if not good_way else "holds" if t["wilcoxon_p"] < ALPHA else "not shown"
+        verdict = "not shown" if t["wilcoxon_p"] >= ALPHA else "holds" if good_way else "reversed"
         out.append({"claim": claim, "holds": bool(good_way and t["wilcoxon_p"] < ALPHA), "verdict": verdict,
                     "mean_difference": t["mean_difference"],
                     "patients": [t["patients_better"], t["patients_worse"]], "wilcoxon_p": t["wilcoxon_p"],
@@ -408,7 +409,7 @@ def markdown(result: dict[str, Any]) -> str:
               "every patient (for GED, higher is worse); two-sided Wilcoxon signed-rank.", "",
               "## The paper's orderings", ""]  # fmt: skip
     for o in result["orderings"]:
-        verdict = {"holds": "holds", "not shown": "not shown (the claimed direction, p >= 0.05)",
+        verdict = {"holds": "holds", "not shown": "not shown (p >= 0.05)",
                    "reversed": "reversed"}[o.get("verdict", "holds" if o["holds"] else "reversed")]  # fmt: skip
         fails = f"; fails in fold {', '.join(map(str, o['folds_failing']))}" if o["folds_failing"] else "; every fold"
         lines.append(f"- {o['claim']}: **{verdict}** (difference {o['mean_difference']:+.4f}, patients "

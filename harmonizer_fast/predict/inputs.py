@@ -411,7 +411,8 @@ def _dicom_series(name: str, arr: np.ndarray, g: Geometry, kind: str) -> list[tu
 
 def encode_map(name: str, arr: np.ndarray, g: Geometry, kind: str) -> list[tuple[str, bytes]]:
     """One map ``(S, H, W)`` as ``[(relative file name, bytes)]`` in the input's format (one file; a folder of
-    slices for DICOM). ``kind``: ``"mask"`` (0/1; PNG 0/255) or ``"probability"`` (float in [0, 1]; PNG 0-255).
+    slices for DICOM). ``kind``: ``"mask"`` (0/1; PNG 0/255) or ``"probability"`` (float in [0, 1]; PNG 0-255,
+    NIfTI uint16 with scl_slope 1 / NIFTI_SCALE, DICOM integers with RescaleSlope 1 / DICOM_SCALE, NumPy float32).
     Encoded in memory, so that the caller writes and syncs each file with one open."""
     if g.kind == "dicom":
         return _dicom_series(name, arr, g, kind)
