@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._io import write_atomic
-from ..stats import paired_test
+from ..stats import paired_test, per_patient
 from .variants import REFERENCE, VARIANTS
 
 T1_COLUMNS = (("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("Dice_match", "dice_match"),
@@ -66,13 +66,12 @@ def _patient_of(recs: list[dict[str, Any]]) -> dict[int, str]:
 
 
 def _per_patient(recs: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Patient -> the mean over its images (each averaged over seeds); NaN images left out."""
+    """Patient -> the mean over its images (each averaged over seeds; :func:`~harmonizer_fast.stats.per_patient`),
+    a patient whose images are all NaN left out."""
     patient = _patient_of(recs)
-    acc: dict[str, list[float]] = {}
-    for i, v in _per_image(recs, key).items():
-        if not math.isnan(v):
-            acc.setdefault(patient[i], []).append(v)
-    return {p: float(np.mean(v)) for p, v in acc.items()}
+    images = _per_image(recs, key)
+    ids, means = per_patient(np.array(list(images.values())), np.array([patient[i] for i in images]))
+    return {str(p): float(m) for p, m in zip(ids, means) if not math.isnan(m)}
 
 
 def _by_fold(recs: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

@@ -36,6 +36,7 @@ from ..checkpoint import config_difference
 from ..model import HarmonizerConfig
 from ..model.config import PERSONALIZER_FIELDS
 from ..rundir import RunDir
+from .variants import VARIANTS
 
 if TYPE_CHECKING:
     from .runner import Comparison
@@ -127,7 +128,7 @@ def _check_run(cmp: Comparison, kind: str, name: str, src: Path, fold: int, seed
         raise ReuseError(f"--reuse {unit}={src}: trained phase {tc['phase']}, not phase {phase}")
     if tc.get("max_minutes") is not None:
         raise ReuseError(f"--reuse {unit}={src}: trained on a budget of {tc['max_minutes']} minutes, not on epochs")
-    training = name if kind == "p1" else next(v.phase1 for v in cmp.cc.variant_list() if v.name == name)
+    training = name if kind == "p1" else VARIANTS[name].phase1
     config = cmp.cc.model_config(training, cmp.data)
     ours = cmp.cc.train_config(config, str(phase), fold, seed, name if kind == "p2" else "").to_dict()
     record = run.data_record(stem)
