@@ -78,12 +78,14 @@ def reference_seconds(model, folder: Path, warm: bool = True) -> tuple[float, in
     xs = [torch.from_numpy(pre.pad(pre.normalize(lc.images))) for lc in loaded]
     slices = torch.cat(xs)
     heads = predictor.heads
+    # the command's batches: BATCH slices of 128 x 128, fewer of larger ones (Predictor.slices_per_batch)
+    bs = predictor.slices_per_batch(*loaded[0].images.shape[2:])
     if warm:
-        model.predict(slices[:BATCH], K, heads=heads)
+        model.predict(slices[:bs], K, heads=heads)
     t0 = time.perf_counter()
-    for s in range(0, slices.shape[0], BATCH):
+    for s in range(0, slices.shape[0], bs):
         g = torch.Generator().manual_seed(slice_seed(0, cases[0].name, s))
-        model.predict(slices[s : s + BATCH], K, heads=heads, generator=g)
+        model.predict(slices[s : s + bs], K, heads=heads, generator=g)
     return time.perf_counter() - t0, int(slices.shape[0])
 
 
@@ -159,12 +161,15 @@ def main(argv=None) -> int:
                          "all_s": times[name][variant], "cases_per_s": cases / sec, "slices_per_s": slices[name] / sec,
                          "over_reference": sec / med["reference"],
                          "over_fresh_reference": sec / med["reference, fresh process"]})  # fmt: skip
+    vol_batch = Predictor(model, num_samples=K, batch_size=BATCH).slices_per_batch(*args.volume[:2])
     payload = {"machine": machine_info(), "device": "cpu", "model": str(model_path), "num_samples": K, "batch": BATCH,
+               "volume_batch": vol_batch,
                "png_source": png_source, "volume": args.volume, "rounds": args.rounds, "rows": rows,
                "target_over_reference": 1.25}  # fmt: skip
     md = ["# harmonizer-fast predict against in-process model.predict", "", machine_header(payload), "",
           f"Inputs: {args.images} PNG 128 x 128 ({png_source}); one NIfTI volume {' x '.join(map(str, args.volume))} "
-          f"(int16, sliced along its third axis). K = {K}, batch {BATCH}, personalized heads, every map written; "
+          f"(int16, sliced along its third axis). K = {K}, batch {BATCH} (slices of 128 x 128; {vol_batch} of the "
+          f"volume's {args.volume[0]} x {args.volume[1]}), personalized heads, every map written; "
           f"medians of {args.rounds} alternating rounds. Reference: model.predict on the same slices, preprocessed, "
           "in memory, in batches of the same size: warm (after one untimed batch) in this process, and in a fresh "
           "process with its first batch timed, as the command's is. The command's time is its own record "

@@ -618,7 +618,8 @@ def _add_predict(sub) -> None:
                     help="prior samples K per slice")  # fmt: skip
     pd.add_argument("--seed", type=seed, default=0)
     pd.add_argument("--device", default="auto", help="auto (CUDA when torch sees one), cpu, cuda or cuda:<index>")
-    pd.add_argument("--batch", type=int_in(1, 4096), default=16, help="slices per forward pass")
+    pd.add_argument("--batch", type=int_in(1, 4096), default=16,
+                    help="slices of up to 128 x 128 per forward pass (fewer of larger slices)")
     pd.add_argument("--heads", choices=HEADS, default="auto",
                     help="rater heads: auto (personalized when phase 2 trained them, else none)")  # fmt: skip
     pd.add_argument("--num-parts", type=int_in(1, 1 << 20), default=1, help="split the cases into this many parts")

@@ -267,6 +267,34 @@ def test_numpy_stacks_and_in_memory_api(run_dir, tmp_path):
             samples_want >= 0.5)) < 0.02  # fmt: skip
 
 
+def test_large_slices_go_fewer_to_a_batch(monkeypatch):
+    """batch_size counts slices of up to 128 x 128 (after padding); larger ones go fewer at a time, so a batch
+    never holds more pixels than batch_size slices of 128 x 128, and the maps are those of one-by-one
+    model.predict."""
+    model = _model(1)
+    predictor = Predictor(model, num_samples=K, batch_size=4)
+    seen: list[tuple[int, int, int]] = []
+    decode = model.decode_draws
+
+    def recording(x, *args, **kwargs):
+        seen.append((x.shape[0], *x.shape[2:]))
+        return decode(x, *args, **kwargs)
+
+    monkeypatch.setattr(model, "decode_draws", recording)
+    rng = np.random.default_rng(5)
+    # padded to 128 x 128, 192 x 160 and 320 x 320
+    for shape, batches in (((5, 1, 100, 120), [4, 1]), ((5, 1, 170, 150), [2, 2, 1]), ((2, 1, 300, 300), [1, 1])):
+        seen.clear()
+        raw = rng.random(shape).astype(np.float32)
+        pred = predictor.predict_images(raw, "case")
+        assert [b for b, *_ in seen] == batches, shape
+        assert all(b * h * w <= 4 * 128 * 128 or b == 1 for b, h, w in seen)
+        assert pred.probability.shape == (shape[0], *shape[2:])
+    raw = raw[:, :, :170, :150]
+    want, _, _ = _expected(model, raw, "case")
+    np.testing.assert_allclose(predictor.predict_images(raw, "case").probability, want, atol=ATOL)
+
+
 def test_uncertainty_score_against_a_transcription():
     rng = np.random.default_rng(5)
     masks = rng.random((5, 3, 7, 6)) > 0.6
