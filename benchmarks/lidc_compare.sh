@@ -9,12 +9,14 @@
 # phase-1 training and the per-rater baseline 30 epochs, every phase-2 training 20 (D-Persona's heads at their
 # own learning rate, 3e-3, chosen on fold 0's validation patients over 1e-2); K = 16. Variants: the full model,
 # its identity heads (no-personalizer), the Prob. U-Net, D-Persona's heads on it, the per-rater baseline, and the
-# no-GED-loss (the harmonizer kept) and no-harmonizer (the GED loss kept) ablations. The trainings of `train`
-# (about 8 hours of one core, run two or three at a time; OMP_NUM_THREADS=1 each) are the runs of README "A
+# no-GED-loss (the harmonizer kept), no-harmonizer (the GED loss kept) and unshared-harmonizer (one harmonizer
+# per decoder layer) ablations; with --robustness every Table 1 row is scored again on the test images with
+# noise, blur and a gamma curve (the harmonizer's purpose). The trainings of `train`
+# (about 9 hours of one core, run two or three at a time; OMP_NUM_THREADS=1 each) are the runs of README "A
 # convergence run on the all-raters protocol" and the ablations; `epochs` takes them in with --reuse, which checks each
 # is the training `compare` would run (data, split, model config, recipe, phase-1 weights) and trains nothing
 # else; without them `compare` trains every unit itself (drop the --reuse list). Writes
-# benchmarks/results/lidc-compare-epochs-small-cpu.{json,md} and its GED-against-K figure; about 10 minutes.
+# benchmarks/results/lidc-compare-epochs-small-cpu.{json,md} and its GED-against-K figure; about 30 minutes.
 #
 # budget: the full model, the Prob. U-Net, D-Persona's heads and the no-personalizer, no-harmonizer and
 # no-GED-loss ablations; folds 0 and 1, 6 minutes of compute for every phase-1 training and 4.5 for every
@@ -43,6 +45,8 @@ case "${1:-epochs}" in
         --min-raters 4 --phase 1 --epochs 30 --fold $F --no-ged-loss --no-progress
       OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small --out runs/nh-f$F \
         --min-raters 4 --phase 1 --epochs 30 --fold $F --no-harmonizer --no-progress
+      OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small --out runs/uh-f$F \
+        --min-raters 4 --phase 1 --epochs 30 --fold $F --no-harmonizer-sharing --no-progress
     done ;;
   epochs)
     REUSE=()
@@ -50,11 +54,12 @@ case "${1:-epochs}" in
       S=$(suffix $F)
       REUSE+=("p1-full-f$F-s0=runs/conv-a$S" "p2-full-f$F-s0=runs/conv-a$S" "p1-probunet-f$F-s0=runs/conv-pu$S"
               "p2-dpersona-f$F-s0=runs/dp-f$F-lr3e-3" "per-rater-f$F-s0=runs/pr-f$F"
-              "p1-no-ged-loss-f$F-s0=runs/ngl-f$F" "p1-no-harmonizer-f$F-s0=runs/nh-f$F")
+              "p1-no-ged-loss-f$F-s0=runs/ngl-f$F" "p1-no-harmonizer-f$F-s0=runs/nh-f$F"
+              "p1-unshared-harmonizer-f$F-s0=runs/uh-f$F")
     done
     OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-lidc \
-      --variants full,no-personalizer,probunet,dpersona,per-rater,no-ged-loss,no-harmonizer --folds 0,1,2 \
-      --min-raters 4 --epochs1 30 --epochs2 20 --samples 16 --report-dir benchmarks/results \
+      --variants full,no-personalizer,probunet,dpersona,per-rater,no-ged-loss,no-harmonizer,unshared-harmonizer \
+      --folds 0,1,2 --min-raters 4 --epochs1 30 --epochs2 20 --samples 16 --robustness --report-dir benchmarks/results \
       --stem lidc-compare-epochs-small-cpu --reuse "${REUSE[@]}" ;;
   budget)
     $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/lidc-compare --folds 0,1 --seeds 0 --minutes1 6 \

@@ -15,7 +15,7 @@
                            [--heads auto|personalized|identity|none] [--size H W]
     harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,per-rater,...] [--folds 0,1,2]
                             [--seeds 0] [--epochs1 30 --epochs2 20 | --minutes1 M --minutes2 M] [--min-raters N]
-                            [--reuse UNIT=RUN ...] [--report-dir DIR] [--stem NAME]
+                            [--robustness] [--reuse UNIT=RUN ...] [--report-dir DIR] [--stem NAME]
     harmonizer-fast compare --render RESULT.json
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
@@ -427,7 +427,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         cc = CompareConfig(variants=args.variants, folds=args.folds, seeds=args.seeds, minutes1=args.minutes1,
                            minutes2=args.minutes2, epochs1=args.epochs1, epochs2=args.epochs2, preset=args.config,
                            samples=args.num_samples, batch_size=args.batch_size, rater_order=args.rater_order,
-                           min_raters=args.min_raters, dpersona_lr2=args.dpersona_lr2)  # fmt: skip
+                           min_raters=args.min_raters, dpersona_lr2=args.dpersona_lr2,
+                           robustness=args.robustness)  # fmt: skip
         data = _data(args)
         result = run_compare(data, args.out, cc, data_label=args.data or "synthetic", report_dir=args.report_dir,
                              stem=args.stem, reuse=reuse, log=lambda line: print(line, flush=True))  # fmt: skip
@@ -680,6 +681,9 @@ def parser() -> argparse.ArgumentParser:
                     help="train and score only images where at least N raters drew (LIDC's all-raters protocol: 4)")
     cp.add_argument("--dpersona-lr2", type=positive_float, default=DPERSONA_LR2,
                     help=f"D-Persona's heads' learning rate (default {DPERSONA_LR2:g}, chosen on LIDC validation)")
+    cp.add_argument("--robustness", action="store_true",
+                    help="Table 1 also on the test images with noise, blur and a gamma curve, the harmonizer's "
+                         "orderings tested under each")  # fmt: skip
     cp.add_argument("--reuse", nargs="+", default=[], metavar="UNIT=RUN",
                     help="take a training done outside the comparison for one of its units (p1-full-f0-s0, "
                          "p2-dpersona-f0-s0, per-rater-f0-s0, ...) after checking it is that training")  # fmt: skip

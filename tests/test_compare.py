@@ -262,6 +262,66 @@ def test_another_plan_in_the_same_directory_is_refused(tmp_path):
         Comparison(tmp_path, CompareConfig(**TINY), _data(50)).check_plan()
 
 
+def test_variants_and_robustness_may_be_added_to_a_comparison(tmp_path):
+    """Which units run is not part of a comparison's identity: adding variants or the robustness units
+    continues it (plan.json then records the latest selection); what a unit computes still is."""
+    data = _data()
+    Comparison(tmp_path, CompareConfig(variants=["full"], **TINY), data).check_plan()
+    wider = CompareConfig(variants=["full", "no-harmonizer"], robustness=True, **TINY)
+    Comparison(tmp_path, wider, data).check_plan()
+    assert json.loads((tmp_path / "plan.json").read_text())["compare"]["variants"] == ["full", "no-harmonizer"]
+    with pytest.raises(ValueError, match=r"differs in \['epochs1'\]"):
+        Comparison(tmp_path, CompareConfig(variants=["full"], **{**TINY, "epochs1": 2}), data).check_plan()
+
+
+def _robust(variant, fold, images, by_condition, patients=None):
+    return {"variant": variant, "fold": fold, "seed": 0, "images": list(images),
+            "patients": patients or [f"p{i}" for i in images],
+            "conditions": {c: {"t1_ged": list(g), "t1_dice_match": [0.5] * len(g)} for c, g in by_condition.items()}}
+
+
+def test_robustness_tables_and_orderings_over_patients():
+    """The degraded scores join their runs' records: means over patients as numpy computes them, the full model
+    against each other Table 1 row per degradation, and the harmonizer's orderings judged by their paired
+    tests (8 patients all one way: exact p = 0.0078; mixed signs: not shown)."""
+    imgs = list(range(8))
+    patients = [f"p{i // 2}" for i in imgs] + [f"q{i // 2}" for i in imgs]  # two images per patient, two folds
+    clean = np.linspace(0.2, 0.4, 8)
+    noisy_full = clean + 0.05
+    recs, robust = [], []
+    for fold, off in ((0, 0), (1, 8)):
+        ids = [i + off for i in imgs]
+        pats = patients[off : off + 8]
+        recs += [_record("full", fold, 0, ids, clean, patients=pats),
+                 _record("no-harmonizer", fold, 0, ids, clean, patients=pats),
+                 _record("unshared-harmonizer", fold, 0, ids, clean, patients=pats)]  # fmt: skip
+        robust += [_robust("full", fold, ids, {"noise 0.25": noisy_full, "blur 1.75": clean}, pats),
+                   _robust("no-harmonizer", fold, ids, {"noise 0.25": noisy_full + 0.1,  # worse on every patient
+                                                         "blur 1.75": clean + np.tile([0.01, -0.01], 4)}, pats),
+                   _robust("unshared-harmonizer", fold, ids, {"noise 0.25": noisy_full - 0.1,  # better everywhere
+                                                               "blur 1.75": clean}, pats)]  # fmt: skip
+    out = aggregate(recs, _meta(), robust=robust)
+    rob = out["robustness"]
+    assert rob["conditions"] == ["noise 0.25", "blur 1.75"]
+    per_patient = noisy_full.reshape(4, 2).mean(1)  # each fold's four patients, the same values in both folds
+    cell = rob["variants"]["full"]["noise 0.25"]["ged"]["patients"]
+    assert cell == pytest.approx([per_patient.mean(), per_patient.std(), 8])
+    t = rob["paired_tests"]["no-harmonizer"]["noise 0.25"]["t1_ged"]
+    assert t["mean_difference"] == pytest.approx(-0.1) and t["patients_better"] == 8
+    verdicts = {o["claim"]: o["verdict"] for o in rob["orderings"]}
+    assert verdicts["under noise 0.25, the harmonizer lowers GED (full < no harmonizer)"] == "holds"
+    assert verdicts["under blur 1.75, the harmonizer lowers GED (full < no harmonizer)"] == "not shown"
+    assert verdicts["under noise 0.25, sharing the harmonizer across layers lowers GED (full < unshared)"] == "reversed"
+    md = markdown(out)
+    section = md.split("## Table 1 on degraded test images")[1]
+    assert "| variant | GED clean | GED noise 0.25 | GED blur 1.75 |" in section
+    row = next(line for line in section.splitlines() if line.startswith("| full |"))  # the GED table's
+    assert f"{per_patient.mean():.4f} ± {per_patient.std():.4f}" in row
+    robust[0]["images"] = robust[0]["images"][::-1]  # scores of other images than the run's Table 1
+    with pytest.raises(ValueError, match="other test images"):
+        aggregate(recs, _meta(), robust=robust)
+
+
 def test_the_cli_runs_a_tiny_comparison(tmp_path, capsys):
     argv = ["compare", "--out", str(tmp_path / "c"), "--synthetic-items", "24", "--variants", "full,dpersona",
             "--epochs1", "1", "--epochs2", "1", "--samples", "2", "--batch-size", "8"]  # fmt: skip
@@ -269,6 +329,48 @@ def test_the_cli_runs_a_tiny_comparison(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("train1 ") == 2 and "train2 dpersona" in out and "wrote" in out  # full, probunet
     assert cli(argv) == 0 and capsys.readouterr().out.count("done before") == 7  # 3 trainings, 3 evals, refs
+    # --robustness adds a Table 1 on degraded images per phase-1 training (full's; probunet's, whose row is
+    # dpersona's) and trains and evaluates nothing again
+    assert cli([*argv, "--robustness"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before") == 7 and "robust full fold 0" in out and "robust dpersona fold 0" in out, out
+
+
+def test_robustness_scores_the_degraded_test_images(tmp_path):
+    """The robustness unit scores the phase-1 model on its Table 1 images degraded by each condition: the
+    scores of evaluate_model with that degradation, not the clean ones. (A 1-epoch model predicts nothing, so
+    an untrained He-initialized model, whose maps depend on the image, stands in for it.)"""
+    from harmonizer_fast.checkpoint import save_checkpoint
+    from harmonizer_fast.evaluate import evaluate_model, perturbation
+    from harmonizer_fast.model import HarmonizerNet
+
+    data = _data()
+    cmp = Comparison(tmp_path, CompareConfig(variants=["full", "no-personalizer"], robustness=True, **TINY), data,
+                     log=lambda _m: None)  # fmt: skip
+    cmp.run()
+    run = cmp.p1("full", 0, 0)
+    trained, manifest = run.load_model("best_phase1")
+    torch.manual_seed(0)
+    stand_in = HarmonizerNet(trained.config)
+    with torch.no_grad():  # its maps centred on 0.5 (untrained, they sit near 0.03: every mask empty)
+        probs = stand_in.sample(torch.as_tensor(data.images[:8]).float(), 2)
+        stand_in.fcomb.last.bias -= torch.logit(probs.median())
+    save_checkpoint(run.path, "best_phase1", stand_in, state=manifest["state"])
+    for path in (cmp.eval_path("no-personalizer", 0, 0), cmp.robust_path("full", 0, 0)):
+        path.unlink()
+    cmp.run()
+    assert not cmp.robust_path("no-personalizer", 0, 0).exists()  # its Table 1 row is full's
+    record = json.loads(cmp.robust_path("full", 0, 0).read_text())
+    clean = json.loads(cmp.eval_path("no-personalizer", 0, 0).read_text())
+    assert record["images"] == clean["images"] and record["patients"] == clean["patients"]
+    assert list(record["conditions"]) == ["noise 0.25", "blur 1.75", "gamma 1.75"]
+    scoring = run.scoring_set(data, stand_in.config, "test")
+    for kind, level in (("noise", 0.25), ("gamma", 1.75)):
+        got = record["conditions"][f"{kind} {level:g}"]["t1_ged"]
+        want = evaluate_model(stand_in, scoring.data, scoring.indices, num_samples=TINY["samples"], seed=0,
+                              heads="none", transform=perturbation(kind, level, 0)).prior.per_image("ged")  # fmt: skip
+        assert got == pytest.approx(want.tolist(), abs=1e-12)
+        assert not np.allclose(got, clean["per_image"]["t1_ged"], atol=1e-4), kind  # the degradation reached it
 
 
 def test_a_collapsed_prior_is_flagged_by_the_reports(tmp_path):

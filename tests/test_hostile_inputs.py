@@ -553,7 +553,7 @@ ROWS = [
       "not a comparison result JSON (KeyError"),  # fmt: skip
     C("compare-render-missing", lambda w: ["compare", "--render", w.path("absent.json")], "absent.json"),
     C("compare-other-plan", lambda w: _other_plan(w),
-      "holds a comparison with another plan (differs in ['variants', 'minutes1'"),  # fmt: skip
+      "holds a comparison with another plan (differs in ['minutes1'"),  # fmt: skip
     C("train-personalizer-unknown", lambda w: TRAIN(w, "--personalizer", "unet"), "--personalizer: invalid choice"),
     E("config-personalizer-unknown", lambda w: HarmonizerConfig.small(personalizer="unet"), ValueError,
       "HarmonizerConfig: personalizer must be one of ('frequency', 'dpersona')"),  # fmt: skip

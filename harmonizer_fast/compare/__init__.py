@@ -48,11 +48,12 @@ def run_compare(data: MultiRaterData, out: os.PathLike, cc: CompareConfig, *, da
         cmp.reuse(reuse)
     records = [json.loads(p.read_text()) for p in cmp.run()]
     references = [json.loads(cmp.references_path(f).read_text()) for f in cc.folds if cmp.references_path(f).is_file()]
+    robust = [json.loads(cmp.robust_path(*u[1:]).read_text()) for u in cmp.units() if u[0] == "robust"]
     meta = {"compare": cc.to_dict(), "data": data_label or f"{len(data)} images", "machine": machine(),
             "command": command or " ".join(["harmonizer-fast", *sys.argv[1:]])}  # fmt: skip
     target = Path(report_dir) if report_dir is not None else Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    return write_report(records, meta, target, stem, references)
+    return write_report(records, meta, target, stem, references, robust)
 
 
 class EarlierResultError(ValueError):

@@ -119,10 +119,10 @@ def _phase1_of(name: str) -> Optional[str]:
     return VARIANTS[name].phase1 if name in VARIANTS else None
 
 
-def aggregate(records: list[dict[str, Any]], meta: dict[str, Any],
-              references: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:  # fmt: skip
-    """Everything the report shows, from the per-run evaluation records and each fold's label-only
-    references (``compare/runner`` writes both)."""
+def aggregate(records: list[dict[str, Any]], meta: dict[str, Any], references: Optional[list[dict[str, Any]]] = None,
+              robust: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:  # fmt: skip
+    """Everything the report shows, from the per-run evaluation records, each fold's label-only references
+    and the Table 1 scores on degraded images (``compare/runner`` writes all three)."""
     names = list(dict.fromkeys(r["variant"] for r in records))
     out: dict[str, Any] = {**meta, "variants": {}, "paired_tests": {}}
     # the rater count from any scored record, so Table 2 keeps its Dice_A(i) columns when every run collapsed
@@ -169,7 +169,50 @@ def aggregate(records: list[dict[str, Any]], meta: dict[str, Any],
         out["paired_tests"][name] = tests
     out["references"] = pool_references(references or [])
     out["orderings"] = orderings(out)
+    if robust:
+        out["robustness"] = _robustness(out, kept, robust)
     return out
+
+
+# the orderings the degraded images test: the harmonizer's stated purpose is to suppress acquisition noise
+ROBUST_CLAIMS = (("no-harmonizer", "the harmonizer lowers GED (full < no harmonizer)"),
+                 ("unshared-harmonizer", "sharing the harmonizer across layers lowers GED (full < unshared)"))
+
+
+def _robustness(out: dict[str, Any], kept: dict[str, list[dict]], robust: list[dict[str, Any]]) -> dict[str, Any]:
+    """Table 1's GED and Dice_match per degradation for each Table 1 row, the full model against the others
+    over patients per degradation, and the harmonizer's orderings under each. The degraded scores join the
+    clean records of the same run (collapsed runs stay out)."""
+    by_run = {(r["variant"], r["fold"], r["seed"]): r for r in robust if not r.get("unscored")}
+    conditions = list(dict.fromkeys(c for r in by_run.values() for c in r["conditions"]))
+    res: dict[str, Any] = {"conditions": conditions, "variants": {}, "paired_tests": {}, "orderings": []}
+    rows: dict[str, list[dict]] = {}
+    for name, good in kept.items():
+        if "table1" not in out["variants"][name]:
+            continue
+        mine = [(rec, by_run.get((name, rec["fold"], rec["seed"]))) for rec in good]
+        if not mine or any(r is None for _, r in mine):
+            continue  # a run without its degraded scores: the variant has no robustness row
+        for rec, r in mine:
+            if list(map(int, r["images"])) != list(map(int, rec["images"])):
+                raise ValueError(f"robustness of {name} fold {rec['fold']}: other test images than its Table 1's")
+            for c, keys in r["conditions"].items():
+                rec["per_image"].update({f"{k}@{c}": v for k, v in keys.items()})
+        rows[name] = [rec for rec, _ in mine]
+        res["variants"][name] = {c: {k: _over(rows[name], f"t1_{k}@{c}") for k in ("ged", "dice_match")}
+                                 for c in conditions}  # fmt: skip
+    ref = rows.get(REFERENCE)
+    for name, recs in rows.items():
+        if name == REFERENCE or ref is None:
+            continue
+        res["paired_tests"][name] = {c: {key: _paired(ref, recs, f"{key}@{c}", lower) for key, _, lower in T1_TESTS}
+                                     for c in conditions}  # fmt: skip
+    for other, claim in ROBUST_CLAIMS:
+        for c in conditions:
+            t = res["paired_tests"].get(other, {}).get(c, {}).get("t1_ged")
+            if t is not None:
+                res["orderings"].append(_verdict(t, f"under {c}, {claim}"))
+    return res
 
 
 def _paired(ref: list[dict], other: list[dict], key: str, lower: bool) -> dict[str, Any]:
@@ -230,20 +273,18 @@ def orderings(result: dict[str, Any]) -> list[dict[str, Any]]:
               ("per-rater", "t2_ged", "personalized heads < the per-rater baseline in GED of the heads (Table 2)"),
               ("no-ged-loss", "t1_ged", "the GED loss lowers GED (appendix B: full < no GED loss, Table 1)"),
               ("no-harmonizer", "t1_ged", "the harmonizer lowers GED (full < no harmonizer, Table 1)"))
-    out = []
-    for other, key, claim in claims:
-        t = tests.get(other, {}).get(key)
-        if t is None:
-            continue
-        good_way = (t["mean_difference"] < 0) == t["lower_is_better"] and t["mean_difference"] != 0
-        failing = [f["fold"] for f in t["folds"] if (f["mean_difference"] < 0) != t["lower_is_better"]
-                   or f["mean_difference"] == 0]  # fmt: skip
-        verdict = "not shown" if t["wilcoxon_p"] >= ALPHA else "holds" if good_way else "reversed"
-        out.append({"claim": claim, "holds": bool(good_way and t["wilcoxon_p"] < ALPHA), "verdict": verdict,
-                    "mean_difference": t["mean_difference"],
-                    "patients": [t["patients_better"], t["patients_worse"]], "wilcoxon_p": t["wilcoxon_p"],
-                    "folds_failing": failing})  # fmt: skip
-    return out
+    return [_verdict(tests[other][key], claim) for other, key, claim in claims if key in tests.get(other, {})]
+
+
+def _verdict(t: dict[str, Any], claim: str) -> dict[str, Any]:
+    """A claim that the full model is better, judged by its paired test ``t`` (:func:`_paired`)."""
+    good_way = (t["mean_difference"] < 0) == t["lower_is_better"] and t["mean_difference"] != 0
+    failing = [f["fold"] for f in t["folds"] if (f["mean_difference"] < 0) != t["lower_is_better"]
+               or f["mean_difference"] == 0]  # fmt: skip
+    verdict = "not shown" if t["wilcoxon_p"] >= ALPHA else "holds" if good_way else "reversed"
+    return {"claim": claim, "holds": bool(good_way and t["wilcoxon_p"] < ALPHA), "verdict": verdict,
+            "mean_difference": t["mean_difference"], "patients": [t["patients_better"], t["patients_worse"]],
+            "wilcoxon_p": t["wilcoxon_p"], "folds_failing": failing}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,16 +448,13 @@ def markdown(result: dict[str, Any]) -> str:
               "(lower GED, higher Dice and head identity); rank-biserial +1 when the full model scores higher on "
               "every patient (for GED, higher is worse); two-sided Wilcoxon signed-rank.", "",
               "## The paper's orderings", ""]  # fmt: skip
-    for o in result["orderings"]:
-        verdict = {"holds": "holds", "not shown": "not shown (p >= 0.05)",
-                   "reversed": "reversed"}[o.get("verdict", "holds" if o["holds"] else "reversed")]  # fmt: skip
-        fails = f"; fails in fold {', '.join(map(str, o['folds_failing']))}" if o["folds_failing"] else "; every fold"
-        lines.append(f"- {o['claim']}: **{verdict}** (difference {o['mean_difference']:+.4f}, patients "
-                     f"{o['patients'][0]} / {o['patients'][1]}, paired p = {o['wilcoxon_p']:.2g}{fails})")  # fmt: skip
+    lines += [_ordering_line(o) for o in result["orderings"]]
     if "dpersona" in result["variants"] and "probunet" in result["variants"]:
         lines.append("- D-Persona < Prob. U-Net in GED: not tested. D-Persona's Table 1 here is its backbone, the "
                      "Prob. U-Net run itself (the comparison's 'same backbone'); D-Persona's own stage 1 adds a "
                      "bound loss that is not reproduced.")  # fmt: skip
+    if result.get("robustness"):
+        lines += ["", *_robustness_lines(result)]
     lines += ["", f"## Runs (equal {'budget' if budgeted else 'epochs'})", "", *_runs_lines(result, budgeted), ""]
     lines += ["## The latent space of each scored run (test patients)", "", *_latent_lines(result), "",
               "Spread: the prior mean's std across images over its mean sigma (below 0.1: image-independent). "
@@ -426,6 +464,42 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"![GED against K]({result['figure']})", "",
                   "GED against K (appendix B): mean over test images, bars the std over folds.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _ordering_line(o: dict[str, Any]) -> str:
+    verdict = {"holds": "holds", "not shown": "not shown (p >= 0.05)",
+               "reversed": "reversed"}[o.get("verdict", "holds" if o["holds"] else "reversed")]  # fmt: skip
+    fails = f"; fails in fold {', '.join(map(str, o['folds_failing']))}" if o["folds_failing"] else "; every fold"
+    return (f"- {o['claim']}: **{verdict}** (difference {o['mean_difference']:+.4f}, patients "
+            f"{o['patients'][0]} / {o['patients'][1]}, paired p = {o['wilcoxon_p']:.2g}{fails})")
+
+
+def _robustness_lines(result: dict[str, Any]) -> list[str]:
+    rob = result["robustness"]
+    conds = rob["conditions"]
+    lines = ["## Table 1 on degraded test images (robustness), mean ± std over test patients", "",
+             "The same test images with Gaussian noise (sigma, on intensities in [0, 1], seeded per image), Gaussian "
+             "blur (sigma in pixels) or a gamma curve, the strongest level of each of evaluate's Table 5; the "
+             "same K prior samples per image. Clean: Table 1.", ""]  # fmt: skip
+    for key, label in (("ged", "GED"), ("dice_match", "Dice_match")):
+        lines += [f"| variant | {label} clean | " + " | ".join(f"{label} {c}" for c in conds) + " |",
+                  "|---|---|" + "---|" * len(conds)]  # fmt: skip
+        for name, by_cond in rob["variants"].items():
+            clean = result["variants"][name]["table1"][key]["patients"]
+            lines.append(f"| {name} | {_pm(clean)} | " + " | ".join(_pm(by_cond[c][key]["patients"]) for c in conds)
+                         + " |")  # fmt: skip
+        lines.append("")
+    lines += ["Paired over patients, the full model against each other row (difference full - other; patients where "
+              "the full model is better / worse):", ""]  # fmt: skip
+    for name, by_cond in rob["paired_tests"].items():
+        for c, tests in by_cond.items():
+            cells = [f"{label} {t['mean_difference']:+.4f} ({t['patients_better']} / {t['patients_worse']}, "
+                     f"p = {t['wilcoxon_p']:.2g})" for key, label, _ in T1_TESTS for t in [tests[key]]]  # fmt: skip
+            lines.append(f"- {name}, {c}: " + "; ".join(cells))
+    if rob["orderings"]:
+        lines += ["", "The harmonizer's purpose, acquisition noise, on these images:", "",
+                  *[_ordering_line(o) for o in rob["orderings"]]]  # fmt: skip
+    return lines
 
 
 def ged_vs_k_figure(path: Path, result: dict[str, Any]) -> str:
@@ -447,9 +521,10 @@ def ged_vs_k_figure(path: Path, result: dict[str, Any]) -> str:
 
 
 def write_report(records: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: str = "compare",
-                 references: Optional[list[dict[str, Any]]] = None) -> dict:  # fmt: skip
+                 references: Optional[list[dict[str, Any]]] = None,
+                 robust: Optional[list[dict[str, Any]]] = None) -> dict:  # fmt: skip
     """``<stem>.json``, ``<stem>.md`` and ``<stem>-ged-vs-k.png`` in ``out``; returns the result."""
-    result = aggregate(records, meta, references)
+    result = aggregate(records, meta, references, robust)
     fig = out / f"{stem}-ged-vs-k.png"
     result["figure"] = Path(ged_vs_k_figure(fig, result)).name if any(
         "ged_vs_k" in v for v in result["variants"].values()) else None

@@ -33,7 +33,7 @@ from .. import per_rater
 from .._io import write_atomic
 from ..data import MultiRaterData
 from ..data.dataset import RATER_ORDERS
-from ..evaluate import K_VALUES, evaluate_model, summarize
+from ..evaluate import K_VALUES, evaluate_model, perturbation, summarize
 from ..latent_stats import collapse_flags, latent_statistics
 from ..model import HarmonizerConfig
 from ..model.config import PRESETS
@@ -47,6 +47,18 @@ SPLIT_SEED = 0  # one patient partition for every seed, so each fold's test imag
 T1_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match", "ncc", "empty_fraction")
 T2_KEYS = (*T1_KEYS, "dice_each_mean", "head_identity")
 DPERSONA_LR2 = 3e-3  # D-Persona's heads: chosen on fold 0's validation patients of LIDC over 1e-2 (README)
+# --robustness: Table 1 again on the test images degraded as acquisitions degrade them, the harmonizer's stated
+# purpose (paper section 3.1, appendix on real acquisition shifts): the strongest level of each degradation of
+# evaluate's Table 5 (harmonizer_fast.evaluate.ROBUSTNESS), noise seeded per image so every model sees the same
+ROBUST_CONDITIONS = (("noise", 0.25), ("blur", 1.75), ("gamma", 1.75))
+ROBUST_KEYS = ("ged", "dice_match")
+# the options that choose which units run, never what a unit computes: a comparison may be continued with
+# variants or the robustness units added (or left out) without its results mixing two plans
+SELECTION = ("variants", "robustness")
+
+
+def condition_name(kind: str, level: float) -> str:
+    return f"{kind} {level:g}"
 
 
 def _positive(name: str, v: Any, integer: bool = False, optional: bool = False) -> None:
@@ -81,6 +93,7 @@ class CompareConfig:
     num_folds: int = 4
     min_raters: int = 0
     dpersona_lr2: float = DPERSONA_LR2
+    robustness: bool = False  # Table 1 on degraded test images too (ROBUST_CONDITIONS)
 
     def __post_init__(self) -> None:
         if self.variants is None:
@@ -119,6 +132,14 @@ class CompareConfig:
 
     def phase1_trainings(self) -> list[str]:
         return list(dict.fromkeys(v.phase1 for v in self.variant_list() if v.has_prior))
+
+    def table1_variants(self) -> list[str]:
+        """The variant that carries each phase-1 training's Table 1 row (the first listed of those sharing it)."""
+        first: dict[str, str] = {}
+        for v in self.variant_list():
+            if v.has_prior:
+                first.setdefault(v.phase1, v.name)
+        return list(first.values())
 
     def base_config(self, data: MultiRaterData, **switches: Any) -> HarmonizerConfig:
         """The preset's config for ``data`` (the per-rater baseline's backbone), with ``switches``."""
@@ -180,6 +201,9 @@ class Comparison:
     def references_path(self, fold: int) -> Path:
         return self.out / "evals" / f"references-f{fold}.json"
 
+    def robust_path(self, variant: str, fold: int, seed: int) -> Path:
+        return self.out / "evals" / f"robust-{variant}-{_cell(fold, seed)}.json"
+
     def reused(self) -> dict[str, Any]:
         """Unit directory name -> where the training came from and what was checked (:mod:`.reuse`)."""
         path = self.out / "reused.json"
@@ -193,15 +217,17 @@ class Comparison:
         path = self.out / "plan.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            if old != plan:
-                diff = [k for k in plan["compare"] if old.get("compare", {}).get(k) != plan["compare"][k]]
-                if old.get("data_fingerprint") != plan["data_fingerprint"]:
-                    diff.append("data")
+            before = {k: v for k, v in old.get("compare", {}).items() if k not in SELECTION}
+            diff = [k for k in plan["compare"] if k not in SELECTION and before.get(k) != plan["compare"][k]]
+            if old.get("data_fingerprint") != plan["data_fingerprint"]:
+                diff.append("data")
+            if diff:
                 raise ValueError(f"{self.out}: holds a comparison with another plan (differs in {diff}); "
                                  "pass the same options to continue it, or another --out")  # fmt: skip
-            return
+            if old == plan:
+                return
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(plan, indent=1) + "\n")
+        write_atomic(path, json.dumps(plan, indent=1) + "\n")  # the selection of the latest run
 
     def reuse(self, runs: dict[str, os.PathLike]) -> None:
         """Take trainings done outside the comparison in place of its units (``UNIT -> run directory``),
@@ -218,7 +244,8 @@ class Comparison:
 
     def units(self) -> list[tuple[str, str, int, int]]:
         """Every unit of work in order: (kind, name, fold, seed), kind "train1", "train2", "trainpr" (the
-        per-rater baseline), "eval" or "refs" (the fold's label-only references, once per fold)."""
+        per-rater baseline), "eval", "robust" (Table 1 on degraded images, with ``robustness``) or "refs" (the
+        fold's label-only references, once per fold)."""
         out = []
         per_rater = any(v.heads == "per-rater" for v in self.cc.variant_list())
         for fold in self.cc.folds:
@@ -227,6 +254,8 @@ class Comparison:
                 out += [("train2", v.name, fold, seed) for v in self.cc.variant_list() if v.trains_phase2]
                 out += [("trainpr", "per-rater", fold, seed)] if per_rater else []
                 out += [("eval", v.name, fold, seed) for v in self.cc.variant_list()]
+                if self.cc.robustness:
+                    out += [("robust", name, fold, seed) for name in self.cc.table1_variants()]
             out.append(("refs", "label-only", fold, self.cc.seeds[0]))
         return out
 
@@ -307,6 +336,17 @@ class Comparison:
         t1 = f"GED {record['table1']['mean']['ged']:.4f}, " if record["table1"] else ""
         return False, t1 + (f"Dice_mean {record['table2']['mean']['dice_each_mean']:.4f}" if record["table2"] else
                             f"Dice_match {record['table1']['mean']['dice_match']:.4f}")  # fmt: skip
+
+    def _robust(self, variant: str, fold: int, seed: int) -> tuple[bool, str]:
+        path = self.robust_path(variant, fold, seed)
+        if path.is_file():
+            return True, "evaluated"
+        record = evaluate_robustness(self, resolve([variant])[-1], fold, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(record, default=float) + "\n")
+        if record.get("unscored"):
+            return False, f"not scored: {record['unscored']}"
+        return False, ", ".join(f"{c} GED {np.mean(r['t1_ged']):.4f}" for c, r in record["conditions"].items())
 
     def _refs(self, _name: str, fold: int, seed: int) -> tuple[bool, str]:
         path = self.references_path(fold)
@@ -422,6 +462,25 @@ def evaluate_variant(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[
         "per_image": per_image, "ged_vs_k": {str(k): scores.per_k[k]["ged"] for k in scores.per_k},
         "latent": latent, "prior_flags": collapse_flags(latent) if latent else [], "uncertainty_vs_raters": uncertainty,
     }  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_robustness(cmp: Comparison, v: Variant, fold: int, seed: int) -> dict[str, Any]:
+    """Table 1's GED and Dice_match per test image of a variant's phase-1 model under each of
+    :data:`ROBUST_CONDITIONS` (the same images, samples drawn as for the clean Table 1)."""
+    base = cmp.p1(v.phase1, fold, seed)
+    record: dict[str, Any] = {"variant": v.name, "fold": fold, "seed": seed}
+    if not base.has("best_phase1"):
+        return {**record, "unscored": f"{base.path.name} completed no epoch in the budget"}
+    model, _ = base.load_model("best_phase1")
+    scoring = base.scoring_set(cmp.data, model.config, "test")
+    conditions = {}
+    for kind, level in ROBUST_CONDITIONS:
+        scores = evaluate_model(model.to(cmp.device), scoring.data, scoring.indices, num_samples=cmp.cc.samples,
+                                seed=seed, heads="none", transform=perturbation(kind, level, seed))  # fmt: skip
+        conditions[condition_name(kind, level)] = {f"t1_{k}": scores.prior.per_image(k).tolist() for k in ROBUST_KEYS}
+    return {**record, "images": np.asarray(scoring.indices).tolist(),
+            "patients": _patients(cmp.data, scoring.indices), "conditions": conditions}  # fmt: skip
 
 
 def _patients(data: MultiRaterData, indices: np.ndarray) -> list[str]:
