@@ -7,7 +7,8 @@ higher, and swapping the two models flips its sign. Zero differences are dropped
 scipy's default), and images where either score is NaN are left out and counted.
 
 Slices of one patient are not independent (on LIDC the intra-patient correlation of the scores is about
-0.24), so claims pair **patients**: :func:`per_patient` averages each patient's images first.
+0.24), so claims pair **patients**: :func:`per_patient` averages each patient's images first. A claim tested
+under several conditions is one family: :func:`holm` adjusts its p-values (Holm 1979).
 """
 
 from __future__ import annotations
@@ -60,3 +61,18 @@ def per_patient(values: np.ndarray, patient_id: np.ndarray) -> tuple[np.ndarray,
     counts = np.bincount(inverse[ok], minlength=len(patients))
     with np.errstate(invalid="ignore", divide="ignore"):
         return patients, np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their order: the k-th smallest (k = 1..m) is
+    multiplied by m - k + 1, made non-decreasing along that order and capped at 1. A claim whose adjusted p is
+    below alpha holds at family-wise error alpha, however many of the family's conditions were tested."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or np.any(np.isnan(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"holm: expected p-values in [0, 1], got {p_values!r}")
+    order = np.argsort(p, kind="stable")
+    m = p.size
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out.tolist()

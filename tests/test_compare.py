@@ -312,6 +312,8 @@ def test_robustness_tables_and_orderings_over_patients():
     assert verdicts["under noise 0.25, the harmonizer lowers GED (full < no harmonizer)"] == "holds"
     assert verdicts["under blur 1.75, the harmonizer lowers GED (full < no harmonizer)"] == "not shown"
     assert verdicts["under noise 0.25, sharing the harmonizer across layers lowers GED (full < unshared)"] == "reversed"
+    noise = next(o for o in rob["orderings"] if o["claim"].startswith("under noise 0.25, the harmonizer"))
+    assert noise["family"] == 2 and noise["holm_p"] == pytest.approx(2 * noise["wilcoxon_p"])  # 0.0078 x 2
     md = markdown(out)
     section = md.split("## Table 1 on degraded test images")[1]
     assert "| variant | GED clean | GED noise 0.25 | GED blur 1.75 |" in section
@@ -363,7 +365,7 @@ def test_robustness_scores_the_degraded_test_images(tmp_path):
     record = json.loads(cmp.robust_path("full", 0, 0).read_text())
     clean = json.loads(cmp.eval_path("no-personalizer", 0, 0).read_text())
     assert record["images"] == clean["images"] and record["patients"] == clean["patients"]
-    assert list(record["conditions"]) == ["noise 0.25", "blur 1.75", "gamma 1.75"]
+    assert list(record["conditions"]) == ["noise 0.1", "noise 0.25", "blur 1.75", "gamma 1.75"]
     scoring = run.scoring_set(data, stand_in.config, "test")
     for kind, level in (("noise", 0.25), ("gamma", 1.75)):
         got = record["conditions"][f"{kind} {level:g}"]["t1_ged"]
@@ -371,6 +373,16 @@ def test_robustness_scores_the_degraded_test_images(tmp_path):
                               heads="none", transform=perturbation(kind, level, 0)).prior.per_image("ged")  # fmt: skip
         assert got == pytest.approx(want.tolist(), abs=1e-12)
         assert not np.allclose(got, clean["per_image"]["t1_ged"], atol=1e-4), kind  # the degradation reached it
+    # a record made before a condition was added: the missing condition is scored, the others kept as they are
+    older = json.loads(json.dumps(record))
+    del older["conditions"]["noise 0.1"]
+    older["conditions"]["blur 1.75"]["t1_ged"] = [-1.0] * len(record["images"])
+    cmp.robust_path("full", 0, 0).write_text(json.dumps(older))
+    cmp.run()
+    again = json.loads(cmp.robust_path("full", 0, 0).read_text())
+    assert list(again["conditions"]) == list(record["conditions"])
+    assert again["conditions"]["noise 0.1"] == record["conditions"]["noise 0.1"]
+    assert again["conditions"]["blur 1.75"]["t1_ged"] == [-1.0] * len(record["images"])
 
 
 def test_a_collapsed_prior_is_flagged_by_the_reports(tmp_path):

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from harmonizer_fast.stats import paired_test, rank_biserial
+from harmonizer_fast.stats import holm, paired_test, rank_biserial
 
 
 def exact_wilcoxon_p(d: np.ndarray) -> float:
@@ -66,3 +66,18 @@ def test_per_patient_means_by_hand():
     assert means[:2].tolist() == [3.0, 2.0] and np.isnan(means[2])
     with pytest.raises(ValueError, match="one length"):
         per_patient(vals[:3], ids)
+
+
+def test_holm_against_the_textbook_and_its_definition():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04, then non-decreasing: 0.06 last
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 5, 9):
+        p = rng.random(m) ** 3
+        order = sorted(range(m), key=lambda i: p[i])
+        rank = {i: k for k, i in enumerate(order)}
+        # the definition: the largest (m - k) p over the hypotheses ranked at or before this one, capped at 1
+        want = [min(1.0, max((m - rank[j]) * p[j] for j in range(m) if rank[j] <= rank[i])) for i in range(m)]
+        assert holm(list(p)) == pytest.approx(want)
+    with pytest.raises(ValueError, match="holm: expected p-values"):
+        holm([0.5, 1.5])
