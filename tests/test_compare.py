@@ -312,6 +312,9 @@ def test_robustness_tables_and_orderings_over_patients():
     assert verdicts["under noise 0.25, the harmonizer lowers GED (full < no harmonizer)"] == "holds"
     assert verdicts["under blur 1.75, the harmonizer lowers GED (full < no harmonizer)"] == "not shown"
     assert verdicts["under noise 0.25, sharing the harmonizer across layers lowers GED (full < unshared)"] == "reversed"
+    clean_claims = {o["claim"]: o["verdict"] for o in out["orderings"]}  # equal clean scores: nothing shown
+    assert clean_claims["sharing the harmonizer across layers lowers GED (full < unshared harmonizer, Table 1)"] == \
+        "not shown"
     noise = next(o for o in rob["orderings"] if o["claim"].startswith("under noise 0.25, the harmonizer"))
     assert noise["family"] == 2 and noise["holm_p"] == pytest.approx(2 * noise["wilcoxon_p"])  # 0.0078 x 2
     md = markdown(out)

@@ -272,7 +272,9 @@ def orderings(result: dict[str, Any]) -> list[dict[str, Any]]:
               ("per-rater", "t2_dice_each_mean", "personalized heads > the per-rater baseline in Dice_mean (Table 2)"),
               ("per-rater", "t2_ged", "personalized heads < the per-rater baseline in GED of the heads (Table 2)"),
               ("no-ged-loss", "t1_ged", "the GED loss lowers GED (appendix B: full < no GED loss, Table 1)"),
-              ("no-harmonizer", "t1_ged", "the harmonizer lowers GED (full < no harmonizer, Table 1)"))
+              ("no-harmonizer", "t1_ged", "the harmonizer lowers GED (full < no harmonizer, Table 1)"),
+              ("unshared-harmonizer", "t1_ged",
+               "sharing the harmonizer across layers lowers GED (full < unshared harmonizer, Table 1)"))
     return [_verdict(tests[other][key], claim) for other, key, claim in claims if key in tests.get(other, {})]
 
 
