@@ -4,7 +4,7 @@
 #   bash benchmarks/lidc_compare.sh train    # the trainings of the equal-epochs comparison, one per command
 #   bash benchmarks/lidc_compare.sh epochs   # [science] #35 item 6: `compare` over folds 0-2 at equal epochs
 #   bash benchmarks/lidc_compare.sh budget   # the earlier comparison at an equal CPU budget, with the ablations
-#   bash benchmarks/lidc_compare.sh seed1    # folds 0 and 2 again with training seed 1: full model, Prob. U-Net
+#   bash benchmarks/lidc_compare.sh split1   # a second draw: full model and Prob. U-Net, seed 1, its own split
 #
 # epochs: the all-raters protocol (--min-raters 4), the small config, seed 0, folds 0, 1 and 2 of 4; every
 # phase-1 training and the per-rater baseline 30 epochs, every phase-2 training 20 (D-Persona's heads at their
@@ -23,10 +23,11 @@
 # no-GED-loss ablations; folds 0 and 1, 6 minutes of compute for every phase-1 training and 4.5 for every
 # phase-2 training; about 90 minutes on 2 cores. Writes benchmarks/results/lidc-compare-small-cpu.{json,md}.
 #
-# seed1: the full model (30 + 20 epochs) and the Prob. U-Net (30) trained again on folds 0 and 2 (fold 2: where
-# orderings of `epochs` fail) with seed 1 (the same split; other initial weights, batch order and draws), four
-# trainings beside each other (about 50 minutes on 2 cores), then compared as in `epochs`. Writes
-# benchmarks/results/lidc-compare-seed1-small-cpu.{json,md}.
+# split1: a second draw of Table 1's central ordering. `train --seed 1` draws both the patient partition and the
+# training noise from seed 1 (compare keeps split seed 0 for every seed, so these runs are not compare's units:
+# its --reuse refuses them), so its folds 0 and 2 are other held-out patients. The full model (30 + 20 epochs)
+# and the Prob. U-Net (30) on each, four trainings beside each other (about 60 minutes on 2 cores), scored by
+# lidc_paired.py over each fold's patients and pooled. Writes benchmarks/results/lidc-paired-split1-*.{json,md}.
 #
 # Each mode is resumable: run it again to continue a killed one.
 set -euo pipefail
@@ -67,10 +68,9 @@ case "${1:-epochs}" in
       --variants full,no-personalizer,probunet,dpersona,per-rater,no-ged-loss,no-harmonizer,unshared-harmonizer \
       --folds 0,1,2 --min-raters 4 --epochs1 30 --epochs2 20 --samples 16 --robustness --report-dir benchmarks/results \
       --stem lidc-compare-epochs-small-cpu --reuse "${REUSE[@]}" ;;
-  seed1)
+  split1)
     finished() { grep -q '"stopped": *"completed"' "$1/last.json" 2>/dev/null; }
     resume() { [ -d "$1" ] && echo --resume; }  # a killed training continues from its last epoch
-    REUSE=()
     for F in 0 2; do
       S=$(suffix $F)
       finished runs/conv-a$S-s1 || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small \
@@ -79,16 +79,18 @@ case "${1:-epochs}" in
       finished runs/conv-pu$S-s1 || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small \
         --out runs/conv-pu$S-s1 $(resume runs/conv-pu$S-s1) --min-raters 4 --phase 1 --epochs 30 --fold $F --seed 1 \
         --no-harmonizer --no-personalizer --no-ged-loss --no-progress &
-      REUSE+=("p1-full-f$F-s1=runs/conv-a$S-s1" "p2-full-f$F-s1=runs/conv-a$S-s1"
-              "p1-probunet-f$F-s1=runs/conv-pu$S-s1")
     done
     wait
-    OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-lidc-seed1 \
-      --variants full,probunet --folds 0,2 --seeds 1 --min-raters 4 --epochs1 30 --epochs2 20 --samples 16 \
-      --report-dir benchmarks/results --stem lidc-compare-seed1-small-cpu --reuse "${REUSE[@]}" ;;
+    for F in 0 2; do
+      S=$(suffix $F)
+      OMP_NUM_THREADS=1 $PY benchmarks/lidc_paired.py --data "$DATA" --runs full=runs/conv-a$S-s1 \
+        probunet=runs/conv-pu$S-s1 --out benchmarks/results/lidc-paired-split1-f$F-small-cpu
+    done
+    $PY benchmarks/lidc_paired.py --pool benchmarks/results/lidc-paired-split1-f{0,2}-small-cpu.json \
+      --out benchmarks/results/lidc-paired-split1-pooled-small-cpu ;;
   budget)
     $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/lidc-compare --folds 0,1 --seeds 0 --minutes1 6 \
       --minutes2 4.5 --variants full,probunet,dpersona,no-personalizer,no-harmonizer,no-ged-loss --samples 16 \
       --report-dir benchmarks/results --stem lidc-compare-small-cpu ;;
-  *) echo "usage: bash benchmarks/lidc_compare.sh train|epochs|seed1|budget" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/lidc_compare.sh train|epochs|split1|budget" >&2; exit 2 ;;
 esac
