@@ -25,7 +25,7 @@ import numpy as np
 
 from .._io import write_atomic
 from ..stats import holm, paired_test, per_patient
-from .variants import REFERENCE, VARIANTS
+from .variants import REFERENCE, VARIANTS, table1_rows
 
 T1_COLUMNS = (("GED", "ged"), ("Dice_soft", "dice_soft"), ("Dice_max", "dice_max"), ("Dice_match", "dice_match"),
               ("S_NCC", "ncc"))  # fmt: skip
@@ -115,10 +115,6 @@ def _kept(recs: list[dict[str, Any]], key: str) -> bool:
     return all(key in r["per_image"] for r in recs)
 
 
-def _phase1_of(name: str) -> Optional[str]:
-    return VARIANTS[name].phase1 if name in VARIANTS else None
-
-
 def aggregate(records: list[dict[str, Any]], meta: dict[str, Any], references: Optional[list[dict[str, Any]]] = None,
               robust: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:  # fmt: skip
     """Everything the report shows, from the per-run evaluation records, each fold's label-only references
@@ -129,12 +125,11 @@ def aggregate(records: list[dict[str, Any]], meta: dict[str, Any], references: O
     out["num_raters"] = next((len(r["per_image"]["t2_dice_each"][0]) for r in records
                               if r.get("per_image", {}).get("t2_dice_each")), 0)  # fmt: skip
     kept: dict[str, list[dict]] = {}
-    first_of_phase1: dict[str, str] = {}
+    rows = table1_rows(names)
     for name in names:
         recs = [r for r in records if r["variant"] == name]
         good = [r for r in recs if not _collapsed(r)]
-        phase1 = _phase1_of(name)
-        shares = first_of_phase1.setdefault(phase1, name) if phase1 is not None else name
+        shares = rows[name]
         v: dict[str, Any] = {"label": VARIANTS[name].label, "heads": recs[0]["heads"],
                              "shares_phase1_with": None if shares == name else shares,
                              "runs": [{"fold": r["fold"], "seed": r["seed"], "collapsed": _collapsed(r),

@@ -41,7 +41,7 @@ from ..per_rater import PerRaterRecipe
 from ..references import label_only_references
 from ..rundir import RunDir, prepare
 from ..train import TrainConfig, Trainer
-from .variants import PHASE1, VARIANTS, Variant, resolve
+from .variants import PHASE1, VARIANTS, Variant, resolve, table1_rows
 
 SPLIT_SEED = 0  # one patient partition for every seed, so each fold's test images are the same across seeds
 T1_KEYS = ("ged", "ged_unbiased", "dice_soft", "dice_max", "dice_match", "ncc", "empty_fraction")
@@ -135,12 +135,9 @@ class CompareConfig:
         return list(dict.fromkeys(v.phase1 for v in self.variant_list() if v.has_prior))
 
     def table1_variants(self) -> list[str]:
-        """The variant that carries each phase-1 training's Table 1 row (the first listed of those sharing it)."""
-        first: dict[str, str] = {}
-        for v in self.variant_list():
-            if v.has_prior:
-                first.setdefault(v.phase1, v.name)
-        return list(first.values())
+        """The variant that carries each phase-1 training's Table 1 row (:func:`~.variants.table1_rows`)."""
+        rows = table1_rows([v.name for v in self.variant_list()])
+        return [n for n, row in rows.items() if n == row and VARIANTS[n].has_prior]
 
     def base_config(self, data: MultiRaterData, **switches: Any) -> HarmonizerConfig:
         """The preset's config for ``data`` (the per-rater baseline's backbone), with ``switches``."""

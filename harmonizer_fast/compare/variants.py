@@ -69,6 +69,13 @@ VARIANTS: dict[str, Variant] = {
 REFERENCE = "full"  # the paired tests compare every other variant against this one
 
 
+def table1_rows(names: list[str]) -> dict[str, str]:
+    """Each variant named -> the variant whose Table 1 row shows its phase-1 training's samples: the first named
+    of those sharing that training (itself when it comes first, or has no prior)."""
+    first: dict[str, str] = {}
+    return {n: n if VARIANTS[n].phase1 is None else first.setdefault(VARIANTS[n].phase1, n) for n in names}
+
+
 def resolve(names: list[str]) -> list[Variant]:
     """The variants named, in the order given, the reference first (added when missing)."""
     unknown = [n for n in names if n not in VARIANTS]
