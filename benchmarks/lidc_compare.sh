@@ -5,6 +5,7 @@
 #   bash benchmarks/lidc_compare.sh epochs   # [science] #35 item 6: `compare` over folds 0-2 at equal epochs
 #   bash benchmarks/lidc_compare.sh budget   # the earlier comparison at an equal CPU budget, with the ablations
 #   bash benchmarks/lidc_compare.sh split1   # a second draw: full model and Prob. U-Net, seed 1, its own split
+#   bash benchmarks/lidc_compare.sh seeds    # Table 1's central ordering over training seeds 0, 1, 2 (FOLDS="0 1 2")
 #
 # epochs: the all-raters protocol (--min-raters 4), the small config, seed 0, folds 0, 1 and 2 of 4; every
 # phase-1 training and the per-rater baseline 30 epochs, every phase-2 training 20 (D-Persona's heads at their
@@ -28,6 +29,14 @@
 # its --reuse refuses them), so its folds 0 and 2 are other held-out patients. The full model (30 + 20 epochs)
 # and the Prob. U-Net (30) on each, four trainings beside each other (about 60 minutes on 2 cores), scored by
 # lidc_paired.py over each fold's patients and pooled. Writes benchmarks/results/lidc-paired-split1-*.{json,md}.
+#
+# seeds: Table 1's central ordering (the full model, 30 + 20 epochs, against the Prob. U-Net, 30) trained with
+# seeds 0, 1 and 2 on split seed 0, so each fold's held-out patients are the same for every seed and every draw
+# of the training is paired with the others (`train --split-seed 0`; seed 0 is the `train` mode's conv-a and
+# conv-pu). The trainings of each fold run beside each other (about 60 minutes of one core per fold and seed),
+# then `compare --folds $FOLDS --seeds 0,1,2` reuses them. Each unit's scores go to
+# benchmarks/results/lidc-compare-seeds/ (--scores, committed): on another machine the mode trains only what has
+# no score there. Writes benchmarks/results/lidc-compare-seeds-small-cpu.{json,md}.
 #
 # Each mode is resumable: run it again to continue a killed one.
 set -euo pipefail
@@ -88,9 +97,37 @@ case "${1:-epochs}" in
     done
     $PY benchmarks/lidc_paired.py --pool benchmarks/results/lidc-paired-split1-f{0,2}-small-cpu.json \
       --out benchmarks/results/lidc-paired-split1-pooled-small-cpu ;;
+  seeds)
+    SCORES=benchmarks/results/lidc-compare-seeds
+    FOLDS=${FOLDS:-0 1 2}
+    finished() { grep -q '"stopped": *"completed"' "$1/last.json" 2>/dev/null; }
+    resume() { [ -d "$1" ] && echo --resume; }
+    REUSE=()
+    for F in $FOLDS; do
+      for S in 0 1 2; do
+        A=runs/full-f$F-s$S P=runs/probunet-f$F-s$S
+        [ -f $SCORES/full-f$F-s$S.json ] || finished $A || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train \
+          --data "$DATA" --config small --out $A $(resume $A) --min-raters 4 --epochs 30 --epochs2 20 --fold $F \
+          --seed $S --split-seed 0 --no-progress &
+        [ -f $SCORES/probunet-f$F-s$S.json ] || finished $P || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train \
+          --data "$DATA" --config small --out $P $(resume $P) --min-raters 4 --phase 1 --epochs 30 --fold $F \
+          --seed $S --split-seed 0 --no-harmonizer --no-personalizer --no-ged-loss --no-progress &
+      done
+      wait
+    done
+    for F in $FOLDS; do  # the finished trainings on this machine; a unit scored on another is not trained again
+      for S in 0 1 2; do
+        ! finished runs/full-f$F-s$S || REUSE+=("p1-full-f$F-s$S=runs/full-f$F-s$S" "p2-full-f$F-s$S=runs/full-f$F-s$S")
+        ! finished runs/probunet-f$F-s$S || REUSE+=("p1-probunet-f$F-s$S=runs/probunet-f$F-s$S")
+      done
+    done
+    OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-seeds --scores $SCORES \
+      --variants full,probunet --folds "$(echo $FOLDS | tr ' ' ,)" --seeds 0,1,2 --min-raters 4 --epochs1 30 \
+      --epochs2 20 --samples 16 --report-dir benchmarks/results --stem lidc-compare-seeds-small-cpu \
+      ${REUSE:+--reuse "${REUSE[@]}"} ;;
   budget)
     $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/lidc-compare --folds 0,1 --seeds 0 --minutes1 6 \
       --minutes2 4.5 --variants full,probunet,dpersona,no-personalizer,no-harmonizer,no-ged-loss --samples 16 \
       --report-dir benchmarks/results --stem lidc-compare-small-cpu ;;
-  *) echo "usage: bash benchmarks/lidc_compare.sh train|epochs|split1|budget" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/lidc_compare.sh train|epochs|split1|seeds|budget" >&2; exit 2 ;;
 esac

@@ -1,8 +1,9 @@
 """The command line ``harmonizer-fast`` (also ``python -m harmonizer_fast.cli``).
 
     harmonizer-fast train --data PATH --config small|paper --out DIR [--epochs N] [--max-minutes M]
-                          [--phase 1|2|both] [--resume] [--seed S] [--no-harmonizer] [--no-personalizer]
-                          [--no-ged-loss] [--format F] [--batch-size B] [--rater-order stored|area-asc|area-desc]
+                          [--phase 1|2|both] [--resume] [--seed S] [--split-seed S] [--no-harmonizer]
+                          [--no-personalizer] [--no-ged-loss] [--format F] [--batch-size B]
+                          [--rater-order stored|area-asc|area-desc]
                           [--select-phase1 S] [--select-phase2 S] [--phase2-z anneal|sample|mean]
                           [--no-harmonizer-sharing] [--personalizer frequency|dpersona] [--init CHECKPOINT] ...
     harmonizer-fast evaluate --checkpoint RUN_DIR_OR_FILE --data PATH --out DIR [--num-samples K] [--seed S]
@@ -15,7 +16,7 @@
                            [--heads auto|personalized|identity|none] [--size H W]
     harmonizer-fast compare --data PATH --out DIR [--variants full,probunet,dpersona,per-rater,...] [--folds 0,1,2]
                             [--seeds 0] [--epochs1 30 --epochs2 20 | --minutes1 M --minutes2 M] [--min-raters N]
-                            [--robustness] [--reuse UNIT=RUN ...] [--report-dir DIR] [--stem NAME]
+                            [--robustness] [--reuse UNIT=RUN ...] [--scores DIR] [--report-dir DIR] [--stem NAME]
     harmonizer-fast compare --render RESULT.json
     harmonizer-fast demo [--out DIR]
     harmonizer-fast convert SRC OUT.npz [--format F]
@@ -203,9 +204,10 @@ def _train_config(args: argparse.Namespace, model_config):
     phase = args.phase
     if not model_config.use_personalizer and phase == "both":
         phase = "1"  # the baseline has no phase 2
-    kw = dict(phase=phase, seed=args.seed, max_minutes=args.max_minutes, rater_order=args.rater_order,
-              batch_size=args.batch_size, fold=args.fold, select_phase1=args.select_phase1,
-              select_phase2=args.select_phase2, phase2_z=args.phase2_z, min_raters=args.min_raters)  # fmt: skip
+    kw = dict(phase=phase, seed=args.seed, split_seed=args.split_seed, max_minutes=args.max_minutes,
+              rater_order=args.rater_order, batch_size=args.batch_size, fold=args.fold,
+              select_phase1=args.select_phase1, select_phase2=args.select_phase2, phase2_z=args.phase2_z,
+              min_raters=args.min_raters)  # fmt: skip
     if args.epochs is not None:
         kw.update(epochs_phase1=args.epochs, epochs_phase2=args.epochs)
     if args.epochs2 is not None:
@@ -423,6 +425,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--stem: expected a file name stem without path separators, got {args.stem!r}")
     if args.report_dir is not None:
         check_output_dir(args.report_dir, "--report-dir")
+    if args.scores is not None:
+        check_output_dir(args.scores, "--scores", _inputs(args))
     try:
         cc = CompareConfig(variants=args.variants, folds=args.folds, seeds=args.seeds, minutes1=args.minutes1,
                            minutes2=args.minutes2, epochs1=args.epochs1, epochs2=args.epochs2, preset=args.config,
@@ -431,7 +435,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                            robustness=args.robustness)  # fmt: skip
         data = _data(args)
         result = run_compare(data, args.out, cc, data_label=args.data or "synthetic", report_dir=args.report_dir,
-                             stem=args.stem, reuse=reuse, log=lambda line: print(line, flush=True))  # fmt: skip
+                             stem=args.stem, reuse=reuse, scores=args.scores,
+                             log=lambda line: print(line, flush=True))  # fmt: skip
     except ValueError as exc:  # a plan that does not fit the options or the directory, a run not reusable
         raise UsageError(str(exc)) from None
     target = args.report_dir or args.out
@@ -570,6 +575,9 @@ def _add_train(sub, data: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--init", default=None, help="start from the weights of this checkpoint (e.g. for --phase 2)")
     t.add_argument("--seed", type=seed, default=0)
+    t.add_argument("--split-seed", type=seed, default=None,
+                   help="seed of the patient partition (default: --seed); `compare` keeps 0 for every seed, so "
+                   "--seed S --split-seed 0 trains the unit `--reuse` takes for its seed S")  # fmt: skip
     t.add_argument("--batch-size", type=int_at_least(1), default=16)
     t.add_argument("--lr", type=positive_float, default=None, help="phase-1 learning rate (default: the config's "
                    "preset, 1e-4 for --config paper as in the paper, 3e-3 for --config small)")  # fmt: skip
@@ -687,6 +695,9 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--reuse", nargs="+", default=[], metavar="UNIT=RUN",
                     help="take a training done outside the comparison for one of its units (p1-full-f0-s0, "
                          "p2-dpersona-f0-s0, per-rater-f0-s0, ...) after checking it is that training")  # fmt: skip
+    cp.add_argument("--scores", default=None, metavar="DIR",
+                    help="keep each unit's scores here instead of in --out/evals: a directory to commit, from which "
+                         "the comparison continues on another machine, training only what has no score yet")
     cp.add_argument("--config", choices=("small", "paper"), default="small")
     cp.add_argument("-k", "--num-samples", "--samples", dest="num_samples", type=int_at_least(1), default=16,
                     help="prior samples K per test image (--samples: its old name)")

@@ -130,6 +130,17 @@ def test_statistics_over_folds_and_patients_match_numpy():
     assert claim["verdict"] == ("not shown" if p_value >= 0.05 else "holds" if d.mean() > 0 else "reversed")
     assert claim["holds"] == (claim["verdict"] == "holds")
     assert claim["folds_failing"] == [f["fold"] for f in dice["folds"] if f["mean_difference"] <= 0]
+    # each seed's draw on its own, over both folds' patients (the seed's images, then each patient's mean)
+    for s in (0, 1):
+        flat = np.concatenate([scores[f, s] - other[f, s] for f in images])
+        ids_s = np.array([patient[i] for f in images for i in images[f]])
+        d_s = np.array([flat[ids_s == p].mean() for p in ids])
+        got = t["seeds"][s]
+        assert (got["seed"], got["n_patients"]) == (s, 6)
+        assert got["mean_difference"] == pytest.approx(d_s.mean())
+        assert got["wilcoxon_p"] == pytest.approx(wilcoxon(d_s).pvalue)
+    assert claim["seeds_failing"] == [g["seed"] for g in dice["seeds"] if g["mean_difference"] <= 0]
+    assert "per seed: difference (p)" in markdown(out) and "s1 " in markdown(out)
 
 
 def test_rows_that_share_a_phase_1_are_printed_once_with_the_sharing_said():
@@ -272,6 +283,36 @@ def test_variants_and_robustness_may_be_added_to_a_comparison(tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text())["compare"]["variants"] == ["full", "no-harmonizer"]
     with pytest.raises(ValueError, match=r"differs in \['epochs1'\]"):
         Comparison(tmp_path, CompareConfig(variants=["full"], **{**TINY, "epochs1": 2}), data).check_plan()
+
+
+def test_a_comparison_continues_on_another_machine_from_its_scores(tmp_path):
+    """With ``scores`` apart from the runs, a new machine holding only the scores (the committed part)
+    trains nothing whose scores are written: a seed added trains only its own units, the first seed's scores
+    stay as they were, and the report takes both seeds. Another plan is refused by the scores' plan.json
+    even in a new runs directory."""
+    data, scores = _data(), tmp_path / "scores"
+    cc = CompareConfig(variants=["full", "probunet"], robustness=True, **TINY)
+    Comparison(tmp_path / "machine-a", cc, data, log=lambda _m: None, scores=scores).run()
+    first = {p.name: p.read_bytes() for p in scores.iterdir()}
+    assert {"plan.json", "full-f0-s0.json", "probunet-f0-s0.json", "robust-full-f0-s0.json",
+            "robust-probunet-f0-s0.json", "references-f0.json"} == set(first)  # fmt: skip
+    assert not (tmp_path / "machine-a" / "evals").exists() and (tmp_path / "machine-a" / "plan.json").is_file()
+
+    lines: list[str] = []
+    wider = CompareConfig(variants=["full", "probunet"], seeds=[0, 1], robustness=True, **TINY)
+    result = run_compare(data, tmp_path / "machine-b", wider, scores=scores, report_dir=tmp_path / "report",
+                         log=lines.append)  # fmt: skip
+    trained = [ln.split("] ")[1].split(":")[0] for ln in lines if ln.split(" ")[1].startswith("train")
+               and "not needed" not in ln]  # fmt: skip
+    assert trained == ["train1 full fold 0 seed 1", "train1 probunet fold 0 seed 1", "train2 full fold 0 seed 1"]
+    assert sum("not needed" in ln for ln in lines) == 3  # seed 0's trainings
+    assert not (tmp_path / "machine-b" / "runs" / "p1-full-f0-s0").exists()
+    assert all((scores / name).read_bytes() == b for name, b in first.items() if name != "plan.json")
+    assert json.loads((scores / "plan.json").read_text())["compare"]["seeds"] == [0, 1]
+    assert [(r["fold"], r["seed"]) for r in result["variants"]["full"]["runs"]] == [(0, 0), (0, 1)]  # both reported
+
+    with pytest.raises(ValueError, match=r"differs in \['epochs1'\]"):
+        Comparison(tmp_path / "machine-c", CompareConfig(**{**TINY, "epochs1": 2}), data, scores=scores).check_plan()
 
 
 def _robust(variant, fold, images, by_condition, patients=None):

@@ -107,6 +107,25 @@ def test_a_comparison_on_a_budget_takes_no_outside_run(tmp_path):
         CompareConfig(variants=["full", "per-rater"], minutes1=1.0)
 
 
+def test_a_seed_trained_by_hand_on_the_comparisons_split_is_its_unit(tmp_path):
+    """``train --seed 1`` draws its patient partition from seed 1 too, so compare (split seed 0 for every seed)
+    refuses it; ``train --seed 1 --split-seed 0`` is the comparison's seed-1 unit."""
+    from harmonizer_fast.data.readers import write_npz
+
+    data = _data()
+    write_npz(data, tmp_path / "data.npz")
+    common = ["train", "--data", str(tmp_path / "data.npz"), "--phase", "1", "--epochs", "1", "--batch-size", "8",
+              "--no-harmonizer", "--no-personalizer", "--no-ged-loss", "--seed", "1", "--no-progress"]  # fmt: skip
+    assert cli([*common, "--out", str(tmp_path / "own-split")]) == 0
+    assert cli([*common, "--split-seed", "0", "--out", str(tmp_path / "split-0")]) == 0
+    cmp = Comparison(tmp_path / "cmp", CompareConfig(variants=["full", "probunet"], seeds=[1], **TINY), data,
+                     log=lambda _m: None)  # fmt: skip
+    with pytest.raises(ReuseError, match="its train images are not the comparison's fold 0"):
+        cmp.reuse({"p1-probunet-f0-s1": tmp_path / "own-split"})
+    cmp.reuse({"p1-probunet-f0-s1": tmp_path / "split-0"})
+    assert "p1-probunet-f0-s1" in cmp.reused()
+
+
 def test_the_cli_refuses_a_malformed_reuse_in_one_line(tmp_path, capsys):
     argv = ["compare", "--out", str(tmp_path / "c"), "--synthetic-items", "24", "--reuse", "p1-full-f0-s0"]
     assert cli(argv) == 2

@@ -38,12 +38,14 @@ def machine() -> dict[str, Any]:
 
 def run_compare(data: MultiRaterData, out: os.PathLike, cc: CompareConfig, *, data_label: str = "",
                 report_dir: Optional[os.PathLike] = None, stem: str = "compare", command: str = "",
-                reuse: Optional[dict[str, os.PathLike]] = None,
+                reuse: Optional[dict[str, os.PathLike]] = None, scores: Optional[os.PathLike] = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Run (or continue) the comparison in ``out`` and write ``<stem>.json``/``.md``/``-ged-vs-k.png`` to
     ``report_dir`` (default ``out``); returns the aggregated result. ``reuse``: unit -> a run directory
-    trained outside the comparison, taken in its place when it is that training (:mod:`.reuse`)."""
-    cmp = Comparison(Path(out), cc, data, log=log)
+    trained outside the comparison, taken in its place when it is that training (:mod:`.reuse`).
+    ``scores``: where each unit's scores are kept (default ``out/evals``), a directory to commit so that the
+    comparison continues on another machine (:mod:`.runner`)."""
+    cmp = Comparison(Path(out), cc, data, log=log, scores=scores)
     if reuse:
         cmp.reuse(reuse)
     records = [json.loads(p.read_text()) for p in cmp.run()]

@@ -74,11 +74,12 @@ def _per_patient(recs: list[dict[str, Any]], key: str) -> dict[str, float]:
     return {str(p): float(m) for p, m in zip(ids, means) if not math.isnan(m)}
 
 
-def _by_fold(recs: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    folds: dict[int, list[dict]] = {}
+def _by_fold(recs: list[dict[str, Any]], key: str = "fold") -> dict[int, list[dict[str, Any]]]:
+    """The records grouped by fold (or by ``key``: "seed")."""
+    groups: dict[int, list[dict]] = {}
     for r in recs:
-        folds.setdefault(r["fold"], []).append(r)
-    return dict(sorted(folds.items()))
+        groups.setdefault(r[key], []).append(r)
+    return dict(sorted(groups.items()))
 
 
 def _over(recs: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -224,11 +225,17 @@ def _paired(ref: list[dict], other: list[dict], key: str, lower: bool) -> dict[s
         t["n_patients"] = t.pop("n_images")
         return t
 
+    def per(group: str) -> list[dict[str, Any]]:
+        theirs = _by_fold(other, group)
+        return [{group: g, **{k: t[k] for k in ("n_patients", "mean_difference", "wilcoxon_p")}}
+                for g, rs in _by_fold(ref, group).items() if g in theirs for t in [test(rs, theirs[g])]]  # fmt: skip
+
     out = test(ref, other)
-    theirs = _by_fold(other)
-    out["folds"] = [{"fold": f, **{k: t[k] for k in ("n_patients", "mean_difference", "wilcoxon_p")}}
-                    for f, rs in _by_fold(ref).items() if f in theirs for t in [test(rs, theirs[f])]]  # fmt: skip
+    out["folds"] = per("fold")
     out["folds_better"] = sum((f["mean_difference"] < 0) == lower for f in out["folds"] if f["mean_difference"] != 0)
+    seeds = per("seed")
+    if len(seeds) > 1:  # each seed's draw on its own, over every fold's patients: does the ordering repeat?
+        out["seeds"] = seeds
     out["lower_is_better"] = lower
     return out
 
@@ -277,13 +284,17 @@ def _verdict(t: dict[str, Any], claim: str, holm_p: Optional[float] = None, fami
     """A claim that the full model is better, judged by its paired test ``t`` (:func:`_paired`), or by
     ``holm_p``, its p adjusted over a ``family`` of conditions (:func:`~harmonizer_fast.stats.holm`)."""
     good_way = (t["mean_difference"] < 0) == t["lower_is_better"] and t["mean_difference"] != 0
-    failing = [f["fold"] for f in t["folds"] if (f["mean_difference"] < 0) != t["lower_is_better"]
-               or f["mean_difference"] == 0]  # fmt: skip
+    def failing(group: str) -> list[int]:
+        return [f[group[:-1]] for f in t.get(group, []) if (f["mean_difference"] < 0) != t["lower_is_better"]
+                or f["mean_difference"] == 0]  # fmt: skip
+
     p = t["wilcoxon_p"] if holm_p is None else holm_p
     verdict = "not shown" if p >= ALPHA else "holds" if good_way else "reversed"
     out = {"claim": claim, "holds": bool(good_way and p < ALPHA), "verdict": verdict,
            "mean_difference": t["mean_difference"], "patients": [t["patients_better"], t["patients_worse"]],
-           "wilcoxon_p": t["wilcoxon_p"], "folds_failing": failing}  # fmt: skip
+           "wilcoxon_p": t["wilcoxon_p"], "folds_failing": failing("folds")}  # fmt: skip
+    if "seeds" in t:
+        out["seeds_failing"] = failing("seeds")
     if holm_p is not None:
         out.update(holm_p=holm_p, family=family)
     return out
@@ -359,14 +370,21 @@ def _t2_columns(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _tests_lines(result: dict[str, Any]) -> list[str]:
     what = {key: label for key, label, _ in (*T1_TESTS, *T2_TESTS)}
+    seeds = any("seeds" in t for tests in result["paired_tests"].values() for t in tests.values())
+    per_seed = " per seed: difference (p) |" if seeds else ""
     lines = ["| full model vs | score | patients | mean difference (full - other) | patients better / worse | "
-             "rank-biserial | Wilcoxon p | per fold: difference (p) |", "|---" * 8 + "|"]
+             "rank-biserial | Wilcoxon p | per fold: difference (p) |" + per_seed, "|---" * (8 + seeds) + "|"]
+
+    def cells(t: dict[str, Any], group: str) -> str:
+        return "; ".join(f"{group[0]}{g[group[:-1]]} {g['mean_difference']:+.4f} ({g['wilcoxon_p']:.2g})"
+                         for g in t.get(group, []))  # fmt: skip
+
     for name, tests in result["paired_tests"].items():
         for key, t in tests.items():
-            folds = "; ".join(f"f{f['fold']} {f['mean_difference']:+.4f} ({f['wilcoxon_p']:.2g})" for f in t["folds"])
             lines.append(f"| {name} | {what[key]} | {t['n_patients']} | {t['mean_difference']:+.4f} | "
                          f"{t['patients_better']} / {t['patients_worse']} | {t['rank_biserial']:+.3f} | "
-                         f"{t['wilcoxon_p']:.2g} | {folds} |")  # fmt: skip
+                         f"{t['wilcoxon_p']:.2g} | {cells(t, 'folds')} |"
+                         + (f" {cells(t, 'seeds')} |" if seeds else ""))  # fmt: skip
     return lines
 
 
@@ -472,6 +490,8 @@ def _ordering_line(o: dict[str, Any]) -> str:
     verdict = {"holds": "holds", "not shown": "not shown (p >= 0.05)",
                "reversed": "reversed"}[o.get("verdict", "holds" if o["holds"] else "reversed")]  # fmt: skip
     fails = f"; fails in fold {', '.join(map(str, o['folds_failing']))}" if o["folds_failing"] else "; every fold"
+    if "seeds_failing" in o:
+        fails += f", fails in seed {', '.join(map(str, o['seeds_failing']))}" if o["seeds_failing"] else ", every seed"
     holm_p = f", Holm over its {o['family']} conditions {o['holm_p']:.2g}" if "holm_p" in o else ""
     return (f"- {o['claim']}: **{verdict}** (difference {o['mean_difference']:+.4f}, patients "
             f"{o['patients'][0]} / {o['patients'][1]}, paired p = {o['wilcoxon_p']:.2g}{holm_p}{fails})")

@@ -8,12 +8,17 @@
     OUT/runs/per-rater-f<F>-s<S>/       the per-rater baseline (:mod:`harmonizer_fast.per_rater`)
     OUT/evals/<variant>-f<F>-s<S>.json  per-image scores on the fold's held-out test patients
     OUT/evals/references-f<F>.json      the label-only references on the same images
+    OUT/evals/robust-<variant>-f<F>-s<S>.json  Table 1 on degraded test images (``robustness``)
 
 A unit of work is done when its file is committed (an evaluation's JSON, written atomically; a training
 whose ``last`` checkpoint says it stopped on its epochs or its budget; the per-rater manifest). A killed
-comparison started again skips what is done. A training cut mid-way *resumes* from its last epoch when the
-comparison runs on epochs (the same epochs either way), and *restarts* from its beginning when it runs on a
-budget: resuming would give it a second budget, and its variant more CPU than the others.
+comparison started again skips what is done, and a training whose every score is written is not needed.
+``scores`` moves the evaluations (and a copy of plan.json) out of OUT into a directory of their own, small
+enough to commit: a comparison longer than one machine's life continues on another from the committed
+scores, training only the units whose scores are missing (the weights stay behind). A training cut mid-way
+*resumes* from its last epoch when the comparison runs on epochs (the same epochs either way), and *restarts*
+from its beginning when it runs on a budget: resuming would give it a second budget, and its variant more CPU
+than the others.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ DPERSONA_LR2 = 3e-3  # D-Persona's heads: chosen on fold 0's validation patients
 ROBUST_CONDITIONS = (("noise", 0.10), ("noise", 0.25), ("blur", 1.75), ("gamma", 1.75))
 ROBUST_KEYS = ("ged", "dice_match")
 # the options that choose which units run, never what a unit computes: a comparison may be continued with
-# variants or the robustness units added (or left out) without its results mixing two plans
-SELECTION = ("variants", "robustness")
+# variants, folds, seeds or the robustness units added (or left out) without its results mixing two plans (a
+# fold's test patients depend on num_folds and SPLIT_SEED alone)
+SELECTION = ("variants", "folds", "seeds", "robustness")
 
 
 def condition_name(kind: str, level: float) -> str:
@@ -178,9 +184,12 @@ class Comparison:
     """The directory of one comparison and the work it does; ``run()`` does what is not yet done."""
 
     def __init__(self, out: Path, cc: CompareConfig, data: MultiRaterData, *, log: Callable[[str], None] = print,
-                 device: Optional[torch.device] = None) -> None:  # fmt: skip
+                 device: Optional[torch.device] = None, scores: Optional[os.PathLike] = None) -> None:  # fmt: skip
         self.out, self.cc, self.data, self.log = Path(out), cc, data, log
         self.device = device or torch.device("cpu")
+        self.scores = Path(scores) if scores is not None else self.out / "evals"
+        # the plan is kept beside the runs and beside the scores: neither may mix two comparisons
+        self.plan_paths = [self.out / "plan.json"] + ([self.scores / "plan.json"] if scores is not None else [])
 
     # ---- paths
 
@@ -194,13 +203,13 @@ class Comparison:
         return self.out / "runs" / f"per-rater-{_cell(fold, seed)}"
 
     def eval_path(self, variant: str, fold: int, seed: int) -> Path:
-        return self.out / "evals" / f"{variant}-{_cell(fold, seed)}.json"
+        return self.scores / f"{variant}-{_cell(fold, seed)}.json"
 
     def references_path(self, fold: int) -> Path:
-        return self.out / "evals" / f"references-f{fold}.json"
+        return self.scores / f"references-f{fold}.json"
 
     def robust_path(self, variant: str, fold: int, seed: int) -> Path:
-        return self.out / "evals" / f"robust-{variant}-{_cell(fold, seed)}.json"
+        return self.scores / f"robust-{variant}-{_cell(fold, seed)}.json"
 
     def reused(self) -> dict[str, Any]:
         """Unit directory name -> where the training came from and what was checked (:mod:`.reuse`)."""
@@ -210,22 +219,23 @@ class Comparison:
     # ---- the plan
 
     def check_plan(self) -> None:
-        """Write plan.json, or refuse to continue a directory that holds another comparison."""
+        """Write plan.json (beside the runs and beside the scores), or refuse to continue a directory that
+        holds another comparison."""
         plan = {"compare": self.cc.to_dict(), "data_fingerprint": self.data.fingerprint()}
-        path = self.out / "plan.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
-            before = {k: v for k, v in old.get("compare", {}).items() if k not in SELECTION}
-            diff = [k for k in plan["compare"] if k not in SELECTION and before.get(k) != plan["compare"][k]]
-            if old.get("data_fingerprint") != plan["data_fingerprint"]:
-                diff.append("data")
-            if diff:
-                raise ValueError(f"{self.out}: holds a comparison with another plan (differs in {diff}); "
-                                 "pass the same options to continue it, or another --out")  # fmt: skip
-            if old == plan:
-                return
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(plan, indent=1) + "\n")  # the selection of the latest run
+        for path in self.plan_paths:
+            if path.is_file():
+                old = json.loads(path.read_text())
+                before = {k: v for k, v in old.get("compare", {}).items() if k not in SELECTION}
+                diff = [k for k in plan["compare"] if k not in SELECTION and before.get(k) != plan["compare"][k]]
+                if old.get("data_fingerprint") != plan["data_fingerprint"]:
+                    diff.append("data")
+                if diff:
+                    raise ValueError(f"{path.parent}: holds a comparison with another plan (differs in {diff}); "
+                                     "pass the same options to continue it, or another directory")  # fmt: skip
+        for path in self.plan_paths:
+            if not path.is_file() or json.loads(path.read_text()) != plan:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, json.dumps(plan, indent=1) + "\n")  # the selection of the latest run
 
     def reuse(self, runs: dict[str, os.PathLike]) -> None:
         """Take trainings done outside the comparison in place of its units (``UNIT -> run directory``),
@@ -263,11 +273,32 @@ class Comparison:
         units = self.units()
         for i, (kind, name, fold, seed) in enumerate(units, 1):
             t0 = time.perf_counter()
-            done_before, what = getattr(self, f"_{kind}")(name, fold, seed)
+            if kind.startswith("train") and not self._needed(kind, name, fold, seed):
+                done_before, what = True, f"not needed, its scores are in {self.scores}"
+            else:
+                done_before, what = getattr(self, f"_{kind}")(name, fold, seed)
             status = "done before" if done_before else f"{time.perf_counter() - t0:.0f} s"
             self.log(f"[{i}/{len(units)}] {kind} {name} fold {fold} seed {seed}: {what} ({status})")
         cells = [(f, s) for f in self.cc.folds for s in self.cc.seeds]
         return [self.eval_path(v.name, f, s) for f, s in cells for v in self.cc.variant_list()]
+
+    def _scored(self, kind: str, name: str, fold: int, seed: int) -> bool:
+        if kind == "robust":
+            path = self.robust_path(name, fold, seed)
+            return path.is_file() and list(json.loads(path.read_text()).get("conditions", {})) == [
+                condition_name(*c) for c in ROBUST_CONDITIONS]  # fmt: skip
+        return self.eval_path(name, fold, seed).is_file()
+
+    def _needed(self, kind: str, name: str, fold: int, seed: int) -> bool:
+        """Whether a training still has a score to give: an evaluation of a variant that uses it (for phase 1,
+        every variant on it and their robustness units) that is not yet written."""
+        if kind == "train1":
+            deps = [("eval", v.name) for v in self.cc.variant_list() if v.phase1 == name]
+            if self.cc.robustness:
+                deps += [("robust", n) for n in self.cc.table1_variants() if VARIANTS[n].phase1 == name]
+        else:  # train2 and trainpr: the variant's own evaluation
+            deps = [("eval", name)]
+        return not all(self._scored(k, n, fold, seed) for k, n in deps)
 
     # ---- units
 
@@ -337,9 +368,9 @@ class Comparison:
 
     def _robust(self, variant: str, fold: int, seed: int) -> tuple[bool, str]:
         path = self.robust_path(variant, fold, seed)
-        before = json.loads(path.read_text()) if path.is_file() else None
-        if before is not None and list(before.get("conditions", {})) == [condition_name(*c) for c in ROBUST_CONDITIONS]:
+        if self._scored("robust", variant, fold, seed):
             return True, "evaluated"
+        before = json.loads(path.read_text()) if path.is_file() else None
         # a record of other conditions (ROBUST_CONDITIONS changed): the missing ones scored, the rest kept
         record = evaluate_robustness(self, resolve([variant])[-1], fold, seed, before)
         path.parent.mkdir(parents=True, exist_ok=True)
