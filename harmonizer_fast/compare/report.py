@@ -284,7 +284,8 @@ def _verdict(t: dict[str, Any], claim: str, holm_p: Optional[float] = None, fami
     """A claim that the full model is better, judged by its paired test ``t`` (:func:`_paired`), or by
     ``holm_p``, its p adjusted over a ``family`` of conditions (:func:`~harmonizer_fast.stats.holm`)."""
     good_way = (t["mean_difference"] < 0) == t["lower_is_better"] and t["mean_difference"] != 0
-    def failing(group: str) -> list[int]:
+
+    def failing(group: str) -> list[int]:  # group "folds" or "seeds", each entry keyed by "fold" or "seed"
         return [f[group[:-1]] for f in t.get(group, []) if (f["mean_difference"] < 0) != t["lower_is_better"]
                 or f["mean_difference"] == 0]  # fmt: skip
 
