@@ -44,6 +44,8 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/lidc}
 PY=${PY:-.venv/bin/python}
 suffix() { [ "$1" = 0 ] && echo "" || echo "-f$1"; }
+finished() { grep -q '"stopped": *"completed"' "$1/last.json" 2>/dev/null; }  # a training that ran all its epochs
+resume() { [ -d "$1" ] && echo --resume; }  # a killed training continues from its last epoch
 case "${1:-epochs}" in
   train)
     for F in 0 1 2; do
@@ -78,8 +80,6 @@ case "${1:-epochs}" in
       --folds 0,1,2 --min-raters 4 --epochs1 30 --epochs2 20 --samples 16 --robustness --report-dir benchmarks/results \
       --stem lidc-compare-epochs-small-cpu --reuse "${REUSE[@]}" ;;
   split1)
-    finished() { grep -q '"stopped": *"completed"' "$1/last.json" 2>/dev/null; }
-    resume() { [ -d "$1" ] && echo --resume; }  # a killed training continues from its last epoch
     for F in 0 2; do
       S=$(suffix $F)
       finished runs/conv-a$S-s1 || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small \
@@ -100,8 +100,6 @@ case "${1:-epochs}" in
   seeds)
     SCORES=benchmarks/results/lidc-compare-seeds
     FOLDS=${FOLDS:-0 1 2}
-    finished() { grep -q '"stopped": *"completed"' "$1/last.json" 2>/dev/null; }
-    resume() { [ -d "$1" ] && echo --resume; }
     REUSE=()
     for F in $FOLDS; do
       for S in 0 1 2; do

@@ -176,6 +176,11 @@ class CompareConfig:
         return asdict(self)
 
 
+def _robust_complete(record: Optional[dict[str, Any]]) -> bool:
+    """Whether a robustness record holds every condition of :data:`ROBUST_CONDITIONS`, in order."""
+    return record is not None and list(record.get("conditions", {})) == [condition_name(*c) for c in ROBUST_CONDITIONS]
+
+
 def _cell(fold: int, seed: int) -> str:
     return f"f{fold}-s{seed}"
 
@@ -282,11 +287,13 @@ class Comparison:
         cells = [(f, s) for f in self.cc.folds for s in self.cc.seeds]
         return [self.eval_path(v.name, f, s) for f, s in cells for v in self.cc.variant_list()]
 
+    def _robust_record(self, variant: str, fold: int, seed: int) -> Optional[dict[str, Any]]:
+        path = self.robust_path(variant, fold, seed)
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def _scored(self, kind: str, name: str, fold: int, seed: int) -> bool:
         if kind == "robust":
-            path = self.robust_path(name, fold, seed)
-            return path.is_file() and list(json.loads(path.read_text()).get("conditions", {})) == [
-                condition_name(*c) for c in ROBUST_CONDITIONS]  # fmt: skip
+            return _robust_complete(self._robust_record(name, fold, seed))
         return self.eval_path(name, fold, seed).is_file()
 
     def _needed(self, kind: str, name: str, fold: int, seed: int) -> bool:
@@ -368,9 +375,9 @@ class Comparison:
 
     def _robust(self, variant: str, fold: int, seed: int) -> tuple[bool, str]:
         path = self.robust_path(variant, fold, seed)
-        if self._scored("robust", variant, fold, seed):
+        before = self._robust_record(variant, fold, seed)
+        if _robust_complete(before):
             return True, "evaluated"
-        before = json.loads(path.read_text()) if path.is_file() else None
         # a record of other conditions (ROBUST_CONDITIONS changed): the missing ones scored, the rest kept
         record = evaluate_robustness(self, resolve([variant])[-1], fold, seed, before)
         path.parent.mkdir(parents=True, exist_ok=True)
