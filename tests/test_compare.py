@@ -141,6 +141,22 @@ def test_statistics_over_folds_and_patients_match_numpy():
         assert got["wilcoxon_p"] == pytest.approx(wilcoxon(d_s).pvalue)
     assert claim["seeds_failing"] == [g["seed"] for g in dice["seeds"] if g["mean_difference"] <= 0]
     assert "per seed: difference (p)" in markdown(out) and "s1 " in markdown(out)
+    # Table 1 per seed: that seed's images over both folds, each patient's mean, then mean +- std over patients
+    seed_means = []
+    for s in (0, 1):
+        flat = np.concatenate([scores[f, s] for f in images])
+        ids_s = np.array([patient[i] for f in images for i in images[f]])
+        per_p = np.array([flat[ids_s == p].mean() for p in ids])
+        got = out["variants"]["full"]["table1_seeds"][str(s)]["ged"]
+        assert got == pytest.approx([per_p.mean(), per_p.std(), 6])
+        seed_means.append(per_p.mean())
+    md = markdown(out)
+    assert "## Table 1 per training seed" in md
+    spread = f"{np.mean(seed_means):.4f} ± {np.std(seed_means):.4f}"
+    assert f"| full | mean ± std of the 2 seeds | {spread} |" in md
+    one_seed = aggregate(recs("full", {k: v for k, v in scores.items() if k[1] == 0}), _meta())
+    assert "table1_seeds" not in one_seed["variants"]["full"]
+    assert "Table 1 per training seed" not in markdown(one_seed)
 
 
 def test_rows_that_share_a_phase_1_are_printed_once_with_the_sharing_said():

@@ -142,6 +142,10 @@ def aggregate(records: list[dict[str, Any]], meta: dict[str, Any], references: O
             if good[0]["table1"] is not None and shares == name:  # a shared phase 1 draws the same samples
                 v["table1"] = {k: _over(good, f"t1_{k}") for _, k in T1_COLUMNS if _kept(good, f"t1_{k}")}
                 v["ged_vs_k"] = _ged_vs_k(good)
+                seeds = _grouped(good, "seed")
+                if len(seeds) > 1:  # each draw of the training on its own, so the seeds' spread is in view
+                    v["table1_seeds"] = {str(s): {k: _over(rs, f"t1_{k}")["patients"] for _, k in T1_COLUMNS
+                                                  if _kept(rs, f"t1_{k}")} for s, rs in seeds.items()}  # fmt: skip
             if good[0]["table2"] is not None:
                 raters = _rater_keys(good)
                 v["table2"] = {k: _over(good, f"t2_{k}") for _, k in T1_COLUMNS if _kept(good, f"t2_{k}")}
@@ -360,6 +364,26 @@ def _table(result: dict[str, Any], table: str, columns: list[tuple[str, str]], o
     return lines
 
 
+def _seeds_lines(result: dict[str, Any]) -> list[str]:
+    """Table 1 per training seed (each seed's images over every fold, then each patient's mean) and, per
+    variant, the mean +- std of its seed means: how far one draw of the training moves the scores."""
+    lines = ["| variant | seed | " + " | ".join(c for c, _ in T1_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(T1_COLUMNS)]  # fmt: skip
+    for name, v in result["variants"].items():
+        seeds = v.get("table1_seeds")
+        if not seeds:
+            continue
+        for s, cols in seeds.items():
+            lines.append(f"| {name} | {s} | " + " | ".join(_pm(cols[k]) if k in cols else "n/a" for _, k in T1_COLUMNS)
+                         + " |")  # fmt: skip
+        spread = []
+        for _, k in T1_COLUMNS:
+            means = [cols[k][0] for cols in seeds.values() if k in cols]
+            spread.append(_pm([float(np.mean(means)), float(np.std(means))]) if len(means) == len(seeds) else "n/a")
+        lines.append(f"| {name} | mean ± std of the {len(seeds)} seeds | " + " | ".join(spread) + " |")
+    return lines
+
+
 def _t2_columns(result: dict[str, Any]) -> list[tuple[str, str]]:
     n = max((sum(1 for k in v.get("table2", {}) if k.startswith("dice_a")) for v in result["variants"].values()),
             default=0)  # fmt: skip
@@ -464,6 +488,9 @@ def markdown(result: dict[str, Any]) -> str:
               "baseline has no prior, so no Table 1 row. Dice_mean diagonal scores head i against rater i (the "
               "paper's text); matched pairs heads and raters by the Hungarian assignment (D-Persona's code). Head "
               "identity: the share of head-image pairs where head i overlaps rater i best.", "",
+              *(["## Table 1 per training seed, mean ± std over test patients (each seed's own scores, every "
+                 "fold's patients)", "", *_seeds_lines(result), ""]
+                if any(v.get("table1_seeds") for v in result["variants"].values()) else []),
               "## Paired tests over patients", "", *_tests_lines(result), "",
               "Each patient's images averaged first; 'better' counts the patients where the full model is better "
               "(lower GED, higher Dice and head identity); rank-biserial +1 when the full model scores higher on "
