@@ -36,7 +36,8 @@
 # conv-pu). The trainings of each fold run beside each other (about 60 minutes of one core per fold and seed),
 # then `compare --folds $FOLDS --seeds 0,1,2` reuses them. Each unit's scores go to
 # benchmarks/results/lidc-compare-seeds/ (--scores, committed): on another machine the mode trains only what has
-# no score there. Writes benchmarks/results/lidc-compare-seeds-small-cpu.{json,md}.
+# no score there. Writes benchmarks/results/lidc-compare-seeds-small-cpu.{json,md}, and the same comparison
+# without seed 0 (lidc-compare-seeds12-small-cpu.{json,md}: how much of the result that one draw carries).
 #
 # Each mode is resumable: run it again to continue a killed one.
 set -euo pipefail
@@ -119,10 +120,13 @@ case "${1:-epochs}" in
         ! finished runs/probunet-f$F-s$S || REUSE+=("p1-probunet-f$F-s$S=runs/probunet-f$F-s$S")
       done
     done
-    OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-seeds --scores $SCORES \
-      --variants full,probunet --folds "$(echo $FOLDS | tr ' ' ,)" --seeds 0,1,2 --min-raters 4 --epochs1 30 \
-      --epochs2 20 --samples 16 --report-dir benchmarks/results --stem lidc-compare-seeds-small-cpu \
-      ${REUSE:+--reuse "${REUSE[@]}"} ;;
+    # the same without seed 0 (whose fold-1 Prob. U-Net has an image-independent prior), then all three seeds
+    for SEEDS in 1,2 0,1,2; do
+      STEM=lidc-compare-seeds-small-cpu; [ $SEEDS = 0,1,2 ] || STEM=lidc-compare-seeds${SEEDS//,/}-small-cpu
+      OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-seeds --scores $SCORES \
+        --variants full,probunet --folds "$(echo $FOLDS | tr ' ' ,)" --seeds $SEEDS --min-raters 4 --epochs1 30 \
+        --epochs2 20 --samples 16 --report-dir benchmarks/results --stem $STEM ${REUSE:+--reuse "${REUSE[@]}"}
+    done ;;
   budget)
     $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/lidc-compare --folds 0,1 --seeds 0 --minutes1 6 \
       --minutes2 4.5 --variants full,probunet,dpersona,no-personalizer,no-harmonizer,no-ged-loss --samples 16 \
