@@ -30,7 +30,8 @@
 # and the Prob. U-Net (30) on each, four trainings beside each other (about 60 minutes on 2 cores), scored by
 # lidc_paired.py over each fold's patients and pooled. Writes benchmarks/results/lidc-paired-split1-*.{json,md}.
 #
-# seeds: Table 1's central ordering (the full model, 30 + 20 epochs, against the Prob. U-Net, 30) trained with
+# seeds: Table 1's central ordering (the full model, 30 + 20 epochs, against the Prob. U-Net, 30; VARIANTS="full
+# probunet no-ged-loss no-harmonizer" adds the two ablations, 30 epochs of phase 1 each) trained with
 # seeds 0, 1 and 2 on split seed 0, so each fold's held-out patients are the same for every seed and every draw
 # of the training is paired with the others (`train --split-seed 0`; seed 0 is the `train` mode's conv-a and
 # conv-pu). The trainings of each fold run beside each other (about 60 minutes of one core per fold and seed),
@@ -47,6 +48,15 @@ PY=${PY:-.venv/bin/python}
 suffix() { [ "$1" = 0 ] && echo "" || echo "-f$1"; }
 finished() { grep -q '"stopped": *"completed"' "$1/last.json" 2>/dev/null; }  # a training that ran all its epochs
 resume() { [ -d "$1" ] && echo --resume; }  # a killed training continues from its last epoch
+recipe() {  # the seeds mode's training of each variant (the full model's both phases, the others' phase 1)
+  case $1 in
+    full) echo --epochs 30 --epochs2 20 ;;
+    probunet) echo --phase 1 --epochs 30 --no-harmonizer --no-personalizer --no-ged-loss ;;
+    no-ged-loss) echo --phase 1 --epochs 30 --no-ged-loss ;;
+    no-harmonizer) echo --phase 1 --epochs 30 --no-harmonizer ;;
+    *) echo "seeds: no recipe for variant $1" >&2; exit 2 ;;
+  esac
+}
 case "${1:-epochs}" in
   train)
     for F in 0 1 2; do
@@ -101,31 +111,35 @@ case "${1:-epochs}" in
   seeds)
     SCORES=benchmarks/results/lidc-compare-seeds
     FOLDS=${FOLDS:-0 1 2}
+    VARIANTS=${VARIANTS:-full probunet}
+    for V in $VARIANTS; do recipe $V > /dev/null; done  # an unknown variant stops here, before any training
     REUSE=()
     for F in $FOLDS; do
       for S in 0 1 2; do
-        A=runs/full-f$F-s$S P=runs/probunet-f$F-s$S
-        [ -f $SCORES/full-f$F-s$S.json ] || finished $A || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train \
-          --data "$DATA" --config small --out $A $(resume $A) --min-raters 4 --epochs 30 --epochs2 20 --fold $F \
-          --seed $S --split-seed 0 --no-progress &
-        [ -f $SCORES/probunet-f$F-s$S.json ] || finished $P || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train \
-          --data "$DATA" --config small --out $P $(resume $P) --min-raters 4 --phase 1 --epochs 30 --fold $F \
-          --seed $S --split-seed 0 --no-harmonizer --no-personalizer --no-ged-loss --no-progress &
+        for V in $VARIANTS; do
+          R=runs/$V-f$F-s$S
+          [ -f $SCORES/$V-f$F-s$S.json ] || finished $R || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train \
+            --data "$DATA" --config small --out $R $(resume $R) --min-raters 4 $(recipe $V) --fold $F --seed $S \
+            --split-seed 0 --no-progress &
+        done
       done
       wait
     done
     for F in $FOLDS; do  # the finished trainings on this machine; a unit scored on another is not trained again
       for S in 0 1 2; do
-        ! finished runs/full-f$F-s$S || REUSE+=("p1-full-f$F-s$S=runs/full-f$F-s$S" "p2-full-f$F-s$S=runs/full-f$F-s$S")
-        ! finished runs/probunet-f$F-s$S || REUSE+=("p1-probunet-f$F-s$S=runs/probunet-f$F-s$S")
+        for V in $VARIANTS; do
+          ! finished runs/$V-f$F-s$S || REUSE+=("p1-$V-f$F-s$S=runs/$V-f$F-s$S")
+          [ $V != full ] || ! finished runs/$V-f$F-s$S || REUSE+=("p2-$V-f$F-s$S=runs/$V-f$F-s$S")
+        done
       done
     done
     # the same without seed 0 (whose fold-1 Prob. U-Net has an image-independent prior), then all three seeds
     for SEEDS in 1,2 0,1,2; do
       STEM=lidc-compare-seeds-small-cpu; [ $SEEDS = 0,1,2 ] || STEM=lidc-compare-seeds${SEEDS//,/}-small-cpu
       OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-seeds --scores $SCORES \
-        --variants full,probunet --folds "$(echo $FOLDS | tr ' ' ,)" --seeds $SEEDS --min-raters 4 --epochs1 30 \
-        --epochs2 20 --samples 16 --report-dir benchmarks/results --stem $STEM ${REUSE:+--reuse "${REUSE[@]}"}
+        --variants "$(echo $VARIANTS | tr ' ' ,)" --folds "$(echo $FOLDS | tr ' ' ,)" --seeds $SEEDS --min-raters 4 \
+        --epochs1 30 --epochs2 20 --samples 16 --report-dir benchmarks/results --stem $STEM \
+        ${REUSE:+--reuse "${REUSE[@]}"}
     done ;;
   budget)
     $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/lidc-compare --folds 0,1 --seeds 0 --minutes1 6 \
