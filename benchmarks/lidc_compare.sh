@@ -128,8 +128,8 @@ case "${1:-epochs}" in
     for F in $FOLDS; do  # the finished trainings on this machine; a unit scored on another is not trained again
       for S in 0 1 2; do
         for V in $VARIANTS; do
-          ! finished runs/$V-f$F-s$S || REUSE+=("p1-$V-f$F-s$S=runs/$V-f$F-s$S")
-          [ $V != full ] || ! finished runs/$V-f$F-s$S || REUSE+=("p2-$V-f$F-s$S=runs/$V-f$F-s$S")
+          finished runs/$V-f$F-s$S || continue
+          for P in p1 $([ $V = full ] && echo p2); do REUSE+=("$P-$V-f$F-s$S=runs/$V-f$F-s$S"); done
         done
       done
     done

@@ -131,10 +131,10 @@ def test_statistics_over_folds_and_patients_match_numpy():
     assert claim["holds"] == (claim["verdict"] == "holds")
     assert claim["folds_failing"] == [f["fold"] for f in dice["folds"] if f["mean_difference"] <= 0]
     # each seed's draw on its own, over both folds' patients (the seed's images, then each patient's mean)
+    image_patients = np.array([patient[i] for f in images for i in images[f]])
     for s in (0, 1):
         flat = np.concatenate([scores[f, s] - other[f, s] for f in images])
-        ids_s = np.array([patient[i] for f in images for i in images[f]])
-        d_s = np.array([flat[ids_s == p].mean() for p in ids])
+        d_s = np.array([flat[image_patients == p].mean() for p in ids])
         got = t["seeds"][s]
         assert (got["seed"], got["n_patients"]) == (s, 6)
         assert got["mean_difference"] == pytest.approx(d_s.mean())
@@ -145,8 +145,7 @@ def test_statistics_over_folds_and_patients_match_numpy():
     seed_means = []
     for s in (0, 1):
         flat = np.concatenate([scores[f, s] for f in images])
-        ids_s = np.array([patient[i] for f in images for i in images[f]])
-        per_p = np.array([flat[ids_s == p].mean() for p in ids])
+        per_p = np.array([flat[image_patients == p].mean() for p in ids])
         got = out["variants"]["full"]["table1_seeds"][str(s)]["ged"]
         assert got == pytest.approx([per_p.mean(), per_p.std(), 6])
         seed_means.append(per_p.mean())
