@@ -34,8 +34,8 @@
 # probunet no-ged-loss no-harmonizer" adds the two ablations, 30 epochs of phase 1 each) trained with
 # seeds 0, 1 and 2 on split seed 0, so each fold's held-out patients are the same for every seed and every draw
 # of the training is paired with the others (`train --split-seed 0`; seed 0 is the `train` mode's conv-a and
-# conv-pu). The trainings of each fold run beside each other (about 60 minutes of one core per fold and seed),
-# then `compare --folds $FOLDS --seeds 0,1,2` reuses them. Each unit's scores go to
+# conv-pu). The trainings run JOBS at a time (default 2, one core each; about 15-20 minutes of one core per
+# phase-1 training, 60 for the full model's two phases), then `compare --folds $FOLDS --seeds 0,1,2` reuses them. Each unit's scores go to
 # benchmarks/results/lidc-compare-seeds/ (--scores, committed): on another machine the mode trains only what has
 # no score there. Writes benchmarks/results/lidc-compare-seeds-small-cpu.{json,md}, and the same comparison
 # without seed 0 (lidc-compare-seeds12-small-cpu.{json,md}: how much of the result that one draw carries).
@@ -112,19 +112,22 @@ case "${1:-epochs}" in
     SCORES=benchmarks/results/lidc-compare-seeds
     FOLDS=${FOLDS:-0 1 2}
     VARIANTS=${VARIANTS:-full probunet}
+    JOBS=${JOBS:-2}
     for V in $VARIANTS; do recipe $V > /dev/null; done  # an unknown variant stops here, before any training
     REUSE=()
     for F in $FOLDS; do
       for S in 0 1 2; do
         for V in $VARIANTS; do
           R=runs/$V-f$F-s$S
-          [ -f $SCORES/$V-f$F-s$S.json ] || finished $R || OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train \
-            --data "$DATA" --config small --out $R $(resume $R) --min-raters 4 $(recipe $V) --fold $F --seed $S \
-            --split-seed 0 --no-progress &
+          [ -f $SCORES/$V-f$F-s$S.json ] || finished $R && continue
+          # at most JOBS trainings at once: more than one per core only makes each slower and the peak memory larger
+          while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+          OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli train --data "$DATA" --config small --out $R $(resume $R) \
+            --min-raters 4 $(recipe $V) --fold $F --seed $S --split-seed 0 --no-progress &
         done
       done
-      wait
     done
+    wait
     for F in $FOLDS; do  # the finished trainings on this machine; a unit scored on another is not trained again
       for S in 0 1 2; do
         for V in $VARIANTS; do
