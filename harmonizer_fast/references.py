@@ -30,18 +30,30 @@ from .metrics import MetricAccumulator
 NAMES = ("all-empty", "majority mask", "raters as samples (oracle)", "area-matched consensus (oracle)")
 
 
+def consensus_score(masks: Tensor) -> Tensor:
+    """``(B, 1, H, W)`` float64: each pixel's share of the raters who drew it, plus a light 5 x 5 binomial
+    smoothing of that share (below 1e-3, so it never reorders two sharing levels) that breaks its ties toward
+    the lesion's centre: the raters' consensus as a ranking of pixels."""
+    freq = masks.double().mean(1, keepdim=True)
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64)
+    return freq + 1e-3 * F.conv2d(freq, (torch.outer(k, k) / 256)[None, None], padding=2)
+
+
+def top_pixels(score: Tensor, areas: Tensor) -> Tensor:
+    """``(B, R, H, W)`` float: mask r of image b holds the ``areas[b, r]`` pixels of highest ``score`` (ties to
+    the lower pixel index). ``score`` is ``(B, R, H, W)`` (a ranking per mask) or ``(B, 1, H, W)`` (one per
+    image); ``areas`` is ``(B, R)``, whole numbers of pixels. A shape at a given size: with the raters' areas and
+    a model's probabilities it separates the model's outline from its size."""
+    b, _, h, w = score.shape
+    flat = score.flatten(2)
+    rank = flat.sort(dim=2, descending=True, stable=True).indices.argsort(2)  # 0 for the best pixel
+    return (rank < areas.to(rank.device)[:, :, None]).reshape(b, areas.shape[1], h, w).float()
+
+
 def area_matched_consensus(masks: Tensor) -> Tensor:
     """``(B, R, H, W)`` float: for each rater r, the |Y_r| pixels the raters drew most often on that image
-    (ranked by the share of raters who drew the pixel; a light 5 x 5 binomial smoothing of that share breaks
-    its ties toward the lesion's centre, then the pixel index). An empty rater gets an empty mask."""
-    y = masks.double()
-    freq = y.mean(1, keepdim=True)
-    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64)
-    smooth = F.conv2d(freq, (torch.outer(k, k) / 256)[None, None], padding=2)
-    score = (freq + 1e-3 * smooth).flatten(1)  # the smoothing (< 1e-3) never reorders two sharing levels
-    rank = score.sort(dim=1, descending=True, stable=True).indices.argsort(1)  # (B, H*W): 0 for the best pixel
-    area = y.flatten(2).sum(2)  # (B, R)
-    return (rank[:, None, :] < area[:, :, None]).reshape(masks.shape).float()
+    (:func:`consensus_score` ranked by :func:`top_pixels`). An empty rater gets an empty mask."""
+    return top_pixels(consensus_score(masks), masks.flatten(2).sum(2))
 
 
 @renamed_kwargs(samples="num_samples")

@@ -6,7 +6,7 @@ import torch
 from scipy.ndimage import convolve
 
 from harmonizer_fast.data import make_synthetic
-from harmonizer_fast.references import NAMES, area_matched_consensus, label_only_references
+from harmonizer_fast.references import NAMES, area_matched_consensus, label_only_references, top_pixels
 
 
 def _numpy_area_matched(masks: np.ndarray) -> np.ndarray:
@@ -34,6 +34,23 @@ def test_area_matched_consensus_matches_the_transcription_and_keeps_each_area():
     for b in range(len(y)):
         masks = got[b, by_area[b]]
         assert bool((masks[1:] >= masks[:-1]).all())
+
+
+def test_top_pixels_per_mask_scores_match_a_numpy_ranking():
+    rng = np.random.default_rng(3)
+    score = rng.integers(0, 5, size=(3, 4, 6, 7)).astype(np.float64)  # few levels: many ties, broken by index
+    areas = rng.integers(0, 43, size=(3, 4))
+    got = top_pixels(torch.from_numpy(score), torch.from_numpy(areas)).numpy()
+    for b in range(3):
+        for r in range(4):
+            flat = score[b, r].ravel()
+            order = np.lexsort((np.arange(flat.size), -flat))
+            want = np.zeros(flat.size, np.float32)
+            want[order[: areas[b, r]]] = 1
+            np.testing.assert_array_equal(got[b, r].ravel(), want)
+    one = top_pixels(torch.from_numpy(score[:, :1]), torch.from_numpy(areas)).numpy()  # one ranking per image
+    np.testing.assert_array_equal(one.sum((2, 3)), areas)
+    assert (one[:, :, None] >= one[:, None, :]).all(axis=(3, 4))[areas[:, :, None] >= areas[:, None, :]].all()
 
 
 def test_label_only_rows():
