@@ -114,7 +114,6 @@ case "${1:-epochs}" in
     VARIANTS=${VARIANTS:-full probunet}
     JOBS=${JOBS:-2}
     for V in $VARIANTS; do recipe $V > /dev/null; done  # an unknown variant stops here, before any training
-    REUSE=()
     for F in $FOLDS; do
       for S in 0 1 2; do
         for V in $VARIANTS; do
@@ -128,16 +127,17 @@ case "${1:-epochs}" in
       done
     done
     wait
-    for F in $FOLDS; do  # the finished trainings on this machine; a unit scored on another is not trained again
-      for S in 0 1 2; do
-        for V in $VARIANTS; do
-          finished runs/$V-f$F-s$S || continue
-          for P in p1 $([ $V = full ] && echo p2); do REUSE+=("$P-$V-f$F-s$S=runs/$V-f$F-s$S"); done
-        done
-      done
-    done
     # the same without seed 0 (whose fold-1 Prob. U-Net has an image-independent prior), then all three seeds
     for SEEDS in 1,2 0,1,2; do
+      REUSE=()  # this comparison's finished trainings on this machine (compare refuses a unit of another seed)
+      for F in $FOLDS; do
+        for S in ${SEEDS//,/ }; do
+          for V in $VARIANTS; do
+            finished runs/$V-f$F-s$S || continue
+            for P in p1 $([ $V = full ] && echo p2); do REUSE+=("$P-$V-f$F-s$S=runs/$V-f$F-s$S"); done
+          done
+        done
+      done
       STEM=lidc-compare-seeds-small-cpu; [ $SEEDS = 0,1,2 ] || STEM=lidc-compare-seeds${SEEDS//,/}-small-cpu
       OMP_NUM_THREADS=1 $PY -m harmonizer_fast.cli compare --data "$DATA" --out runs/cmp-seeds --scores $SCORES \
         --variants "$(echo $VARIANTS | tr ' ' ,)" --folds "$(echo $FOLDS | tr ' ' ,)" --seeds $SEEDS --min-raters 4 \
