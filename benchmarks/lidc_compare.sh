@@ -35,9 +35,9 @@
 # seeds 0, 1 and 2 on split seed 0, so each fold's held-out patients are the same for every seed and every draw
 # of the training is paired with the others (`train --split-seed 0`; seed 0 is the `train` mode's conv-a and
 # conv-pu). The trainings run JOBS at a time (default 2, one core each; about 15-20 minutes of one core per
-# phase-1 training, 60 for the full model's two phases), then `compare --folds $FOLDS --seeds 0,1,2` reuses them. Each unit's scores go to
-# benchmarks/results/lidc-compare-seeds/ (--scores, committed): on another machine the mode trains only what has
-# no score there. Writes benchmarks/results/lidc-compare-seeds-small-cpu.{json,md}, and the same comparison
+# phase-1 training, 60 for the full model's two phases), then `compare --folds $FOLDS --seeds 0,1,2` reuses
+# them. Each unit's scores go to benchmarks/results/lidc-compare-seeds/ (--scores, committed): on another
+# machine the mode trains only what has no score there. Writes benchmarks/results/lidc-compare-seeds-small-cpu.{json,md}, and the same comparison
 # without seed 0 (lidc-compare-seeds12-small-cpu.{json,md}: how much of the result that one draw carries).
 #
 # Each mode is resumable: run it again to continue a killed one.
