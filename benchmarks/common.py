@@ -191,6 +191,12 @@ def timed_backends(op: str, impls: Mapping[str, Any], support: Any, device: torc
     return auto, others
 
 
+def run_machine() -> dict[str, Any]:
+    """The machine line of the LIDC scripts' JSON: the CPU model, torch, Python and the date."""
+    return {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
 def measured_or_rendered(out: Path, render: bool, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The result behind ``<out>.json``: ``measure()`` written there atomically, or with ``render`` the JSON
     read back (the scripts that redraw their markdown and figures from it)."""

@@ -20,22 +20,19 @@ selected phase-1 model's prior statistics on the same test patients into a table
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from common import measured_or_rendered
+from common import measured_or_rendered, run_machine
 
 from harmonizer_fast.checkpoint import load_model, read_manifest
 from harmonizer_fast.data import load_dataset
 from harmonizer_fast.evaluate import evaluate_model, summarize
 from harmonizer_fast.figures import _pyplot, _save
 from harmonizer_fast.latent_stats import MAX_CLAMPED_SHARE, MIN_SPREAD_RATIO, collapse_flags, latent_statistics
-from harmonizer_fast.profiler import cpu_model
 from harmonizer_fast.references import label_only_references
 from harmonizer_fast.rundir import RunDir
 from harmonizer_fast.stats import paired_test, per_patient
@@ -91,8 +88,7 @@ def measure(args) -> dict:
                              f"the main run {len(idx)}: not the same split and protocol")  # fmt: skip
     return {
         "command": "python benchmarks/lidc_convergence.py " + shlex.join(sys.argv[1:]),
-        "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
-                    "date": time.strftime("%Y-%m-%d")},  # fmt: skip
+        "machine": run_machine(),
         "run": str(args.run),
         "train_config": st["train_config"],
         "model_config": model.config.to_dict(),

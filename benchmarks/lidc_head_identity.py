@@ -28,7 +28,6 @@ over every run, averaged first). ``--render`` redraws the markdown from the JSON
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import time
@@ -37,14 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import measured_or_rendered
+from common import measured_or_rendered, run_machine
 
 from harmonizer_fast._random import generator
 from harmonizer_fast.checkpoint import load_model, read_manifest
 from harmonizer_fast.data import load_dataset
 from harmonizer_fast.metrics.batch import _head_identity
 from harmonizer_fast.metrics.overlap import dice_matrix
-from harmonizer_fast.profiler import cpu_model
 from harmonizer_fast.references import consensus_score, top_pixels
 from harmonizer_fast.rundir import RunDir
 from harmonizer_fast.stats import per_patient
@@ -134,8 +132,7 @@ def measure(args) -> dict:
                      "n_images": int(values.size), "n_patients": int(patients.size)}  # fmt: skip
     return {
         "command": "python benchmarks/lidc_head_identity.py " + shlex.join(sys.argv[1:]),
-        "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
-                    "date": time.strftime("%Y-%m-%d")},  # fmt: skip
+        "machine": run_machine(),
         "samples": args.samples, "seed": args.seed, "minutes": (time.time() - t0) / 60,
         "runs": runs, "pooled": pooled,
     }  # fmt: skip

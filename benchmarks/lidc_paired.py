@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from common import measured_or_rendered, write_results
+from common import measured_or_rendered, run_machine, write_results
 
 from harmonizer_fast import per_rater
 from harmonizer_fast.checkpoint import load_model, read_manifest
 from harmonizer_fast.data import load_dataset
 from harmonizer_fast.evaluate import evaluate_model
-from harmonizer_fast.profiler import cpu_model
 from harmonizer_fast.references import label_only_references
 from harmonizer_fast.rundir import RunDir, prepare
 from harmonizer_fast.stats import paired_test, per_patient
@@ -140,8 +136,7 @@ def measure(args) -> dict:
     refs = label_only_references(scoring.data, indices, args.samples)
     return {
         "command": "python benchmarks/lidc_paired.py " + shlex.join(sys.argv[1:]),
-        "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version(),
-                    "date": time.strftime("%Y-%m-%d")},  # fmt: skip
+        "machine": run_machine(),
         "samples": args.samples, "seed": args.seed, "n_images": int(len(indices)),
         "n_patients": int(len(np.unique(pids))), "patient_id": [str(x) for x in pids], "runs": runs,
         "first": first, "tests": tests, "table": args.table,
